@@ -1,0 +1,24 @@
+"""mechvis: look inside language models and vision-language models.
+
+    >>> import mechvis
+    >>> model = mechvis.load_model()                      # embedded SmolLM2-135M-Instruct, offline
+    >>> result = mechvis.run(model, "The capital of France is")
+    >>> result.cache["blocks.0.attn.hook_pattern"].shape  # (batch, head, query, key)
+"""
+
+from mechvis.architecture import ArchitectureSummary, inspect_model
+from mechvis.errors import MechvisError
+from mechvis.models import load_model
+from mechvis.running import Run, Segments, Span, encode, run
+
+__all__ = [
+    "ArchitectureSummary",
+    "MechvisError",
+    "Run",
+    "Segments",
+    "Span",
+    "encode",
+    "inspect_model",
+    "load_model",
+    "run",
+]

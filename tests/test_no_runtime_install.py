@@ -1,0 +1,51 @@
+"""transformer-lens pip-installs torchvision at run time when a multimodal model boots without it.
+With mechvis's declared dependencies that must never happen."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+import torch
+from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+import mechvis
+
+
+def test_torch_and_torchvision_import_together():
+    import torchvision
+    from torchvision.ops import nms  # the operator a mismatched pair fails to register
+
+    boxes = torch.tensor([[0.0, 0.0, 1.0, 1.0], [0.0, 0.0, 1.0, 1.0]])
+    assert nms(boxes, torch.tensor([0.9, 0.8]), 0.5).tolist() == [0]
+    assert torchvision.__version__
+
+
+def test_booting_a_tiny_llava_starts_no_pip(monkeypatch, tokenizer):
+    started: list[object] = []
+    original_init = subprocess.Popen.__init__
+
+    def recording_init(self, args, *rest, **kwargs):
+        started.append(args)
+        if "pip" in " ".join(map(str, args if isinstance(args, (list, tuple)) else [args])):
+            raise AssertionError(f"a pip subprocess was started: {args}")
+        return original_init(self, args, *rest, **kwargs)
+
+    monkeypatch.setattr(subprocess.Popen, "__init__", recording_init)
+    config = LlavaConfig(
+        vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                       num_attention_heads=2, image_size=32, patch_size=8),
+        text_config=LlamaConfig(vocab_size=49_152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256),
+        image_token_index=49_151,
+    )
+    torch.manual_seed(0)
+    model = LlavaForConditionalGeneration(config).eval()
+    try:
+        bridge = mechvis.load_model(model, tokenizer=tokenizer, device="cpu")
+    except AssertionError:
+        raise
+    except Exception as error:  # noqa: BLE001 - booting may fail later for other reasons (VLM issue)
+        pytest.fail(f"booting a tiny LLaVA failed: {type(error).__name__}: {error}")
+    assert not [args for args in started if "pip" in str(args)]
+    assert bridge.cfg.n_layers == 2
