@@ -8,6 +8,7 @@
 
 from mechvis.architecture import ArchitectureSummary, inspect_model
 from mechvis.errors import MechvisError
+from mechvis.generation import SamplingSettings, Trace, generate
 from mechvis.models import load_model
 from mechvis.running import Run, Segments, Span, encode, run
 
@@ -17,7 +18,10 @@ __all__ = [
     "Run",
     "Segments",
     "Span",
+    "SamplingSettings",
+    "Trace",
     "encode",
+    "generate",
     "inspect_model",
     "load_model",
     "run",

@@ -44,6 +44,12 @@ def tiny(tokenizer):
 
 
 @pytest.fixture(scope="session")
+def tiny_llama(tokenizer):
+    """A session-wide tiny Llama bridge (3 layers, 4 heads) for property tests on synthetic caches."""
+    return mechvis.load_model(tiny_hf_model("llama"), tokenizer=tokenizer, device="cpu")
+
+
+@pytest.fixture(scope="session")
 def embedded():
     """The embedded SmolLM2-135M-Instruct as a hooked model, loaded once per test session."""
     return mechvis.load_model(device="cpu")

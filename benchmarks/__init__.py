@@ -1,0 +1,1 @@
+"""Benchmarks: speed ratios against a baseline measured in the same run (never timed asserts)."""

@@ -1,0 +1,104 @@
+"""Validation shared by the analyses: hooks present, indices in range, one sequence per cache."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+from mechvis.errors import InvalidArgumentError, MissingActivationsError
+
+if TYPE_CHECKING:
+    from transformer_lens import ActivationCache
+    from transformer_lens.model_bridge import TransformerBridge
+
+
+def activation(cache: "ActivationCache", name: str) -> Tensor:
+    """`cache[name]` for the single sequence of the cache (batch dimension removed)."""
+    if name not in cache:
+        raise MissingActivationsError(
+            f"The cache has no '{name}'. Run without a names_filter, or include it: "
+            f"mechvis.run(model, prompt, names_filter=mechvis.analysis.hooks_for(model, ...))."
+        )
+    tensor = cache[name]
+    if tensor.shape[0] != 1:
+        raise InvalidArgumentError(
+            f"Analyses take one sequence; this cache holds a batch of {tensor.shape[0]}. "
+            f"Select one first: cache.apply_slice_to_batch_dim(i)."
+        )
+    return tensor[0]
+
+
+def stacked(cache: "ActivationCache", names: Sequence[str]) -> Tensor:
+    """The named activations of one sequence stacked along a new first dimension."""
+    return torch.stack([activation(cache, name) for name in names])
+
+
+def require_hooks(cache: "ActivationCache", names: Iterable[str]) -> None:
+    missing = [name for name in names if name not in cache]
+    if missing:
+        shown = ", ".join(missing[:4]) + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")
+        raise MissingActivationsError(
+            f"The cache lacks {shown}. Run without a names_filter, or include them: "
+            f"mechvis.run(model, prompt, names_filter=mechvis.analysis.hooks_for(model, ...))."
+        )
+
+
+def check_layers(model: "TransformerBridge", layers: Iterable[int] | None) -> list[int]:
+    """Layer indices (negative counts from the end) validated against the model; None = all."""
+    n_layers = model.cfg.n_layers
+    if layers is None:
+        return list(range(n_layers))
+    checked = []
+    for layer in layers:
+        if not isinstance(layer, int) or not -n_layers <= layer < n_layers:
+            raise InvalidArgumentError(f"layer {layer!r} is out of range: this model has layers 0..{n_layers - 1}.")
+        checked.append(layer % n_layers)
+    return checked
+
+
+def check_heads(model: "TransformerBridge", heads: Iterable[int]) -> list[int]:
+    n_heads = model.cfg.n_heads
+    checked = []
+    for head in heads:
+        if not isinstance(head, int) or not -n_heads <= head < n_heads:
+            raise InvalidArgumentError(f"head {head!r} is out of range: this model has heads 0..{n_heads - 1}.")
+        checked.append(head % n_heads)
+    return checked
+
+
+def check_positions(n_positions: int, positions: Iterable[int] | None) -> list[int]:
+    """Token positions (negative counts from the end) validated against the sequence; None = all."""
+    if positions is None:
+        return list(range(n_positions))
+    checked = []
+    for position in positions:
+        if not isinstance(position, int) or not -n_positions <= position < n_positions:
+            raise InvalidArgumentError(
+                f"position {position!r} is out of range: the sequence has positions 0..{n_positions - 1}."
+            )
+        checked.append(position % n_positions)
+    if not checked:
+        raise InvalidArgumentError("No positions given; pass at least one token position.")
+    return checked
+
+
+def single_token_id(model: "TransformerBridge", token: int | str) -> int:
+    """A token id from an id or a string that must be exactly one token (e.g. ' Paris')."""
+    vocab = model.cfg.d_vocab
+    if isinstance(token, bool) or not isinstance(token, (int, str)):
+        raise InvalidArgumentError(f"A token is an id or a string; got {token!r}.")
+    if isinstance(token, int):
+        if not 0 <= token < vocab:
+            raise InvalidArgumentError(f"token id {token} is outside the vocabulary (0..{vocab - 1}).")
+        return token
+    ids = model.hf_tokenizer.encode(token, add_special_tokens=False)
+    if len(ids) != 1:
+        pieces = model.hf_tokenizer.batch_decode([[i] for i in ids])
+        raise InvalidArgumentError(
+            f"{token!r} is {len(ids)} tokens {pieces}, not one. Pass a single token "
+            f"(mind the leading space: ' Paris' and 'Paris' differ) or a token id."
+        )
+    return ids[0]

@@ -1,0 +1,88 @@
+"""Activation magnitudes: L2 norm per layer per token and its layer-to-layer change rate, and
+per-layer distribution statistics of MLP and attention activations."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from mechvis.analysis._checks import stacked
+from mechvis.errors import InvalidArgumentError
+
+if TYPE_CHECKING:
+    from transformer_lens import ActivationCache
+    from transformer_lens.model_bridge import TransformerBridge
+
+ActivationKind = Literal["resid_post", "attn_out", "mlp_out", "mlp_post"]
+_HOOKS = {
+    "resid_post": "blocks.{}.hook_resid_post",
+    "attn_out": "blocks.{}.hook_attn_out",
+    "mlp_out": "blocks.{}.hook_mlp_out",
+    "mlp_post": "blocks.{}.mlp.hook_post",
+}
+
+
+def activation_hook_names(model: "TransformerBridge", kind: ActivationKind) -> list[str]:
+    if kind not in _HOOKS:
+        raise InvalidArgumentError(f"kind must be one of {sorted(_HOOKS)}; got {kind!r}.")
+    return [_HOOKS[kind].format(layer) for layer in range(model.cfg.n_layers)]
+
+
+@dataclass
+class ActivationNorms:
+    """L2 norm of an activation per layer × position, and the norm's relative change from one
+    layer to the next: change_rate[ℓ − 1] = (‖x_ℓ‖ − ‖x_{ℓ−1}‖) / ‖x_{ℓ−1}‖ (layers 1..L−1)."""
+
+    kind: str
+    norms: Float[Tensor, "layer pos"]
+    change_rate: Float[Tensor, "layer_minus_1 pos"]
+
+
+def activation_norms(cache: "ActivationCache", model: "TransformerBridge", kind: ActivationKind = "resid_post") -> ActivationNorms:
+    """‖x‖₂ of `kind` ("resid_post", "attn_out", "mlp_out" or "mlp_post") at every layer and token."""
+    norms = stacked(cache, activation_hook_names(model, kind)).float().norm(dim=-1)
+    change = (norms[1:] - norms[:-1]) / norms[:-1].clamp_min(torch.finfo(norms.dtype).tiny)
+    return ActivationNorms(kind, norms, change)
+
+
+PERCENTILES = (1.0, 5.0, 25.0, 50.0, 75.0, 95.0, 99.0)
+
+
+def _percentiles(values: Float[Tensor, "row n"], levels: tuple[float, ...]) -> Float[Tensor, "row level"]:
+    """Percentiles along the last dimension with linear interpolation (numpy's default);
+    torch.quantile refuses inputs over 2**24 elements."""
+    ordered = values.sort(dim=-1).values
+    ranks = torch.tensor(levels, dtype=values.dtype, device=values.device) / 100.0 * (values.shape[-1] - 1)
+    low, high = ranks.floor().long(), ranks.ceil().long()
+    weight = ranks - low
+    return ordered[:, low] * (1 - weight) + ordered[:, high] * weight
+
+
+@dataclass
+class ActivationStatistics:
+    """Distribution of an activation's values per layer, over every position and unit.
+    `kurtosis` is the excess kurtosis (0 for a Gaussian); `percentiles[:, i]` is PERCENTILES[i]."""
+
+    kind: str
+    mean: Float[Tensor, " layer"]
+    std: Float[Tensor, " layer"]
+    percentiles: Float[Tensor, "layer percentile"]
+    kurtosis: Float[Tensor, " layer"]
+    percentile_levels: tuple[float, ...] = PERCENTILES
+
+
+def activation_statistics(
+    cache: "ActivationCache", model: "TransformerBridge", kind: ActivationKind = "mlp_post"
+) -> ActivationStatistics:
+    """Mean, standard deviation (population), percentiles and excess kurtosis of `kind` per layer."""
+    values = stacked(cache, activation_hook_names(model, kind)).double().flatten(1)
+    mean = values.mean(-1)
+    centred = values - mean[:, None]
+    variance = centred.pow(2).mean(-1)
+    kurtosis = centred.pow(4).mean(-1) / variance.pow(2).clamp_min(1e-300) - 3.0
+    percentiles = _percentiles(values, PERCENTILES)
+    return ActivationStatistics(kind, mean.float(), variance.sqrt().float(), percentiles.float(), kurtosis.float())

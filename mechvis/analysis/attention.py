@@ -1,0 +1,248 @@
+"""Attention analyses: head entropy (Clark et al. 2019; Voita et al. 2019) with sink mass,
+attention rollout (Abnar & Zuidema 2020), and attention to keyword spans ("instruction focus")."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
+
+import einops
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from mechvis.analysis._checks import activation, check_layers, check_positions
+from mechvis.errors import InvalidArgumentError
+from mechvis.running import Span
+
+if TYPE_CHECKING:
+    from transformer_lens import ActivationCache
+    from transformer_lens.model_bridge import TransformerBridge
+
+    from mechvis.running import Run
+
+
+def pattern_hook(layer: int) -> str:
+    return f"blocks.{layer}.attn.hook_pattern"
+
+
+def attention_patterns(
+    cache: "ActivationCache", model: "TransformerBridge", layers: Sequence[int] | None = None
+) -> Float[Tensor, "layer head query key"]:
+    """Attention probabilities of the chosen layers (default: all), per query head."""
+    return torch.stack([activation(cache, pattern_hook(layer)) for layer in check_layers(model, layers)])
+
+
+def visible_keys(model: "TransformerBridge", layers: Sequence[int], n_positions: int) -> Int[Tensor, "layer query"]:
+    """How many keys each query can attend to: i + 1 under the causal mask, capped by the
+    sliding window on layers that use one (e.g. Gemma 2's local layers)."""
+    hf_config = model.original_model.config
+    text_config = getattr(hf_config, "text_config", None) or hf_config
+    window = getattr(text_config, "sliding_window", None)
+    layer_types = getattr(text_config, "layer_types", None)
+    causal = torch.arange(1, n_positions + 1)
+    rows = []
+    for layer in layers:
+        sliding = window is not None and (
+            layer_types[layer] == "sliding_attention" if layer_types else getattr(text_config, "use_sliding_window", False)
+        )
+        rows.append(causal.clamp(max=window) if sliding else causal)
+    return torch.stack(rows)
+
+
+@dataclass
+class HeadEntropy:
+    """Per layer × head × query position: entropy of the attention row in nats, the same divided by
+    log(visible keys) (NaN where a query sees a single key), and the mass on sink positions.
+
+    Entropy of each head's own row; the entropy of a head-averaged pattern is a different number.
+    """
+
+    layers: list[int]
+    entropy: Float[Tensor, "layer head query"]  # nats
+    normalised: Float[Tensor, "layer head query"]  # in [0, 1]
+    sink_mass: Float[Tensor, "layer head query"]  # in [0, 1]
+    sink_positions: tuple[int, ...]
+
+    @property
+    def mean_normalised(self) -> Float[Tensor, "layer head"]:
+        """Per head: mean normalised entropy over queries that see more than one key."""
+        return self.normalised.nanmean(dim=-1)
+
+    @property
+    def mean_sink_mass(self) -> Float[Tensor, "layer head"]:
+        """Per head: mean attention mass on the sink positions, over queries past the sinks."""
+        first = max(self.sink_positions, default=-1) + 1
+        return self.sink_mass[..., first:].mean(dim=-1) if first < self.sink_mass.shape[-1] else self.sink_mass.mean(-1)
+
+    def classify(self, *, sink_threshold: float = 0.5, focused_below: float = 0.3, diffuse_above: float = 0.7) -> list[tuple[int, int, str]]:
+        """(layer, head, kind) for every head. kind: "sink" (mean sink mass ≥ sink_threshold),
+        else "focused" / "diffuse" by mean normalised entropy, else "mixed"."""
+        kinds = []
+        for row, layer in enumerate(self.layers):
+            for head in range(self.entropy.shape[1]):
+                if self.mean_sink_mass[row, head] >= sink_threshold:
+                    kind = "sink"
+                elif self.mean_normalised[row, head] < focused_below:
+                    kind = "focused"
+                elif self.mean_normalised[row, head] > diffuse_above:
+                    kind = "diffuse"
+                else:
+                    kind = "mixed"
+                kinds.append((layer, head, kind))
+        return kinds
+
+    def ranked(self, *, lowest: bool = True) -> list[tuple[int, int, float]]:
+        """(layer, head, mean normalised entropy) sorted by it, most focused first by default."""
+        values = self.mean_normalised
+        order = values.flatten().argsort(descending=not lowest).tolist()
+        n_heads = values.shape[1]
+        return [(self.layers[i // n_heads], i % n_heads, values.flatten()[i].item()) for i in order]
+
+
+def row_entropy(pattern: Float[Tensor, "... key"]) -> Float[Tensor, "..."]:
+    """−Σ_k a_k ln a_k in nats, with 0 ln 0 = 0."""
+    return torch.special.entr(pattern).sum(-1)
+
+
+def head_entropy(
+    cache: "ActivationCache",
+    model: "TransformerBridge",
+    *,
+    layers: Sequence[int] | None = None,
+    sink_positions: Sequence[int] = (0,),
+) -> HeadEntropy:
+    """Entropy of every head's attention rows, normalised by log(visible keys), with sink mass."""
+    chosen = check_layers(model, layers)
+    n_positions = activation(cache, pattern_hook(chosen[0])).shape[-1]
+    sinks = check_positions(n_positions, sink_positions) if sink_positions else []
+    # Layer by layer: stacking every pattern first would copy layers × heads × pos² floats.
+    entropy = torch.stack([row_entropy(activation(cache, pattern_hook(layer)).float()) for layer in chosen])
+    sink_mass = (
+        torch.stack([activation(cache, pattern_hook(layer))[..., sinks].float().sum(-1) for layer in chosen])
+        if sinks else torch.zeros_like(entropy)
+    )
+    log_visible = visible_keys(model, chosen, n_positions).to(entropy.device).float().log()[:, None, :]
+    normalised = torch.where(log_visible > 0, entropy / log_visible.clamp_min(1e-12), torch.nan)
+    return HeadEntropy(chosen, entropy, normalised, sink_mass, tuple(sinks))
+
+
+@dataclass
+class Rollout:
+    """Attention rollout: `matrix[q, k]` is how much of query q's representation traces back to
+    input token k through every layer's attention and residual path. Rows sum to 1 (before any
+    key span restriction; `span_mass` keeps what the span held)."""
+
+    matrix: Float[Tensor, "query key"]
+    head_fusion: str
+    residual_weight: float
+    layers: list[int]
+    key_span: Span | None = None
+    span_mass: Float[Tensor, " query"] | None = None
+
+
+def rollout(
+    cache: "ActivationCache",
+    model: "TransformerBridge",
+    *,
+    head_fusion: Literal["mean", "max", "min"] = "mean",
+    residual_weight: float = 0.5,
+    layers: Sequence[int] | None = None,
+    key_span: Span | None = None,
+) -> Rollout:
+    """Â_ℓ = (1 − w)·fuse_h(A_ℓ) + w·I with rows renormalised; R = Â_L ⋯ Â_1.
+
+    Args:
+        head_fusion: how heads are combined per layer.
+        residual_weight: w, the share of the identity (the residual path); 0.5 in the paper.
+        layers: which layers to multiply (default all, in order).
+        key_span: keep only these key columns, rows renormalised over them (`span_mass` holds
+            the mass the span had before).
+    """
+    if head_fusion not in ("mean", "max", "min"):
+        raise InvalidArgumentError(f"head_fusion must be 'mean', 'max' or 'min'; got {head_fusion!r}.")
+    if not 0.0 <= residual_weight <= 1.0:
+        raise InvalidArgumentError(f"residual_weight must be in [0, 1]; got {residual_weight}.")
+    chosen = check_layers(model, layers)
+    patterns = attention_patterns(cache, model, chosen).double()
+    fused = {"mean": patterns.mean(1), "max": patterns.amax(1), "min": patterns.amin(1)}[head_fusion]
+    identity = torch.eye(fused.shape[-1], dtype=fused.dtype, device=fused.device)
+    augmented = (1.0 - residual_weight) * fused + residual_weight * identity
+    augmented = augmented / augmented.sum(dim=-1, keepdim=True)
+    result = identity
+    for layer_matrix in augmented:  # R ← Â_ℓ R, a product over layers (not over tokens or heads)
+        result = layer_matrix @ result
+    span_mass = None
+    if key_span is not None:
+        if not 0 <= key_span.start < key_span.stop <= result.shape[-1]:
+            raise InvalidArgumentError(f"key_span {key_span} is outside the sequence of {result.shape[-1]} tokens.")
+        columns = result[:, key_span.start : key_span.stop]
+        span_mass = columns.sum(-1)
+        result = columns / span_mass.clamp_min(1e-300)[:, None]
+    return Rollout(result.float(), head_fusion, residual_weight, chosen, key_span, None if span_mass is None else span_mass.float())
+
+
+def find_token_spans(run: "Run", keyword: str, *, case_sensitive: bool = False, whole_word: bool = True) -> list[Span]:
+    """Every occurrence of `keyword` in the run's text as a token span (kind "keyword").
+
+    Matching uses character offsets, so a word split into several tokens, or sharing a token
+    with a neighbouring space, is found; each occurrence gives one span.
+    """
+    if not keyword.strip():
+        raise InvalidArgumentError("The keyword is empty.")
+    pattern = re.escape(keyword)
+    if whole_word:
+        pattern = rf"(?<!\w){pattern}(?!\w)"
+    spans = []
+    for match in re.finditer(pattern, run.text, flags=0 if case_sensitive else re.IGNORECASE):
+        covered = [
+            index for index, (start, stop) in enumerate(run.offsets)
+            if start < match.end() and stop > match.start()
+        ]
+        if covered:
+            spans.append(Span("keyword", covered[0], covered[-1] + 1))
+    return spans
+
+
+@dataclass
+class SpanAttention:
+    """Attention mass from each query position to the union of key spans, per layer × head."""
+
+    layers: list[int]
+    query_positions: list[int]
+    key_positions: list[int]
+    mass: Float[Tensor, "layer head query"]  # in [0, 1]
+
+    @property
+    def mean_mass(self) -> Float[Tensor, "layer head"]:
+        return self.mass.mean(dim=-1)
+
+    def ranked_heads(self, n: int = 10) -> list[tuple[int, int, float]]:
+        """(layer, head, mean mass) of the `n` heads that attend most to the spans."""
+        flat = self.mean_mass.flatten()
+        n_heads = self.mean_mass.shape[1]
+        order = flat.argsort(descending=True)[:n].tolist()
+        return [(self.layers[i // n_heads], i % n_heads, flat[i].item()) for i in order]
+
+
+def attention_to_spans(
+    cache: "ActivationCache",
+    model: "TransformerBridge",
+    key_spans: Sequence[Span],
+    *,
+    query_positions: Sequence[int] | None = None,
+    layers: Sequence[int] | None = None,
+) -> SpanAttention:
+    """How much attention `query_positions` (default: the last position) pay to `key_spans`."""
+    chosen = check_layers(model, layers)
+    patterns = attention_patterns(cache, model, chosen)
+    n_positions = patterns.shape[-1]
+    queries = check_positions(n_positions, query_positions if query_positions is not None else [-1])
+    keys = sorted({p for span in key_spans for p in span.positions})
+    if not keys:
+        raise InvalidArgumentError("No key positions: pass at least one non-empty span (see find_token_spans).")
+    check_positions(n_positions, keys)
+    mass = einops.reduce(patterns[:, :, queries][..., keys], "layer head query key -> layer head query", "sum")
+    return SpanAttention(chosen, queries, keys, mass)

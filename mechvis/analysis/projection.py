@@ -1,0 +1,81 @@
+"""PCA projection of token embeddings or hidden states to 2 or 3 dimensions."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from mechvis.analysis._checks import activation, check_layers, check_positions, single_token_id
+from mechvis.errors import InvalidArgumentError
+from mechvis.running import str_tokens_of
+
+if TYPE_CHECKING:
+    from transformer_lens import ActivationCache
+    from transformer_lens.model_bridge import TransformerBridge
+
+
+@dataclass
+class Projection:
+    """Points projected on their top principal components.
+
+    Each component's sign is fixed so that its largest-magnitude loading is positive.
+    """
+
+    coordinates: Float[Tensor, "point component"]
+    explained_variance_ratio: Float[Tensor, " component"]
+    components: Float[Tensor, "component d_model"]
+    mean: Float[Tensor, " d_model"]
+    labels: list[str]
+
+
+def pca(vectors: Float[Tensor, "point d_model"], labels: Sequence[str], *, n_components: int = 2) -> Projection:
+    """Project `vectors` on their first `n_components` principal components."""
+    if vectors.ndim != 2 or vectors.shape[0] != len(labels):
+        raise InvalidArgumentError(f"Need (points, dim) vectors and one label per point; got {tuple(vectors.shape)} and {len(labels)} labels.")
+    if not 1 <= n_components <= min(vectors.shape):
+        raise InvalidArgumentError(f"n_components must be between 1 and {min(vectors.shape)}; got {n_components}.")
+    data = vectors.double()
+    mean = data.mean(0)
+    _, singular_values, right = torch.linalg.svd(data - mean, full_matrices=False)
+    components = right[:n_components]
+    signs = components.gather(1, components.abs().argmax(1, keepdim=True)).sign()
+    components = components * signs
+    variance = singular_values.pow(2)
+    return Projection(
+        coordinates=((data - mean) @ components.T).float(),
+        explained_variance_ratio=(variance[:n_components] / variance.sum()).float(),
+        components=components.float(),
+        mean=mean.float(),
+        labels=list(labels),
+    )
+
+
+def hidden_state_projection(
+    cache: "ActivationCache",
+    model: "TransformerBridge",
+    labels: Sequence[str],
+    *,
+    layer: int | None = None,
+    positions: Sequence[int] | None = None,
+    n_components: int = 2,
+) -> Projection:
+    """PCA of the residual stream after `layer` (None: the token embeddings) at `positions`;
+    `labels` names every position of the sequence (e.g. `run.str_tokens`)."""
+    name = "blocks.0.hook_resid_pre" if layer is None else f"blocks.{check_layers(model, [layer])[0]}.hook_resid_post"
+    states = activation(cache, name)
+    chosen = check_positions(states.shape[0], positions)
+    if len(labels) != states.shape[0]:
+        raise InvalidArgumentError(f"labels has {len(labels)} entries; the sequence has {states.shape[0]} positions.")
+    return pca(states[chosen], [labels[p] for p in chosen], n_components=n_components)
+
+
+def embedding_projection(model: "TransformerBridge", tokens: Sequence[int | str], *, n_components: int = 2) -> Projection:
+    """PCA of rows of the embedding matrix for `tokens` (ids, or strings that are one token each)."""
+    ids = [single_token_id(model, token) for token in tokens]
+    vectors = model.W_E[torch.tensor(ids, device=model.W_E.device)].detach()
+    return pca(vectors, str_tokens_of(model, ids), n_components=n_components)

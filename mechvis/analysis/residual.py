@@ -1,0 +1,170 @@
+"""Residual-stream contributions: decomposition into embeddings, attention heads and MLPs, direct
+logit attribution (DLA) and layer-to-layer similarity of the residual stream.
+
+DLA scales every component by the final norm's *cached* scale at the position, so the parts add up
+exactly to the logit (difference) — the opposite choice from the logit lens, which recomputes it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import einops
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from mechvis.analysis._checks import activation, check_layers, check_positions, single_token_id, stacked
+
+if TYPE_CHECKING:
+    from transformer_lens import ActivationCache
+    from transformer_lens.model_bridge import TransformerBridge
+
+
+def head_results(cache: "ActivationCache", model: "TransformerBridge", layer: int) -> Float[Tensor, "head pos d_model"]:
+    """Each attention head's write to the residual stream at `layer` (without the output bias).
+
+    Heads plus `b_O` sum to the layer's attention output. For models that normalise the attention
+    output (Gemma 2/3 `ln1_post`), each head is scaled by that norm's cached scale, the same
+    linearisation DLA uses for the final norm, so the sum still equals the attention output.
+    """
+    (layer,) = check_layers(model, [layer])
+    attention = model.blocks[layer].attn
+    z = activation(cache, f"blocks.{layer}.attn.hook_z")
+    results = einops.einsum(z, attention.W_O, "pos head d_head, head d_head d_model -> head pos d_model")
+    post_norm = getattr(model.blocks[layer], "ln1_post", None)
+    if post_norm is not None:
+        # An RMSNorm output times its input's RMS is g ⊙ x: the norm's gain, applied linearly.
+        with torch.no_grad():
+            rms = (results.pow(2).mean(-1, keepdim=True) + model.cfg.eps).sqrt()
+            gained = post_norm(results) * rms
+        results = gained / activation(cache, f"blocks.{layer}.ln1_post.hook_scale")
+    return results
+
+
+def _attention_bias(model: "TransformerBridge", layer: int, like: Tensor) -> Tensor:
+    bias = model.blocks[layer].attn.b_O
+    return torch.zeros_like(like) if bias is None else bias.detach().expand_as(like)
+
+
+@dataclass
+class ResidualDecomposition:
+    """Parts of the residual stream entering `upto_layer` (the final stream when it equals
+    n_layers): they sum to it exactly. Labels: "embed", "pos_embed", "L{i}.attn" (or per head
+    "L{i}H{h}" plus "L{i}.attn_bias"), "L{i}.mlp"."""
+
+    labels: list[str]
+    components: Float[Tensor, "component pos d_model"]
+    upto_layer: int
+
+
+def decompose_residual(
+    cache: "ActivationCache", model: "TransformerBridge", *, upto_layer: int | None = None, heads: bool = False
+) -> ResidualDecomposition:
+    """Decompose the residual stream entering block `upto_layer` (None: the final stream)."""
+    n_layers = model.cfg.n_layers
+    upto = n_layers if upto_layer is None else check_layers(model, [upto_layer])[0]
+    embed = activation(cache, "hook_embed")
+    labels, parts = ["embed"], [embed]
+    if "hook_pos_embed" in cache and cache["hook_pos_embed"].shape == cache["hook_embed"].shape:
+        labels.append("pos_embed")
+        parts.append(activation(cache, "hook_pos_embed"))
+    for layer in range(upto):
+        if heads:
+            per_head = head_results(cache, model, layer)
+            labels += [f"L{layer}H{head}" for head in range(per_head.shape[0])] + [f"L{layer}.attn_bias"]
+            parts += [*per_head, _attention_bias(model, layer, embed)]
+        else:
+            labels.append(f"L{layer}.attn")
+            parts.append(activation(cache, f"blocks.{layer}.hook_attn_out"))
+        labels.append(f"L{layer}.mlp")
+        parts.append(activation(cache, f"blocks.{layer}.hook_mlp_out"))
+    return ResidualDecomposition(labels, torch.stack(parts), upto)
+
+
+@dataclass
+class LogitAttribution:
+    """Direct logit attribution at one position: each component's contribution to
+    logit(answer) − logit(counterfactual) (or to logit(answer) alone), in logits.
+
+    `contributions` plus `unembed_bias` sum to `model_value`, the model's own value (before any
+    logit soft-cap).
+    """
+
+    labels: list[str]
+    contributions: Float[Tensor, " component"]
+    unembed_bias: float
+    model_value: float
+    position: int
+    answer_id: int
+    counterfactual_id: int | None
+
+    def top(self, n: int = 10) -> list[tuple[str, float]]:
+        """The `n` components with the largest absolute contribution, largest first."""
+        order = self.contributions.abs().argsort(descending=True)[:n]
+        return [(self.labels[i], self.contributions[i].item()) for i in order.tolist()]
+
+
+def direct_logit_attribution(
+    cache: "ActivationCache",
+    model: "TransformerBridge",
+    answer: int | str,
+    counterfactual: int | str | None = None,
+    *,
+    position: int = -1,
+    heads: bool = True,
+) -> LogitAttribution:
+    """Attribute the logit of `answer` (minus that of `counterfactual`) at `position` to the
+    embeddings, each attention head (or layer) and each MLP."""
+    decomposition = decompose_residual(cache, model, heads=heads)
+    (position,) = check_positions(decomposition.components.shape[1], [position])
+    answer_id = single_token_id(model, answer)
+    counterfactual_id = None if counterfactual is None else single_token_id(model, counterfactual)
+    direction = model.W_U[:, answer_id].detach()
+    bias = model.b_U[answer_id].item() if model.b_U is not None else 0.0
+    if counterfactual_id is not None:
+        direction = direction - model.W_U[:, counterfactual_id].detach()
+        bias -= model.b_U[counterfactual_id].item() if model.b_U is not None else 0.0
+    scale = activation(cache, "ln_final.hook_scale")[position]  # (1,): the cached final-norm scale
+    contributions = decomposition.components[:, position] / scale @ direction
+    final = activation(cache, f"blocks.{model.cfg.n_layers - 1}.hook_resid_post")[position]
+    with torch.no_grad():
+        logits = model.unembed(model.ln_final(final))
+    value = logits[answer_id] - (logits[counterfactual_id] if counterfactual_id is not None else 0.0)
+    return LogitAttribution(
+        labels=decomposition.labels,
+        contributions=contributions,
+        unembed_bias=bias,
+        model_value=float(value),
+        position=position,
+        answer_id=answer_id,
+        counterfactual_id=counterfactual_id,
+    )
+
+
+@dataclass
+class LayerSimilarity:
+    """Cosine similarity between the residual streams after each layer, averaged over positions.
+
+    Rows and columns are "embed", "0", ..., str(n_layers − 1).
+    """
+
+    layer_labels: list[str]
+    cosine: Float[Tensor, "layer layer"]
+    positions: list[int]
+
+
+def layer_similarity(
+    cache: "ActivationCache", model: "TransformerBridge", *, positions: Sequence[int] | None = None
+) -> LayerSimilarity:
+    """Mean over `positions` (default: all but the first, an attention sink with outsized norms)
+    of cos(resid_i, resid_j) for every pair of layers."""
+    names = ["blocks.0.hook_resid_pre"] + [f"blocks.{i}.hook_resid_post" for i in range(model.cfg.n_layers)]
+    residual = stacked(cache, names)
+    n_positions = residual.shape[1]
+    chosen = check_positions(n_positions, positions if positions is not None else range(min(1, n_positions - 1), n_positions))
+    unit = torch.nn.functional.normalize(residual[:, chosen], dim=-1)
+    cosine = einops.einsum(unit, unit, "i pos d, j pos d -> i j") / len(chosen)
+    return LayerSimilarity(["embed"] + [str(i) for i in range(model.cfg.n_layers)], cosine, chosen)

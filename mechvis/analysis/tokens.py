@@ -1,0 +1,110 @@
+"""Token-level signals of the next-token distribution: entropy, varentropy, confidence, margin,
+surprisal of the actual next token, and top-k candidates."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from mechvis.analysis.lens import decode_nested
+from mechvis.errors import InvalidArgumentError
+
+if TYPE_CHECKING:
+    from transformer_lens.model_bridge import TransformerBridge
+
+
+@dataclass
+class TokenSignals:
+    """Signals of the distribution predicted at each position (for the token at position + 1).
+
+    All from the temperature-1 distribution p = softmax(logits); entropies in nats.
+    `surprisal[t]` is −ln p(token[t + 1]) and NaN at the last position (its next token is unknown).
+    """
+
+    entropy: Float[Tensor, " pos"]
+    varentropy: Float[Tensor, " pos"]  # Σ p (−ln p − H)², nats²
+    top1_prob: Float[Tensor, " pos"]
+    margin: Float[Tensor, " pos"]  # p(1st) − p(2nd)
+    surprisal: Float[Tensor, " pos"]
+    top_ids: Int[Tensor, "pos k"]
+    top_probs: Float[Tensor, "pos k"]
+
+    def highest_entropy(self, n: int = 10) -> list[int]:
+        """The `n` positions of highest entropy, highest first."""
+        return self.entropy.argsort(descending=True)[:n].tolist()
+
+
+_BLOCK_ELEMENTS = 1 << 18  # logits per row block: 1 MB of float32, small enough to stay in cache
+
+
+def _block_signals(
+    logits: Float[Tensor, "rows vocab"], next_ids: Int[Tensor, " rows"], k: int
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    log_probs = logits.log_softmax(-1)
+    probs = log_probs.exp()
+    entropy = -(probs * log_probs).sum(-1)
+    varentropy = (probs * (log_probs + entropy[:, None]).square()).sum(-1)
+    top_probs, top_ids = probs.topk(k, dim=-1)
+    surprisal = -log_probs.gather(-1, next_ids[:, None])[:, 0]
+    return entropy, varentropy, top_probs, top_ids, surprisal
+
+
+def token_signals(
+    logits: Float[Tensor, "pos vocab"], tokens: Int[Tensor, " pos"] | None = None, *, k: int = 5
+) -> TokenSignals:
+    """Signals of each position's next-token distribution; `tokens` (the sequence) gives surprisal."""
+    if logits.ndim != 2:
+        raise InvalidArgumentError(f"logits must be (pos, vocab); got shape {tuple(logits.shape)}.")
+    if tokens is not None and tokens.shape[0] != logits.shape[0]:
+        raise InvalidArgumentError(f"tokens has {tokens.shape[0]} positions, logits {logits.shape[0]}.")
+    if not 1 <= k <= logits.shape[-1]:
+        raise InvalidArgumentError(f"k must be between 1 and the vocabulary size; got {k}.")
+    # Row blocks of ~1 MB: each block's passes (softmax, entropy, varentropy, top-k) run in cache;
+    # over the whole (pos, vocab) array every pass would stream it from memory, ~5× slower here.
+    rows_per_block = max(1, _BLOCK_ELEMENTS // logits.shape[-1])
+    next_ids = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
+    if tokens is not None:
+        next_ids[:-1] = tokens[1:].to(logits.device)
+    blocks = [
+        _block_signals(block.float(), block_next, max(k, 2))
+        for block, block_next in zip(logits.split(rows_per_block), next_ids.split(rows_per_block))
+    ]
+    entropy, varentropy, top_probs, top_ids, surprisal = (torch.cat(parts) for parts in zip(*blocks))
+    if tokens is None:
+        surprisal.fill_(torch.nan)
+    surprisal[-1] = torch.nan  # the last position's next token is unknown
+    return TokenSignals(
+        entropy=entropy,
+        varentropy=varentropy,
+        top1_prob=top_probs[:, 0],
+        margin=top_probs[:, 0] - top_probs[:, 1],
+        surprisal=surprisal,
+        top_ids=top_ids[:, :k],
+        top_probs=top_probs[:, :k],
+    )
+
+
+@dataclass
+class HighEntropyPositions:
+    """The positions of highest entropy with their top-k candidates and logits (the seed's
+    "logits heatmap with top-k at high-entropy tokens")."""
+
+    positions: list[int]
+    entropy: Float[Tensor, " n"]
+    top_ids: Int[Tensor, "n k"]
+    top_tokens: list[list[str]]
+    top_logits: Float[Tensor, "n k"]
+
+
+def high_entropy_positions(
+    model: "TransformerBridge", logits: Float[Tensor, "pos vocab"], *, n: int = 10, k: int = 5
+) -> HighEntropyPositions:
+    """The `n` highest-entropy positions of `logits`, highest first, with their top-k logits."""
+    signals = token_signals(logits, k=k)
+    positions = signals.highest_entropy(n)
+    top_logits, top_ids = logits[positions].float().topk(k, dim=-1)
+    return HighEntropyPositions(positions, signals.entropy[positions], top_ids, decode_nested(model, top_ids), top_logits)

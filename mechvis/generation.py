@@ -1,0 +1,170 @@
+"""`generate`: sample from a hooked model with HF's KV-cached `generate`, then analyse the whole
+sequence with ONE teacher-forced forward pass of the bridge (what the model computed step by step).
+
+Generating through the bridge token by token is about 12× slower than HF generate plus one
+analysis forward, for the same numbers.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from mechvis.errors import InvalidArgumentError
+from mechvis.running import Prompt, Run, Segments, Span, encode, str_tokens_of
+
+if TYPE_CHECKING:
+    from transformer_lens.model_bridge import TransformerBridge
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    """How tokens were chosen. temperature 0 is greedy; top_k / top_p / min_p None are off."""
+
+    temperature: float = 0.0
+    top_k: int | None = None
+    top_p: float | None = None
+    min_p: float | None = None
+    seed: int | None = None
+
+    def validate(self) -> None:
+        if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature) and self.temperature >= 0):
+            raise InvalidArgumentError(f"temperature must be ≥ 0 (0 = greedy); got {self.temperature!r}.")
+        if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 1):
+            raise InvalidArgumentError(f"top_k must be a positive integer or None; got {self.top_k!r}.")
+        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
+            raise InvalidArgumentError(f"top_p must be in (0, 1] or None; got {self.top_p!r}.")
+        if self.min_p is not None and not 0.0 <= self.min_p <= 1.0:
+            raise InvalidArgumentError(f"min_p must be in [0, 1] or None; got {self.min_p!r}.")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass
+class Trace:
+    """A generation and its analysis.
+
+    `run` is the teacher-forced forward pass over prompt + generated tokens (its segments end with
+    a "generated" span). Generated token s sits at position `prompt_length + s` and was drawn from
+    `step_distributions[s]`, the distribution after temperature and truncation, which came from
+    the logits at position `prompt_length + s − 1`.
+    """
+
+    run: Run
+    prompt_length: int
+    generated_ids: list[int]
+    generated_text: str  # decoded as a whole (per-token strings can split multi-byte characters)
+    step_logits: Float[Tensor, "step vocab"]  # raw logits seen while generating
+    step_distributions: Float[Tensor, "step vocab"]  # what each token was sampled from
+    settings: SamplingSettings
+
+    @property
+    def generated_positions(self) -> range:
+        return range(self.prompt_length, self.prompt_length + len(self.generated_ids))
+
+    @property
+    def sampled_not_argmax(self) -> Int[Tensor, " step"]:
+        """1 where the sampled token was not the raw logits' argmax."""
+        return (self.step_logits.argmax(-1).cpu() != torch.tensor(self.generated_ids)).long()
+
+
+def _step_distributions(scores: Sequence[Tensor], settings: SamplingSettings) -> Tensor:
+    processed = torch.stack([step[0] for step in scores]).float()
+    if settings.greedy:  # greedy picks the argmax: a one-hot distribution
+        return torch.nn.functional.one_hot(processed.argmax(-1), processed.shape[-1]).float()
+    return processed.softmax(-1)
+
+
+def generate(
+    model: "TransformerBridge",
+    prompt: Prompt,
+    *,
+    chat: bool = False,
+    max_new_tokens: int = 64,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    min_p: float | None = None,
+    seed: int | None = None,
+    names_filter: Callable[[str], bool] | Sequence[str] | str | None = None,
+) -> Trace:
+    """Generate up to `max_new_tokens` (stopping at the model's end-of-sequence token) and analyse.
+
+    Args:
+        prompt, chat: as in `mechvis.run` (chat mode uses the model's chat template).
+        temperature: 0 for greedy decoding, else sampling at that temperature.
+        top_k, top_p, min_p: truncation of the sampling distribution (None = off).
+        seed: seeds the sampler without touching the global random state.
+        names_filter: hooks to cache in the analysis pass (None: all).
+    """
+    settings = SamplingSettings(temperature, top_k, top_p, min_p, seed)
+    settings.validate()
+    encoded = encode(model, prompt, chat=chat)
+    n_ctx = model.cfg.n_ctx
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise InvalidArgumentError(f"max_new_tokens must be a positive integer; got {max_new_tokens!r}.")
+    if len(encoded.token_ids) + max_new_tokens > n_ctx:
+        raise InvalidArgumentError(
+            f"The prompt ({len(encoded.token_ids)} tokens) plus max_new_tokens ({max_new_tokens}) exceeds "
+            f"this model's context of {n_ctx} tokens; lower max_new_tokens to at most "
+            f"{n_ctx - len(encoded.token_ids)}."
+        )
+    device = model.cfg.device
+    prompt_ids = torch.tensor([encoded.token_ids], device=device)
+    tokenizer = model.hf_tokenizer
+    options = dict(
+        max_new_tokens=max_new_tokens,
+        do_sample=not settings.greedy,
+        output_logits=True,
+        output_scores=True,
+        return_dict_in_generate=True,
+        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+        # Settings not asked for are off, whatever the model's generation_config says.
+        temperature=settings.temperature if not settings.greedy else None,
+        top_k=settings.top_k if not settings.greedy else None,
+        top_p=settings.top_p if not settings.greedy else None,
+        min_p=settings.min_p if not settings.greedy else None,
+    )
+    with torch.no_grad(), torch.random.fork_rng(devices=[] if device == "cpu" else None):
+        if settings.seed is not None:
+            torch.manual_seed(settings.seed)
+        output = model.original_model.generate(prompt_ids, attention_mask=torch.ones_like(prompt_ids), **options)
+    generated = output.sequences[0, prompt_ids.shape[1] :].tolist()
+    all_ids = encoded.token_ids + generated
+    tokens = torch.tensor(all_ids, device=device)
+    with torch.no_grad():
+        logits, cache = model.run_with_cache(tokens[None], names_filter=names_filter)
+    prompt_text = encoded.text
+    generated_strings = str_tokens_of(model, generated)
+    offsets = list(encoded.offsets)
+    cursor = len(prompt_text)
+    for piece in generated_strings:
+        offsets.append((cursor, cursor + len(piece)))
+        cursor += len(piece)
+    spans = encoded.segments.spans + ((Span("generated", len(encoded.token_ids), len(all_ids)),) if generated else ())
+    run = Run(
+        text=prompt_text + "".join(generated_strings),
+        tokens=tokens,
+        str_tokens=str_tokens_of(model, encoded.token_ids) + generated_strings,
+        offsets=offsets,
+        logits=logits[0],
+        cache=cache,
+        segments=Segments(spans, encoded.segments.sink_positions),
+    )
+    return Trace(
+        run=run,
+        prompt_length=len(encoded.token_ids),
+        generated_ids=generated,
+        generated_text=tokenizer.decode(generated),
+        step_logits=torch.stack([step[0] for step in output.logits]).float(),
+        step_distributions=_step_distributions(output.scores, settings),
+        settings=settings,
+    )
