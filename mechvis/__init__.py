@@ -8,7 +8,7 @@
 
 from mechvis.architecture import ArchitectureSummary, inspect_model
 from mechvis.errors import MechvisError
-from mechvis.generation import SamplingSettings, Trace, generate
+from mechvis.generation import SamplingSettings, Trace, generate, teacher_force
 from mechvis.models import load_model
 from mechvis.running import Run, Segments, Span, encode, run
 
@@ -25,4 +25,5 @@ __all__ = [
     "inspect_model",
     "load_model",
     "run",
+    "teacher_force",
 ]

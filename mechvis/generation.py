@@ -17,7 +17,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from mechvis.errors import InvalidArgumentError
-from mechvis.running import Prompt, Run, Segments, Span, encode, str_tokens_of
+from mechvis.running import Encoded, Prompt, Run, Segments, Span, encode, str_tokens_of
 
 if TYPE_CHECKING:
     from transformer_lens.model_bridge import TransformerBridge
@@ -138,20 +138,63 @@ def generate(
             torch.manual_seed(settings.seed)
         output = model.original_model.generate(prompt_ids, attention_mask=torch.ones_like(prompt_ids), **options)
     generated = output.sequences[0, prompt_ids.shape[1] :].tolist()
+    return _analysed_trace(
+        model,
+        encoded,
+        generated,
+        step_logits=torch.stack([step[0] for step in output.logits]).float(),
+        step_distributions=_step_distributions(output.scores, settings),
+        settings=settings,
+        names_filter=names_filter,
+    )
+
+
+def teacher_force(
+    model: "TransformerBridge",
+    prompt: Prompt,
+    continuation: str,
+    *,
+    chat: bool = False,
+    names_filter: Callable[[str], bool] | Sequence[str] | str | None = None,
+) -> Trace:
+    """A Trace for a given continuation, as if the model had generated it at temperature 1: one
+    forward pass; `step_logits` are the logits that predicted each continuation token."""
+    encoded = encode(model, prompt, chat=chat)
+    continuation_ids = model.hf_tokenizer.encode(continuation, add_special_tokens=False)
+    if not continuation_ids:
+        raise InvalidArgumentError("The continuation is empty; give the text to analyse.")
+    if len(encoded.token_ids) + len(continuation_ids) > model.cfg.n_ctx:
+        raise InvalidArgumentError(
+            f"Prompt and continuation are {len(encoded.token_ids) + len(continuation_ids)} tokens; "
+            f"this model's context holds {model.cfg.n_ctx}."
+        )
+    return _analysed_trace(model, encoded, continuation_ids, None, None, SamplingSettings(temperature=1.0), names_filter)
+
+
+def _analysed_trace(
+    model: "TransformerBridge",
+    encoded: Encoded,
+    generated: list[int],
+    step_logits: Tensor | None,
+    step_distributions: Tensor | None,
+    settings: SamplingSettings,
+    names_filter: Callable[[str], bool] | Sequence[str] | str | None,
+) -> Trace:
+    """One teacher-forced forward pass of the bridge over prompt + generated tokens. Without
+    observed `step_logits`, the teacher-forced ones stand in, with temperature-1 distributions."""
     all_ids = encoded.token_ids + generated
-    tokens = torch.tensor(all_ids, device=device)
+    tokens = torch.tensor(all_ids, device=model.cfg.device)
     with torch.no_grad():
         logits, cache = model.run_with_cache(tokens[None], names_filter=names_filter)
-    prompt_text = encoded.text
     generated_strings = str_tokens_of(model, generated)
     offsets = list(encoded.offsets)
-    cursor = len(prompt_text)
+    cursor = len(encoded.text)
     for piece in generated_strings:
         offsets.append((cursor, cursor + len(piece)))
         cursor += len(piece)
     spans = encoded.segments.spans + ((Span("generated", len(encoded.token_ids), len(all_ids)),) if generated else ())
     run = Run(
-        text=prompt_text + "".join(generated_strings),
+        text=encoded.text + "".join(generated_strings),
         tokens=tokens,
         str_tokens=str_tokens_of(model, encoded.token_ids) + generated_strings,
         offsets=offsets,
@@ -159,12 +202,15 @@ def generate(
         cache=cache,
         segments=Segments(spans, encoded.segments.sink_positions),
     )
+    if step_logits is None:
+        step_logits = run.logits[len(encoded.token_ids) - 1 : -1].float()
+        step_distributions = step_logits.softmax(-1)
     return Trace(
         run=run,
         prompt_length=len(encoded.token_ids),
         generated_ids=generated,
-        generated_text=tokenizer.decode(generated),
-        step_logits=torch.stack([step[0] for step in output.logits]).float(),
-        step_distributions=_step_distributions(output.scores, settings),
+        generated_text=model.hf_tokenizer.decode(generated),
+        step_logits=step_logits,
+        step_distributions=step_distributions,
         settings=settings,
     )

@@ -1,0 +1,356 @@
+"""Repetition / collapse monitoring for generated text.
+
+Every signal of generated token p is computed from the state at position q = p − 1, the one whose
+logits produced token p (as `generate(output_scores=True)` sees it). No signal uses token p itself
+or anything after it, so a signal at p is a prediction of whether token p continues a loop.
+
+- Labels from text: `rep_labels` (token p completes a 4-gram already seen within the last 200
+  generated tokens), `seq_rep_n` (Welleck et al. 2019), `distinct_n`.
+- `seed_score`: the seed's S = H/log V + α·R + β·U + δ·F, kept exactly for reproducibility (see
+  REFERENCES: U is dead for trained models and R uses future tokens through min-max scaling).
+- `repetition_features`: the sound, causal signals; `RepetitionMonitor` combines them with a
+  logistic model whose fitted weights ship with the package.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from importlib import resources
+from typing import TYPE_CHECKING
+
+import einops
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from mechvis.analysis._checks import activation, check_layers
+from mechvis.analysis.attention import pattern_hook, row_entropy
+from mechvis.errors import InvalidArgumentError
+
+if TYPE_CHECKING:
+    from transformer_lens.model_bridge import TransformerBridge
+
+    from mechvis.generation import Trace
+
+# --- labels from the text ---------------------------------------------------------------------
+
+
+def rep_labels(token_ids: Sequence[int], *, n: int = 4, window: int = 200) -> Int[Tensor, " pos"]:
+    """1 where the n-gram ending at that token already occurred, ending earlier, within the last
+    `window` tokens of `token_ids`; 0 elsewhere (and for the first n − 1 tokens)."""
+    if n < 1 or window < 1:
+        raise InvalidArgumentError(f"n and window must be positive; got n={n}, window={window}.")
+    labels = torch.zeros(len(token_ids), dtype=torch.long)
+    last_end: dict[tuple[int, ...], list[int]] = {}
+    for end in range(n - 1, len(token_ids)):
+        gram = tuple(token_ids[end - n + 1 : end + 1])
+        earlier = last_end.setdefault(gram, [])
+        if any(end - previous <= window for previous in earlier):
+            labels[end] = 1
+        earlier.append(end)
+    return labels
+
+
+def loop_onset(labels: Int[Tensor, " pos"], *, min_run: int = 4) -> int | None:
+    """First position of the first run of at least `min_run` consecutive repeat labels (the loop
+    becoming visible in the text), or None."""
+    run = 0
+    for position, label in enumerate(labels.tolist()):
+        run = run + 1 if label else 0
+        if run >= min_run:
+            return position - min_run + 1
+    return None
+
+
+def seq_rep_n(token_ids: Sequence[int], n: int = 4) -> float:
+    """1 − |unique n-grams| / |n-grams| (Welleck et al. 2019); 0 for sequences shorter than n."""
+    grams = [tuple(token_ids[i : i + n]) for i in range(len(token_ids) - n + 1)]
+    return 1.0 - len(set(grams)) / len(grams) if grams else 0.0
+
+
+def distinct_n(token_ids: Sequence[int], n: int = 2) -> float:
+    """|unique n-grams| / |n-grams|; 0 for sequences shorter than n."""
+    grams = [tuple(token_ids[i : i + n]) for i in range(len(token_ids) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else 0.0
+
+
+# --- the seed score ---------------------------------------------------------------------------
+
+
+@dataclass
+class SeedScore:
+    """The seed's collapse score and its terms, per generated token (positions `positions`)."""
+
+    positions: list[int]
+    entropy_term: Float[Tensor, " gen"]  # H_t / log V
+    activation_rise: Float[Tensor, " gen"]  # R_t, min-max over the generated tokens
+    uniformity: Float[Tensor, " gen"]  # U_t = clip(1 − KL(p ‖ uniform), 0, 1)
+    attention_focus: Float[Tensor, " gen"]  # F_t = 1 − H(attention row) / log n
+    score: Float[Tensor, " gen"]
+
+
+def seed_score(
+    model: "TransformerBridge", trace: "Trace", *, alpha: float = 1.0, beta: float = 1.0, delta: float = 1.0
+) -> SeedScore:
+    """S_t = H_t/log V + α·R_t + β·U_t + δ·F_t, exactly as the seed defines it.
+
+    H_t: entropy (nats) of the temperature-1 distribution that produced token t; V: vocabulary size.
+    R_t: ‖h_t‖ − ‖h_{t−1}‖ at the last layer's residual output, min-max normalised over the
+    generated tokens (uses future tokens; always yields one 0 and one 1).
+    U_t: clip(1 − KL(p‖uniform), 0, 1) with KL(p‖u) = log V − H_t.
+    F_t: 1 − H(a_t)/log n_t for the last layer's head-averaged attention row a_t over its n_t keys.
+    """
+    run = trace.run
+    states = [p - 1 for p in trace.generated_positions]
+    if not states:
+        raise InvalidArgumentError("The trace generated no tokens; there is nothing to score.")
+    vocab = run.logits.shape[-1]
+    log_probs = run.logits[states].double().log_softmax(-1)
+    entropy = -(log_probs.exp() * log_probs).sum(-1)
+    last = model.cfg.n_layers - 1
+    norms = activation(run.cache, f"blocks.{last}.hook_resid_post").double().norm(dim=-1)
+    rise = norms[states] - norms[[q - 1 for q in states]]
+    spread = rise.max() - rise.min()
+    rise = (rise - rise.min()) / spread if spread > 0 else torch.zeros_like(rise)
+    uniformity = (1.0 - (math.log(vocab) - entropy)).clamp(0.0, 1.0)
+    mean_rows = activation(run.cache, pattern_hook(last)).double().mean(0)[states]
+    focus = 1.0 - row_entropy(mean_rows) / torch.log(torch.tensor(states, dtype=torch.float64) + 1.0)
+    entropy_term = entropy / math.log(vocab)
+    score = entropy_term + alpha * rise + beta * uniformity + delta * focus
+    return SeedScore(list(trace.generated_positions), *(t.float() for t in (entropy_term, rise, uniformity, focus, score)))
+
+
+# --- induction heads --------------------------------------------------------------------------
+
+
+@dataclass
+class InductionHeads:
+    """Heads found by the repeated-random-tokens probe: `scores[layer, head]` is the mean attention
+    from each token of the second copy to the token after its first occurrence."""
+
+    scores: Float[Tensor, "layer head"]
+    heads: list[tuple[int, int]]
+
+
+def find_induction_heads(
+    model: "TransformerBridge", *, length: int = 40, threshold: float = 0.3, top: int = 8, seed: int = 0
+) -> InductionHeads:
+    """Run [BOS] + R + R for random tokens R and score every head's induction attention.
+    Heads scoring at least `threshold`, at most `top` of them, best first."""
+    generator = torch.Generator().manual_seed(seed)
+    special = set(model.hf_tokenizer.all_special_ids)
+    candidates = torch.tensor([t for t in range(1000, min(model.cfg.d_vocab, 20000)) if t not in special])
+    randoms = candidates[torch.randperm(len(candidates), generator=generator)[:length]]
+    bos = model.hf_tokenizer.bos_token_id
+    tokens = torch.cat([torch.tensor([bos if bos is not None else randoms[0].item()]), randoms, randoms])
+    with torch.no_grad():
+        _, cache = model.run_with_cache(tokens[None].to(model.cfg.device), names_filter=lambda name: name.endswith("hook_pattern"))
+    queries = torch.arange(1 + length, 1 + 2 * length)
+    keys = queries - length + 1  # the token after the first occurrence of the query's token
+    scores = torch.stack(
+        [activation(cache, pattern_hook(layer))[:, queries, keys].float().mean(-1) for layer in range(model.cfg.n_layers)]
+    )
+    order = scores.flatten().argsort(descending=True).tolist()
+    n_heads = scores.shape[1]
+    heads = [(i // n_heads, i % n_heads) for i in order[:top] if scores.flatten()[i] >= threshold]
+    return InductionHeads(scores, heads)
+
+
+# --- the sound, causal signals ----------------------------------------------------------------
+
+FEATURES = (
+    "confidence",  # top-1 probability
+    "margin",  # p(1st) − p(2nd)
+    "neg_entropy",  # −H, nats
+    "neg_varentropy",  # −Σ p (−ln p − H)²
+    "activation_z",  # robust z-score of ‖h‖ against the earlier tokens
+    "recurrence",  # max cosine to the recent mean-centred hidden states
+    "copy_attention",  # induction heads' mass on tokens that followed earlier copies of the token
+    "sink_mass",  # mean attention to the first token over layers and heads
+)
+
+
+@dataclass
+class RepetitionFeatures:
+    """The causal signals of each generated token (`values[:, i]` is FEATURES[i]); higher is
+    meant to mean more loop risk for all but activation_z and sink_mass, whose sign is empirical."""
+
+    positions: list[int]
+    values: Float[Tensor, "gen feature"]
+    names: tuple[str, ...] = FEATURES
+
+    def __getitem__(self, name: str) -> Float[Tensor, " gen"]:
+        return self.values[:, self.names.index(name)]
+
+
+def _robust_z(norms: Tensor, states: list[int], first_reference: int) -> Tensor:
+    """(x_q − median) / (1.4826 · MAD) over positions first_reference..q − 1; 0 with < 4 of them."""
+    z = torch.zeros(len(states), dtype=norms.dtype)
+    for index, q in enumerate(states):  # one reference window per generated token (its own past)
+        reference = norms[first_reference:q]
+        if reference.numel() >= 4:
+            median = reference.median()
+            mad = (reference - median).abs().median() * 1.4826
+            z[index] = (norms[q] - median) / mad.clamp_min(1e-6)
+    return z
+
+
+def repetition_features(
+    model: "TransformerBridge",
+    trace: "Trace",
+    induction: InductionHeads,
+    *,
+    layer: int | None = None,
+    recurrence_window: int = 64,
+) -> RepetitionFeatures:
+    """The causal signals of every generated token of `trace` (see FEATURES).
+
+    Args:
+        induction: heads for copy attention (find_induction_heads, once per model).
+        layer: residual stream for activation_z and recurrence (default: two thirds of the depth).
+        recurrence_window: how many earlier tokens recurrence compares with.
+    """
+    run = trace.run
+    states = [p - 1 for p in trace.generated_positions]
+    if not states:
+        raise InvalidArgumentError("The trace generated no tokens; there is nothing to score.")
+    (layer,) = check_layers(model, [layer if layer is not None else (2 * model.cfg.n_layers) // 3])
+    sinks = run.segments.sink_positions
+    first_content = max(sinks, default=-1) + 1
+    index = torch.tensor(states)
+
+    log_probs = run.logits[index].double().log_softmax(-1)
+    probs = log_probs.exp()
+    entropy = -(probs * log_probs).sum(-1)
+    varentropy = (probs * (log_probs + entropy[:, None]).square()).sum(-1)
+    top2 = probs.topk(2, dim=-1).values
+
+    hidden = activation(run.cache, f"blocks.{layer}.hook_resid_post").double()
+    activation_z = _robust_z(hidden.norm(dim=-1), states, first_content)
+    prompt_mean = hidden[first_content : trace.prompt_length].mean(0)
+    unit = torch.nn.functional.normalize(hidden - prompt_mean, dim=-1)
+    cosine = unit[index] @ unit.T  # (generated, all positions)
+    offsets = index[:, None] - torch.arange(hidden.shape[0])[None, :]
+    recent = (offsets >= 1) & (offsets <= recurrence_window) & (torch.arange(hidden.shape[0])[None, :] >= first_content)
+    recurrence = cosine.masked_fill(~recent, -1.0).amax(-1)
+
+    tokens = run.tokens.cpu()
+    n = tokens.shape[0]
+    previous_token = torch.cat([torch.tensor([-1]), tokens[:-1]])  # x_{j−1} for key j
+    key = torch.arange(n)
+    copy_mask = (previous_token[None, :] == tokens[index][:, None]) & (key[None, :] <= index[:, None]) & (key[None, :] >= 1)
+    if induction.heads:
+        masses = torch.stack([
+            (activation(run.cache, pattern_hook(l))[h][index].double() * copy_mask).sum(-1) for l, h in induction.heads
+        ])
+        copy_attention = masses.amax(0)
+    else:
+        copy_attention = torch.zeros(len(states), dtype=torch.float64)
+
+    sink_mass = torch.stack([
+        einops.reduce(activation(run.cache, pattern_hook(l))[:, index][..., list(sinks)].double(), "head q sink -> q", "sum")
+        for l in range(model.cfg.n_layers)
+    ]).mean(0) / model.cfg.n_heads
+
+    values = torch.stack([top2[:, 0], top2[:, 0] - top2[:, 1], -entropy, -varentropy, activation_z, recurrence,
+                          copy_attention, sink_mass], dim=-1)
+    return RepetitionFeatures(list(trace.generated_positions), values.float())
+
+
+# --- the combined monitor ---------------------------------------------------------------------
+
+WEIGHTS_RESOURCE = "repetition_monitor.json"
+
+
+@dataclass
+class RepetitionMonitor:
+    """Logistic model over standardised FEATURES: P(token continues a loop) = σ(w·z + b)."""
+
+    mean: list[float]
+    std: list[float]
+    weights: list[float]
+    bias: float
+    feature_names: tuple[str, ...] = FEATURES
+    metadata: dict = field(default_factory=dict)
+
+    def probability(self, features: RepetitionFeatures) -> Float[Tensor, " gen"]:
+        if tuple(features.names) != tuple(self.feature_names):
+            raise InvalidArgumentError(f"The monitor expects features {self.feature_names}; got {features.names}.")
+        standardised = (features.values - torch.tensor(self.mean)) / torch.tensor(self.std)
+        return torch.sigmoid(standardised @ torch.tensor(self.weights) + self.bias)
+
+    @classmethod
+    def fit(cls, features: Float[Tensor, "n feature"], labels: Int[Tensor, " n"], *, l2: float = 1e-2, metadata: dict | None = None) -> "RepetitionMonitor":
+        """Maximum-likelihood logistic regression with an L2 penalty, by Newton's method."""
+        x = features.double()
+        mean, std = x.mean(0), x.std(0).clamp_min(1e-6)
+        design = torch.cat([(x - mean) / std, torch.ones(x.shape[0], 1, dtype=x.dtype)], dim=1)
+        y = labels.double()
+        theta = torch.zeros(design.shape[1], dtype=x.dtype)
+        penalty = torch.full((design.shape[1],), l2, dtype=x.dtype)
+        penalty[-1] = 0.0  # no penalty on the bias
+        for _ in range(50):
+            p = torch.sigmoid(design @ theta)
+            gradient = design.T @ (p - y) / len(y) + penalty * theta
+            hessian = (design * (p * (1 - p))[:, None]).T @ design / len(y) + torch.diag(penalty)
+            step = torch.linalg.solve(hessian, gradient)
+            theta = theta - step
+            if step.abs().max() < 1e-10:
+                break
+        return cls(mean.tolist(), std.tolist(), theta[:-1].tolist(), float(theta[-1]), FEATURES, metadata or {})
+
+    def save(self, path) -> None:
+        data = asdict(self)
+        data["feature_names"] = list(self.feature_names)
+        path.write_text(json.dumps(data, indent=2))
+
+    @classmethod
+    def load(cls, path=None) -> "RepetitionMonitor":
+        """The weights shipped with mechvis (fitted by `mechvis repetition-eval`), or a saved file."""
+        text = path.read_text() if path is not None else resources.files("mechvis.data").joinpath(WEIGHTS_RESOURCE).read_text()
+        data = json.loads(text)
+        data["feature_names"] = tuple(data["feature_names"])
+        return cls(**data)
+
+
+# --- evaluation -------------------------------------------------------------------------------
+
+
+def auroc(scores: Sequence[float], labels: Sequence[int]) -> float:
+    """Area under the ROC curve (Mann–Whitney U with average ranks for ties); NaN without both classes."""
+    scores_t, labels_t = torch.as_tensor(scores, dtype=torch.float64), torch.as_tensor(labels)
+    positives, negatives = int(labels_t.sum()), int((1 - labels_t).sum())
+    if positives == 0 or negatives == 0:
+        return float("nan")
+    order = scores_t.argsort()
+    ranks = torch.empty_like(scores_t)
+    ranks[order] = torch.arange(1, len(scores_t) + 1, dtype=torch.float64)
+    for value in scores_t.unique():  # average ranks over ties
+        tied = scores_t == value
+        ranks[tied] = ranks[tied].mean()
+    return float((ranks[labels_t == 1].sum() - positives * (positives + 1) / 2) / (positives * negatives))
+
+
+def average_precision(scores: Sequence[float], labels: Sequence[int]) -> float:
+    """Area under the precision–recall curve as average precision; NaN without positives."""
+    scores_t, labels_t = torch.as_tensor(scores, dtype=torch.float64), torch.as_tensor(labels, dtype=torch.float64)
+    if labels_t.sum() == 0:
+        return float("nan")
+    order = scores_t.argsort(descending=True)
+    hits = labels_t[order]
+    precision = hits.cumsum(0) / torch.arange(1, len(hits) + 1, dtype=torch.float64)
+    return float((precision * hits).sum() / hits.sum())
+
+
+def cusum_alarm(probabilities: Sequence[float], *, drift: float = 0.5, threshold: float = 1.0) -> int | None:
+    """Index of the first alarm of a one-sided CUSUM on p − drift (S ← max(0, S + p − drift),
+    alarm when S > threshold), or None."""
+    total = 0.0
+    for index, value in enumerate(probabilities):
+        total = max(0.0, total + float(value) - drift)
+        if total > threshold:
+            return index
+    return None
