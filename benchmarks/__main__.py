@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import sys
 
-from benchmarks import loading, metrics
+from benchmarks import generation, loading, metrics
 
-BENCHMARKS = {"loading": loading.main, "metrics": metrics.main}
+BENCHMARKS = {"loading": loading.main, "metrics": metrics.main, "generation": generation.main}
 
 if __name__ == "__main__":
     chosen = sys.argv[1:] or list(BENCHMARKS)

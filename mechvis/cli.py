@@ -6,7 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from mechvis.errors import MechvisError
+from mechvis.errors import InvalidArgumentError, MechvisError
 
 
 def _add_model_argument(parser: argparse.ArgumentParser) -> None:
@@ -27,7 +27,46 @@ def _inspect(arguments: argparse.Namespace) -> None:
 def _demo(arguments: argparse.Namespace) -> None:
     from mechvis.demo import run_demo
 
-    run_demo(model_name=arguments.model, max_new_tokens=arguments.max_new_tokens)
+    run_demo(model_name=arguments.model, max_new_tokens=arguments.max_new_tokens, output=arguments.output)
+
+
+def _report(arguments: argparse.Namespace) -> None:
+    from mechvis.models import load_model
+    from mechvis.report import write_report
+
+    write_report(
+        load_model(arguments.model),
+        arguments.prompt,
+        arguments.output,
+        json_path=arguments.json,
+        chat=arguments.chat,
+        max_new_tokens=arguments.max_new_tokens,
+        layers=arguments.layers,
+        temperature=arguments.temperature,
+        seed=arguments.seed,
+        overwrite=arguments.force,
+    )
+    print(f"Wrote {arguments.output}" + (f" and {arguments.json}" if arguments.json else ""))
+
+
+def _repetition_eval(arguments: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from mechvis.models import load_model
+    from mechvis.repetition_eval import PROMPTS, format_results, run_evaluation
+
+    if not 2 <= arguments.prompts <= len(PROMPTS):
+        raise InvalidArgumentError(f"--prompts must be between 2 and {len(PROMPTS)}; got {arguments.prompts}.")
+    results = run_evaluation(
+        load_model(arguments.model),
+        n_prompts=arguments.prompts,
+        max_new_tokens=arguments.max_new_tokens,
+        out_dir=Path(arguments.out),
+        sampler_prompts=min(arguments.sampler_prompts, arguments.prompts),
+        weights_path=Path(arguments.weights) if arguments.weights else None,
+    )
+    print(format_results(results))
+    print(f"\nWrote {arguments.out}/repetition-eval.json and repetition-eval.png")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,8 +83,33 @@ def build_parser() -> argparse.ArgumentParser:
         "demo", help="analyse the embedded model on a built-in chat prompt that makes it loop"
     )
     _add_model_argument(demo_parser)
-    demo_parser.add_argument("--max-new-tokens", type=int, default=48)
+    demo_parser.add_argument("--max-new-tokens", type=int, default=64)
+    demo_parser.add_argument("-o", "--output", default="out/demo.html", help="where to write the report (replaced)")
     demo_parser.set_defaults(handler=_demo)
+
+    report = commands.add_parser("report", help="generate from a prompt and write one offline HTML report")
+    report.add_argument("--prompt", required=True)
+    _add_model_argument(report)
+    report.add_argument("--chat", action="store_true", help="use the model's chat template")
+    report.add_argument("--max-new-tokens", type=int, default=64)
+    report.add_argument("--layers", type=int, nargs="+", default=None, help="layers with attention views (default: 4 spread over the depth)")
+    report.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    report.add_argument("--seed", type=int, default=None)
+    report.add_argument("-o", "--output", required=True, help="the HTML file to write")
+    report.add_argument("--json", default=None, help="also write the results as JSON (schema in the README)")
+    report.add_argument("--force", action="store_true", help="replace existing output files")
+    report.set_defaults(handler=_report)
+
+    evaluation = commands.add_parser(
+        "repetition-eval", help="generate a labelled corpus and score the repetition monitor and samplers"
+    )
+    _add_model_argument(evaluation)
+    evaluation.add_argument("--prompts", type=int, default=52, help="how many built-in prompts (each greedy and sampled)")
+    evaluation.add_argument("--max-new-tokens", type=int, default=96)
+    evaluation.add_argument("--sampler-prompts", type=int, default=20, help="prompts for the sampler comparison")
+    evaluation.add_argument("--out", default="out/repetition-eval", help="directory for the JSON and the figure")
+    evaluation.add_argument("--weights", default=None, help="where to write the fitted monitor (default: --out)")
+    evaluation.set_defaults(handler=_repetition_eval)
     return parser
 
 

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING
 
-from tqdm.auto import tqdm
-
 from mechvis.analysis import head_entropy, token_signals
-from mechvis.generation import Trace, generate
+from mechvis.generation import Trace
 from mechvis.models import load_model
+from mechvis.report import write_report
 
 if TYPE_CHECKING:
     from transformer_lens.model_bridge import TransformerBridge
@@ -44,19 +44,13 @@ def summarise(model: "TransformerBridge", trace: Trace, *, n_heads: int = 8) -> 
     return "\n".join(lines)
 
 
-def run_demo(model_name: str | None = None, max_new_tokens: int = 48) -> str:
-    """Load the model, generate from the demo prompt, print and return the summary."""
-    stages = tqdm(total=3, desc="mechvis demo", unit="stage")
-    stages.set_postfix_str("loading the model")
+def run_demo(model_name: str | None = None, max_new_tokens: int = 64, output: str | Path = "out/demo.html") -> Path:
+    """Load the model, write the report of the demo prompt to `output` (replacing it), print the
+    plain-text summary and the report's path."""
     model = load_model(model_name)
-    stages.update()
-    stages.set_postfix_str("generating and analysing")
-    trace = generate(model, DEMO_PROMPT, chat=True, max_new_tokens=max_new_tokens)
-    stages.update()
-    stages.set_postfix_str("summarising")
-    summary = summarise(model, trace)
-    stages.update()
-    stages.close()
+    data = write_report(model, DEMO_PROMPT, output, chat=True, max_new_tokens=max_new_tokens, overwrite=True)
     print(f"Model: {model.cfg.model_name}\nPrompt (chat): {DEMO_PROMPT}\n")
-    print(summary)
-    return summary
+    print(summarise(model, data.trace))
+    path = Path(output).resolve()
+    print(f"\nReport: {path}")
+    return path

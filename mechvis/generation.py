@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Union
 
 import torch
 from jaxtyping import Float, Int
@@ -32,6 +32,7 @@ class SamplingSettings:
     top_p: float | None = None
     min_p: float | None = None
     seed: int | None = None
+    schedule: "TemperatureSchedule | None" = None
 
     def validate(self) -> None:
         if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature) and self.temperature >= 0):
@@ -46,6 +47,57 @@ class SamplingSettings:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+
+@dataclass(frozen=True)
+class EntropyTemperature:
+    """Entropy-based dynamic temperature (EDT, Zhang et al. 2024): T_t = base · n^(θ / H_t), with
+    H_t the entropy (nats) of the raw next-token distribution. Confident steps cool toward
+    greedy; uncertain ones approach `base`."""
+
+    base: float = 1.0
+    n: float = 0.8
+    theta: float = 1.0
+
+    def temperature(self, entropy: Tensor, generated: Tensor) -> Tensor:
+        return self.base * torch.pow(torch.tensor(self.n), self.theta / entropy.clamp_min(1e-6))
+
+
+@dataclass(frozen=True)
+class RepetitionTemperature:
+    """Loop-breaking temperature: T_t = low + (high − low) · r_t, with r_t the share of the last
+    `window` generated tokens that complete an n-gram already generated (the text-level loop
+    label, causal). Fresh text is sampled cool; a loop heats the sampler until it breaks."""
+
+    low: float = 0.7
+    high: float = 1.6
+    n: int = 4
+    window: int = 16
+
+    def temperature(self, entropy: Tensor, generated: Tensor) -> Tensor:
+        from mechvis.analysis.repetition import rep_labels
+
+        rates = []
+        for row in generated.tolist():
+            labels = rep_labels(row, n=self.n) if len(row) >= self.n else torch.zeros(1)
+            rates.append(labels[-self.window :].float().mean())
+        return self.low + (self.high - self.low) * torch.stack(rates).to(entropy.device)
+
+
+TemperatureSchedule = Union[EntropyTemperature, RepetitionTemperature]
+
+
+class _ScheduledTemperature:
+    """HF logits processor that divides each step's logits by the schedule's temperature."""
+
+    def __init__(self, schedule: TemperatureSchedule, prompt_length: int):
+        self.schedule, self.prompt_length = schedule, prompt_length
+
+    def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
+        log_probs = scores.float().log_softmax(-1)
+        entropy = -(log_probs.exp() * log_probs).sum(-1)
+        temperature = self.schedule.temperature(entropy, input_ids[:, self.prompt_length :]).clamp_min(1e-4)
+        return scores / temperature[:, None].to(scores.dtype)
 
 
 @dataclass
@@ -94,6 +146,7 @@ def generate(
     top_p: float | None = None,
     min_p: float | None = None,
     seed: int | None = None,
+    temperature_schedule: TemperatureSchedule | None = None,
     names_filter: Callable[[str], bool] | Sequence[str] | str | None = None,
 ) -> Trace:
     """Generate up to `max_new_tokens` (stopping at the model's end-of-sequence token) and analyse.
@@ -103,9 +156,13 @@ def generate(
         temperature: 0 for greedy decoding, else sampling at that temperature.
         top_k, top_p, min_p: truncation of the sampling distribution (None = off).
         seed: seeds the sampler without touching the global random state.
+        temperature_schedule: a per-step temperature (EntropyTemperature or RepetitionTemperature)
+            replacing the fixed `temperature`; sampling then uses it with top_k/top_p/min_p.
         names_filter: hooks to cache in the analysis pass (None: all).
     """
-    settings = SamplingSettings(temperature, top_k, top_p, min_p, seed)
+    if temperature_schedule is not None:
+        temperature = 1.0  # the schedule sets each step's temperature
+    settings = SamplingSettings(temperature, top_k, top_p, min_p, seed, temperature_schedule)
     settings.validate()
     encoded = encode(model, prompt, chat=chat)
     n_ctx = model.cfg.n_ctx
@@ -133,6 +190,10 @@ def generate(
         top_p=settings.top_p if not settings.greedy else None,
         min_p=settings.min_p if not settings.greedy else None,
     )
+    if temperature_schedule is not None:
+        from transformers import LogitsProcessorList
+
+        options["logits_processor"] = LogitsProcessorList([_ScheduledTemperature(temperature_schedule, len(encoded.token_ids))])
     with torch.no_grad(), torch.random.fork_rng(devices=[] if device == "cpu" else None):
         if settings.seed is not None:
             torch.manual_seed(settings.seed)

@@ -46,40 +46,27 @@ def require_hooks(cache: "ActivationCache", names: Iterable[str]) -> None:
         )
 
 
+def _indices(values: Iterable[int], count: int, what: str, owner: str) -> list[int]:
+    """Indices in -count..count-1 (negative counts from the end), normalised to 0..count-1."""
+    checked = []
+    for value in values:
+        if isinstance(value, bool) or not isinstance(value, int) or not -count <= value < count:
+            raise InvalidArgumentError(f"{what} {value!r} is out of range: {owner} has {what}s 0..{count - 1}.")
+        checked.append(value % count)
+    return checked
+
+
 def check_layers(model: "TransformerBridge", layers: Iterable[int] | None) -> list[int]:
-    """Layer indices (negative counts from the end) validated against the model; None = all."""
+    """Layer indices validated against the model; None = all layers."""
     n_layers = model.cfg.n_layers
-    if layers is None:
-        return list(range(n_layers))
-    checked = []
-    for layer in layers:
-        if not isinstance(layer, int) or not -n_layers <= layer < n_layers:
-            raise InvalidArgumentError(f"layer {layer!r} is out of range: this model has layers 0..{n_layers - 1}.")
-        checked.append(layer % n_layers)
-    return checked
-
-
-def check_heads(model: "TransformerBridge", heads: Iterable[int]) -> list[int]:
-    n_heads = model.cfg.n_heads
-    checked = []
-    for head in heads:
-        if not isinstance(head, int) or not -n_heads <= head < n_heads:
-            raise InvalidArgumentError(f"head {head!r} is out of range: this model has heads 0..{n_heads - 1}.")
-        checked.append(head % n_heads)
-    return checked
+    return list(range(n_layers)) if layers is None else _indices(layers, n_layers, "layer", "this model")
 
 
 def check_positions(n_positions: int, positions: Iterable[int] | None) -> list[int]:
-    """Token positions (negative counts from the end) validated against the sequence; None = all."""
+    """Token positions validated against the sequence; None = all positions."""
     if positions is None:
         return list(range(n_positions))
-    checked = []
-    for position in positions:
-        if not isinstance(position, int) or not -n_positions <= position < n_positions:
-            raise InvalidArgumentError(
-                f"position {position!r} is out of range: the sequence has positions 0..{n_positions - 1}."
-            )
-        checked.append(position % n_positions)
+    checked = _indices(positions, n_positions, "position", "the sequence")
     if not checked:
         raise InvalidArgumentError("No positions given; pass at least one token position.")
     return checked

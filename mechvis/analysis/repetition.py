@@ -192,8 +192,8 @@ def _robust_z(norms: Tensor, states: list[int], first_reference: int) -> Tensor:
     for index, q in enumerate(states):  # one reference window per generated token (its own past)
         reference = norms[first_reference:q]
         if reference.numel() >= 4:
-            median = reference.median()
-            mad = (reference - median).abs().median() * 1.4826
+            median = reference.quantile(0.5)  # torch.median returns the lower middle value
+            mad = (reference - median).abs().quantile(0.5) * 1.4826
             z[index] = (norms[q] - median) / mad.clamp_min(1e-6)
     return z
 
@@ -276,14 +276,29 @@ class RepetitionMonitor:
     feature_names: tuple[str, ...] = FEATURES
     metadata: dict = field(default_factory=dict)
 
-    def probability(self, features: RepetitionFeatures) -> Float[Tensor, " gen"]:
-        if tuple(features.names) != tuple(self.feature_names):
-            raise InvalidArgumentError(f"The monitor expects features {self.feature_names}; got {features.names}.")
-        standardised = (features.values - torch.tensor(self.mean)) / torch.tensor(self.std)
+    def probability(self, values: Float[Tensor, "n feature"]) -> Float[Tensor, " n"]:
+        """P(loop) for rows of feature values in the order of `feature_names`."""
+        if values.ndim != 2 or values.shape[1] != len(self.feature_names):
+            raise InvalidArgumentError(f"Expected (n, {len(self.feature_names)}) feature values; got {tuple(values.shape)}.")
+        standardised = (values.float() - torch.tensor(self.mean)) / torch.tensor(self.std)
         return torch.sigmoid(standardised @ torch.tensor(self.weights) + self.bias)
 
+    def score(self, features: RepetitionFeatures) -> Float[Tensor, " gen"]:
+        """P(loop) for each generated token of `features`."""
+        if tuple(features.names) != tuple(self.feature_names):
+            raise InvalidArgumentError(f"The monitor expects features {self.feature_names}; got {features.names}.")
+        return self.probability(features.values)
+
     @classmethod
-    def fit(cls, features: Float[Tensor, "n feature"], labels: Int[Tensor, " n"], *, l2: float = 1e-2, metadata: dict | None = None) -> "RepetitionMonitor":
+    def fit(
+        cls,
+        features: Float[Tensor, "n feature"],
+        labels: Int[Tensor, " n"],
+        *,
+        feature_names: tuple[str, ...] = FEATURES,
+        l2: float = 1e-2,
+        metadata: dict | None = None,
+    ) -> "RepetitionMonitor":
         """Maximum-likelihood logistic regression with an L2 penalty, by Newton's method."""
         x = features.double()
         mean, std = x.mean(0), x.std(0).clamp_min(1e-6)
@@ -300,7 +315,7 @@ class RepetitionMonitor:
             theta = theta - step
             if step.abs().max() < 1e-10:
                 break
-        return cls(mean.tolist(), std.tolist(), theta[:-1].tolist(), float(theta[-1]), FEATURES, metadata or {})
+        return cls(mean.tolist(), std.tolist(), theta[:-1].tolist(), float(theta[-1]), tuple(feature_names), metadata or {})
 
     def save(self, path) -> None:
         data = asdict(self)

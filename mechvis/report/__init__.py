@@ -1,0 +1,51 @@
+"""Self-contained offline HTML reports (and their JSON export)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from mechvis.errors import InvalidArgumentError
+from mechvis.report.build import SCHEMA, ReportData, build_report_data, report_json
+from mechvis.report.html import render_report, write_json
+
+if TYPE_CHECKING:
+    from transformer_lens.model_bridge import TransformerBridge
+
+__all__ = ["SCHEMA", "ReportData", "build_report_data", "render_report", "report_json", "write_json", "write_report"]
+
+
+def _check_writable(path: Path, overwrite: bool) -> None:
+    if path.exists() and not overwrite:
+        raise InvalidArgumentError(f"{path} already exists; choose another path or pass overwrite=True (--force).")
+    if path.exists() and path.is_dir():
+        raise InvalidArgumentError(f"{path} is a directory; give a file name such as report.html.")
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+
+def write_report(
+    model: "TransformerBridge",
+    prompt: str,
+    path: str | Path,
+    *,
+    json_path: str | Path | None = None,
+    chat: bool = False,
+    max_new_tokens: int = 64,
+    layers: Sequence[int] | None = None,
+    temperature: float = 0.0,
+    seed: int | None = None,
+    overwrite: bool = False,
+) -> ReportData:
+    """Generate from `prompt`, analyse, and write the HTML report (and the JSON if asked).
+    Existing files are not replaced unless `overwrite`."""
+    html_path = Path(path)
+    _check_writable(html_path, overwrite)
+    if json_path is not None:
+        _check_writable(Path(json_path), overwrite)
+    data = build_report_data(model, prompt, chat=chat, max_new_tokens=max_new_tokens, layers=layers,
+                             temperature=temperature, seed=seed)
+    html_path.write_text(render_report(data, model), encoding="utf-8")
+    if json_path is not None:
+        write_json(data, Path(json_path))
+    return data

@@ -1,0 +1,203 @@
+"""Compute everything a report shows, once: the same results feed the HTML and the JSON export."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from tqdm.auto import tqdm
+
+from mechvis.analysis import (
+    activation_norms,
+    direct_logit_attribution,
+    head_entropy,
+    hidden_state_projection,
+    high_entropy_positions,
+    layer_similarity,
+    logit_lens,
+    rollout,
+    token_signals,
+)
+from mechvis.analysis._checks import check_layers
+from mechvis.analysis.activations import ActivationNorms
+from mechvis.analysis.attention import HeadEntropy, Rollout
+from mechvis.analysis.lens import LogitLens
+from mechvis.analysis.projection import Projection
+from mechvis.analysis.repetition import (
+    RepetitionFeatures,
+    cusum_alarm,
+    RepetitionMonitor,
+    find_induction_heads,
+    loop_onset,
+    rep_labels,
+    repetition_features,
+    seed_score,
+    seq_rep_n,
+)
+from mechvis.analysis.residual import LayerSimilarity, LogitAttribution
+from mechvis.analysis.tokens import HighEntropyPositions, TokenSignals
+from mechvis.architecture import ArchitectureSummary, inspect_model
+from mechvis.generation import Trace, generate
+from mechvis.viz.views import rounded
+
+if TYPE_CHECKING:
+    from transformer_lens.model_bridge import TransformerBridge
+
+SCHEMA = "mechvis.report/1"
+
+
+@dataclass
+class RepetitionResult:
+    """Repetition signals of the generated tokens (index 0 = the first generated token)."""
+
+    labels: torch.Tensor
+    loop_onset: int | None  # index into the generated tokens
+    alarm: int | None  # the monitor's first CUSUM alarm, same indexing
+    seq_rep_4: float
+    monitor_probability: torch.Tensor
+    seed_score: torch.Tensor
+    features: RepetitionFeatures
+
+
+@dataclass
+class ReportData:
+    """Every analysis result of one report."""
+
+    model_summary: ArchitectureSummary
+    prompt: str
+    chat: bool
+    trace: Trace
+    attention_layers: list[int]
+    signals: TokenSignals
+    high_entropy: HighEntropyPositions
+    lens: LogitLens
+    entropy: HeadEntropy
+    rollout: Rollout
+    norms: ActivationNorms
+    similarity: LayerSimilarity
+    attribution: LogitAttribution | None
+    repetition: RepetitionResult | None
+    projection: Projection
+
+
+def default_attention_layers(n_layers: int) -> list[int]:
+    """Four layers spread over the depth: first, one third, two thirds, last."""
+    return sorted({0, n_layers // 3, (2 * n_layers) // 3, n_layers - 1})
+
+
+def build_report_data(
+    model: "TransformerBridge",
+    prompt: str,
+    *,
+    chat: bool = False,
+    max_new_tokens: int = 64,
+    layers: Sequence[int] | None = None,
+    temperature: float = 0.0,
+    seed: int | None = None,
+    lens_positions: int = 16,
+) -> ReportData:
+    """Generate from `prompt` and run every analysis of the report on the trace."""
+    attention_layers = check_layers(model, layers) if layers else default_attention_layers(model.cfg.n_layers)
+    stages = tqdm(total=4, desc="report", unit="stage")
+    stages.set_postfix_str("generating")
+    trace = generate(model, prompt, chat=chat, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
+    run = trace.run
+    stages.update()
+    stages.set_postfix_str("token and lens analyses")
+    n = len(run.tokens)
+    signals = token_signals(run.logits, run.tokens)
+    high = high_entropy_positions(model, run.logits[:-1] if n > 1 else run.logits, n=min(10, max(1, n - 1)), k=5)
+    lens = logit_lens(run.cache, model, positions=list(range(max(0, n - lens_positions), n)))
+    stages.update()
+    stages.set_postfix_str("attention, residual and activation analyses")
+    entropy = head_entropy(run.cache, model, sink_positions=run.segments.sink_positions)
+    rolled = rollout(run.cache, model)
+    norms = activation_norms(run.cache, model, "resid_post")
+    similarity = layer_similarity(run.cache, model)
+    attribution = None
+    if trace.generated_ids:
+        last = trace.prompt_length + len(trace.generated_ids) - 1
+        runner_up = run.logits[last - 1].topk(2).indices.tolist()
+        answer = trace.generated_ids[-1]
+        counterfactual = runner_up[1] if runner_up[0] == answer else runner_up[0]
+        attribution = direct_logit_attribution(run.cache, model, answer, counterfactual, position=last - 1)
+    projection = hidden_state_projection(run.cache, model, run.str_tokens, layer=model.cfg.n_layers // 2,
+                                         positions=list(range(1, n)) if n > 2 else None)
+    stages.update()
+    stages.set_postfix_str("repetition signals")
+    repetition = None
+    if len(trace.generated_ids) >= 2:
+        induction = find_induction_heads(model)
+        features = repetition_features(model, trace, induction)
+        probability = RepetitionMonitor.load().score(features)
+        labels = rep_labels(trace.generated_ids)
+        repetition = RepetitionResult(labels, loop_onset(labels), cusum_alarm(probability.tolist()),
+                                      seq_rep_n(trace.generated_ids), probability, seed_score(model, trace).score, features)
+    stages.update()
+    stages.close()
+    return ReportData(inspect_model(model), prompt, chat, trace, attention_layers, signals, high, lens, entropy, rolled,
+                      norms, similarity, attribution, repetition, projection)
+
+
+def report_json(data: ReportData) -> dict:
+    """The report's results in the documented schema (README, "JSON export"); NaN where a value is
+    undefined (written as null by `write_json`)."""
+    run, trace = data.trace.run, data.trace
+    kinds = [run.segments.kind_at(p) for p in range(len(run.tokens))]
+    result = {
+        "schema": SCHEMA,
+        "model": asdict(data.model_summary),
+        "prompt": data.prompt,
+        "chat": data.chat,
+        "sampling": {key: value for key, value in asdict(trace.settings).items() if key != "schedule"},
+        "prompt_length": trace.prompt_length,
+        "generated_text": trace.generated_text,
+        "tokens": [{"position": p, "id": int(t), "text": s, "segment": k}
+                   for p, (t, s, k) in enumerate(zip(run.tokens.tolist(), run.str_tokens, kinds))],
+        "token_signals": {name: rounded(getattr(data.signals, name))
+                          for name in ("entropy", "varentropy", "top1_prob", "margin", "surprisal")},
+        "logit_lens": {
+            "layers": data.lens.layer_labels,
+            "positions": data.lens.positions,
+            "top1_tokens": [[row[0] for row in layer] for layer in data.lens.top_tokens],
+            "top1_probs": rounded(data.lens.max_probs),
+            "entropy": rounded(data.lens.entropy),
+            "kl_from_final": rounded(data.lens.kl_from_final),
+            "confidence": rounded(data.lens.confidence),
+        },
+        "head_entropy": {
+            "layers": data.entropy.layers,
+            "mean_normalised": rounded(data.entropy.mean_normalised),
+            "mean_sink_mass": rounded(data.entropy.mean_sink_mass),
+            "classification": [{"layer": l, "head": h, "kind": k} for l, h, k in data.entropy.classify()],
+        },
+        "rollout": {"head_fusion": data.rollout.head_fusion, "residual_weight": data.rollout.residual_weight,
+                    "matrix": rounded(data.rollout.matrix, 3)},
+        "activation_norms": {"kind": data.norms.kind, "norms": rounded(data.norms.norms, 3)},
+        "layer_similarity": {"layers": data.similarity.layer_labels, "cosine": rounded(data.similarity.cosine)},
+        "attention_layers": data.attention_layers,
+        "direct_logit_attribution": None,
+        "repetition": None,
+    }
+    if data.attribution is not None:
+        result["direct_logit_attribution"] = {
+            "position": data.attribution.position,
+            "answer_id": data.attribution.answer_id,
+            "counterfactual_id": data.attribution.counterfactual_id,
+            "model_value": data.attribution.model_value,
+            "top": [{"component": label, "value": value} for label, value in data.attribution.top(20)],
+        }
+    if data.repetition is not None:
+        rep = data.repetition
+        result["repetition"] = {
+            "labels": rep.labels.tolist(),
+            "loop_onset": rep.loop_onset,
+            "monitor_alarm": rep.alarm,
+            "seq_rep_4": rep.seq_rep_4,
+            "monitor_probability": rounded(rep.monitor_probability),
+            "seed_score": rounded(rep.seed_score),
+            "features": {name: rounded(rep.features[name]) for name in rep.features.names},
+        }
+    return result

@@ -1,0 +1,164 @@
+"""Assemble one self-contained, offline HTML file: circuitsvis' bundle inlined exactly once, every
+view rendered from it, figures inline as PNG, every token string HTML-escaped."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+from matplotlib.figure import Figure
+from tqdm.auto import tqdm
+
+from mechvis.report.build import ReportData, report_json
+from mechvis.viz import figures
+from mechvis.viz.views import (
+    COLOUR_MODES,
+    View,
+    attention_heads_view,
+    circuitsvis_bundle,
+    colored_tokens_view,
+    json_safe,
+    topk_tokens_view,
+)
+
+STYLE = """
+body { font-family: system-ui, sans-serif; margin: 2rem auto; max-width: 1200px; color: #222; }
+h1 { font-size: 1.5rem; } h2 { border-bottom: 1px solid #ddd; padding-bottom: .2rem; margin-top: 2.5rem; }
+.tokens { white-space: pre-wrap; font-family: ui-monospace, monospace; line-height: 1.7; }
+.tokens span { border-radius: 3px; }
+.prompt { color: #666; }
+figure { margin: 1rem 0; } figure img { max-width: 100%; }
+table { border-collapse: collapse; font-size: .9rem; } td, th { padding: .2rem .6rem; border-bottom: 1px solid #eee; text-align: left; }
+.note { color: #555; font-size: .9rem; }
+"""
+
+
+def figure_html(figure: Figure, caption: str) -> str:
+    """A figure as an inline PNG with an escaped caption; the figure is closed."""
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=90)
+    plt.close(figure)
+    encoded = base64.b64encode(buffer.getvalue()).decode("ascii")
+    return f'<figure><img alt="{html.escape(caption)}" src="data:image/png;base64,{encoded}"><figcaption>{html.escape(caption)}</figcaption></figure>'
+
+
+def _entropy_colour(value: float, maximum: float) -> str:
+    strength = 0.0 if maximum <= 0 else min(1.0, max(0.0, value / maximum))
+    return f"rgba(214, 96, 77, {0.08 + 0.8 * strength:.2f})"
+
+
+def _summary(data: ReportData) -> str:
+    trace, run = data.trace, data.trace.run
+    entropy = data.signals.entropy
+    generated = list(trace.generated_positions)
+    maximum = max((entropy[p - 1].item() for p in generated), default=1.0)
+    spans = []
+    for position in generated:
+        value = entropy[position - 1].item()
+        spans.append(f'<span title="position {position}, entropy {value:.2f} nats" '
+                     f'style="background:{_entropy_colour(value, maximum)}">{html.escape(run.str_tokens[position])}</span>')
+    prompt_text = html.escape("".join(run.str_tokens[: trace.prompt_length]))
+    lines = [
+        f"<p><b>Model</b> {html.escape(data.model_summary.name)} ({html.escape(data.model_summary.architecture)}, "
+        f"{data.model_summary.n_layers} layers, {data.model_summary.n_params:,} parameters)</p>",
+        f"<p><b>Prompt</b> ({'chat template' if data.chat else 'completion'}):</p>",
+        f'<div class="tokens prompt">{prompt_text}</div>',
+        "<p><b>Generated</b> (background: entropy of the distribution each token was drawn from; hover for values):</p>",
+        f'<div class="tokens">{"".join(spans) or "<i>nothing was generated</i>"}</div>',
+    ]
+    if data.repetition is not None:
+        rep = data.repetition
+        onset = "no loop detected" if rep.loop_onset is None else f"loop visible in the text from generated token {rep.loop_onset} (position {trace.prompt_length + rep.loop_onset})"
+        alarm = "no alarm" if rep.alarm is None else f"monitor alarm at generated token {rep.alarm}"
+        lines.append(f"<p><b>Repetition</b>: {onset}; {alarm}; seq-rep-4 = {rep.seq_rep_4:.3f}.</p>")
+    return "\n".join(lines)
+
+
+def _section(title: str, anchor: str, parts: list[str], note: str = "") -> str:
+    note_html = f'<p class="note">{html.escape(note)}</p>' if note else ""
+    return f'<section id="{anchor}"><h2>{html.escape(title)}</h2>{note_html}\n' + "\n".join(parts) + "</section>"
+
+
+def _view_html(view: View, index: int) -> str:
+    return f"<h3>{html.escape(view.title)}</h3>\n{view.render_call(f'cv-{index}')}"
+
+
+def render_report(data: ReportData, model) -> str:
+    """The whole report as one HTML string."""
+    trace, run = data.trace, data.trace.run
+    tokens = run.str_tokens
+    progress = tqdm(total=8, desc="rendering", unit="section")
+    sections = [f"<header><h1>mechvis report</h1>{_summary(data)}</header>"]
+    views: list[View] = []
+
+    def add_views(new: list[View]) -> list[str]:
+        start = len(views)
+        views.extend(new)
+        return [_view_html(view, start + i) for i, view in enumerate(new)]
+
+    sections.append(_section("Token signals", "tokens", [
+        figure_html(figures.token_entropy_curve(data.signals, tokens), "entropy of the next-token distribution at each position"),
+        figure_html(figures.token_entropy_curve(data.signals, tokens, sort=True), "the same, sorted"),
+        figure_html(figures.high_entropy_logits_figure(data.high_entropy, tokens), "top-k logits at the highest-entropy positions"),
+        *add_views([colored_tokens_view(trace, data.signals, mode) for mode in COLOUR_MODES]),
+        *add_views([topk_tokens_view(model, run)]),
+    ], "Colour modes: entropy (nats) and probability of the distribution each token came from, top-1 minus top-2 probability, and sampled tokens that were not the argmax."))
+    progress.update()
+    sections.append(_section("Logit lens", "lens", [
+        figure_html(figures.logit_lens_figure(data.lens, tokens), "each layer's top-1 token at the last positions; confidence by layer"),
+    ], "The final norm is recomputed for each layer's residual stream."))
+    progress.update()
+    attention_parts = [figure_html(figures.head_entropy_figure(data.entropy), "head entropy and sink mass")]
+    for layer in data.attention_layers:
+        pattern = run.cache[f"blocks.{layer}.attn.hook_pattern"][0]
+        attention_parts.append(figure_html(figures.layer_heads_grid_figure(pattern, tokens, layer), f"all heads of layer {layer} and their mean"))
+    attention_parts += add_views([attention_heads_view(run, layer) for layer in data.attention_layers])
+    sections.append(_section("Attention", "attention", attention_parts, "Entropy of each head's rows divided by log(visible keys); sinks are reported separately."))
+    progress.update()
+    sections.append(_section("Attention rollout", "rollout", [figure_html(figures.rollout_figure(data.rollout, tokens), "attention rollout")]))
+    progress.update()
+    residual_parts = [figure_html(figures.layer_similarity_figure(data.similarity), "residual-stream similarity between layers")]
+    if data.attribution is not None:
+        attribution = data.attribution
+        answer = html.escape(repr(model.hf_tokenizer.decode([attribution.answer_id])))
+        other = html.escape(repr(model.hf_tokenizer.decode([attribution.counterfactual_id])))
+        residual_parts.insert(0, f"<p>Direct logit attribution of the last generated token {answer} against the runner-up {other} "
+                                 f"(logit difference {attribution.model_value:.3f}).</p>")
+        residual_parts.insert(1, figure_html(figures.dla_figure(attribution, model.cfg.n_layers, model.cfg.n_heads), "direct logit attribution"))
+    sections.append(_section("Residual stream", "residual", residual_parts))
+    progress.update()
+    sections.append(_section("Activations", "activations", [
+        figure_html(figures.activation_norms_figure(data.norms, tokens), "residual-stream L2 norm per layer and token, and its change rate"),
+        figure_html(figures.projection_figure(data.projection), "PCA of the hidden states at the middle layer"),
+    ]))
+    progress.update()
+    if data.repetition is not None:
+        rep = data.repetition
+        generated_tokens = tokens[trace.prompt_length :]
+        signals = {"monitor P(loop)": rep.monitor_probability, "recurrence": rep.features["recurrence"],
+                   "copy attention": rep.features["copy_attention"], "confidence": rep.features["confidence"]}
+        sections.append(_section("Repetition", "repetition", [
+            figure_html(figures.repetition_figure(signals, rep.labels, generated_tokens), "repetition signals over the generated tokens"),
+        ], "Signals of each generated token come from the state that produced it (causal)."))
+    progress.update()
+    document = "\n".join([
+        "<!doctype html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        "<title>mechvis report</title>",
+        f"<style>{STYLE}</style></head><body>",
+        f"<script>{circuitsvis_bundle()}</script>",
+        *sections,
+        "</body></html>",
+    ])
+    progress.update()
+    progress.close()
+    return document
+
+
+def write_json(data: ReportData, path: Path) -> None:
+    path.write_text(json.dumps(json_safe(report_json(data)), indent=1, ensure_ascii=False), encoding="utf-8")
+

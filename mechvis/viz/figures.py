@@ -1,0 +1,235 @@
+"""Matplotlib figures, one function per figure, each drawing analysis results (never computing
+metrics). Token strings are shown as data: math-text parsing is off, newlines shown as ↵."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from contextlib import contextmanager
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+from mechvis.analysis.activations import ActivationNorms  # noqa: E402
+from mechvis.analysis.attention import HeadEntropy, Rollout  # noqa: E402
+from mechvis.analysis.lens import LogitLens  # noqa: E402
+from mechvis.analysis.projection import Projection  # noqa: E402
+from mechvis.analysis.residual import LayerSimilarity, LogitAttribution  # noqa: E402
+from mechvis.analysis.tokens import HighEntropyPositions, TokenSignals  # noqa: E402
+
+
+@contextmanager
+def _plain_text():
+    with plt.rc_context({"text.parse_math": False, "font.size": 8}):
+        yield
+
+
+def display_token(token: str) -> str:
+    """A token as a label: newlines and tabs visible, long tokens shortened."""
+    shown = token.replace("\n", "↵").replace("\t", "⇥")
+    return shown if len(shown) <= 14 else shown[:13] + "…"
+
+
+def _tick_labels(axis, tokens: Sequence[str], *, which: str = "x", step: int | None = None) -> None:
+    step = step or max(1, len(tokens) // 60)
+    positions = list(range(0, len(tokens), step))
+    labels = [display_token(tokens[p]) for p in positions]
+    if which == "x":
+        axis.set_xticks(positions, labels, rotation=90)
+    else:
+        axis.set_yticks(positions, labels)
+
+
+def token_entropy_curve(signals: TokenSignals, tokens: Sequence[str], *, start: int = 0, sort: bool = False) -> Figure:
+    """Entropy (nats) of each position's next-token distribution from `start`; sorted descending
+    when `sort`."""
+    with _plain_text():
+        figure, axis = plt.subplots(figsize=(10, 3))
+        entropy = signals.entropy[start:].numpy()
+        labels = list(tokens[start:])
+        if sort:
+            order = np.argsort(-entropy)
+            entropy, labels = entropy[order], [labels[i] for i in order]
+        axis.plot(range(len(entropy)), entropy, marker=".", color="#4c72b0")
+        axis.set_ylabel("entropy (nats)")
+        axis.set_xlabel("position (sorted by entropy)" if sort else "position")
+        _tick_labels(axis, labels)
+        figure.tight_layout()
+    return figure
+
+
+def activation_norms_figure(norms: ActivationNorms, tokens: Sequence[str]) -> Figure:
+    """Heatmaps: L2 norm per layer × token, and its layer-to-layer relative change."""
+    with _plain_text():
+        figure, (top, bottom) = plt.subplots(2, 1, figsize=(10, 6), sharex=True)
+        image = top.imshow(norms.norms.numpy(), aspect="auto", cmap="viridis")
+        figure.colorbar(image, ax=top, label=f"‖{norms.kind}‖₂")
+        top.set_ylabel("layer")
+        change = norms.change_rate.numpy()
+        limit = float(np.nanpercentile(np.abs(change), 99)) or 1.0
+        image = bottom.imshow(change, aspect="auto", cmap="RdBu_r", vmin=-limit, vmax=limit,
+                              extent=(-0.5, change.shape[1] - 0.5, change.shape[0] + 0.5, 0.5))
+        figure.colorbar(image, ax=bottom, label="relative change from the layer below")
+        bottom.set_ylabel("layer")
+        _tick_labels(bottom, tokens)
+        figure.tight_layout()
+    return figure
+
+
+def high_entropy_logits_figure(high: HighEntropyPositions, tokens: Sequence[str]) -> Figure:
+    """Top-k logits at the highest-entropy positions, candidates written in the cells."""
+    with _plain_text():
+        logits = high.top_logits.numpy()
+        figure, axis = plt.subplots(figsize=(min(12, 2 + 1.3 * logits.shape[1]), 0.4 * len(high.positions) + 1.2))
+        axis.imshow(logits, aspect="auto", cmap="magma")
+        for row in range(logits.shape[0]):
+            for column in range(logits.shape[1]):
+                axis.text(column, row, f"{display_token(high.top_tokens[row][column])}\n{logits[row, column]:.1f}",
+                          ha="center", va="center", color="white", fontsize=6)
+        axis.set_yticks(range(len(high.positions)),
+                        [f"{p}: {display_token(tokens[p])} (H={h:.2f})" for p, h in zip(high.positions, high.entropy.tolist())])
+        axis.set_xticks(range(logits.shape[1]), [f"#{i + 1}" for i in range(logits.shape[1])])
+        axis.set_title("logits of the top candidates at the highest-entropy positions")
+        figure.tight_layout()
+    return figure
+
+
+def logit_lens_figure(lens: LogitLens, tokens: Sequence[str]) -> Figure:
+    """The lens table (each layer's top-1 token, coloured by its probability) and the confidence
+    (mean top-1 probability) by layer."""
+    with _plain_text():
+        n_layers, n_positions = lens.max_probs.shape
+        figure, (table, curve) = plt.subplots(1, 2, figsize=(min(16, 3 + 0.9 * n_positions) + 3, 0.28 * n_layers + 2),
+                                              gridspec_kw={"width_ratios": [4, 1]})
+        table.imshow(lens.max_probs.numpy(), aspect="auto", cmap="Blues", vmin=0, vmax=1)
+        for layer in range(n_layers):
+            for column in range(n_positions):
+                table.text(column, layer, display_token(lens.top_tokens[layer][column][0]), ha="center", va="center", fontsize=5)
+        table.set_yticks(range(n_layers), lens.layer_labels)
+        table.set_xticks(range(n_positions), [display_token(tokens[p]) for p in lens.positions], rotation=90)
+        table.set_title("logit lens: top-1 token per layer (colour: its probability)")
+        curve.plot(lens.confidence.numpy(), range(n_layers), marker=".")
+        curve.invert_yaxis()
+        curve.set_xlim(0, 1)
+        curve.set_yticks(range(n_layers), lens.layer_labels)
+        curve.set_xlabel("confidence (mean top-1 probability)")
+        figure.tight_layout()
+    return figure
+
+
+def head_entropy_figure(entropy: HeadEntropy) -> Figure:
+    """Per layer × head: mean normalised attention entropy, and mean attention mass on sinks."""
+    with _plain_text():
+        figure, (left, right) = plt.subplots(1, 2, figsize=(10, 0.2 * len(entropy.layers) + 2))
+        for axis, values, label, cmap in ((left, entropy.mean_normalised, "entropy / log(visible keys)", "viridis"),
+                                          (right, entropy.mean_sink_mass, "attention mass on sinks", "Reds")):
+            image = axis.imshow(values.numpy(), aspect="auto", cmap=cmap, vmin=0, vmax=1)
+            axis.set_yticks(range(len(entropy.layers)), [str(layer) for layer in entropy.layers])
+            axis.set_xlabel("head")
+            axis.set_ylabel("layer")
+            figure.colorbar(image, ax=axis, label=label)
+        figure.tight_layout()
+    return figure
+
+
+def rollout_figure(rollout: Rollout, tokens: Sequence[str]) -> Figure:
+    """The rollout matrix: how much each query traces back to each input token."""
+    with _plain_text():
+        figure, axis = plt.subplots(figsize=(8, 7))
+        keys = tokens[rollout.key_span.start : rollout.key_span.stop] if rollout.key_span else tokens
+        image = axis.imshow(rollout.matrix.numpy(), cmap="viridis", aspect="auto")
+        figure.colorbar(image, ax=axis, label="rollout")
+        _tick_labels(axis, list(keys))
+        _tick_labels(axis, list(tokens), which="y")
+        axis.set_title(f"attention rollout ({rollout.head_fusion} over heads, residual weight {rollout.residual_weight})")
+        figure.tight_layout()
+    return figure
+
+
+def layer_heads_grid_figure(patterns: torch.Tensor, tokens: Sequence[str], layer: int) -> Figure:
+    """Every head's attention pattern at one layer in a grid, plus the mean over heads."""
+    with _plain_text():
+        n_heads = patterns.shape[0]
+        columns = min(5, n_heads + 1)
+        rows = -(-(n_heads + 1) // columns)
+        figure, axes = plt.subplots(rows, columns, figsize=(2.4 * columns, 2.4 * rows), squeeze=False)
+        panels = [(f"L{layer}H{head}", patterns[head]) for head in range(n_heads)] + [(f"L{layer} mean", patterns.mean(0))]
+        for axis in axes.flat:
+            axis.axis("off")
+        for axis, (title, pattern) in zip(axes.flat, panels):
+            axis.imshow(pattern.float().numpy(), cmap="viridis", vmin=0, vmax=1)
+            axis.set_title(title)
+        figure.tight_layout()
+    return figure
+
+
+def dla_figure(attribution: LogitAttribution, n_layers: int, n_heads: int, *, top: int = 20) -> Figure:
+    """Direct logit attribution: the largest components, and every head as a layer × head map."""
+    with _plain_text():
+        figure, (bars, grid) = plt.subplots(1, 2, figsize=(12, max(4, 0.22 * top + 1)))
+        largest = attribution.top(top)
+        bars.barh([label for label, _ in largest][::-1], [value for _, value in largest][::-1],
+                  color=["#c44e52" if value < 0 else "#4c72b0" for _, value in largest][::-1])
+        bars.set_xlabel("contribution to the logit (difference)")
+        heads = np.zeros((n_layers, n_heads))
+        for label, value in zip(attribution.labels, attribution.contributions.tolist()):
+            if label.startswith("L") and "H" in label:
+                layer, head = label[1:].split("H")
+                heads[int(layer), int(head)] = value
+        limit = float(np.abs(heads).max()) or 1.0
+        image = grid.imshow(heads, aspect="auto", cmap="RdBu_r", vmin=-limit, vmax=limit)
+        figure.colorbar(image, ax=grid, label="head contribution")
+        grid.set_xlabel("head")
+        grid.set_ylabel("layer")
+        figure.tight_layout()
+    return figure
+
+
+def layer_similarity_figure(similarity: LayerSimilarity) -> Figure:
+    """Cosine similarity of the residual stream between every pair of layers."""
+    with _plain_text():
+        figure, axis = plt.subplots(figsize=(6, 5))
+        image = axis.imshow(similarity.cosine.numpy(), cmap="viridis", vmin=-1, vmax=1)
+        figure.colorbar(image, ax=axis, label="mean cosine similarity")
+        step = max(1, len(similarity.layer_labels) // 16)
+        ticks = list(range(0, len(similarity.layer_labels), step))
+        axis.set_xticks(ticks, [similarity.layer_labels[i] for i in ticks], rotation=90)
+        axis.set_yticks(ticks, [similarity.layer_labels[i] for i in ticks])
+        figure.tight_layout()
+    return figure
+
+
+def repetition_figure(signals: dict[str, torch.Tensor], labels: torch.Tensor, tokens: Sequence[str]) -> Figure:
+    """Repetition signals over the generated tokens, with the text-level loop regions shaded."""
+    with _plain_text():
+        figure, axis = plt.subplots(figsize=(10, 3.5))
+        for name, values in signals.items():
+            axis.plot(values.numpy(), label=name, linewidth=1.2)
+        for position, label in enumerate(labels.tolist()):
+            if label:
+                axis.axvspan(position - 0.5, position + 0.5, color="#f4a582", alpha=0.35, linewidth=0)
+        axis.set_xlabel("generated token (shaded: completes a repeated 4-gram)")
+        _tick_labels(axis, list(tokens))
+        axis.legend(loc="upper left", fontsize=7)
+        figure.tight_layout()
+    return figure
+
+
+def projection_figure(projection: Projection) -> Figure:
+    """Scatter of the first two principal components, points labelled."""
+    with _plain_text():
+        figure, axis = plt.subplots(figsize=(7, 6))
+        points = projection.coordinates.numpy()
+        axis.scatter(points[:, 0], points[:, 1], s=12, c=range(len(points)), cmap="viridis")
+        for (x, y), label in zip(points[:, :2], projection.labels):
+            axis.annotate(display_token(label), (x, y), fontsize=6)
+        ratio = projection.explained_variance_ratio.tolist()
+        axis.set_xlabel(f"PC1 ({ratio[0]:.0%} of variance)")
+        if len(ratio) > 1:
+            axis.set_ylabel(f"PC2 ({ratio[1]:.0%} of variance)")
+        figure.tight_layout()
+    return figure
