@@ -44,6 +44,7 @@ def _report(arguments: argparse.Namespace) -> None:
         layers=arguments.layers,
         temperature=arguments.temperature,
         seed=arguments.seed,
+        ablation=arguments.ablation,
         overwrite=arguments.force,
     )
     print(f"Wrote {arguments.output}" + (f" and {arguments.json}" if arguments.json else ""))
@@ -67,6 +68,20 @@ def _repetition_eval(arguments: argparse.Namespace) -> None:
     )
     print(format_results(results))
     print(f"\nWrote {arguments.out}/repetition-eval.json and repetition-eval.png")
+
+
+def _ablate(arguments: argparse.Namespace) -> None:
+    from mechvis.models import load_model
+    from mechvis.report.ablation import write_ablation_report
+
+    sweep = write_ablation_report(
+        load_model(arguments.model), arguments.prompt, arguments.target, arguments.output,
+        method=arguments.method, chat=arguments.chat, overwrite=arguments.force,
+    )
+    print("Heads whose ablation moves P(target) most:")
+    for layer, head, effect in sweep.top(10):
+        print(f"  L{layer}H{head}: {effect:+.4f}")
+    print(f"Wrote {arguments.output}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -97,8 +112,19 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--seed", type=int, default=None)
     report.add_argument("-o", "--output", required=True, help="the HTML file to write")
     report.add_argument("--json", default=None, help="also write the results as JSON (schema in the README)")
+    report.add_argument("--ablation", action="store_true", help="add a head-ablation sweep of the last generated token")
     report.add_argument("--force", action="store_true", help="replace existing output files")
     report.set_defaults(handler=_report)
+
+    ablate = commands.add_parser("ablate", help="ablate every head and measure P(target) at the last position")
+    ablate.add_argument("--prompt", required=True)
+    ablate.add_argument("--target", required=True, help="the target token (one token, e.g. ' Paris')")
+    _add_model_argument(ablate)
+    ablate.add_argument("--method", choices=("zero", "mean", "resample"), default="zero")
+    ablate.add_argument("--chat", action="store_true")
+    ablate.add_argument("-o", "--output", required=True, help="the HTML file to write")
+    ablate.add_argument("--force", action="store_true", help="replace an existing output file")
+    ablate.set_defaults(handler=_ablate)
 
     evaluation = commands.add_parser(
         "repetition-eval", help="generate a labelled corpus and score the repetition monitor and samplers"

@@ -147,6 +147,7 @@ def generate(
     min_p: float | None = None,
     seed: int | None = None,
     temperature_schedule: TemperatureSchedule | None = None,
+    logits_processors: Sequence[Callable[[Tensor, Tensor], Tensor]] = (),
     names_filter: Callable[[str], bool] | Sequence[str] | str | None = None,
 ) -> Trace:
     """Generate up to `max_new_tokens` (stopping at the model's end-of-sequence token) and analyse.
@@ -158,6 +159,9 @@ def generate(
         seed: seeds the sampler without touching the global random state.
         temperature_schedule: a per-step temperature (EntropyTemperature or RepetitionTemperature)
             replacing the fixed `temperature`; sampling then uses it with top_k/top_p/min_p.
+        logits_processors: HF-style processors f(input_ids, scores) → scores applied before
+            sampling, e.g. `mechvis.interventions.KeywordBoost`. (Hook interventions apply
+            through `with mechvis.interventions.intervene(model, ...)` around this call.)
         names_filter: hooks to cache in the analysis pass (None: all).
     """
     if temperature_schedule is not None:
@@ -190,10 +194,13 @@ def generate(
         top_p=settings.top_p if not settings.greedy else None,
         min_p=settings.min_p if not settings.greedy else None,
     )
+    processors = list(logits_processors)
     if temperature_schedule is not None:
+        processors.append(_ScheduledTemperature(temperature_schedule, len(encoded.token_ids)))
+    if processors:
         from transformers import LogitsProcessorList
 
-        options["logits_processor"] = LogitsProcessorList([_ScheduledTemperature(temperature_schedule, len(encoded.token_ids))])
+        options["logits_processor"] = LogitsProcessorList(processors)
     with torch.no_grad(), torch.random.fork_rng(devices=[] if device == "cpu" else None):
         if settings.seed is not None:
             torch.manual_seed(settings.seed)

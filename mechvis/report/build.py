@@ -40,6 +40,7 @@ from mechvis.analysis.residual import LayerSimilarity, LogitAttribution
 from mechvis.analysis.tokens import HighEntropyPositions, TokenSignals
 from mechvis.architecture import ArchitectureSummary, inspect_model
 from mechvis.generation import Trace, generate
+from mechvis.interventions import AblationSweep, ablation_sweep, target_probability
 from mechvis.viz.views import rounded
 
 if TYPE_CHECKING:
@@ -80,6 +81,8 @@ class ReportData:
     attribution: LogitAttribution | None
     repetition: RepetitionResult | None
     projection: Projection
+    ablation: AblationSweep | None = None
+    ablation_target: str = ""
 
 
 def default_attention_layers(n_layers: int) -> list[int]:
@@ -97,6 +100,7 @@ def build_report_data(
     temperature: float = 0.0,
     seed: int | None = None,
     lens_positions: int = 16,
+    ablation: bool = False,
 ) -> ReportData:
     """Generate from `prompt` and run every analysis of the report on the trace."""
     attention_layers = check_layers(model, layers) if layers else default_attention_layers(model.cfg.n_layers)
@@ -137,8 +141,13 @@ def build_report_data(
                                       seq_rep_n(trace.generated_ids), probability, seed_score(model, trace).score, features)
     stages.update()
     stages.close()
+    sweep, target_label = None, ""
+    if ablation and trace.generated_ids:
+        last = trace.prompt_length + len(trace.generated_ids) - 1
+        target_label = repr(model.hf_tokenizer.decode([trace.generated_ids[-1]]))
+        sweep = ablation_sweep(model, run.tokens[: last + 1], target_probability(model, trace.generated_ids[-1], position=last - 1))
     return ReportData(inspect_model(model), prompt, chat, trace, attention_layers, signals, high, lens, entropy, rolled,
-                      norms, similarity, attribution, repetition, projection)
+                      norms, similarity, attribution, repetition, projection, sweep, target_label)
 
 
 def report_json(data: ReportData) -> dict:
@@ -180,7 +189,11 @@ def report_json(data: ReportData) -> dict:
         "attention_layers": data.attention_layers,
         "direct_logit_attribution": None,
         "repetition": None,
+        "ablation": None,
     }
+    if data.ablation is not None:
+        result["ablation"] = {"method": data.ablation.method, "target": data.ablation_target,
+                              "baseline": data.ablation.baseline, "effect": rounded(data.ablation.effect)}
     if data.attribution is not None:
         result["direct_logit_attribution"] = {
             "position": data.attribution.position,

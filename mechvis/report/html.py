@@ -13,6 +13,7 @@ import matplotlib.pyplot as plt
 from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 
+from mechvis.interventions import AblationSweep
 from mechvis.report.build import ReportData, report_json
 from mechvis.viz import figures
 from mechvis.viz.views import (
@@ -76,6 +77,19 @@ def _summary(data: ReportData) -> str:
         alarm = "no alarm" if rep.alarm is None else f"monitor alarm at generated token {rep.alarm}"
         lines.append(f"<p><b>Repetition</b>: {onset}; {alarm}; seq-rep-4 = {rep.seq_rep_4:.3f}.</p>")
     return "\n".join(lines)
+
+
+def ablation_section(sweep: AblationSweep, target_label: str, *, n_top: int = 10) -> str:
+    """Heatmap and table of the heads whose ablation moves P(target) most (HTML, escaped)."""
+    rows = "".join(
+        f"<tr><td>L{layer}H{head}</td><td>{effect:+.4f}</td></tr>" for layer, head, effect in sweep.top(n_top)
+    )
+    return (
+        f"<p>{html.escape(sweep.method)} ablation of each head on its own; baseline P({html.escape(target_label)}) = "
+        f"{sweep.baseline:.4f}.</p>"
+        + figure_html(figures.ablation_figure(sweep.effect, f"P({target_label})"), "effect of ablating each head")
+        + f"<table><tr><th>head</th><th>change in P({html.escape(target_label)})</th></tr>{rows}</table>"
+    )
 
 
 def _section(title: str, anchor: str, parts: list[str], note: str = "") -> str:
@@ -144,6 +158,8 @@ def render_report(data: ReportData, model) -> str:
         sections.append(_section("Repetition", "repetition", [
             figure_html(figures.repetition_figure(signals, rep.labels, generated_tokens), "repetition signals over the generated tokens"),
         ], "Signals of each generated token come from the state that produced it (causal)."))
+    if data.ablation is not None:
+        sections.append(_section("Head ablation", "ablation", [ablation_section(data.ablation, data.ablation_target)]))
     progress.update()
     document = "\n".join([
         "<!doctype html>",

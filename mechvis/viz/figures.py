@@ -233,3 +233,16 @@ def projection_figure(projection: Projection) -> Figure:
             axis.set_ylabel(f"PC2 ({ratio[1]:.0%} of variance)")
         figure.tight_layout()
     return figure
+
+
+def ablation_figure(effect: torch.Tensor, metric_label: str) -> Figure:
+    """Layer × head heatmap of an ablation sweep's effect on a metric (diverging around 0)."""
+    with _plain_text():
+        figure, axis = plt.subplots(figsize=(max(5, 0.45 * effect.shape[1] + 2), 0.22 * effect.shape[0] + 1.5))
+        limit = float(effect.abs().max()) or 1.0
+        image = axis.imshow(effect.numpy(), aspect="auto", cmap="RdBu_r", vmin=-limit, vmax=limit)
+        figure.colorbar(image, ax=axis, label=f"change in {metric_label} when the head is ablated")
+        axis.set_xlabel("head")
+        axis.set_ylabel("layer")
+        figure.tight_layout()
+    return figure
