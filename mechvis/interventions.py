@@ -203,6 +203,16 @@ def loss(tokens: Int[Tensor, " pos"]) -> Metric:
     ).mean(-1)
 
 
+def repetition_confidence(positions: Sequence[int]) -> Metric:
+    """Metric: mean top-1 probability over `positions` (e.g. a trace's generated positions − 1),
+    the repetition signal computable from logits alone: it rises in loops (held-out AUROC 0.77 in
+    the repetition evaluation)."""
+    chosen = list(positions)
+    if not chosen:
+        raise InvalidArgumentError("No positions for the repetition metric.")
+    return lambda logits: logits[:, chosen].float().softmax(-1).amax(-1).mean(-1)
+
+
 # --- the ablation sweep ----------------------------------------------------------------------
 
 REFERENCE_TEXTS = (

@@ -18,6 +18,7 @@ from mechvis.interventions import (
     logit_difference,
     loss,
     patch_activation,
+    repetition_confidence,
     steer_attention,
     steering_vector,
     target_probability,
@@ -78,6 +79,11 @@ def test_batched_sweep_equals_one_ablation_at_a_time(tiny):
             single = metric(model(tokens[None]))[0].item()
         assert sweep.effect[layer, head].item() == pytest.approx(single - sweep.baseline, abs=1e-5)
     assert sweep.top(1)[0][2] == pytest.approx(sweep.effect.abs().max().item() * (1 if sweep.top(1)[0][2] > 0 else -1))
+    confidence = repetition_confidence([3, 5, 7])
+    probabilities = mechvis.run(model, PROMPT).logits.softmax(-1)
+    assert confidence(mechvis.run(model, PROMPT).logits[None])[0].item() == pytest.approx(
+        probabilities[[3, 5, 7]].max(-1).values.mean().item(), abs=1e-6)
+    assert ablation_sweep(model, tokens, confidence).effect.shape == (3, 4)
     loss_sweep = ablation_sweep(model, tokens, loss(tokens), batch_size=16)
     reference_loss = torch.nn.functional.cross_entropy(mechvis.run(model, PROMPT).logits[:-1], tokens[1:]).item()
     assert loss_sweep.baseline == pytest.approx(reference_loss, abs=1e-5)
