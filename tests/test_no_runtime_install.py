@@ -49,3 +49,30 @@ def test_booting_a_tiny_llava_starts_no_pip(monkeypatch, tokenizer):
         pytest.fail(f"booting a tiny LLaVA failed: {type(error).__name__}: {error}")
     assert not [args for args in started if "pip" in str(args)]
     assert bridge.cfg.n_layers == 2
+
+
+def test_llava_logprobs_equal_hf_with_text_after_the_image(tokenizer):
+    """A first VLM check: LLaVA through the bridge, an image and text after it, no hub lookups."""
+    import copy
+
+    config = LlavaConfig(
+        vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                       num_attention_heads=2, image_size=32, patch_size=8),
+        text_config=LlamaConfig(vocab_size=49_152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256),
+        image_token_index=49_151,
+    )
+    torch.manual_seed(0)
+    model = LlavaForConditionalGeneration(config).eval()
+    model.config._attn_implementation = "eager"
+    reference = copy.deepcopy(model)
+    bridge = mechvis.load_model(model, tokenizer=tokenizer, device="cpu")
+    assert bridge.cfg.model_name == "<LlavaForConditionalGeneration object>"  # not a repo id: no hub lookups
+    tokens = torch.tensor([[1, 504, 3575] + [49_151] * 16 + [282, 4649, 314, 3575]])  # 16 patches, then text
+    pixels = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ours = bridge(tokens, pixel_values=pixels).log_softmax(-1)
+        theirs = reference(input_ids=tokens, pixel_values=pixels).logits.log_softmax(-1)
+    assert (ours - theirs).abs().max() <= 1e-4
+    _, cache = bridge.run_with_cache(tokens, pixel_values=pixels)
+    assert "vision_encoder.hook_vision_embed" in cache and cache["blocks.1.attn.hook_pattern"].shape[-1] == 23

@@ -137,7 +137,9 @@ def load_model(
             name.config.architectures = [type(name).__name__]  # as save_pretrained records it
         architecture_of(name.config)
         hf_model = name.to(device=resolved_device, dtype=resolved_dtype)
-        model_name = getattr(name.config, "_name_or_path", "") or type(name).__name__
+        # A model built from a config has no name; "<...>" is no hub repository id, so lookups of
+        # files by this name (transformer-lens looks for a processor) fail at once, offline or not.
+        model_name = getattr(name.config, "_name_or_path", "") or f"<{type(name).__name__} object>"
     elif name is None:
         directory = embedded_model_dir()
         tokenizer = tokenizer or AutoTokenizer.from_pretrained(directory)

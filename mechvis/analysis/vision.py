@@ -1,0 +1,252 @@
+"""Image-region attention metrics: where a query looks inside the image, how concentrated that is,
+and how heads differ (definitions in shared REFERENCES, "Image-region attention").
+
+For a query row with N image tokens, `image_mass` is always reported; every other metric is
+computed on q = a_img / m (the attention renormalised over the image tokens, visual sink tokens
+masked). Grids are row-major over the model's LLM image tokens (rows × cols after any merge).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from jaxtyping import Bool, Float, Int
+from torch import Tensor
+
+from mechvis.analysis._checks import activation, check_layers, check_positions
+from mechvis.analysis.attention import pattern_hook
+from mechvis.errors import InvalidArgumentError
+
+if TYPE_CHECKING:
+    from transformer_lens import ActivationCache
+    from transformer_lens.model_bridge import TransformerBridge
+
+
+@dataclass(frozen=True)
+class ImageGrid:
+    """Image tokens as a rows × cols grid: `positions[r * cols + c]` is the token position of cell
+    (r, c) (row-major)."""
+
+    rows: int
+    cols: int
+    positions: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        if self.rows < 1 or self.cols < 1 or len(self.positions) != self.rows * self.cols:
+            raise InvalidArgumentError(
+                f"An image grid of {self.rows} × {self.cols} needs {self.rows * self.cols} token positions; "
+                f"got {len(self.positions)}."
+            )
+
+    @property
+    def coordinates(self) -> Float[Tensor, "n 2"]:
+        """(row, col) of every cell, row-major."""
+        rows, cols = torch.meshgrid(torch.arange(self.rows), torch.arange(self.cols), indexing="ij")
+        return torch.stack([rows.flatten(), cols.flatten()], dim=-1).double()
+
+
+@dataclass
+class RegionMetrics:
+    """Concentration and location of attention maps q over the grid (leading dims of the input).
+
+    entropy in nats; normalised_entropy = entropy / log N; effective_number = exp(entropy);
+    gini normalised by its maximum (N − 1)/N (1 = one cell, 0 = uniform); k90 = fewest cells holding
+    90% of the mass; peak_to_mean = N · max q; centre = mass-weighted (row, col);
+    spatial_variance = mass-weighted squared distance to the centre (cells²).
+    """
+
+    entropy: Float[Tensor, "..."]
+    normalised_entropy: Float[Tensor, "..."]
+    effective_number: Float[Tensor, "..."]
+    gini: Float[Tensor, "..."]
+    k90: Int[Tensor, "..."]
+    k90_fraction: Float[Tensor, "..."]
+    peak_to_mean: Float[Tensor, "..."]
+    centre: Float[Tensor, "... 2"]
+    spatial_variance: Float[Tensor, "..."]
+
+
+def region_metrics(maps: Float[Tensor, "... n"], grid: ImageGrid, *, coverage: float = 0.9) -> RegionMetrics:
+    """Metrics of attention maps over the grid's cells; each map is renormalised to sum to 1."""
+    n = grid.rows * grid.cols
+    if maps.shape[-1] != n:
+        raise InvalidArgumentError(f"Maps have {maps.shape[-1]} cells; the grid has {n}.")
+    if not 0 < coverage <= 1:
+        raise InvalidArgumentError(f"coverage must be in (0, 1]; got {coverage}.")
+    q = maps.double().clamp_min(0)
+    total = q.sum(-1, keepdim=True)
+    if (total <= 0).any():
+        raise InvalidArgumentError("A map has no attention mass on the image; its distribution is undefined.")
+    q = q / total
+    entropy = torch.special.entr(q).sum(-1)
+    ascending = q.sort(dim=-1).values
+    ranks = torch.arange(1, n + 1, dtype=q.dtype)
+    gini = ((2 * ranks - n - 1) * ascending).sum(-1) / n
+    gini = gini / ((n - 1) / n) if n > 1 else torch.zeros_like(gini)
+    cumulative = ascending.flip(-1).cumsum(-1)
+    k90 = (cumulative < coverage - 1e-12).sum(-1) + 1
+    coordinates = grid.coordinates
+    centre = q @ coordinates
+    offsets = coordinates - centre[..., None, :]
+    variance = (q * offsets.pow(2).sum(-1)).sum(-1)
+    return RegionMetrics(
+        entropy=entropy.float(),
+        normalised_entropy=(entropy / math.log(n)).float() if n > 1 else torch.zeros_like(entropy).float(),
+        effective_number=entropy.exp().float(),
+        gini=gini.float(),
+        k90=k90,
+        k90_fraction=(k90.double() / n).float(),
+        peak_to_mean=(n * q.amax(-1)).float(),
+        centre=centre.float(),
+        spatial_variance=variance.float(),
+    )
+
+
+@dataclass
+class ImageAttention:
+    """Attention from query positions to the image, per layer × head × query: the image mass and
+    the region metrics of the attention renormalised over the image (sink cells masked)."""
+
+    layers: list[int]
+    query_positions: list[int]
+    grid: ImageGrid
+    image_mass: Float[Tensor, "layer head query"]
+    maps: Float[Tensor, "layer head query cell"]  # renormalised over the image, sinks zeroed
+    metrics: RegionMetrics
+
+    @property
+    def mass_per_layer(self) -> Float[Tensor, " layer"]:
+        """Mean image mass over heads and queries (the FastV view: high early, low late)."""
+        return self.image_mass.mean(dim=(1, 2))
+
+
+def image_attention(
+    cache: "ActivationCache",
+    model: "TransformerBridge",
+    grid: ImageGrid,
+    *,
+    query_positions: Sequence[int],
+    layers: Sequence[int] | None = None,
+    sink_cells: Sequence[int] = (),
+) -> ImageAttention:
+    """Attention of `query_positions` (e.g. the generated tokens) to the grid's image tokens."""
+    chosen = check_layers(model, layers)
+    first = activation(cache, pattern_hook(chosen[0]))
+    n_positions = first.shape[-1]
+    queries = check_positions(n_positions, query_positions)
+    check_positions(n_positions, grid.positions)
+    cells = torch.tensor(grid.positions)
+    keep = torch.ones(len(grid.positions), dtype=torch.bool)
+    for cell in sink_cells:
+        if not 0 <= cell < len(keep):
+            raise InvalidArgumentError(f"sink cell {cell} is outside the grid of {len(keep)} cells.")
+        keep[cell] = False
+    rows = torch.stack([activation(cache, pattern_hook(layer))[:, queries][..., cells].double() for layer in chosen])
+    mass = rows.sum(-1)
+    masked = rows * keep
+    maps = masked / masked.sum(-1, keepdim=True).clamp_min(1e-300)
+    return ImageAttention(chosen, queries, grid, mass.float(), maps.float(), region_metrics(masked, grid))
+
+
+@dataclass
+class Hotspot:
+    """A connected region of cells with more than `threshold_factor` times the uniform share."""
+
+    cells: list[int]
+    mass: float
+    centre: tuple[float, float]
+
+
+def hotspots(q: Float[Tensor, " cell"], grid: ImageGrid, *, threshold_factor: float = 3.0) -> list[Hotspot]:
+    """Cells with q > threshold_factor / N, grouped into 4-connected regions, largest mass first."""
+    n = grid.rows * grid.cols
+    if q.shape != (n,):
+        raise InvalidArgumentError(f"A map of {n} cells is needed; got shape {tuple(q.shape)}.")
+    q = q.double() / q.double().sum()
+    hot: Bool[Tensor, " cell"] = q > threshold_factor / n
+    seen: set[int] = set()
+    found = []
+    for start in torch.nonzero(hot).flatten().tolist():  # flood fill over the (small) set of hot cells
+        if start in seen:
+            continue
+        component, frontier = [], [start]
+        seen.add(start)
+        while frontier:
+            cell = frontier.pop()
+            component.append(cell)
+            row, col = divmod(cell, grid.cols)
+            for d_row, d_col in ((1, 0), (-1, 0), (0, 1), (0, -1)):
+                r, c = row + d_row, col + d_col
+                neighbour = r * grid.cols + c
+                if 0 <= r < grid.rows and 0 <= c < grid.cols and hot[neighbour] and neighbour not in seen:
+                    seen.add(neighbour)
+                    frontier.append(neighbour)
+        weights = q[component]
+        coordinates = grid.coordinates[component]
+        centre = (weights @ coordinates) / weights.sum()
+        found.append(Hotspot(sorted(component), float(weights.sum()), (float(centre[0]), float(centre[1]))))
+    return sorted(found, key=lambda spot: -spot.mass)
+
+
+def jensen_shannon_distance(p: Float[Tensor, "... n"], q: Float[Tensor, "... n"]) -> Float[Tensor, "..."]:
+    """√(JSD(p, q) / ln 2): a metric in [0, 1] between distributions."""
+    p = p.double() / p.double().sum(-1, keepdim=True)
+    q = q.double() / q.double().sum(-1, keepdim=True)
+    middle = (p + q) / 2
+    divergence = 0.5 * (torch.special.xlogy(p, p) - torch.special.xlogy(p, middle)).sum(-1) + 0.5 * (
+        torch.special.xlogy(q, q) - torch.special.xlogy(q, middle)
+    ).sum(-1)
+    return (divergence.clamp_min(0) / math.log(2)).sqrt().float()
+
+
+@dataclass
+class HeadClusters:
+    """Heads grouped by the Jensen–Shannon distance of their image maps."""
+
+    distance: Float[Tensor, "head head"]
+    labels: list[int]
+    silhouette: float  # mean silhouette on the same distance; NaN for a single cluster
+
+
+def cluster_heads(maps: Float[Tensor, "head cell"], *, n_clusters: int = 2) -> HeadClusters:
+    """Average-linkage agglomerative clustering of heads on the pairwise JS distance, with the
+    silhouette computed on that same distance."""
+    n = maps.shape[0]
+    if not 1 <= n_clusters <= n:
+        raise InvalidArgumentError(f"n_clusters must be between 1 and the number of heads ({n}); got {n_clusters}.")
+    distance = jensen_shannon_distance(maps[:, None, :], maps[None, :, :]).double()
+    clusters = [[i] for i in range(n)]
+    while len(clusters) > n_clusters:  # merge the closest pair (average linkage)
+        best = min(
+            ((a, b) for a in range(len(clusters)) for b in range(a + 1, len(clusters))),
+            key=lambda pair: distance[clusters[pair[0]]][:, clusters[pair[1]]].mean().item(),
+        )
+        clusters[best[0]] += clusters.pop(best[1])
+    labels = [0] * n
+    for label, members in enumerate(clusters):
+        for member in members:
+            labels[member] = label
+    return HeadClusters(distance.float(), labels, silhouette(distance, labels))
+
+
+def silhouette(distance: Float[Tensor, "n n"], labels: Sequence[int]) -> float:
+    """Mean silhouette (b − a) / max(a, b) over points, from a precomputed distance matrix; a point
+    alone in its cluster scores 0; NaN with fewer than two clusters."""
+    labels_t = torch.tensor(labels)
+    groups = labels_t.unique()
+    if len(groups) < 2:
+        return float("nan")
+    scores = []
+    for i in range(len(labels)):
+        own = (labels_t == labels_t[i]) & (torch.arange(len(labels)) != i)
+        if not own.any():
+            scores.append(0.0)
+            continue
+        a = distance[i, own].mean().item()
+        b = min(distance[i, labels_t == g].mean().item() for g in groups if g != labels_t[i])
+        scores.append((b - a) / max(a, b) if max(a, b) > 0 else 0.0)
+    return sum(scores) / len(scores)
