@@ -7,6 +7,7 @@ chat template with the generation prompt appended.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Union
@@ -30,7 +31,7 @@ CHAT_ROLES = ("system", "user", "assistant")
 class Span:
     """Token positions `start <= p < stop` of one part of the input.
 
-    `kind` is one of: "bos", "text" (completion prompt), "system", "user", "assistant"
+    `kind` is one of: "bos", "image" (image tokens), "text" (completion prompt), "system", "user", "assistant"
     (a chat message's content), "template" (chat-template markup), "special" (other special
     tokens the tokenizer added), "generated".
     """
@@ -48,6 +49,30 @@ class Span:
 
 
 @dataclass(frozen=True)
+class ImageGrid:
+    """Image tokens as a rows × cols grid: `positions[r * cols + c]` is the token position of cell
+    (r, c) (row-major, in LLM tokens after any patch merge of `merge_size` × `merge_size`)."""
+
+    rows: int
+    cols: int
+    positions: tuple[int, ...]
+    merge_size: int = 1
+
+    def __post_init__(self) -> None:
+        if self.rows < 1 or self.cols < 1 or len(self.positions) != self.rows * self.cols:
+            raise InvalidArgumentError(
+                f"An image grid of {self.rows} × {self.cols} needs {self.rows * self.cols} token positions; "
+                f"got {len(self.positions)}."
+            )
+
+    @property
+    def coordinates(self) -> "Tensor":
+        """(row, col) of every cell, row-major, as float64."""
+        rows, cols = torch.meshgrid(torch.arange(self.rows), torch.arange(self.cols), indexing="ij")
+        return torch.stack([rows.flatten(), cols.flatten()], dim=-1).double()
+
+
+@dataclass(frozen=True)
 class Segments:
     """The parts of a token sequence, in order, covering every position exactly once.
 
@@ -57,6 +82,7 @@ class Segments:
 
     spans: tuple[Span, ...]
     sink_positions: tuple[int, ...]
+    image_grid: ImageGrid | None = None
 
     def of_kind(self, kind: str) -> tuple[Span, ...]:
         return tuple(span for span in self.spans if span.kind == kind)
@@ -200,6 +226,92 @@ def encode(
     return Encoded(text, token_ids, offsets, Segments(_merge_spans(kinds), (0,)))
 
 
+def load_image(image: object) -> "PIL.Image.Image":
+    """An RGB PIL image from a PIL image, an (H, W, 3) array (uint8, or floats in [0, 1]) or a path."""
+    import numpy as np
+    from PIL import Image, UnidentifiedImageError
+
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    if isinstance(image, np.ndarray):
+        if image.ndim != 3 or image.shape[-1] not in (3, 4):
+            raise InvalidArgumentError(f"An image array must be (height, width, 3); got shape {image.shape}.")
+        pixels = image if image.dtype == np.uint8 else (np.clip(image, 0, 1) * 255).astype(np.uint8)
+        return Image.fromarray(pixels[..., :3])
+    if isinstance(image, (str, os.PathLike)):
+        try:
+            with Image.open(image) as opened:
+                return opened.convert("RGB")
+        except (OSError, UnidentifiedImageError) as error:
+            raise InvalidArgumentError(f"Could not read the image {os.fspath(image)!r}: {error}. Pass a PNG/JPEG file, a PIL image or an array.") from error
+    raise InvalidArgumentError(f"An image is a PIL image, an (H, W, 3) array or a file path; got {type(image).__name__}.")
+
+
+def _image_grid(model: "TransformerBridge", positions: list[int], extra: dict) -> ImageGrid:
+    """The LLM token grid of one image: Qwen-VL's (t, h, w) patch grid merged by the merge size,
+    else a square grid of the image tokens (LLaVA: one token per vision patch)."""
+    if "image_grid_thw" in extra:
+        merge = getattr(getattr(model.original_model.config, "vision_config", None), "spatial_merge_size", 2)
+        _, height, width = (int(v) for v in extra["image_grid_thw"][0])
+        return ImageGrid(height // merge, width // merge, tuple(positions), merge)
+    side = int(round(len(positions) ** 0.5))
+    if side * side != len(positions):
+        raise InvalidArgumentError(f"{len(positions)} image tokens do not form a square grid; this model's layout is not supported yet.")
+    return ImageGrid(side, side, tuple(positions))
+
+
+def encode_with_image(model: "TransformerBridge", prompt: Prompt, image: object, *, chat: bool = False) -> tuple[Encoded, dict]:
+    """Tokenise `prompt` with one image through the model's processor. Returns the encoding (its
+    segments hold the image span and grid) and the extra forward inputs (pixel_values, ...)."""
+    if not getattr(model.cfg, "is_multimodal", False):
+        raise InvalidArgumentError(f"{model.cfg.model_name} is a text-only model; it takes no image. Drop image=.")
+    processor = getattr(model, "processor", None)
+    if processor is None:
+        raise InvalidArgumentError("This vision-language model has no processor; pass processor= to load_model.")
+    picture = load_image(image)
+    placeholder = processor.image_token
+    if chat:
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+        messages = [dict(m) for m in _validate_messages(messages)]
+        first_user = next(i for i, m in enumerate(messages) if m["role"] == "user")
+        messages[first_user]["content"] = [{"type": "image"}, {"type": "text", "text": messages[first_user]["content"]}]
+        for m in messages:
+            if isinstance(m["content"], str):
+                m["content"] = [{"type": "text", "text": m["content"]}]
+        try:
+            text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        except Exception as error:  # noqa: BLE001 - templates fail in many ways
+            raise InvalidArgumentError(
+                f"The processor's chat template does not take images ({error}); use chat=False with "
+                f"{placeholder!r} in the prompt."
+            ) from error
+    else:
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise InvalidArgumentError("The prompt is empty; give the model some text.")
+        text = prompt if placeholder in prompt else f"{placeholder}\n{prompt}"
+    if text.count(placeholder) != 1:
+        raise InvalidArgumentError(f"The prompt must hold exactly one {placeholder!r} for the one image.")
+    inputs = processor(text=text, images=picture, return_tensors="pt")
+    token_ids = inputs["input_ids"][0].tolist()
+    extra = {key: value for key, value in inputs.items() if key not in ("input_ids", "attention_mask")}
+    image_id = processor.image_token_id
+    image_positions = [p for p, t in enumerate(token_ids) if t == image_id]
+    pieces = str_tokens_of(model, token_ids)
+    offsets, cursor = [], 0
+    for piece in pieces:
+        offsets.append((cursor, cursor + len(piece)))
+        cursor += len(piece)
+    rendered = "".join(pieces)
+    kinds = ["image" if t == image_id else ("template" if chat else "text") for t in token_ids]
+    if token_ids and token_ids[0] == model.hf_tokenizer.bos_token_id:
+        kinds[0] = "bos"
+    if len(token_ids) > model.cfg.n_ctx:
+        raise InvalidArgumentError(f"Prompt and image are {len(token_ids)} tokens; this model's context holds {model.cfg.n_ctx}.")
+    grid = _image_grid(model, image_positions, extra)
+    segments = Segments(_merge_spans(kinds), (0,), grid)
+    return Encoded(rendered, token_ids, offsets, segments), extra
+
+
 def str_tokens_of(model: "TransformerBridge", token_ids: Sequence[int]) -> list[str]:
     """Each token decoded on its own (the text a person reads, e.g. ' Paris')."""
     return model.hf_tokenizer.batch_decode([[token] for token in token_ids])
@@ -210,21 +322,36 @@ def run(
     prompt: Prompt,
     *,
     chat: bool = False,
+    image: object | None = None,
     prepend_bos: bool | None = None,
     names_filter: Callable[[str], bool] | Sequence[str] | str | None = None,
 ) -> Run:
-    """Run the model once over `prompt` and cache its activations.
+    """Run the model once over `prompt` (and `image`) and cache its activations.
 
     Args:
         prompt, chat, prepend_bos: as in `encode`.
+        image: for a vision-language model, a PIL image, an (H, W, 3) array or a file path; the
+            model's processor places it (completion prompts may hold its placeholder, e.g.
+            "<image>", else it goes first). The run's segments then hold an "image" span and
+            `image_grid`.
         names_filter: which hooks to cache (transformer-lens `names_filter`); None caches all.
             Attention patterns cost layers × heads × pos² floats: filter for long prompts.
     """
-    encoded = encode(model, prompt, chat=chat, prepend_bos=prepend_bos)
+    extra: dict = {}
+    if image is not None:
+        encoded, extra = encode_with_image(model, prompt, image, chat=chat)
+    else:
+        processor = getattr(model, "processor", None)
+        placeholder = getattr(processor, "image_token", None)
+        texts = [prompt] if isinstance(prompt, str) else [m.get("content", "") for m in prompt if isinstance(m, dict)]
+        if placeholder and any(isinstance(t, str) and placeholder in t for t in texts):
+            raise InvalidArgumentError(f"The prompt holds the image placeholder {placeholder!r} but no image was given; pass image=.")
+        encoded = encode(model, prompt, chat=chat, prepend_bos=prepend_bos)
     device = model.cfg.device
     tokens = torch.tensor(encoded.token_ids, dtype=torch.long, device=device)
+    extra = {key: value.to(device) if hasattr(value, "to") else value for key, value in extra.items()}
     with torch.no_grad():
-        logits, cache = model.run_with_cache(tokens[None], names_filter=names_filter)
+        logits, cache = model.run_with_cache(tokens[None], names_filter=names_filter, **extra)
     return Run(
         text=encoded.text,
         tokens=tokens,

@@ -20,33 +20,11 @@ from torch import Tensor
 from mechvis.analysis._checks import activation, check_layers, check_positions
 from mechvis.analysis.attention import pattern_hook
 from mechvis.errors import InvalidArgumentError
+from mechvis.running import ImageGrid
 
 if TYPE_CHECKING:
     from transformer_lens import ActivationCache
     from transformer_lens.model_bridge import TransformerBridge
-
-
-@dataclass(frozen=True)
-class ImageGrid:
-    """Image tokens as a rows × cols grid: `positions[r * cols + c]` is the token position of cell
-    (r, c) (row-major)."""
-
-    rows: int
-    cols: int
-    positions: tuple[int, ...]
-
-    def __post_init__(self) -> None:
-        if self.rows < 1 or self.cols < 1 or len(self.positions) != self.rows * self.cols:
-            raise InvalidArgumentError(
-                f"An image grid of {self.rows} × {self.cols} needs {self.rows * self.cols} token positions; "
-                f"got {len(self.positions)}."
-            )
-
-    @property
-    def coordinates(self) -> Float[Tensor, "n 2"]:
-        """(row, col) of every cell, row-major."""
-        rows, cols = torch.meshgrid(torch.arange(self.rows), torch.arange(self.cols), indexing="ij")
-        return torch.stack([rows.flatten(), cols.flatten()], dim=-1).double()
 
 
 @dataclass

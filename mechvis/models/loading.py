@@ -105,6 +105,7 @@ def load_model(
     name: "str | os.PathLike[str] | PreTrainedModel | None" = None,
     *,
     tokenizer: "PreTrainedTokenizerBase | None" = None,
+    processor: object | None = None,
     device: torch.device | str | None = None,
     dtype: torch.dtype | str = torch.float32,
 ) -> "TransformerBridge":
@@ -115,6 +116,8 @@ def load_model(
             model directory; or an HF model object (then `tokenizer` is required). A model object
             is wrapped in place: the bridge re-expresses its weights (see module docstring).
         tokenizer: the tokenizer for a model object; optional otherwise.
+        processor: a vision-language model's processor (images → pixel values and image tokens),
+            needed for a model object; loaded with the model for hub names and directories.
         device: 'cpu', 'cuda', ...; None picks CUDA when available, else the CPU.
         dtype: floating-point dtype of the weights (a model object is cast to it).
 
@@ -168,4 +171,6 @@ def load_model(
     # transformer-lens keeps a BOS-prepending copy as `bridge.tokenizer`; mechvis tokenises
     # with the model's own tokenizer so that inputs match the model's HF pipeline.
     bridge.hf_tokenizer = tokenizer
+    if processor is not None:
+        bridge.processor = processor
     return bridge

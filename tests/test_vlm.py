@@ -1,0 +1,112 @@
+"""Vision-language models: LLaVA through the bridge, run with an image, image-region metrics."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import (
+    AutoTokenizer,
+    CLIPImageProcessor,
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+)
+
+import mechvis
+from mechvis.analysis.vision import image_attention
+from mechvis.errors import InvalidArgumentError
+
+VLM_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% for part in m['content'] %}"
+    "{% if part['type'] == 'image' %}<image>{% else %}{{ part['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+@pytest.fixture(scope="module")
+def tiny_llava(tokenizer_dir):
+    """A tiny random LLaVA (CLIP 32×32 px, 8 px patches → 4×4 image tokens), its processor, and
+    an untouched HF copy."""
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    image_token = tokenizer.convert_tokens_to_ids("<image>")
+    config = LlavaConfig(
+        vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                       num_attention_heads=2, image_size=32, patch_size=8),
+        text_config=LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256),
+        image_token_index=image_token,
+    )
+    torch.manual_seed(0)
+    model = LlavaForConditionalGeneration(config).eval()
+    model.config._attn_implementation = "eager"
+    reference = copy.deepcopy(model)
+    processor = LlavaProcessor(
+        image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
+        tokenizer=tokenizer, patch_size=8, vision_feature_select_strategy="default", image_token="<image>",
+        num_additional_image_tokens=1, chat_template=VLM_CHAT_TEMPLATE,
+    )
+    bridge = mechvis.load_model(model, tokenizer=tokenizer, processor=processor, device="cpu")
+    return bridge, reference, processor
+
+
+def _picture(seed=0):
+    return Image.fromarray((np.random.default_rng(seed).random((40, 48, 3)) * 255).astype("uint8"))
+
+
+def test_run_with_an_image_matches_hf(tiny_llava, tmp_path):
+    bridge, reference, processor = tiny_llava
+    picture = _picture()
+    result = mechvis.run(bridge, "What is in the picture? Describe it.", image=picture)
+    inputs = processor(text="<image>\nWhat is in the picture? Describe it.", images=picture, return_tensors="pt")
+    assert result.tokens.tolist() == inputs["input_ids"][0].tolist()
+    with torch.no_grad():
+        expected = reference(**inputs).logits[0].log_softmax(-1)
+    assert (result.logits.log_softmax(-1) - expected).abs().max() <= 1e-4  # text after the image included
+    image_span = result.segments.of_kind("image")
+    assert len(image_span) == 1 and len(image_span[0]) == 16
+    grid = result.segments.image_grid
+    assert (grid.rows, grid.cols) == (4, 4) and list(grid.positions) == list(image_span[0].positions)
+    path = tmp_path / "picture.png"
+    picture.save(path)
+    from_path = mechvis.run(bridge, "What is in the picture? Describe it.", image=path)
+    from_array = mechvis.run(bridge, "What is in the picture? Describe it.", image=np.asarray(picture))
+    torch.testing.assert_close(from_path.logits, result.logits)
+    torch.testing.assert_close(from_array.logits, result.logits)
+
+
+def test_chat_with_an_image_and_image_metrics(tiny_llava):
+    bridge, _, _ = tiny_llava
+    result = mechvis.run(bridge, "Where is the red square?", image=_picture(1), chat=True)
+    assert result.text.startswith("<|im_start|>user") and result.segments.image_grid is not None
+    grid = result.segments.image_grid
+    last = len(result.tokens) - 1
+    attention = image_attention(result.cache, bridge, grid, query_positions=[last - 1, last])
+    assert attention.image_mass.shape == (2, 4, 2) and (attention.image_mass > 0).all()
+    torch.testing.assert_close(attention.maps.sum(-1), torch.ones(2, 4, 2))
+    assert "vision_encoder.hook_vision_embed" in result.cache
+
+
+def test_image_errors(tiny_llava, tiny, tmp_path):
+    bridge, _, _ = tiny_llava
+    text_only, _ = tiny("llama")
+    with pytest.raises(InvalidArgumentError, match="text-only"):
+        mechvis.run(text_only, "Describe", image=_picture())
+    with pytest.raises(InvalidArgumentError, match="no image was given"):
+        mechvis.run(bridge, "<image>\nDescribe it")
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not an image at all")
+    with pytest.raises(InvalidArgumentError, match="Could not read the image"):
+        mechvis.run(bridge, "Describe", image=broken)
+    with pytest.raises(InvalidArgumentError, match="Could not read the image"):
+        mechvis.run(bridge, "Describe", image=tmp_path / "missing.png")
+    with pytest.raises(InvalidArgumentError, match="height, width, 3"):
+        mechvis.run(bridge, "Describe", image=np.zeros((4, 4)))
+    with pytest.raises(InvalidArgumentError, match="exactly one"):
+        mechvis.run(bridge, "<image> and <image>", image=_picture())
