@@ -82,7 +82,7 @@ class Segments:
 
     spans: tuple[Span, ...]
     sink_positions: tuple[int, ...]
-    image_grid: ImageGrid | None = None
+    image_grid: ImageGrid | None = None  # None without an image, or for a layout not mapped yet
 
     def of_kind(self, kind: str) -> tuple[Span, ...]:
         return tuple(span for span in self.spans if span.kind == kind)
@@ -247,16 +247,17 @@ def load_image(image: object) -> "PIL.Image.Image":
     raise InvalidArgumentError(f"An image is a PIL image, an (H, W, 3) array or a file path; got {type(image).__name__}.")
 
 
-def _image_grid(model: "TransformerBridge", positions: list[int], extra: dict) -> ImageGrid:
-    """The LLM token grid of one image: Qwen-VL's (t, h, w) patch grid merged by the merge size,
-    else a square grid of the image tokens (LLaVA: one token per vision patch)."""
+def _image_grid(model: "TransformerBridge", positions: list[int], extra: dict) -> ImageGrid | None:
+    """The LLM token grid of one image: Qwen-VL's (t, h, w) patch grid merged by the merge size;
+    LLaVA's square grid of one token per vision patch; None for layouts not mapped yet (e.g.
+    LLaVA-OneVision's base image plus tiles and row-end tokens)."""
     if "image_grid_thw" in extra:
         merge = getattr(getattr(model.original_model.config, "vision_config", None), "spatial_merge_size", 2)
         _, height, width = (int(v) for v in extra["image_grid_thw"][0])
         return ImageGrid(height // merge, width // merge, tuple(positions), merge)
     side = int(round(len(positions) ** 0.5))
-    if side * side != len(positions):
-        raise InvalidArgumentError(f"{len(positions)} image tokens do not form a square grid; this model's layout is not supported yet.")
+    if side * side != len(positions) or "image_sizes" in extra:
+        return None
     return ImageGrid(side, side, tuple(positions))
 
 

@@ -110,3 +110,108 @@ def test_image_errors(tiny_llava, tiny, tmp_path):
         mechvis.run(bridge, "Describe", image=np.zeros((4, 4)))
     with pytest.raises(InvalidArgumentError, match="exactly one"):
         mechvis.run(bridge, "<image> and <image>", image=_picture())
+
+
+def _qwen_vl(kind: str):
+    """A tiny random Qwen2-VL or Qwen2.5-VL and inputs: one image of 4 × 6 patches (merged 2 × 2
+    into 2 × 3 = 6 LLM tokens) followed by text, so wrong mRoPE positions would show."""
+    from transformers import (
+        Qwen2_5_VLConfig,
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen2VLConfig,
+        Qwen2VLForConditionalGeneration,
+    )
+
+    text = dict(vocab_size=49_160, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=512, rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]})
+    tokens = dict(image_token_id=49_155, video_token_id=49_156, vision_start_token_id=49_153, vision_end_token_id=49_154)
+    if kind == "qwen2_vl":
+        vision = dict(depth=2, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2, patch_size=14, spatial_merge_size=2, temporal_patch_size=2)
+        config, model_class = Qwen2VLConfig(text_config=text, vision_config=vision, **tokens), Qwen2VLForConditionalGeneration
+    else:
+        vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=14,
+                      spatial_merge_size=2, temporal_patch_size=2, fullatt_block_indexes=[1], window_size=56)
+        config, model_class = Qwen2_5_VLConfig(text_config=text, vision_config=vision, **tokens), Qwen2_5_VLForConditionalGeneration
+    torch.manual_seed(0)
+    model = model_class(config).eval()
+    model.config._attn_implementation = "eager"
+    ids = torch.tensor([[1, 504, 49_153] + [49_155] * 6 + [49_154, 282, 4649, 314, 3575, 700]])
+    inputs = dict(
+        pixel_values=torch.randn(24, 3 * 2 * 14 * 14, generator=torch.Generator().manual_seed(1)),
+        image_grid_thw=torch.tensor([[1, 4, 6]]),
+        mm_token_type_ids=(ids == 49_155).int(),
+    )
+    return model, ids, inputs
+
+
+@pytest.mark.parametrize("kind", ["qwen2_vl", "qwen2_5_vl"])
+def test_qwen_vl_logprobs_equal_hf_with_text_after_the_image(kind, tokenizer):
+    model, ids, inputs = _qwen_vl(kind)
+    reference = copy.deepcopy(model)
+    bridge = mechvis.load_model(model, tokenizer=tokenizer, device="cpu")
+    with torch.no_grad():
+        ours = bridge(ids, **inputs).log_softmax(-1)
+        theirs = reference(input_ids=ids, **inputs).logits.log_softmax(-1)
+        # The check has teeth: plain 1-D positions (a naive shim) move the text after the image.
+        naive = reference(input_ids=ids, position_ids=torch.arange(ids.shape[1])[None].expand(3, 1, -1), **inputs).logits
+    assert (ours - theirs).abs().max() <= 1e-4
+    assert (naive.log_softmax(-1) - theirs).abs().max() > 1e-3
+    _, cache = bridge.run_with_cache(ids, **inputs)
+    assert "vision_encoder.hook_vision_embed" in cache and cache["blocks.1.attn.hook_pattern"].shape[-1] == ids.shape[1]
+    if kind == "qwen2_vl":
+        assert type(bridge.adapter).__name__ == "Qwen2VLShimAdapter"
+
+
+def test_unsupported_vlm_architecture(tokenizer):
+    from transformers import PaliGemmaConfig
+
+    from mechvis.errors import UnsupportedArchitectureError
+    from mechvis.models import architecture_of
+
+    config = PaliGemmaConfig()
+    config.architectures = ["PaliGemmaForConditionalGeneration"]
+    with pytest.raises(UnsupportedArchitectureError, match="Qwen2VLForConditionalGeneration"):
+        architecture_of(config)
+
+
+def test_llava_onevision_through_the_bridge(tokenizer_dir):
+    from transformers import (
+        LlavaOnevisionConfig,
+        LlavaOnevisionForConditionalGeneration,
+        LlavaOnevisionImageProcessor,
+        LlavaOnevisionProcessor,
+        LlavaOnevisionVideoProcessor,
+        Qwen2Config,
+        SiglipVisionConfig,
+    )
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>", "<video>"]})
+    image_id = tokenizer.convert_tokens_to_ids("<image>")
+    pinpoints = [[28, 28], [28, 56], [56, 28], [56, 56]]
+    config = LlavaOnevisionConfig(
+        vision_config=SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                         image_size=28, patch_size=14),
+        text_config=Qwen2Config(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512),
+        image_token_index=image_id, video_token_index=image_id + 1, image_grid_pinpoints=pinpoints,
+        vision_aspect_ratio="anyres_max_1",
+    )
+    torch.manual_seed(0)
+    model = LlavaOnevisionForConditionalGeneration(config).eval()
+    model.config._attn_implementation = "eager"
+    reference = copy.deepcopy(model)
+    processor = LlavaOnevisionProcessor(
+        image_processor=LlavaOnevisionImageProcessor(size={"height": 28, "width": 28}, image_grid_pinpoints=pinpoints, do_pad=True),
+        tokenizer=tokenizer, video_processor=LlavaOnevisionVideoProcessor(), num_image_tokens=4,
+        vision_feature_select_strategy="full", image_token="<image>", video_token="<video>", vision_aspect_ratio="anyres_max_1",
+    )
+    bridge = mechvis.load_model(model, tokenizer=tokenizer, processor=processor, device="cpu")
+    picture = _picture(2)
+    result = mechvis.run(bridge, "What is this? Tell me.", image=picture)
+    inputs = processor(text="<image>\nWhat is this? Tell me.", images=picture, return_tensors="pt")
+    with torch.no_grad():
+        expected = reference(**inputs).logits[0].log_softmax(-1)
+    assert (result.logits.log_softmax(-1) - expected).abs().max() <= 1e-4
+    assert len(result.segments.positions("image")) == int((inputs["input_ids"] == image_id).sum())
+    assert result.segments.image_grid is None  # base image + tiles + row ends: not a plain grid (yet)

@@ -22,9 +22,13 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 def supported_architectures() -> list[str]:
-    """HF architecture class names transformer-lens can wrap, sorted."""
+    """HF architecture class names mechvis can hook: transformer-lens' adapters and mechvis's
+    Qwen2-VL shim, sorted."""
     from transformer_lens.factories.architecture_adapter_factory import SUPPORTED_ARCHITECTURES
 
+    from mechvis.models.qwen2_vl import register
+
+    register()
     return sorted(SUPPORTED_ARCHITECTURES)
 
 
