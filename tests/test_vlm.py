@@ -215,3 +215,44 @@ def test_llava_onevision_through_the_bridge(tokenizer_dir):
     assert (result.logits.log_softmax(-1) - expected).abs().max() <= 1e-4
     assert len(result.segments.positions("image")) == int((inputs["input_ids"] == image_id).sum())
     assert result.segments.image_grid is None  # base image + tiles + row ends: not a plain grid (yet)
+
+
+def test_logit_lens_at_image_tokens_matches_hf(tiny_llava):
+    from mechvis.analysis import logit_lens
+
+    bridge, reference, processor = tiny_llava
+    picture = _picture(3)
+    result = mechvis.run(bridge, "Describe the picture.", image=picture)
+    image_positions = result.segments.positions("image")
+    lens = logit_lens(result.cache, bridge, positions=image_positions + [len(result.tokens) - 1])
+    inputs = processor(text="<image>\nDescribe the picture.", images=picture, return_tensors="pt")
+    with torch.no_grad():
+        output = reference(**inputs, output_hidden_states=True)
+        language = reference.model.language_model
+        rows = [reference.lm_head(language.norm(hidden))[0] for hidden in output.hidden_states[:-1]] + [output.logits[0]]
+    expected = torch.stack(rows)[:, lens.positions].double().log_softmax(-1)
+    entropy = -(expected.exp() * expected).sum(-1)
+    torch.testing.assert_close(lens.entropy.double(), entropy, atol=1e-4, rtol=0)
+    torch.testing.assert_close(lens.max_probs.double(), expected.exp().amax(-1), atol=1e-4, rtol=0)
+
+
+def test_vision_rollout_matches_numpy_on_hf_attentions(tiny_llava):
+    from mechvis.analysis.vision import vision_rollout
+    from tests.reference import rollout_loop
+
+    bridge, reference, processor = tiny_llava
+    picture = _picture(4)
+    result = mechvis.run(bridge, "Where is it?", image=picture)
+    grid = result.segments.image_grid
+    queries = [len(result.tokens) - 2, len(result.tokens) - 1]
+    rolled = vision_rollout(result.cache, bridge, grid, query_positions=queries)
+    inputs = processor(text="<image>\nWhere is it?", images=picture, return_tensors="pt")
+    with torch.no_grad():
+        language = torch.stack(reference(**inputs, output_attentions=True).attentions)[:, 0].double().numpy()
+        vision = reference.model.vision_tower(inputs["pixel_values"], output_attentions=True).attentions
+    vision = torch.stack(vision)[:, 0].double().numpy()
+    assert reference.config.vision_feature_layer == -2 and rolled.vision_layers == [0]  # 2 layers: the penultimate is layer 0
+    text_part = rollout_loop(language)[queries][:, list(grid.positions)]
+    combined = (text_part @ rollout_loop(vision[:1])[1:])[:, 1:]  # image token i ↔ vision position i + 1; CLS dropped
+    np.testing.assert_allclose(rolled.maps.numpy(), combined / combined.sum(-1, keepdims=True), atol=1e-5)
+    np.testing.assert_allclose(rolled.image_mass.numpy(), text_part.sum(-1), atol=1e-5)

@@ -143,6 +143,25 @@ class Rollout:
     span_mass: Float[Tensor, " query"] | None = None
 
 
+def rollout_matrix(
+    patterns: Float[Tensor, "layer head query key"], head_fusion: str = "mean", residual_weight: float = 0.5
+) -> Float[Tensor, "query key"]:
+    """R = Â_L ⋯ Â_1 with Â_ℓ = (1 − w)·fuse_h(A_ℓ) + w·I, rows renormalised (float64)."""
+    if head_fusion not in ("mean", "max", "min"):
+        raise InvalidArgumentError(f"head_fusion must be 'mean', 'max' or 'min'; got {head_fusion!r}.")
+    if not 0.0 <= residual_weight <= 1.0:
+        raise InvalidArgumentError(f"residual_weight must be in [0, 1]; got {residual_weight}.")
+    patterns = patterns.double()
+    fused = {"mean": patterns.mean(1), "max": patterns.amax(1), "min": patterns.amin(1)}[head_fusion]
+    identity = torch.eye(fused.shape[-1], dtype=fused.dtype, device=fused.device)
+    augmented = (1.0 - residual_weight) * fused + residual_weight * identity
+    augmented = augmented / augmented.sum(dim=-1, keepdim=True)
+    result = identity
+    for layer_matrix in augmented:  # R ← Â_ℓ R, a product over layers (not over tokens or heads)
+        result = layer_matrix @ result
+    return result
+
+
 def rollout(
     cache: "ActivationCache",
     model: "TransformerBridge",
@@ -161,19 +180,8 @@ def rollout(
         key_span: keep only these key columns, rows renormalised over them (`span_mass` holds
             the mass the span had before).
     """
-    if head_fusion not in ("mean", "max", "min"):
-        raise InvalidArgumentError(f"head_fusion must be 'mean', 'max' or 'min'; got {head_fusion!r}.")
-    if not 0.0 <= residual_weight <= 1.0:
-        raise InvalidArgumentError(f"residual_weight must be in [0, 1]; got {residual_weight}.")
     chosen = check_layers(model, layers)
-    patterns = attention_patterns(cache, model, chosen).double()
-    fused = {"mean": patterns.mean(1), "max": patterns.amax(1), "min": patterns.amin(1)}[head_fusion]
-    identity = torch.eye(fused.shape[-1], dtype=fused.dtype, device=fused.device)
-    augmented = (1.0 - residual_weight) * fused + residual_weight * identity
-    augmented = augmented / augmented.sum(dim=-1, keepdim=True)
-    result = identity
-    for layer_matrix in augmented:  # R ← Â_ℓ R, a product over layers (not over tokens or heads)
-        result = layer_matrix @ result
+    result = rollout_matrix(attention_patterns(cache, model, chosen), head_fusion, residual_weight)
     span_mass = None
     if key_span is not None:
         if not 0 <= key_span.start < key_span.stop <= result.shape[-1]:

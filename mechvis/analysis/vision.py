@@ -228,3 +228,62 @@ def silhouette(distance: Float[Tensor, "n n"], labels: Sequence[int]) -> float:
         b = min(distance[i, labels_t == g].mean().item() for g in groups if g != labels_t[i])
         scores.append((b - a) / max(a, b) if max(a, b) > 0 else 0.0)
     return sum(scores) / len(scores)
+
+
+@dataclass
+class VisionRollout:
+    """Rollout from query positions through the language model into the image block, then through
+    the vision encoder (up to the layer the projector reads) onto the image patches.
+
+    `maps[q]` sums to 1 over the patches of `grid`; `image_mass[q]` is the share of the query's
+    language-model rollout that lands on the image block.
+    """
+
+    query_positions: list[int]
+    grid: ImageGrid
+    maps: Float[Tensor, "query cell"]
+    image_mass: Float[Tensor, " query"]
+    vision_layers: list[int]
+
+
+def vision_rollout(
+    cache: "ActivationCache",
+    model: "TransformerBridge",
+    grid: ImageGrid,
+    *,
+    query_positions: Sequence[int],
+    head_fusion: str = "mean",
+    residual_weight: float = 0.5,
+) -> VisionRollout:
+    """Rollout for LLaVA-style models (one image token per vision patch): the language model's
+    rollout restricted to the image tokens, times the vision encoder's rollout over the layers
+    the projector sees (LLaVA reads the penultimate layer, `vision_feature_layer = -2`), with the
+    projector's "default" feature selection (CLS dropped)."""
+    from mechvis.analysis.attention import attention_patterns, rollout_matrix
+
+    config = model.original_model.config
+    vision_config = getattr(config, "vision_config", None)
+    feature_layer = getattr(config, "vision_feature_layer", None)
+    strategy = getattr(config, "vision_feature_select_strategy", "default")
+    if vision_config is None or not isinstance(feature_layer, int) or grid.merge_size != 1 or strategy != "default":
+        raise InvalidArgumentError(
+            "vision_rollout maps LLaVA-style encoders (one image token per patch, a single "
+            "vision_feature_layer); this model's layout (e.g. Qwen-VL's 2 × 2 merge) is not mapped yet."
+        )
+    n_vision = vision_config.num_hidden_layers
+    last = feature_layer % (n_vision + 1)  # hidden_states index: 0 = embeddings, i = after layer i − 1
+    vision_layers = list(range(last))
+    names = [f"vision_encoder.encoder_layers.{i}.attn.hook_pattern" for i in vision_layers]
+    vision = torch.stack([activation(cache, name) for name in names])
+    vision_rollout_matrix = rollout_matrix(vision, head_fusion, residual_weight)
+    n_patches = grid.rows * grid.cols
+    offset = vision_rollout_matrix.shape[-1] - n_patches  # the CLS position(s) before the patches
+    if offset < 0:
+        raise InvalidArgumentError(f"The vision encoder has {vision_rollout_matrix.shape[-1]} positions for {n_patches} image tokens.")
+    language = rollout_matrix(attention_patterns(cache, model), head_fusion, residual_weight)
+    queries = check_positions(language.shape[0], query_positions)
+    to_image = language[queries][:, list(grid.positions)]  # (query, image token)
+    # Image token i is vision position offset + i (the projector drops CLS); CLS's share is dropped.
+    onto_patches = (to_image @ vision_rollout_matrix[offset:])[:, offset:]
+    maps = onto_patches / onto_patches.sum(-1, keepdim=True)
+    return VisionRollout(queries, grid, maps.float(), to_image.sum(-1).float(), vision_layers)
