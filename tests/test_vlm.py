@@ -256,3 +256,31 @@ def test_vision_rollout_matches_numpy_on_hf_attentions(tiny_llava):
     combined = (text_part @ rollout_loop(vision[:1])[1:])[:, 1:]  # image token i ↔ vision position i + 1; CLS dropped
     np.testing.assert_allclose(rolled.maps.numpy(), combined / combined.sum(-1, keepdims=True), atol=1e-5)
     np.testing.assert_allclose(rolled.image_mass.numpy(), text_part.sum(-1), atol=1e-5)
+
+
+def test_visual_information_and_compare(tiny_llava):
+    from mechvis.analysis.vision import compare, image_attention, visual_information
+    from mechvis.viz.figures import comparison_figure
+
+    bridge, reference, processor = tiny_llava
+    picture, other = _picture(5), _picture(6)
+    information = visual_information(bridge, "Describe it.", picture, " A red square")
+    grey = Image.fromarray(np.full((40, 48, 3), 128, np.uint8))
+    for candidate, scores in ((picture, information.with_image), (grey, information.with_blank)):
+        inputs = processor(text="<image>\nDescribe it.", images=candidate, return_tensors="pt")
+        ids = torch.cat([inputs["input_ids"], torch.tensor([information.tokens])], dim=1)
+        with torch.no_grad():
+            log_probs = reference(input_ids=ids, pixel_values=inputs["pixel_values"]).logits[0].double().log_softmax(-1)
+        start = inputs["input_ids"].shape[1]
+        expected = log_probs[start - 1 : -1].gather(-1, ids[0, start:, None])[:, 0]
+        torch.testing.assert_close(scores.double(), expected, atol=1e-4, rtol=0)
+    torch.testing.assert_close(information.pointwise, information.with_image - information.with_blank)
+
+    runs = [mechvis.run(bridge, "Where is it?", image=image) for image in (picture, other)]
+    attentions = [image_attention(r.cache, bridge, r.segments.image_grid, query_positions=[-1]) for r in runs]
+    comparison = compare(*attentions)
+    first, second, delta = comparison.table["image mass"]
+    assert first == pytest.approx(attentions[0].image_mass.mean().item()) and delta == pytest.approx(second - first)
+    assert set(comparison.table) >= {"entropy (nats)", "Gini", "k90 / N", "centre row"}
+    figure = comparison_figure([a.maps[0, 0, 0] for a in attentions], [(4, 4), (4, 4)], [picture, other], ["a", "b"])
+    assert len(figure.axes) == 2

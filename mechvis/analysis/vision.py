@@ -287,3 +287,77 @@ def vision_rollout(
     onto_patches = (to_image @ vision_rollout_matrix[offset:])[:, offset:]
     maps = onto_patches / onto_patches.sum(-1, keepdim=True)
     return VisionRollout(queries, grid, maps.float(), to_image.sum(-1).float(), vision_layers)
+
+
+@dataclass
+class VisualInformation:
+    """Visual pointwise information of each continuation token, in nats:
+    log p(token | image) − log p(token | blank image) (positive: the image made it likelier)."""
+
+    tokens: list[int]
+    with_image: Float[Tensor, " token"]
+    with_blank: Float[Tensor, " token"]
+
+    @property
+    def pointwise(self) -> Float[Tensor, " token"]:
+        return self.with_image - self.with_blank
+
+
+def visual_information(
+    model: "TransformerBridge", prompt: str, image: object, continuation: str, *, chat: bool = False, blank: object | None = None
+) -> VisualInformation:
+    """Score `continuation` after `prompt` with the image and with a blank image (mid-grey, the
+    image's size, unless `blank` is given), teacher-forced in one pass each."""
+    import numpy as np
+
+    from mechvis.running import encode_with_image, load_image
+
+    picture = load_image(image)
+    baseline = load_image(blank) if blank is not None else load_image(np.full((picture.height, picture.width, 3), 128, np.uint8))
+    continuation_ids = model.hf_tokenizer.encode(continuation, add_special_tokens=False)
+    if not continuation_ids:
+        raise InvalidArgumentError("The continuation is empty; give the text to score.")
+    scores = []
+    for candidate in (picture, baseline):
+        encoded, extra = encode_with_image(model, prompt, candidate, chat=chat)
+        ids = torch.tensor([encoded.token_ids + continuation_ids], device=model.cfg.device)
+        extra = {key: value.to(model.cfg.device) if hasattr(value, "to") else value for key, value in extra.items()}
+        if "mm_token_type_ids" in extra:  # the continuation holds no image tokens
+            extra["mm_token_type_ids"] = torch.nn.functional.pad(extra["mm_token_type_ids"], (0, len(continuation_ids)))
+        with torch.no_grad():
+            log_probs = model(ids, **extra)[0].double().log_softmax(-1)
+        start = len(encoded.token_ids)
+        predicted = log_probs[start - 1 : -1].gather(-1, ids[0, start:, None])[:, 0]
+        scores.append(predicted.float())
+    return VisualInformation(continuation_ids, scores[0], scores[1])
+
+
+@dataclass
+class Comparison:
+    """Image-attention metrics of two conditions (e.g. an image with and without an object), each
+    averaged over layers, heads and queries, with their differences (b − a)."""
+
+    a: ImageAttention
+    b: ImageAttention
+    table: dict[str, tuple[float, float, float]]  # metric → (a, b, b − a)
+
+
+def compare(attention_a: ImageAttention, attention_b: ImageAttention) -> Comparison:
+    """The metric table of two image_attention results over grids of the same shape."""
+    if (attention_a.grid.rows, attention_a.grid.cols) != (attention_b.grid.rows, attention_b.grid.cols):
+        raise InvalidArgumentError("The two conditions need image grids of the same shape to be compared.")
+    values = {}
+    for name, get in (
+        ("image mass", lambda x: x.image_mass),
+        ("entropy (nats)", lambda x: x.metrics.entropy),
+        ("normalised entropy", lambda x: x.metrics.normalised_entropy),
+        ("Gini", lambda x: x.metrics.gini),
+        ("k90 / N", lambda x: x.metrics.k90_fraction),
+        ("peak / mean", lambda x: x.metrics.peak_to_mean),
+        ("spatial variance (cells²)", lambda x: x.metrics.spatial_variance),
+        ("centre row", lambda x: x.metrics.centre[..., 0]),
+        ("centre col", lambda x: x.metrics.centre[..., 1]),
+    ):
+        first, second = get(attention_a).float().mean().item(), get(attention_b).float().mean().item()
+        values[name] = (first, second, second - first)
+    return Comparison(attention_a, attention_b, values)

@@ -246,3 +246,18 @@ def ablation_figure(effect: torch.Tensor, metric_label: str) -> Figure:
         axis.set_ylabel("layer")
         figure.tight_layout()
     return figure
+
+
+def comparison_figure(maps: Sequence[torch.Tensor], grids: Sequence[tuple[int, int]], images: Sequence, titles: Sequence[str]) -> Figure:
+    """Attention maps (one per condition, over its rows × cols grid) overlaid on their images."""
+    with _plain_text():
+        figure, axes = plt.subplots(1, len(maps), figsize=(4.5 * len(maps), 4.2), squeeze=False)
+        for axis, attention, (rows, cols), image, title in zip(axes[0], maps, grids, images, titles):
+            picture = np.asarray(image)
+            axis.imshow(picture)
+            axis.imshow(attention.reshape(rows, cols).numpy(), cmap="inferno", alpha=0.55,
+                        extent=(0, picture.shape[1], picture.shape[0], 0), interpolation="nearest")
+            axis.set_title(title)
+            axis.axis("off")
+        figure.tight_layout()
+    return figure
