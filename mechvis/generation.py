@@ -17,7 +17,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from mechvis.errors import InvalidArgumentError
-from mechvis.running import Encoded, Prompt, Run, Segments, Span, encode, str_tokens_of
+from mechvis.running import Encoded, Prompt, Run, Segments, Span, encode, encode_with_image, str_tokens_of
 
 if TYPE_CHECKING:
     from transformer_lens.model_bridge import TransformerBridge
@@ -148,6 +148,7 @@ def generate(
     seed: int | None = None,
     temperature_schedule: TemperatureSchedule | None = None,
     logits_processors: Sequence[Callable[[Tensor, Tensor], Tensor]] = (),
+    image: object | None = None,
     names_filter: Callable[[str], bool] | Sequence[str] | str | None = None,
 ) -> Trace:
     """Generate up to `max_new_tokens` (stopping at the model's end-of-sequence token) and analyse.
@@ -159,6 +160,7 @@ def generate(
         seed: seeds the sampler without touching the global random state.
         temperature_schedule: a per-step temperature (EntropyTemperature or RepetitionTemperature)
             replacing the fixed `temperature`; sampling then uses it with top_k/top_p/min_p.
+        image: for a vision-language model, the image (as in `mechvis.run`).
         logits_processors: HF-style processors f(input_ids, scores) → scores applied before
             sampling, e.g. `mechvis.interventions.KeywordBoost`. (Hook interventions apply
             through `with mechvis.interventions.intervene(model, ...)` around this call.)
@@ -168,7 +170,12 @@ def generate(
         temperature = 1.0  # the schedule sets each step's temperature
     settings = SamplingSettings(temperature, top_k, top_p, min_p, seed, temperature_schedule)
     settings.validate()
-    encoded = encode(model, prompt, chat=chat)
+    extra: dict = {}
+    if image is not None:
+        encoded, extra = encode_with_image(model, prompt, image, chat=chat)
+        extra = {key: value.to(model.cfg.device) if hasattr(value, "to") else value for key, value in extra.items()}
+    else:
+        encoded = encode(model, prompt, chat=chat)
     n_ctx = model.cfg.n_ctx
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise InvalidArgumentError(f"max_new_tokens must be a positive integer; got {max_new_tokens!r}.")
@@ -204,7 +211,7 @@ def generate(
     with torch.no_grad(), torch.random.fork_rng(devices=[] if device == "cpu" else None):
         if settings.seed is not None:
             torch.manual_seed(settings.seed)
-        output = model.original_model.generate(prompt_ids, attention_mask=torch.ones_like(prompt_ids), **options)
+        output = model.original_model.generate(prompt_ids, attention_mask=torch.ones_like(prompt_ids), **extra, **options)
     generated = output.sequences[0, prompt_ids.shape[1] :].tolist()
     return _analysed_trace(
         model,
@@ -214,6 +221,7 @@ def generate(
         step_distributions=_step_distributions(output.scores, settings),
         settings=settings,
         names_filter=names_filter,
+        extra=extra,
     )
 
 
@@ -247,13 +255,18 @@ def _analysed_trace(
     step_distributions: Tensor | None,
     settings: SamplingSettings,
     names_filter: Callable[[str], bool] | Sequence[str] | str | None,
+    extra: dict | None = None,
 ) -> Trace:
-    """One teacher-forced forward pass of the bridge over prompt + generated tokens. Without
-    observed `step_logits`, the teacher-forced ones stand in, with temperature-1 distributions."""
+    """One teacher-forced forward pass of the bridge over prompt + generated tokens (with the
+    image inputs `extra` of a vision-language model). Without observed `step_logits`, the
+    teacher-forced ones stand in, with temperature-1 distributions."""
     all_ids = encoded.token_ids + generated
     tokens = torch.tensor(all_ids, device=model.cfg.device)
+    extra = dict(extra or {})
+    if "mm_token_type_ids" in extra:  # generated tokens are text
+        extra["mm_token_type_ids"] = torch.nn.functional.pad(extra["mm_token_type_ids"], (0, len(generated)))
     with torch.no_grad():
-        logits, cache = model.run_with_cache(tokens[None], names_filter=names_filter)
+        logits, cache = model.run_with_cache(tokens[None], names_filter=names_filter, **extra)
     generated_strings = str_tokens_of(model, generated)
     offsets = list(encoded.offsets)
     cursor = len(encoded.text)
@@ -268,7 +281,7 @@ def _analysed_trace(
         offsets=offsets,
         logits=logits[0],
         cache=cache,
-        segments=Segments(spans, encoded.segments.sink_positions),
+        segments=Segments(spans, encoded.segments.sink_positions, encoded.segments.image_grid),
     )
     if step_logits is None:
         step_logits = run.logits[len(encoded.token_ids) - 1 : -1].float()

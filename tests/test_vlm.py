@@ -284,3 +284,33 @@ def test_visual_information_and_compare(tiny_llava):
     assert set(comparison.table) >= {"entropy (nats)", "Gini", "k90 / N", "centre row"}
     figure = comparison_figure([a.maps[0, 0, 0] for a in attentions], [(4, 4), (4, 4)], [picture, other], ["a", "b"])
     assert len(figure.axes) == 2
+
+
+def test_generate_with_an_image(tiny_llava):
+    from mechvis.analysis.vision import image_attention
+
+    bridge, reference, processor = tiny_llava
+    picture = _picture(7)
+    trace = mechvis.generate(bridge, "What do you see?", image=picture, max_new_tokens=6)
+    inputs = processor(text="<image>\nWhat do you see?", images=picture, return_tensors="pt")
+    with torch.no_grad():
+        expected = reference.generate(**inputs, max_new_tokens=6, do_sample=False, pad_token_id=2)[0, inputs["input_ids"].shape[1]:]
+    assert trace.generated_ids == expected.tolist()[: len(trace.generated_ids)]
+    teacher_forced = trace.run.logits[trace.prompt_length - 1 : -1].log_softmax(-1)
+    assert (teacher_forced - trace.step_logits.log_softmax(-1)).abs().max() <= 1e-4
+    grid = trace.run.segments.image_grid
+    dynamics = image_attention(trace.run.cache, bridge, grid, query_positions=list(trace.generated_positions))
+    assert dynamics.image_mass.shape == (2, 4, len(trace.generated_ids))  # attention to the image, token by token
+
+
+def test_streamed_image_attention_equals_the_cached_one(tiny_llava):
+    from mechvis.analysis.vision import image_attention, stream_image_attention
+
+    bridge, _, _ = tiny_llava
+    picture = _picture(8)
+    result = mechvis.run(bridge, "Where is the cat?", image=picture)
+    cached = image_attention(result.cache, bridge, result.segments.image_grid, query_positions=[-2, -1], sink_cells=[0])
+    streamed = stream_image_attention(bridge, "Where is the cat?", picture, query_positions=[-2, -1], sink_cells=[0])
+    torch.testing.assert_close(streamed.image_mass, cached.image_mass)
+    torch.testing.assert_close(streamed.maps, cached.maps)
+    torch.testing.assert_close(streamed.metrics.entropy, cached.metrics.entropy)

@@ -113,21 +113,60 @@ def image_attention(
 ) -> ImageAttention:
     """Attention of `query_positions` (e.g. the generated tokens) to the grid's image tokens."""
     chosen = check_layers(model, layers)
-    first = activation(cache, pattern_hook(chosen[0]))
-    n_positions = first.shape[-1]
+    n_positions = activation(cache, pattern_hook(chosen[0])).shape[-1]
     queries = check_positions(n_positions, query_positions)
     check_positions(n_positions, grid.positions)
-    cells = torch.tensor(grid.positions)
+    cells = list(grid.positions)
+    rows = torch.stack([activation(cache, pattern_hook(layer))[:, queries][..., cells] for layer in chosen])
+    return _from_rows(chosen, queries, grid, rows, sink_cells)
+
+
+def _from_rows(
+    layers: list[int], queries: list[int], grid: ImageGrid, rows: Float[Tensor, "layer head query cell"], sink_cells: Sequence[int]
+) -> ImageAttention:
     keep = torch.ones(len(grid.positions), dtype=torch.bool)
     for cell in sink_cells:
         if not 0 <= cell < len(keep):
             raise InvalidArgumentError(f"sink cell {cell} is outside the grid of {len(keep)} cells.")
         keep[cell] = False
-    rows = torch.stack([activation(cache, pattern_hook(layer))[:, queries][..., cells].double() for layer in chosen])
-    mass = rows.sum(-1)
+    rows = rows.double()
     masked = rows * keep
     maps = masked / masked.sum(-1, keepdim=True).clamp_min(1e-300)
-    return ImageAttention(chosen, queries, grid, mass.float(), maps.float(), region_metrics(masked, grid))
+    return ImageAttention(layers, queries, grid, rows.sum(-1).float(), maps.float(), region_metrics(masked, grid))
+
+
+def stream_image_attention(
+    model: "TransformerBridge",
+    prompt: str,
+    image: object,
+    *,
+    query_positions: Sequence[int] = (-1,),
+    layers: Sequence[int] | None = None,
+    chat: bool = False,
+    sink_cells: Sequence[int] = (),
+) -> ImageAttention:
+    """image_attention without a cache: one forward pass whose hooks keep only the query rows ×
+    image columns of each layer's attention (memory: layers × heads × queries × image tokens,
+    instead of every activation and layers × heads × positions² patterns)."""
+    from mechvis.running import encode_with_image
+
+    chosen = check_layers(model, layers)
+    encoded, extra = encode_with_image(model, prompt, image, chat=chat)
+    grid = encoded.segments.image_grid
+    if grid is None:
+        raise InvalidArgumentError("This model's image layout has no grid yet; image metrics need one.")
+    queries = check_positions(len(encoded.token_ids), query_positions)
+    cells = torch.tensor(grid.positions)
+    kept: dict[int, Tensor] = {}
+
+    def keep_rows(pattern: Tensor, hook: object, layer: int) -> None:
+        kept[layer] = pattern[0][:, queries][..., cells].detach().clone()
+
+    hooks = [(pattern_hook(layer), lambda pattern, hook, layer=layer: keep_rows(pattern, hook, layer)) for layer in chosen]
+    extra = {key: value.to(model.cfg.device) if hasattr(value, "to") else value for key, value in extra.items()}
+    with torch.no_grad(), model.hooks(fwd_hooks=hooks):
+        model(torch.tensor([encoded.token_ids], device=model.cfg.device), **extra)
+    return _from_rows(chosen, queries, grid, torch.stack([kept[layer] for layer in chosen]), sink_cells)
 
 
 @dataclass
