@@ -45,6 +45,7 @@ def _report(arguments: argparse.Namespace) -> None:
         temperature=arguments.temperature,
         seed=arguments.seed,
         ablation=arguments.ablation,
+        image=arguments.image,
         overwrite=arguments.force,
     )
     print(f"Wrote {arguments.output}" + (f" and {arguments.json}" if arguments.json else ""))
@@ -112,6 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--seed", type=int, default=None)
     report.add_argument("-o", "--output", required=True, help="the HTML file to write")
     report.add_argument("--json", default=None, help="also write the results as JSON (schema in the README)")
+    report.add_argument("--image", default=None, help="an image file, for a vision-language model")
     report.add_argument("--ablation", action="store_true", help="add a head-ablation sweep of the last generated token")
     report.add_argument("--force", action="store_true", help="replace existing output files")
     report.set_defaults(handler=_report)

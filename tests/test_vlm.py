@@ -314,3 +314,18 @@ def test_streamed_image_attention_equals_the_cached_one(tiny_llava):
     torch.testing.assert_close(streamed.image_mass, cached.image_mass)
     torch.testing.assert_close(streamed.maps, cached.maps)
     torch.testing.assert_close(streamed.metrics.entropy, cached.metrics.entropy)
+
+
+def test_report_with_an_image(tiny_llava, tmp_path):
+    import json
+
+    from mechvis.report import write_report
+
+    bridge, _, _ = tiny_llava
+    picture = _picture(9)
+    write_report(bridge, "Describe <b>this</b>.", tmp_path / "r.html", json_path=tmp_path / "r.json", image=picture, max_new_tokens=4)
+    document = (tmp_path / "r.html").read_text()
+    assert '<section id="vision">' in document and "&lt;b&gt;this&lt;/b&gt;" in document
+    vision = json.loads((tmp_path / "r.json").read_text())["vision"]
+    assert (vision["grid"]["rows"], vision["grid"]["cols"]) == (4, 4) and len(vision["image_mass_per_layer"]) == 2
+    assert sum(vision["mean_map"]) == pytest.approx(1.0, abs=1e-3) and vision["rollout_map"] is not None

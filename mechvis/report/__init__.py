@@ -36,17 +36,19 @@ def write_report(
     temperature: float = 0.0,
     seed: int | None = None,
     ablation: bool = False,
+    image: object | None = None,
     overwrite: bool = False,
 ) -> ReportData:
     """Generate from `prompt`, analyse, and write the HTML report (and the JSON if asked); with
-    `ablation`, add a sweep of every head's ablation on the last generated token's probability.
+    `ablation`, add a sweep of every head's ablation on the last generated token's probability;
+    with `image` (a vision-language model), add where the generated tokens look in it.
     Existing files are not replaced unless `overwrite`."""
     html_path = Path(path)
     _check_writable(html_path, overwrite)
     if json_path is not None:
         _check_writable(Path(json_path), overwrite)
     data = build_report_data(model, prompt, chat=chat, max_new_tokens=max_new_tokens, layers=layers,
-                             temperature=temperature, seed=seed, ablation=ablation)
+                             temperature=temperature, seed=seed, ablation=ablation, image=image)
     html_path.write_text(render_report(data, model), encoding="utf-8")
     if json_path is not None:
         write_json(data, Path(json_path))

@@ -39,6 +39,7 @@ from mechvis.analysis.repetition import (
 from mechvis.analysis.residual import LayerSimilarity, LogitAttribution
 from mechvis.analysis.tokens import HighEntropyPositions, TokenSignals
 from mechvis.architecture import ArchitectureSummary, inspect_model
+from mechvis.analysis.vision import HeadClusters, ImageAttention, VisionRollout, cluster_heads, hotspots, image_attention, vision_rollout
 from mechvis.generation import Trace, generate
 from mechvis.interventions import AblationSweep, ablation_sweep, target_probability
 from mechvis.viz.views import rounded
@@ -63,6 +64,18 @@ class RepetitionResult:
 
 
 @dataclass
+class VisionResult:
+    """Where the generated tokens look in the image."""
+
+    image: object  # the PIL image
+    attention: "ImageAttention"
+    mean_map: torch.Tensor  # over layers, heads and queries; sums to 1 over the grid
+    hotspots: list
+    clusters: "HeadClusters"  # heads of the last layer, on their mean maps
+    rollout: "VisionRollout | None"
+
+
+@dataclass
 class ReportData:
     """Every analysis result of one report."""
 
@@ -83,6 +96,7 @@ class ReportData:
     projection: Projection
     ablation: AblationSweep | None = None
     ablation_target: str = ""
+    vision: VisionResult | None = None
 
 
 def default_attention_layers(n_layers: int) -> list[int]:
@@ -101,12 +115,14 @@ def build_report_data(
     seed: int | None = None,
     lens_positions: int = 16,
     ablation: bool = False,
+    image: object | None = None,
 ) -> ReportData:
-    """Generate from `prompt` and run every analysis of the report on the trace."""
+    """Generate from `prompt` (with `image` for a vision-language model) and run every analysis of
+    the report on the trace."""
     attention_layers = check_layers(model, layers) if layers else default_attention_layers(model.cfg.n_layers)
     stages = tqdm(total=4, desc="report", unit="stage")
     stages.set_postfix_str("generating")
-    trace = generate(model, prompt, chat=chat, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
+    trace = generate(model, prompt, chat=chat, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, image=image)
     run = trace.run
     stages.update()
     stages.set_postfix_str("token and lens analyses")
@@ -146,8 +162,26 @@ def build_report_data(
         last = trace.prompt_length + len(trace.generated_ids) - 1
         target_label = repr(model.hf_tokenizer.decode([trace.generated_ids[-1]]))
         sweep = ablation_sweep(model, run.tokens[: last + 1], target_probability(model, trace.generated_ids[-1], position=last - 1))
+    vision = _vision_result(model, trace, image) if trace.run.segments.image_grid is not None else None
     return ReportData(inspect_model(model), prompt, chat, trace, attention_layers, signals, high, lens, entropy, rolled,
-                      norms, similarity, attribution, repetition, projection, sweep, target_label)
+                      norms, similarity, attribution, repetition, projection, sweep, target_label, vision)
+
+
+def _vision_result(model: "TransformerBridge", trace: Trace, image: object) -> VisionResult:
+    from mechvis.errors import InvalidArgumentError
+    from mechvis.running import load_image
+
+    run = trace.run
+    grid = run.segments.image_grid
+    queries = list(trace.generated_positions) or [len(run.tokens) - 1]
+    attention = image_attention(run.cache, model, grid, query_positions=queries)
+    mean_map = attention.maps.mean(dim=(0, 1, 2))
+    try:
+        rolled = vision_rollout(run.cache, model, grid, query_positions=queries)
+    except InvalidArgumentError:  # layouts whose vision rollout is not mapped yet
+        rolled = None
+    return VisionResult(load_image(image), attention, mean_map, hotspots(mean_map, grid),
+                        cluster_heads(attention.maps[-1].mean(1), n_clusters=min(2, model.cfg.n_heads)), rolled)
 
 
 def report_json(data: ReportData) -> dict:
@@ -190,7 +224,22 @@ def report_json(data: ReportData) -> dict:
         "direct_logit_attribution": None,
         "repetition": None,
         "ablation": None,
+        "vision": None,
     }
+    if data.vision is not None:
+        vision = data.vision
+        result["vision"] = {
+            "grid": {"rows": vision.attention.grid.rows, "cols": vision.attention.grid.cols,
+                     "positions": list(vision.attention.grid.positions)},
+            "image_mass_per_layer": rounded(vision.attention.mass_per_layer),
+            "mean_map": rounded(vision.mean_map),
+            "metrics": {name: rounded(getattr(vision.attention.metrics, name).float().mean())
+                        for name in ("normalised_entropy", "gini", "k90_fraction", "peak_to_mean", "spatial_variance")},
+            "hotspots": [{"cells": spot.cells, "mass": spot.mass, "centre": list(spot.centre)} for spot in vision.hotspots],
+            "last_layer_head_clusters": vision.clusters.labels,
+            "silhouette": vision.clusters.silhouette,
+            "rollout_map": rounded(vision.rollout.maps.mean(0)) if vision.rollout is not None else None,
+        }
     if data.ablation is not None:
         result["ablation"] = {"method": data.ablation.method, "target": data.ablation_target,
                               "baseline": data.ablation.baseline, "effect": rounded(data.ablation.effect)}

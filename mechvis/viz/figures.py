@@ -261,3 +261,15 @@ def comparison_figure(maps: Sequence[torch.Tensor], grids: Sequence[tuple[int, i
             axis.axis("off")
         figure.tight_layout()
     return figure
+
+
+def image_mass_figure(mass_per_layer: torch.Tensor) -> Figure:
+    """Mean attention mass on the image tokens at each layer (the FastV view)."""
+    with _plain_text():
+        figure, axis = plt.subplots(figsize=(6, 3))
+        axis.plot(mass_per_layer.numpy(), marker="o")
+        axis.set_xlabel("layer")
+        axis.set_ylabel("attention mass on the image")
+        axis.set_ylim(0, 1)
+        figure.tight_layout()
+    return figure
