@@ -16,6 +16,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from mechvis.analysis.repetition import rep_labels
 from mechvis.errors import InvalidArgumentError
 from mechvis.running import Encoded, Prompt, Run, Segments, Span, encode, encode_with_image, str_tokens_of
 
@@ -75,8 +76,6 @@ class RepetitionTemperature:
     window: int = 16
 
     def temperature(self, entropy: Tensor, generated: Tensor) -> Tensor:
-        from mechvis.analysis.repetition import rep_labels
-
         rates = []
         for row in generated.tolist():
             labels = rep_labels(row, n=self.n) if len(row) >= self.n else torch.zeros(1)

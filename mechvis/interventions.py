@@ -19,7 +19,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from mechvis.analysis._checks import check_layers, check_positions, single_token_id
+from mechvis.analysis._checks import check_heads, check_layers, check_positions, single_token_id
 from mechvis.errors import InvalidArgumentError
 
 if TYPE_CHECKING:
@@ -61,10 +61,7 @@ def _check_heads(model: "TransformerBridge", heads: Sequence[Head]) -> list[Head
         if not (isinstance(pair, (tuple, list)) and len(pair) == 2):
             raise InvalidArgumentError(f"A head is a (layer, head) pair; got {pair!r}.")
         layer, head = pair
-        (layer,) = check_layers(model, [layer])
-        if isinstance(head, bool) or not isinstance(head, int) or not -model.cfg.n_heads <= head < model.cfg.n_heads:
-            raise InvalidArgumentError(f"head {head!r} is out of range: this model has heads 0..{model.cfg.n_heads - 1}.")
-        checked.append((layer, head % model.cfg.n_heads))
+        checked.append((check_layers(model, [layer])[0], check_heads(model, [head])[0]))
     return checked
 
 
@@ -401,7 +398,7 @@ def steer_attention(
         raise InvalidArgumentError("No key positions to steer toward (see mechvis.analysis.find_token_spans).")
     if not factor >= 0:
         raise InvalidArgumentError(f"factor must be ≥ 0; got {factor!r}.")
-    chosen_heads = list(range(model.cfg.n_heads)) if heads is None else [h for _, h in _check_heads(model, [(0, h) for h in heads])]
+    chosen_heads = list(range(model.cfg.n_heads)) if heads is None else check_heads(model, heads)
     keys = torch.tensor(sorted(set(key_positions)))
     if (keys < 0).any():
         raise InvalidArgumentError("key positions are absolute token positions (≥ 0).")

@@ -7,9 +7,10 @@ import subprocess
 
 import pytest
 import torch
-from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+from transformers import LlavaForConditionalGeneration
 
 import mechvis
+from tests.tiny import tiny_llava_config
 
 
 def test_torch_and_torchvision_import_together():
@@ -32,13 +33,7 @@ def test_booting_a_tiny_llava_starts_no_pip(monkeypatch, tokenizer):
         return original_init(self, args, *rest, **kwargs)
 
     monkeypatch.setattr(subprocess.Popen, "__init__", recording_init)
-    config = LlavaConfig(
-        vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                       num_attention_heads=2, image_size=32, patch_size=8),
-        text_config=LlamaConfig(vocab_size=49_152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256),
-        image_token_index=49_151,
-    )
+    config = tiny_llava_config()
     torch.manual_seed(0)
     model = LlavaForConditionalGeneration(config).eval()
     try:
@@ -55,13 +50,7 @@ def test_llava_logprobs_equal_hf_with_text_after_the_image(tokenizer):
     """A first VLM check: LLaVA through the bridge, an image and text after it, no hub lookups."""
     import copy
 
-    config = LlavaConfig(
-        vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                       num_attention_heads=2, image_size=32, patch_size=8),
-        text_config=LlamaConfig(vocab_size=49_152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256),
-        image_token_index=49_151,
-    )
+    config = tiny_llava_config()
     torch.manual_seed(0)
     model = LlavaForConditionalGeneration(config).eval()
     model.config._attn_implementation = "eager"

@@ -11,9 +11,6 @@ from PIL import Image
 from transformers import (
     AutoTokenizer,
     CLIPImageProcessor,
-    CLIPVisionConfig,
-    LlamaConfig,
-    LlavaConfig,
     LlavaForConditionalGeneration,
     LlavaProcessor,
 )
@@ -21,6 +18,7 @@ from transformers import (
 import mechvis
 from mechvis.analysis.vision import image_attention
 from mechvis.errors import InvalidArgumentError
+from tests.tiny import tiny_llava_config
 
 VLM_CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% for part in m['content'] %}"
@@ -36,13 +34,7 @@ def tiny_llava(tokenizer_dir):
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
     image_token = tokenizer.convert_tokens_to_ids("<image>")
-    config = LlavaConfig(
-        vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                       num_attention_heads=2, image_size=32, patch_size=8),
-        text_config=LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256),
-        image_token_index=image_token,
-    )
+    config = tiny_llava_config(vocab_size=len(tokenizer), image_token=image_token)
     torch.manual_seed(0)
     model = LlavaForConditionalGeneration(config).eval()
     model.config._attn_implementation = "eager"

@@ -50,3 +50,17 @@ def tiny_hf_model(architecture: str, seed: int = 0, **overrides) -> PreTrainedMo
     config._attn_implementation = "eager"
     torch.manual_seed(seed)
     return MODEL_CLASSES[architecture](config).eval()
+
+
+def tiny_llava_config(*, vocab_size: int = VOCAB, image_token: int = VOCAB - 1):
+    """A tiny LLaVA: CLIP at 32 × 32 px with 8 px patches (4 × 4 = 16 image tokens), a 2-layer
+    Llama with GQA."""
+    from transformers import CLIPVisionConfig, LlavaConfig
+
+    return LlavaConfig(
+        vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                       num_attention_heads=2, image_size=32, patch_size=8),
+        text_config=LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256),
+        image_token_index=image_token,
+    )

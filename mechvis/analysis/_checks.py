@@ -62,6 +62,11 @@ def check_layers(model: "TransformerBridge", layers: Iterable[int] | None) -> li
     return list(range(n_layers)) if layers is None else _indices(layers, n_layers, "layer", "this model")
 
 
+def check_heads(model: "TransformerBridge", heads: Iterable[int]) -> list[int]:
+    """Head indices validated against the model."""
+    return _indices(heads, model.cfg.n_heads, "head", "this model")
+
+
 def check_positions(n_positions: int, positions: Iterable[int] | None) -> list[int]:
     """Token positions validated against the sequence; None = all positions."""
     if positions is None:
