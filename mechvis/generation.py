@@ -18,7 +18,18 @@ from torch import Tensor
 
 from mechvis.analysis.repetition import rep_labels
 from mechvis.errors import InvalidArgumentError
-from mechvis.running import Encoded, Prompt, Run, Segments, Span, encode, encode_with_image, str_tokens_of
+from mechvis.running import (
+    Encoded,
+    Prompt,
+    Run,
+    Segments,
+    Span,
+    encode,
+    encode_with_image,
+    offsets_of,
+    str_tokens_of,
+    with_text_appended,
+)
 
 if TYPE_CHECKING:
     from transformer_lens.model_bridge import TransformerBridge
@@ -172,7 +183,6 @@ def generate(
     extra: dict = {}
     if image is not None:
         encoded, extra = encode_with_image(model, prompt, image, chat=chat)
-        extra = {key: value.to(model.cfg.device) if hasattr(value, "to") else value for key, value in extra.items()}
     else:
         encoded = encode(model, prompt, chat=chat)
     n_ctx = model.cfg.n_ctx
@@ -261,17 +271,11 @@ def _analysed_trace(
     teacher-forced ones stand in, with temperature-1 distributions."""
     all_ids = encoded.token_ids + generated
     tokens = torch.tensor(all_ids, device=model.cfg.device)
-    extra = dict(extra or {})
-    if "mm_token_type_ids" in extra:  # generated tokens are text
-        extra["mm_token_type_ids"] = torch.nn.functional.pad(extra["mm_token_type_ids"], (0, len(generated)))
+    extra = with_text_appended(extra or {}, len(generated))
     with torch.no_grad():
         logits, cache = model.run_with_cache(tokens[None], names_filter=names_filter, **extra)
     generated_strings = str_tokens_of(model, generated)
-    offsets = list(encoded.offsets)
-    cursor = len(encoded.text)
-    for piece in generated_strings:
-        offsets.append((cursor, cursor + len(piece)))
-        cursor += len(piece)
+    offsets = list(encoded.offsets) + offsets_of(generated_strings, len(encoded.text))
     spans = encoded.segments.spans + ((Span("generated", len(encoded.token_ids), len(all_ids)),) if generated else ())
     run = Run(
         text=encoded.text + "".join(generated_strings),

@@ -263,7 +263,8 @@ def _image_grid(model: "TransformerBridge", positions: list[int], extra: dict) -
 
 def encode_with_image(model: "TransformerBridge", prompt: Prompt, image: object, *, chat: bool = False) -> tuple[Encoded, dict]:
     """Tokenise `prompt` with one image through the model's processor. Returns the encoding (its
-    segments hold the image span and grid) and the extra forward inputs (pixel_values, ...)."""
+    segments hold the image span and grid) and the extra forward inputs (pixel_values, ...) on the
+    model's device."""
     if not getattr(model.cfg, "is_multimodal", False):
         raise InvalidArgumentError(f"{model.cfg.model_name} is a text-only model; it takes no image. Drop image=.")
     processor = getattr(model, "processor", None)
@@ -294,14 +295,16 @@ def encode_with_image(model: "TransformerBridge", prompt: Prompt, image: object,
         raise InvalidArgumentError(f"The prompt must hold exactly one {placeholder!r} for the one image.")
     inputs = processor(text=text, images=picture, return_tensors="pt")
     token_ids = inputs["input_ids"][0].tolist()
-    extra = {key: value for key, value in inputs.items() if key not in ("input_ids", "attention_mask")}
+    device = model.cfg.device
+    extra = {
+        key: value.to(device) if hasattr(value, "to") else value
+        for key, value in inputs.items()
+        if key not in ("input_ids", "attention_mask")
+    }
     image_id = processor.image_token_id
     image_positions = [p for p, t in enumerate(token_ids) if t == image_id]
     pieces = str_tokens_of(model, token_ids)
-    offsets, cursor = [], 0
-    for piece in pieces:
-        offsets.append((cursor, cursor + len(piece)))
-        cursor += len(piece)
+    offsets = offsets_of(pieces)
     rendered = "".join(pieces)
     kinds = ["image" if t == image_id else ("template" if chat else "text") for t in token_ids]
     if token_ids and token_ids[0] == model.hf_tokenizer.bos_token_id:
@@ -311,6 +314,23 @@ def encode_with_image(model: "TransformerBridge", prompt: Prompt, image: object,
     grid = _image_grid(model, image_positions, extra)
     segments = Segments(_merge_spans(kinds), (0,), grid)
     return Encoded(rendered, token_ids, offsets, segments), extra
+
+
+def offsets_of(pieces: Sequence[str], start: int = 0) -> list[tuple[int, int]]:
+    """Character offsets of consecutive text pieces, the first starting at `start`."""
+    offsets = []
+    for piece in pieces:
+        offsets.append((start, start + len(piece)))
+        start += len(piece)
+    return offsets
+
+
+def with_text_appended(extra: dict, n_tokens: int) -> dict:
+    """Image inputs for the sequence extended by `n_tokens` text tokens (Qwen-VL's
+    `mm_token_type_ids` marks each token's modality and must cover them)."""
+    if "mm_token_type_ids" not in extra:
+        return extra
+    return {**extra, "mm_token_type_ids": torch.nn.functional.pad(extra["mm_token_type_ids"], (0, n_tokens))}
 
 
 def str_tokens_of(model: "TransformerBridge", token_ids: Sequence[int]) -> list[str]:
@@ -350,7 +370,6 @@ def run(
         encoded = encode(model, prompt, chat=chat, prepend_bos=prepend_bos)
     device = model.cfg.device
     tokens = torch.tensor(encoded.token_ids, dtype=torch.long, device=device)
-    extra = {key: value.to(device) if hasattr(value, "to") else value for key, value in extra.items()}
     with torch.no_grad():
         logits, cache = model.run_with_cache(tokens[None], names_filter=names_filter, **extra)
     return Run(

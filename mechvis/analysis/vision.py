@@ -163,7 +163,6 @@ def stream_image_attention(
         kept[layer] = pattern[0][:, queries][..., cells].detach().clone()
 
     hooks = [(pattern_hook(layer), lambda pattern, hook, layer=layer: keep_rows(pattern, hook, layer)) for layer in chosen]
-    extra = {key: value.to(model.cfg.device) if hasattr(value, "to") else value for key, value in extra.items()}
     with torch.no_grad(), model.hooks(fwd_hooks=hooks):
         model(torch.tensor([encoded.token_ids], device=model.cfg.device), **extra)
     return _from_rows(chosen, queries, grid, torch.stack([kept[layer] for layer in chosen]), sink_cells)
@@ -349,7 +348,7 @@ def visual_information(
     image's size, unless `blank` is given), teacher-forced in one pass each."""
     import numpy as np
 
-    from mechvis.running import encode_with_image, load_image
+    from mechvis.running import encode_with_image, load_image, with_text_appended
 
     picture = load_image(image)
     baseline = load_image(blank) if blank is not None else load_image(np.full((picture.height, picture.width, 3), 128, np.uint8))
@@ -360,9 +359,7 @@ def visual_information(
     for candidate in (picture, baseline):
         encoded, extra = encode_with_image(model, prompt, candidate, chat=chat)
         ids = torch.tensor([encoded.token_ids + continuation_ids], device=model.cfg.device)
-        extra = {key: value.to(model.cfg.device) if hasattr(value, "to") else value for key, value in extra.items()}
-        if "mm_token_type_ids" in extra:  # the continuation holds no image tokens
-            extra["mm_token_type_ids"] = torch.nn.functional.pad(extra["mm_token_type_ids"], (0, len(continuation_ids)))
+        extra = with_text_appended(extra, len(continuation_ids))
         with torch.no_grad():
             log_probs = model(ids, **extra)[0].double().log_softmax(-1)
         start = len(encoded.token_ids)
