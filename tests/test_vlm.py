@@ -321,3 +321,18 @@ def test_report_with_an_image(tiny_llava, tmp_path):
     vision = json.loads((tmp_path / "r.json").read_text())["vision"]
     assert (vision["grid"]["rows"], vision["grid"]["cols"]) == (4, 4) and len(vision["image_mass_per_layer"]) == 2
     assert sum(vision["mean_map"]) == pytest.approx(1.0, abs=1e-3) and vision["rollout_map"] is not None
+
+
+def test_vision_entry_points_reject_bad_input(tiny_llava):
+    from mechvis.analysis.vision import ImageGrid, stream_image_attention, vision_rollout, visual_information
+
+    bridge, _, _ = tiny_llava
+    picture = _picture(10)
+    with pytest.raises(InvalidArgumentError, match="continuation is empty"):
+        visual_information(bridge, "Describe it.", picture, "")
+    result = mechvis.run(bridge, "Where?", image=picture)
+    merged = ImageGrid(2, 2, tuple(result.segments.image_grid.positions[:4]), merge_size=2)
+    with pytest.raises(InvalidArgumentError, match="not mapped yet"):
+        vision_rollout(result.cache, bridge, merged, query_positions=[-1])
+    with pytest.raises(InvalidArgumentError, match="position"):
+        stream_image_attention(bridge, "Where?", picture, query_positions=[500])
