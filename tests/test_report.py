@@ -156,6 +156,7 @@ def test_figures_draw_tokens_as_plain_text(tiny):
     labels = [label.get_text() for label in figure.axes[0].get_xticklabels()]
     assert any("$" in label for label in labels)
     assert figures.display_token("a\nb\tc") == "a↵b⇥c"
+    assert figures.display_token("\r\x00\x7f") == "\\r\\x00\\x7f"  # no glyph is missing from the figure font
 
 
 @pytest.mark.integration

@@ -28,9 +28,13 @@ def _plain_text():
         yield
 
 
+_SHOWN = {"\n": "↵", "\t": "⇥"}
+
+
 def display_token(token: str) -> str:
-    """A token as a label: newlines and tabs visible, long tokens shortened."""
-    shown = token.replace("\n", "↵").replace("\t", "⇥")
+    """A token as a label: newlines and tabs as ↵ and ⇥, other control characters escaped (\\r,
+    \\x00), long tokens shortened."""
+    shown = "".join(_SHOWN.get(c, repr(c)[1:-1] if ord(c) < 0x20 or ord(c) == 0x7F else c) for c in token)
     return shown if len(shown) <= 14 else shown[:13] + "…"
 
 
