@@ -7,6 +7,7 @@ chat template with the generation prompt appended.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -249,16 +250,55 @@ def load_image(image: object) -> "PIL.Image.Image":
 
 def _image_grid(model: "TransformerBridge", positions: list[int], extra: dict) -> ImageGrid | None:
     """The LLM token grid of one image: Qwen-VL's (t, h, w) patch grid merged by the merge size;
-    LLaVA's square grid of one token per vision patch; None for layouts not mapped yet (e.g.
-    LLaVA-OneVision's base image plus tiles and row-end tokens)."""
+    LLaVA's square grid of one token per vision patch; LLaVA-OneVision's high-resolution tiled
+    grid; None for layouts not mapped."""
     if "image_grid_thw" in extra:
         merge = getattr(getattr(model.original_model.config, "vision_config", None), "spatial_merge_size", 2)
         _, height, width = (int(v) for v in extra["image_grid_thw"][0])
         return ImageGrid(height // merge, width // merge, tuple(positions), merge)
+    if "image_sizes" in extra:
+        return _tiled_grid(model, positions, [int(v) for v in extra["image_sizes"][0]])
     side = int(round(len(positions) ** 0.5))
-    if side * side != len(positions) or "image_sizes" in extra:
+    if side * side != len(positions):
         return None
     return ImageGrid(side, side, tuple(positions))
+
+
+def _tiled_grid(model: "TransformerBridge", positions: list[int], image_size: list[int]) -> ImageGrid | None:
+    """LLaVA-OneVision's anyres layout: a base (overview) image of side × side tokens, then the
+    tiles' joint grid, unpadded to the image's aspect ratio and shrunk to the anyres_max budget as
+    the model packs it, with a row-end token after each row. The grid is that high-resolution
+    part (base and row-end tokens are not cells); None if the counts do not match this layout."""
+    from transformers.models.llava_onevision.modeling_llava_onevision import get_anyres_image_grid_shape, unpad_image
+
+    config = model.original_model.config
+    vision = getattr(config, "vision_config", None)
+    pinpoints = getattr(config, "image_grid_pinpoints", None)
+    if vision is None or not pinpoints:
+        return None
+    side = vision.image_size // vision.patch_size
+    tiles_high, tiles_wide = get_anyres_image_grid_shape(image_size, pinpoints, vision.image_size)
+    rows, cols = unpad_image(torch.empty(0, tiles_high * side, tiles_wide * side), torch.tensor(image_size)).shape[1:]
+    budget = int(getattr(config, "vision_aspect_ratio", "anyres_max_9").strip("anyres_max_"))
+    ratio = math.sqrt(rows * cols / (budget * side**2))
+    if ratio > 1.1:  # the model interpolates the grid down to its budget
+        rows, cols = int(rows // ratio), int(cols // ratio)
+    base = side * side
+    if rows < 1 or cols < 1 or base + rows * (cols + 1) != len(positions):
+        return None
+    cells = [positions[base + row * (cols + 1) + col] for row in range(rows) for col in range(cols)]
+    return ImageGrid(rows, cols, tuple(cells))
+
+
+def _image_markup(model: "TransformerBridge", placeholder: str) -> str:
+    """The text placed before a completion prompt for its image: the placeholder, inside the
+    model's vision start/end markers where it has them (Qwen-VL), as its chat template writes it."""
+    config = model.original_model.config
+    start, end = getattr(config, "vision_start_token_id", None), getattr(config, "vision_end_token_id", None)
+    if start is None or end is None:
+        return placeholder
+    markers = model.hf_tokenizer.convert_ids_to_tokens([start, end])
+    return f"{markers[0]}{placeholder}{markers[1]}"
 
 
 def encode_with_image(model: "TransformerBridge", prompt: Prompt, image: object, *, chat: bool = False) -> tuple[Encoded, dict]:
@@ -290,7 +330,7 @@ def encode_with_image(model: "TransformerBridge", prompt: Prompt, image: object,
     else:
         if not isinstance(prompt, str) or not prompt.strip():
             raise InvalidArgumentError("The prompt is empty; give the model some text.")
-        text = prompt if placeholder in prompt else f"{placeholder}\n{prompt}"
+        text = prompt if placeholder in prompt else f"{_image_markup(model, placeholder)}\n{prompt}"
     if text.count(placeholder) != 1:
         raise InvalidArgumentError(f"The prompt must hold exactly one {placeholder!r} for the one image.")
     inputs = processor(text=text, images=picture, return_tensors="pt")

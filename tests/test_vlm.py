@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 
 import numpy as np
 import pytest
@@ -154,6 +155,107 @@ def test_qwen_vl_logprobs_equal_hf_with_text_after_the_image(kind, tokenizer):
         assert type(bridge.adapter).__name__ == "Qwen2VLShimAdapter"
 
 
+@pytest.mark.parametrize("kind", ["qwen2_vl", "qwen2_5_vl"])
+def test_qwen_vl_vision_rollout_matches_numpy_on_the_towers_own_attention(kind, tokenizer, monkeypatch):
+    """The reference records the vision tower's own eager attention weights while it runs (per
+    image or window chunk), lays Qwen2.5-VL's windows back out with transformers' window index,
+    rolls out in numpy and places each patch by the model's own (h, w) rotary positions."""
+    import importlib
+
+    from transformers.vision_utils import get_vision_position_ids, get_vision_window_index
+
+    from mechvis.analysis.vision import ImageGrid, vision_rollout
+    from tests.reference import rollout_loop
+
+    model, ids, inputs = _qwen_vl(kind)
+    reference = copy.deepcopy(model)
+    reference.config.vision_config._attn_implementation = "eager"
+    bridge = mechvis.load_model(model, tokenizer=tokenizer, device="cpu")
+    _, cache = bridge.run_with_cache(ids, **inputs)
+    image_positions = tuple(p for p, t in enumerate(ids[0].tolist()) if t == 49_155)
+    grid = ImageGrid(2, 3, image_positions, merge_size=2)
+    queries = [ids.shape[1] - 3, ids.shape[1] - 1]
+    rolled = vision_rollout(cache, bridge, grid, query_positions=queries)
+
+    module = importlib.import_module(type(reference).__module__)
+    chunks = []
+    original = module.eager_attention_forward
+
+    def recording(*args, **kwargs):
+        output, weights = original(*args, **kwargs)
+        if "Vision" in type(args[0]).__name__:  # the language model's layers use it too
+            chunks.append(weights[0].double().numpy())
+        return output, weights
+
+    monkeypatch.setattr(module, "eager_attention_forward", recording)
+    with torch.no_grad():
+        language = torch.stack(reference(input_ids=ids, **inputs, output_attentions=True).attentions)[:, 0].double().numpy()
+    n, heads = 24, 2
+    layers = []
+    while chunks:  # the chunks of one layer tile its n positions (one image, or its windows)
+        layer, start = np.zeros((heads, n, n)), 0
+        while start < n:
+            block = chunks.pop(0)
+            layer[:, start : start + block.shape[-1], start : start + block.shape[-1]] = block
+            start += block.shape[-1]
+        layers.append(layer)
+    assert len(layers) == 2
+    order = np.arange(n)
+    if kind == "qwen2_5_vl":
+        window_index, _ = get_vision_window_index(inputs["image_grid_thw"], 2, 56, 14)
+        order = (window_index.numpy()[:, None] * 4 + np.arange(4)).flatten()
+        assert not np.array_equal(order, np.arange(n))  # the windows really reorder the patches
+    restore = np.argsort(order)
+    vision = rollout_loop(np.stack(layers))[restore][:, restore]
+    hw = get_vision_position_ids(inputs["image_grid_thw"], 2).numpy()
+    token_of = (hw[:, 0] // 2) * 3 + hw[:, 1] // 2
+    per_token = np.stack([vision[token_of == j].mean(0) for j in range(6)])
+    text_part = rollout_loop(language)[queries][:, list(image_positions)]
+    in_sequence = text_part @ per_token
+    expected = np.zeros_like(in_sequence)
+    expected[:, hw[:, 0] * 6 + hw[:, 1]] = in_sequence
+    assert rolled.patch_shape == (4, 6) and rolled.vision_layers == [0, 1]
+    np.testing.assert_allclose(rolled.maps.numpy(), expected / expected.sum(-1, keepdims=True), atol=1e-5)
+    np.testing.assert_allclose(rolled.image_mass.numpy(), text_part.sum(-1), atol=1e-5)
+    assert rolled.maps.std(-1).min() > 1e-4  # not a flat map: the check has something to compare
+
+
+@pytest.mark.parametrize("kind", ["qwen2_vl", "qwen2_5_vl"])
+def test_qwen_vl_run_with_its_processor_then_vision_rollout(kind, tokenizer_dir, tmp_path):
+    """The whole path a user takes: mechvis.run with a picture through the model's processor
+    (completion prompt wrapped in the vision start/end markers), then the rollout onto patches."""
+    from transformers import Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor
+
+    from mechvis.analysis.vision import vision_rollout
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    # 49,152 … 49,156; the first is unused so the ids match _qwen_vl's config.
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|unused|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]})
+    assert tokenizer.convert_tokens_to_ids(["<|vision_start|>", "<|image_pad|>"]) == [49_153, 49_155]
+    model, _, _ = _qwen_vl(kind)
+    reference = copy.deepcopy(model)
+    image_processor = Qwen2VLImageProcessor(patch_size=14, merge_size=2, temporal_patch_size=2, min_pixels=56 * 56, max_pixels=56 * 84)
+    processor = Qwen2VLProcessor(image_processor=image_processor, tokenizer=tokenizer, video_processor=Qwen2VLVideoProcessor())
+    bridge = mechvis.load_model(model, tokenizer=tokenizer, processor=processor, device="cpu")
+    picture = Image.fromarray((np.random.default_rng(3).random((56, 84, 3)) * 255).astype("uint8"))
+    result = mechvis.run(bridge, "Where is the red part?", image=picture)
+    inputs = processor(text="<|vision_start|><|image_pad|><|vision_end|>\nWhere is the red part?", images=picture, return_tensors="pt")
+    with torch.no_grad():
+        expected = reference(**inputs).logits[0].log_softmax(-1)
+    assert result.tokens.tolist() == inputs["input_ids"][0].tolist()
+    assert (result.logits.log_softmax(-1) - expected).abs().max() <= 1e-4
+    grid = result.segments.image_grid
+    assert (grid.rows, grid.cols, grid.merge_size) == (2, 3, 2)
+    rolled = vision_rollout(result.cache, bridge, grid, query_positions=[-1])
+    assert rolled.patch_shape == (4, 6) and rolled.maps.shape == (1, 24)
+    assert float(rolled.maps.sum()) == pytest.approx(1.0, abs=1e-5) and bool((rolled.maps >= 0).all())
+    from mechvis.report import write_report
+
+    write_report(bridge, "Describe it.", tmp_path / "q.html", json_path=tmp_path / "q.json", image=picture, max_new_tokens=3)
+    vision = json.loads((tmp_path / "q.json").read_text())["vision"]
+    assert (vision["grid"]["rows"], vision["grid"]["cols"]) == (2, 3) and vision["rollout_patch_shape"] == [4, 6]
+
+
 def test_unsupported_vlm_architecture(tokenizer):
     from transformers import PaliGemmaConfig
 
@@ -206,7 +308,26 @@ def test_llava_onevision_through_the_bridge(tokenizer_dir):
         expected = reference(**inputs).logits[0].log_softmax(-1)
     assert (result.logits.log_softmax(-1) - expected).abs().max() <= 1e-4
     assert len(result.segments.positions("image")) == int((inputs["input_ids"] == image_id).sum())
-    assert result.segments.image_grid is None  # base image + tiles + row ends: not a plain grid (yet)
+    # The layout, found independently: the model's own packed features, where rows equal to its
+    # row-end embedding mark the ends of the high-resolution grid's rows after the base image.
+    wide = Image.fromarray((np.random.default_rng(4).random((30, 75, 3)) * 255).astype("uint8"))
+    shapes = []
+    for image in (picture, wide):
+        result = mechvis.run(bridge, "What is this? Tell me.", image=image)
+        inputs = processor(text="<image>\nWhat is this? Tell me.", images=image, return_tensors="pt")
+        with torch.no_grad():
+            packed = reference.model.get_image_features(inputs["pixel_values"], inputs["image_sizes"], return_dict=True).pooler_output
+        packed = torch.cat(list(packed)) if isinstance(packed, (list, tuple)) else packed
+        row_end = (packed == reference.model.image_newline).all(-1).nonzero().flatten().tolist()
+        image_positions = result.segments.positions("image")
+        base = 4  # 28 px / 14 px patches: a 2 × 2 overview image first
+        rows, cols = len(row_end), row_end[0] - base
+        expected = [image_positions[i] for i in range(base, len(image_positions)) if i not in row_end]
+        grid = result.segments.image_grid
+        assert (grid.rows, grid.cols) == (rows, cols) and list(grid.positions) == expected
+        assert row_end == [base + r * (cols + 1) + cols for r in range(rows)]
+        shapes.append((rows, cols))
+    assert shapes[0][0] == shapes[0][1] > 1 and shapes[1][0] < shapes[1][1]  # square, then wide
 
 
 def test_logit_lens_at_image_tokens_matches_hf(tiny_llava):
@@ -243,6 +364,7 @@ def test_vision_rollout_matches_numpy_on_hf_attentions(tiny_llava):
         language = torch.stack(reference(**inputs, output_attentions=True).attentions)[:, 0].double().numpy()
         vision = reference.model.vision_tower(inputs["pixel_values"], output_attentions=True).attentions
     vision = torch.stack(vision)[:, 0].double().numpy()
+    assert rolled.patch_shape == (grid.rows, grid.cols)
     assert reference.config.vision_feature_layer == -2 and rolled.vision_layers == [0]  # 2 layers: the penultimate is layer 0
     text_part = rollout_loop(language)[queries][:, list(grid.positions)]
     combined = (text_part @ rollout_loop(vision[:1])[1:])[:, 1:]  # image token i ↔ vision position i + 1; CLS dropped
@@ -309,7 +431,6 @@ def test_streamed_image_attention_equals_the_cached_one(tiny_llava):
 
 
 def test_report_with_an_image(tiny_llava, tmp_path):
-    import json
 
     from mechvis.report import write_report
 
@@ -320,7 +441,7 @@ def test_report_with_an_image(tiny_llava, tmp_path):
     assert '<section id="vision">' in document and "&lt;b&gt;this&lt;/b&gt;" in document
     vision = json.loads((tmp_path / "r.json").read_text())["vision"]
     assert (vision["grid"]["rows"], vision["grid"]["cols"]) == (4, 4) and len(vision["image_mass_per_layer"]) == 2
-    assert sum(vision["mean_map"]) == pytest.approx(1.0, abs=1e-3) and vision["rollout_map"] is not None
+    assert sum(vision["mean_map"]) == pytest.approx(1.0, abs=1e-3) and len(vision["rollout_map"]) == 16 and vision["rollout_patch_shape"] == [4, 4]
 
 
 def test_vision_entry_points_reject_bad_input(tiny_llava):

@@ -143,23 +143,34 @@ class Rollout:
     span_mass: Float[Tensor, " query"] | None = None
 
 
-def rollout_matrix(
-    patterns: Float[Tensor, "layer head query key"], head_fusion: str = "mean", residual_weight: float = 0.5
-) -> Float[Tensor, "query key"]:
-    """R = Â_L ⋯ Â_1 with Â_ℓ = (1 − w)·fuse_h(A_ℓ) + w·I, rows renormalised (float64)."""
+def augmented_attention(
+    patterns: Float[Tensor, "... head query key"], head_fusion: str = "mean", residual_weight: float = 0.5
+) -> Float[Tensor, "... query key"]:
+    """One rollout factor per layer: Â = (1 − w)·fuse_h(A) + w·I, rows renormalised (float64)."""
     if head_fusion not in ("mean", "max", "min"):
         raise InvalidArgumentError(f"head_fusion must be 'mean', 'max' or 'min'; got {head_fusion!r}.")
     if not 0.0 <= residual_weight <= 1.0:
         raise InvalidArgumentError(f"residual_weight must be in [0, 1]; got {residual_weight}.")
     patterns = patterns.double()
-    fused = {"mean": patterns.mean(1), "max": patterns.amax(1), "min": patterns.amin(1)}[head_fusion]
+    fused = {"mean": patterns.mean(-3), "max": patterns.amax(-3), "min": patterns.amin(-3)}[head_fusion]
     identity = torch.eye(fused.shape[-1], dtype=fused.dtype, device=fused.device)
     augmented = (1.0 - residual_weight) * fused + residual_weight * identity
-    augmented = augmented / augmented.sum(dim=-1, keepdim=True)
-    result = identity
+    return augmented / augmented.sum(dim=-1, keepdim=True)
+
+
+def rollout_product(augmented: Float[Tensor, "layer query key"]) -> Float[Tensor, "query key"]:
+    """R = Â_L ⋯ Â_1 (the first layer's factor rightmost)."""
+    result = torch.eye(augmented.shape[-1], dtype=augmented.dtype, device=augmented.device)
     for layer_matrix in augmented:  # R ← Â_ℓ R, a product over layers (not over tokens or heads)
         result = layer_matrix @ result
     return result
+
+
+def rollout_matrix(
+    patterns: Float[Tensor, "layer head query key"], head_fusion: str = "mean", residual_weight: float = 0.5
+) -> Float[Tensor, "query key"]:
+    """R = Â_L ⋯ Â_1 with Â_ℓ = (1 − w)·fuse_h(A_ℓ) + w·I, rows renormalised (float64)."""
+    return rollout_product(augmented_attention(patterns, head_fusion, residual_weight))
 
 
 def rollout(

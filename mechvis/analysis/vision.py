@@ -17,7 +17,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from mechvis.analysis._checks import activation, check_layers, check_positions
+from mechvis.analysis._checks import activation, check_layers, check_positions, require_hooks
 from mechvis.analysis.attention import pattern_hook
 from mechvis.errors import InvalidArgumentError
 from mechvis.running import ImageGrid
@@ -271,15 +271,17 @@ def silhouette(distance: Float[Tensor, "n n"], labels: Sequence[int]) -> float:
 @dataclass
 class VisionRollout:
     """Rollout from query positions through the language model into the image block, then through
-    the vision encoder (up to the layer the projector reads) onto the image patches.
+    the vision encoder onto the image patches.
 
-    `maps[q]` sums to 1 over the patches of `grid`; `image_mass[q]` is the share of the query's
-    language-model rollout that lands on the image block.
+    `maps[q]` sums to 1 over the vision patches, row-major over `patch_shape` (rows × cols of
+    patches: `grid`'s shape for LLaVA, `merge_size` times finer for Qwen-VL); `image_mass[q]` is
+    the share of the query's language-model rollout that lands on the image block.
     """
 
     query_positions: list[int]
     grid: ImageGrid
-    maps: Float[Tensor, "query cell"]
+    patch_shape: tuple[int, int]
+    maps: Float[Tensor, "query patch"]
     image_mass: Float[Tensor, " query"]
     vision_layers: list[int]
 
@@ -293,38 +295,126 @@ def vision_rollout(
     head_fusion: str = "mean",
     residual_weight: float = 0.5,
 ) -> VisionRollout:
-    """Rollout for LLaVA-style models (one image token per vision patch): the language model's
-    rollout restricted to the image tokens, times the vision encoder's rollout over the layers
-    the projector sees (LLaVA reads the penultimate layer, `vision_feature_layer = -2`), with the
-    projector's "default" feature selection (CLS dropped)."""
+    """The language model's rollout restricted to the image tokens, times the vision encoder's
+    rollout mapped back to patches (REFERENCES, "Attention rollout"; the same head fusion and
+    residual weight in both).
+
+    LLaVA (one image token per patch): the encoder layers the projector sees (the penultimate
+    layer for `vision_feature_layer = -2`), CLS dropped as the "default" feature selection does.
+    Qwen2-VL / Qwen2.5-VL: every vision block (the merger reads the last), with Qwen2.5-VL's
+    windowed blocks in their window order; each image token is the mean of its merge_size ×
+    merge_size patches' rollout rows, as the merger concatenates exactly those patches. The
+    vision patterns are recomputed from the cached pixels with the tower's own query/key
+    projections and 2-D rotary embedding (its attention exposes no pattern hook).
+    """
     from mechvis.analysis.attention import attention_patterns, rollout_matrix
 
-    config = model.original_model.config
-    vision_config = getattr(config, "vision_config", None)
-    feature_layer = getattr(config, "vision_feature_layer", None)
-    strategy = getattr(config, "vision_feature_select_strategy", "default")
-    if vision_config is None or not isinstance(feature_layer, int) or grid.merge_size != 1 or strategy != "default":
-        raise InvalidArgumentError(
-            "vision_rollout maps LLaVA-style encoders (one image token per patch, a single "
-            "vision_feature_layer); this model's layout (e.g. Qwen-VL's 2 × 2 merge) is not mapped yet."
-        )
-    n_vision = vision_config.num_hidden_layers
-    last = feature_layer % (n_vision + 1)  # hidden_states index: 0 = embeddings, i = after layer i − 1
-    vision_layers = list(range(last))
-    names = [f"vision_encoder.encoder_layers.{i}.attn.hook_pattern" for i in vision_layers]
-    vision = torch.stack([activation(cache, name) for name in names])
-    vision_rollout_matrix = rollout_matrix(vision, head_fusion, residual_weight)
-    n_patches = grid.rows * grid.cols
-    offset = vision_rollout_matrix.shape[-1] - n_patches  # the CLS position(s) before the patches
-    if offset < 0:
-        raise InvalidArgumentError(f"The vision encoder has {vision_rollout_matrix.shape[-1]} positions for {n_patches} image tokens.")
+    visual = _qwen_visual(model)
+    if visual is None:
+        _check_llava_layout(model, grid)
+    elif grid.merge_size != visual.spatial_merge_size:
+        raise InvalidArgumentError(f"This grid merges {grid.merge_size} × {grid.merge_size} patches; the vision tower merges {visual.spatial_merge_size}.")
     language = rollout_matrix(attention_patterns(cache, model), head_fusion, residual_weight)
     queries = check_positions(language.shape[0], query_positions)
     to_image = language[queries][:, list(grid.positions)]  # (query, image token)
-    # Image token i is vision position offset + i (the projector drops CLS); CLS's share is dropped.
-    onto_patches = (to_image @ vision_rollout_matrix[offset:])[:, offset:]
+    if visual is None:
+        onto_patches, vision_layers = _llava_onto_patches(cache, model, grid, to_image, head_fusion, residual_weight)
+        patch_shape = (grid.rows, grid.cols)
+    else:
+        onto_patches, vision_layers = _qwen_onto_patches(cache, visual, grid, to_image, head_fusion, residual_weight)
+        patch_shape = (grid.rows * grid.merge_size, grid.cols * grid.merge_size)
     maps = onto_patches / onto_patches.sum(-1, keepdim=True)
-    return VisionRollout(queries, grid, maps.float(), to_image.sum(-1).float(), vision_layers)
+    return VisionRollout(queries, grid, patch_shape, maps.float(), to_image.sum(-1).float(), vision_layers)
+
+
+def _check_llava_layout(model: "TransformerBridge", grid: ImageGrid) -> None:
+    config = model.original_model.config
+    feature_layer = getattr(config, "vision_feature_layer", None)
+    strategy = getattr(config, "vision_feature_select_strategy", "default")
+    tiled = bool(getattr(config, "image_grid_pinpoints", None))  # LLaVA-NeXT / OneVision: tiles, not one patch grid
+    if getattr(config, "vision_config", None) is None or not isinstance(feature_layer, int) or grid.merge_size != 1 or strategy != "default" or tiled:
+        raise InvalidArgumentError(
+            "vision_rollout maps LLaVA-style encoders (one image token per patch, a single "
+            "vision_feature_layer) and Qwen-VL's merged patches; this model's layout is not mapped yet."
+        )
+
+
+def _llava_onto_patches(
+    cache: "ActivationCache", model: "TransformerBridge", grid: ImageGrid, to_image: Tensor, head_fusion: str, residual_weight: float
+) -> tuple[Float[Tensor, "query patch"], list[int]]:
+    from mechvis.analysis.attention import rollout_matrix
+
+    config = model.original_model.config
+    n_vision = config.vision_config.num_hidden_layers
+    last = config.vision_feature_layer % (n_vision + 1)  # hidden_states index: 0 = embeddings, i = after layer i − 1
+    vision_layers = list(range(last))
+    names = [f"vision_encoder.encoder_layers.{i}.attn.hook_pattern" for i in vision_layers]
+    vision = rollout_matrix(torch.stack([activation(cache, name) for name in names]), head_fusion, residual_weight)
+    offset = vision.shape[-1] - grid.rows * grid.cols  # the CLS position(s) before the patches
+    if offset < 0:
+        raise InvalidArgumentError(f"The vision encoder has {vision.shape[-1]} positions for {grid.rows * grid.cols} image tokens.")
+    # Image token i is vision position offset + i (the projector drops CLS); CLS's share is dropped.
+    return (to_image @ vision[offset:])[:, offset:], vision_layers
+
+
+def _qwen_visual(model: "TransformerBridge") -> "torch.nn.Module | None":
+    """Qwen-VL's vision tower (patch embedding, blocks, 2 × 2 merger), or None for other models."""
+    visual = getattr(getattr(model.original_model, "model", None), "visual", None)
+    return visual if visual is not None and hasattr(visual, "spatial_merge_size") and hasattr(visual, "blocks") else None
+
+
+def _qwen_onto_patches(
+    cache: "ActivationCache", visual: "torch.nn.Module", grid: ImageGrid, to_image: Tensor, head_fusion: str, residual_weight: float
+) -> tuple[Float[Tensor, "query patch"], list[int]]:
+    import sys
+
+    from transformers.vision_utils import get_vision_window_index
+
+    from mechvis.analysis.attention import augmented_attention, rollout_product
+
+    merge = grid.merge_size
+    unit = merge * merge
+    rows, cols = grid.rows * merge, grid.cols * merge
+    require_hooks(cache, ["vision_encoder.hook_in"])
+    pixels = cache["vision_encoder.hook_in"]  # (patch, features): Qwen-VL's tower has no batch dimension
+    if pixels.shape[0] != rows * cols:
+        raise InvalidArgumentError(f"The cached vision input has {pixels.shape[0]} patches; one image of {rows} × {cols} patches was expected.")
+    grid_thw = torch.tensor([[1, rows, cols]], device=pixels.device)
+    factors: list[Tensor] = []
+
+    def record(module: "torch.nn.Module", args: tuple, kwargs: dict) -> None:
+        attention = getattr(module, "original_component", module)
+        rotary = sys.modules[type(attention).__module__].apply_rotary_pos_emb_vision
+        hidden = args[0] if args else kwargs["hidden_states"]
+        qkv = attention.qkv(hidden).reshape(hidden.shape[0], 3, attention.num_heads, -1)
+        query, key = rotary(qkv[:, 0], qkv[:, 1], *kwargs["position_embeddings"])
+        scores = torch.einsum("qhd,khd->hqk", query.float(), key.float()) * attention.scaling
+        bounds = kwargs["cu_seqlens"].tolist()
+        block = torch.zeros(hidden.shape[0], dtype=torch.long, device=hidden.device)
+        for start in bounds[1:-1]:  # one id per attention block (the image, or a window of it)
+            block[start:] += 1
+        scores = scores.masked_fill(block[:, None] != block[None, :], float("-inf"))
+        factors.append(augmented_attention(scores.softmax(-1), head_fusion, residual_weight))
+
+    handles = [block.attn.register_forward_pre_hook(record, with_kwargs=True) for block in visual.blocks]
+    try:
+        with torch.no_grad():
+            visual(pixels, grid_thw=grid_thw)
+    finally:
+        for handle in handles:
+            handle.remove()
+    order = torch.arange(rows * cols, device=pixels.device)  # sequence position → patch index in merge-block order
+    if hasattr(visual, "window_size"):  # Qwen2.5-VL runs its blocks over merge units in window order
+        window_index, _ = get_vision_window_index(grid_thw, visual.spatial_merge_size, visual.window_size, visual.patch_size)
+        order = (window_index.to(pixels.device)[:, None] * unit + torch.arange(unit, device=pixels.device)).flatten()
+    restore = torch.argsort(order)
+    vision = rollout_product(torch.stack(factors))[restore][:, restore]  # in merge-block order
+    # Image token j is merge unit j: patches j·unit … j·unit + unit − 1, concatenated by the merger.
+    per_token = vision.reshape(grid.rows * grid.cols, unit, -1).mean(1)
+    onto_patches = to_image @ per_token
+    # Merge-block order (block row, block col, row in block, col in block) → raster order.
+    raster = onto_patches.reshape(-1, grid.rows, grid.cols, merge, merge).permute(0, 1, 3, 2, 4)
+    return raster.reshape(onto_patches.shape[0], rows * cols), list(range(len(visual.blocks)))
 
 
 @dataclass

@@ -239,6 +239,7 @@ def report_json(data: ReportData) -> dict:
             "last_layer_head_clusters": vision.clusters.labels,
             "silhouette": vision.clusters.silhouette,
             "rollout_map": rounded(vision.rollout.maps.mean(0)) if vision.rollout is not None else None,
+            "rollout_patch_shape": list(vision.rollout.patch_shape) if vision.rollout is not None else None,
         }
     if data.ablation is not None:
         result["ablation"] = {"method": data.ablation.method, "target": data.ablation_target,

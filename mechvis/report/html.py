@@ -161,15 +161,16 @@ def render_report(data: ReportData, model) -> str:
     if data.vision is not None:
         vision = data.vision
         grid = (vision.attention.grid.rows, vision.attention.grid.cols)
-        maps, titles = [vision.mean_map], ["mean attention of the generated tokens"]
+        maps, shapes, titles = [vision.mean_map], [grid], ["mean attention of the generated tokens"]
         if vision.rollout is not None:
             maps.append(vision.rollout.maps.mean(0))
-            titles.append("rollout through the vision encoder")
+            shapes.append(vision.rollout.patch_shape)
+            titles.append("rollout through the vision encoder (per patch)")
         spots = "".join(f"<tr><td>{len(spot.cells)}</td><td>{spot.mass:.3f}</td><td>({spot.centre[0]:.1f}, {spot.centre[1]:.1f})</td></tr>"
                         for spot in vision.hotspots)
         sections.append(_section("Image attention", "vision", [
             figure_html(figures.image_mass_figure(vision.attention.mass_per_layer), "attention mass on the image per layer"),
-            figure_html(figures.comparison_figure(maps, [grid] * len(maps), [vision.image] * len(maps), titles), "where the generated tokens look"),
+            figure_html(figures.comparison_figure(maps, shapes, [vision.image] * len(maps), titles), "where the generated tokens look"),
             f"<table><tr><th>hotspot cells</th><th>mass</th><th>centre (row, col)</th></tr>{spots}</table>",
             f"<p>Heads of the last layer in two clusters by Jensen–Shannon distance of their image maps: "
             f"{html.escape(str(vision.clusters.labels))}, silhouette {vision.clusters.silhouette:.3f}.</p>",
