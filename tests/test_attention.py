@@ -98,6 +98,24 @@ def test_row_entropy_known_values():
     torch.testing.assert_close(row_entropy(rows), torch.tensor([0.0, math.log(2), math.log(4)]))
 
 
+@pytest.mark.parametrize("n_queries, n_keys, causal", [(150, 150, True), (70, 100, True), (150, 150, False)])
+def test_block_causal_entropy_equals_numpy_on_every_row(n_queries, n_keys, causal):
+    """The block-causal path reads only visible keys; a pattern with mass ahead of the diagonal
+    (not causal) must fall back to every key, not lose that mass."""
+    from mechvis.analysis.attention import _causal_row_entropy
+    from tests.reference import entropy_rows
+
+    generator = torch.Generator().manual_seed(n_queries + n_keys)
+    scores = torch.randn(3, n_queries, n_keys, generator=generator) * 3
+    if causal:
+        ahead = torch.ones(n_queries, n_keys, dtype=torch.bool).triu(n_keys - n_queries + 1)
+        scores = scores.masked_fill(ahead, float("-inf"))
+    pattern = scores.softmax(-1)
+    got = _causal_row_entropy(pattern, scratch=torch.empty_like(pattern))
+    expected = entropy_rows(pattern.double().numpy())
+    np.testing.assert_allclose(got.numpy(), expected, atol=1e-5)
+
+
 def test_rollout_matches_the_plain_loop_on_hf_attentions(tiny):
     model, reference = tiny("llama")
     result = mechvis.run(model, PROMPT)

@@ -102,9 +102,31 @@ class HeadEntropy:
         return [(self.layers[i // n_heads], i % n_heads, values.flatten()[i].item()) for i in order]
 
 
-def row_entropy(pattern: Float[Tensor, "... key"]) -> Float[Tensor, "..."]:
-    """−Σ_k a_k ln a_k in nats, with 0 ln 0 = 0."""
-    return torch.special.entr(pattern).sum(-1)
+def row_entropy(pattern: Float[Tensor, "... key"], *, scratch: Tensor | None = None) -> Float[Tensor, "..."]:
+    """−Σ_k a_k ln a_k in nats, with 0 ln 0 = 0 (entries below the dtype's smallest normal count as
+    that value: a change below 1e-36 nats in float32). `scratch`, shaped and typed like `pattern`,
+    is overwritten instead of allocating a copy."""
+    logs = torch.clamp(pattern, min=torch.finfo(pattern.dtype).tiny, out=scratch)
+    return logs.log_().mul_(pattern).sum(-1).neg_()
+
+
+_QUERY_BLOCK = 64
+
+
+def _causal_row_entropy(pattern: Float[Tensor, "head query key"], *, scratch: Tensor) -> Float[Tensor, "head query"]:
+    """`row_entropy` of a causal pattern, reading for each block of queries only the keys its last
+    query can see (the rest are zeros and add nothing): about half the entries at N ≫ 64. If the
+    rows' mass is not all there (a model attending ahead), every key is read instead."""
+    n_queries, n_keys = pattern.shape[-2:]
+    offset = n_keys - n_queries  # queries are the last positions when keys include a prefix
+    parts, least_mass = [], 1.0
+    for start in range(0, n_queries, _QUERY_BLOCK):  # tiles of 64 queries, not single tokens
+        visible = pattern[..., start : start + _QUERY_BLOCK, : start + _QUERY_BLOCK + offset]
+        least_mass = min(least_mass, float(visible.sum(-1).min()))
+        parts.append(row_entropy(visible, scratch=scratch.view(-1)[: visible.numel()].view(visible.shape)))
+    if least_mass < 1.0 - 1e-3:
+        return row_entropy(pattern, scratch=scratch)
+    return torch.cat(parts, dim=-1)
 
 
 def head_entropy(
@@ -118,8 +140,14 @@ def head_entropy(
     chosen = check_layers(model, layers)
     n_positions = activation(cache, pattern_hook(chosen[0])).shape[-1]
     sinks = check_positions(n_positions, sink_positions) if sink_positions else []
-    # Layer by layer: stacking every pattern first would copy layers × heads × pos² floats.
-    entropy = torch.stack([row_entropy(activation(cache, pattern_hook(layer)).float()) for layer in chosen])
+    # Layer by layer through one scratch buffer: stacking every pattern first would copy
+    # layers × heads × pos² floats, and a fresh buffer per layer pays its page faults each time.
+    scratch = torch.empty_like(activation(cache, pattern_hook(chosen[0])), dtype=torch.float32)
+    causal = getattr(model.cfg, "attention_dir", "causal") == "causal"
+    entropy = torch.stack([
+        (_causal_row_entropy if causal else row_entropy)(activation(cache, pattern_hook(layer)).float(), scratch=scratch)
+        for layer in chosen
+    ])
     sink_mass = (
         torch.stack([activation(cache, pattern_hook(layer))[..., sinks].float().sum(-1) for layer in chosen])
         if sinks else torch.zeros_like(entropy)
