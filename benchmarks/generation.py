@@ -1,15 +1,18 @@
 """128 new tokens on the embedded model: mechvis's full trace (KV-cached generate + one teacher-forced
 analysis pass with every activation cached) against the limit (plain HF generate + one plain forward
 with attentions and hidden states) and against recomputing the whole prefix with
-output_attentions=True at every step (the per-step approach)."""
+output_attentions=True at every step (the per-step approach). Both baselines run a plain HF model
+loaded separately from the same weights (eager attention, as attention outputs need)."""
 
 from __future__ import annotations
 
 import time
 
 import torch
+from transformers import AutoModelForCausalLM
 
 import mechvis
+from mechvis.models import embedded_model_dir
 from mechvis.demo import DEMO_PROMPT
 
 N_NEW = 128
@@ -23,7 +26,7 @@ def _timed(function):
 
 def main() -> None:
     model = mechvis.load_model(device="cpu")
-    hf = model.original_model
+    hf = AutoModelForCausalLM.from_pretrained(embedded_model_dir(), attn_implementation="eager").eval()
     prompt_ids = torch.tensor([mechvis.encode(model, DEMO_PROMPT, chat=True).token_ids])
     mechvis.generate(model, DEMO_PROMPT, chat=True, max_new_tokens=4)  # warm-up
 

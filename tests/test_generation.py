@@ -31,6 +31,32 @@ def test_greedy_reproduces_hf_and_teacher_forcing_reproduces_the_step_logits(tin
     assert (trace.step_distributions.argmax(-1) == torch.tensor(trace.generated_ids)).all()
 
 
+def test_decoding_skips_the_bridge_wrappers_only_while_no_hook_is_active(tiny):
+    """Without hooks, HF's generate runs the wrapped HF modules (shared parameters, identical
+    logits, the bridge left intact); with any hook, the bridge itself, so the hook applies."""
+    from mechvis.generation import _decoder
+
+    model, _ = tiny("llama")
+    mechvis.generate(model, "Once", max_new_tokens=2)  # transformers leaves its output-capturing hooks on HF modules
+    assert any(module._forward_hooks or module._forward_pre_hooks for module in model.original_model.modules())
+    plain = _decoder(model)
+    assert not any("_original_component" in module._modules for module in plain.modules())
+    assert {p.data_ptr() for p in plain.parameters()} <= {p.data_ptr() for p in model.parameters()}
+    ids = torch.tensor([[1, 504, 282, 4649, 314]])
+    options = dict(attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False, pad_token_id=2,
+                   output_logits=True, return_dict_in_generate=True)
+    with torch.no_grad():
+        fast, bridged = plain.generate(ids, **options), model.original_model.generate(ids, **options)
+    assert torch.equal(fast.sequences, bridged.sequences)
+    assert (torch.stack(fast.logits) - torch.stack(bridged.logits)).abs().max() <= 1e-5
+    assert "_original_component" in model.original_model.model.layers[0]._modules  # the bridge is untouched
+    seen = []
+    with model.hooks(fwd_hooks=[("blocks.0.hook_resid_post", lambda tensor, hook: seen.append(1))]):
+        assert _decoder(model) is model.original_model
+        mechvis.generate(model, "Once upon a time", max_new_tokens=3)
+    assert len(seen) >= 3  # every decoding step went through the hooked bridge (+ the analysis pass)
+
+
 def test_sampling_follows_the_settings_and_the_seed(tiny):
     model, _ = tiny("llama")
     state = torch.random.get_rng_state()
