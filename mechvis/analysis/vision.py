@@ -389,10 +389,9 @@ def _qwen_onto_patches(
         qkv = attention.qkv(hidden).reshape(hidden.shape[0], 3, attention.num_heads, -1)
         query, key = rotary(qkv[:, 0], qkv[:, 1], *kwargs["position_embeddings"])
         scores = torch.einsum("qhd,khd->hqk", query.float(), key.float()) * attention.scaling
-        bounds = kwargs["cu_seqlens"].tolist()
-        block = torch.zeros(hidden.shape[0], dtype=torch.long, device=hidden.device)
-        for start in bounds[1:-1]:  # one id per attention block (the image, or a window of it)
-            block[start:] += 1
+        # The attention block (the image, or one window of it) of each position, from the block ends.
+        ends = kwargs["cu_seqlens"][1:].to(hidden.device)
+        block = torch.searchsorted(ends, torch.arange(hidden.shape[0], device=hidden.device), right=True)
         scores = scores.masked_fill(block[:, None] != block[None, :], float("-inf"))
         factors.append(augmented_attention(scores.softmax(-1), head_fusion, residual_weight))
 
