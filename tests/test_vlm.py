@@ -249,6 +249,14 @@ def test_qwen_vl_run_with_its_processor_then_vision_rollout(kind, tokenizer_dir,
     rolled = vision_rollout(result.cache, bridge, grid, query_positions=[-1])
     assert rolled.patch_shape == (4, 6) and rolled.maps.shape == (1, 24)
     assert float(rolled.maps.sum()) == pytest.approx(1.0, abs=1e-5) and bool((rolled.maps >= 0).all())
+    from mechvis.analysis.vision import ImageGrid
+    from mechvis.errors import MissingActivationsError
+
+    with pytest.raises(InvalidArgumentError, match="merges 1 × 1 patches; the vision tower merges 2"):
+        vision_rollout(result.cache, bridge, ImageGrid(4, 6, tuple(range(24))), query_positions=[-1])
+    language_only = mechvis.run(bridge, "Where is the red part?", image=picture, names_filter=lambda name: name.endswith("attn.hook_pattern"))
+    with pytest.raises(MissingActivationsError, match="vision_encoder.hook_in"):
+        vision_rollout(language_only.cache, bridge, grid, query_positions=[-1])
     from mechvis.report import write_report
 
     write_report(bridge, "Describe it.", tmp_path / "q.html", json_path=tmp_path / "q.json", image=picture, max_new_tokens=3)
