@@ -138,11 +138,12 @@ def head_entropy(
 ) -> HeadEntropy:
     """Entropy of every head's attention rows, normalised by log(visible keys), with sink mass."""
     chosen = check_layers(model, layers)
-    n_positions = activation(cache, pattern_hook(chosen[0])).shape[-1]
+    first = activation(cache, pattern_hook(chosen[0]))
+    n_positions = first.shape[-1]
     sinks = check_positions(n_positions, sink_positions) if sink_positions else []
     # Layer by layer through one scratch buffer: stacking every pattern first would copy
     # layers × heads × pos² floats, and a fresh buffer per layer pays its page faults each time.
-    scratch = torch.empty_like(activation(cache, pattern_hook(chosen[0])), dtype=torch.float32)
+    scratch = torch.empty_like(first, dtype=torch.float32)
     causal = getattr(model.cfg, "attention_dir", "causal") == "causal"
     entropy = torch.stack([
         (_causal_row_entropy if causal else row_entropy)(activation(cache, pattern_hook(layer)).float(), scratch=scratch)

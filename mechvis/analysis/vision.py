@@ -9,6 +9,7 @@ masked). Grids are row-major over the model's LLM image tokens (rows × cols aft
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -18,7 +19,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from mechvis.analysis._checks import activation, check_layers, check_positions, require_hooks
-from mechvis.analysis.attention import pattern_hook
+from mechvis.analysis.attention import attention_patterns, augmented_attention, pattern_hook, rollout_matrix, rollout_product
 from mechvis.errors import InvalidArgumentError
 from mechvis.running import ImageGrid
 
@@ -307,8 +308,6 @@ def vision_rollout(
     vision patterns are recomputed from the cached pixels with the tower's own query/key
     projections and 2-D rotary embedding (its attention exposes no pattern hook).
     """
-    from mechvis.analysis.attention import attention_patterns, rollout_matrix
-
     visual = _qwen_visual(model)
     if visual is None:
         _check_llava_layout(model, grid)
@@ -342,8 +341,6 @@ def _check_llava_layout(model: "TransformerBridge", grid: ImageGrid) -> None:
 def _llava_onto_patches(
     cache: "ActivationCache", model: "TransformerBridge", grid: ImageGrid, to_image: Tensor, head_fusion: str, residual_weight: float
 ) -> tuple[Float[Tensor, "query patch"], list[int]]:
-    from mechvis.analysis.attention import rollout_matrix
-
     config = model.original_model.config
     n_vision = config.vision_config.num_hidden_layers
     last = config.vision_feature_layer % (n_vision + 1)  # hidden_states index: 0 = embeddings, i = after layer i − 1
@@ -366,11 +363,7 @@ def _qwen_visual(model: "TransformerBridge") -> "torch.nn.Module | None":
 def _qwen_onto_patches(
     cache: "ActivationCache", visual: "torch.nn.Module", grid: ImageGrid, to_image: Tensor, head_fusion: str, residual_weight: float
 ) -> tuple[Float[Tensor, "query patch"], list[int]]:
-    import sys
-
     from transformers.vision_utils import get_vision_window_index
-
-    from mechvis.analysis.attention import augmented_attention, rollout_product
 
     merge = grid.merge_size
     unit = merge * merge
