@@ -2,7 +2,8 @@
 analysis pass with every activation cached) against the limit (plain HF generate + one plain forward
 with attentions and hidden states) and against recomputing the whole prefix with
 output_attentions=True at every step (the per-step approach). Both baselines run a plain HF model
-loaded separately from the same weights (eager attention, as attention outputs need)."""
+loaded separately from the same weights (eager attention, as attention outputs need) through HF's
+own modules; mechvis decodes with its single-row Linear (see `mechvis.generation._decoder`)."""
 
 from __future__ import annotations
 

@@ -239,8 +239,9 @@ def generate(
 def _decoder(model: "TransformerBridge") -> "torch.nn.Module":
     """The model HF's KV-cached generate runs. With no hook on any of the bridge's hook points
     (no intervention active), the HF modules the bridge wraps, rebuilt around its components and
-    sharing every parameter (hooks on HF modules, like transformers' output capturing, stay): the
-    same logits without the per-component wrappers, which cost ~20% of each decoding step on the
+    sharing every parameter (hooks on HF modules, like transformers' output capturing, stay),
+    with each float32 CPU `nn.Linear` running single-token steps as `_SingleRowLinear` does: the
+    same logits up to rounding (≤ 1e-4) in about half the time of HF's own decoding step on the
     embedded model. With a hook-point hook, the bridge itself, so it applies."""
     from transformer_lens.hook_points import HookPoint
 
@@ -250,17 +251,44 @@ def _decoder(model: "TransformerBridge") -> "torch.nn.Module":
 
 
 def _unwrapped(module: "torch.nn.Module") -> "torch.nn.Module":
-    """`module` with every bridge component replaced by the HF module it wraps (shallow copies
-    where a child changes; parameters and buffers are shared, nothing is modified)."""
+    """`module` with every bridge component replaced by the HF module it wraps and every suitable
+    `nn.Linear` by a `_SingleRowLinear` (shallow copies where something changes; parameters and
+    buffers are shared, nothing is modified)."""
     original = module._modules.get("_original_component")
     if original is not None:
         return _unwrapped(original)
+    if type(module) is torch.nn.Linear and _SingleRowLinear.suits(module):
+        clone = copy.copy(module)  # shares the parameters and any hooks
+        clone.__class__ = _SingleRowLinear
+        return clone
     children = {name: None if child is None else _unwrapped(child) for name, child in module._modules.items()}
     if all(children[name] is child for name, child in module._modules.items()):
         return module
     clone = copy.copy(module)
     object.__setattr__(clone, "_modules", children)
     return clone
+
+
+class _SingleRowLinear(torch.nn.Linear):
+    """`nn.Linear` whose one-row products (a decoding step) run as a batched matrix product over
+    the two halves of the weight. Decoding is bound by reading the weights: MKL's matrix–vector
+    kernel streams row-major float32 weights at ~15 GB/s on this class of CPU, its batched
+    matrix product at ~40 GB/s. Same weights, no copy; each output is still one dot product
+    (rounding differs at the 1e-5 level). Other inputs take `nn.Linear`'s path."""
+
+    @staticmethod
+    def suits(linear: torch.nn.Linear) -> bool:
+        weight = linear.weight
+        return weight.device.type == "cpu" and weight.dtype == torch.float32 and weight.is_contiguous() and weight.shape[0] % 2 == 0
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.numel() != self.in_features or x.dtype != torch.float32:
+            return super().forward(x)
+        halves = self.weight.view(2, self.out_features // 2, self.in_features)
+        # x as a column whose stride is in_features: this layout takes MKL's fast batched kernel.
+        column = x.reshape(1, self.in_features).T.expand(2, self.in_features, 1)
+        y = torch.bmm(halves, column).reshape(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias
 
 
 def teacher_force(

@@ -57,6 +57,29 @@ def test_decoding_skips_the_bridge_wrappers_only_while_no_hook_is_active(tiny):
     assert len(seen) >= 3  # every decoding step went through the hooked bridge (+ the analysis pass)
 
 
+@pytest.mark.parametrize("shape", [(96,), (1, 96), (1, 1, 96)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_single_row_linear_matches_a_float64_product(shape, bias):
+    """The decoding Linear computes W·x + b for one row (checked in float64) on the same
+    parameters; several rows take nn.Linear's own path, bit for bit."""
+    from mechvis.generation import _SingleRowLinear, _unwrapped
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(96, 200, bias=bias)
+    decoding = _unwrapped(torch.nn.Sequential(linear))[0]
+    assert type(decoding) is _SingleRowLinear and decoding.weight is linear.weight
+    assert type(linear) is torch.nn.Linear  # the model's own module is untouched
+    x = torch.randn(shape)
+    expected = x.double() @ linear.weight.double().T + (linear.bias.double() if bias else 0)
+    got = decoding(x)
+    assert got.shape == shape[:-1] + (200,)
+    torch.testing.assert_close(got.double(), expected, atol=1e-5, rtol=0)
+    rows = torch.randn(3, 96)
+    assert torch.equal(decoding(rows), linear(rows))
+    odd = torch.nn.Linear(96, 201)
+    assert type(_unwrapped(torch.nn.Sequential(odd))[0]) is torch.nn.Linear  # halves need an even width
+
+
 def test_sampling_follows_the_settings_and_the_seed(tiny):
     model, _ = tiny("llama")
     state = torch.random.get_rng_state()
