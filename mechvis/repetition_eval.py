@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -19,9 +20,9 @@ from mechvis.analysis.repetition import (
     RepetitionMonitor,
     auroc,
     average_precision,
-    cusum_alarm,
     distinct_n,
     find_induction_heads,
+    fit_cusum,
     loop_onset,
     rep_labels,
     repetition_features,
@@ -143,12 +144,12 @@ def _stack(corpus: list[LabelledSequence], held_out: bool):
             torch.cat([s.labels for s in chosen]), chosen)
 
 
-def _lead_times(sequences: list[LabelledSequence], probabilities: list[torch.Tensor]) -> dict:
-    """Alarm (CUSUM) versus onset of the visible loop, per held-out sequence."""
+def _lead_times(sequences: list[LabelledSequence], probabilities: list[torch.Tensor], monitor: RepetitionMonitor) -> dict:
+    """The monitor's CUSUM alarm versus the onset of the visible loop, per held-out sequence."""
     leads, missed, false_alarms, clean = [], 0, 0, 0
     for sequence, probability in zip(sequences, probabilities):
         onset = loop_onset(sequence.labels)
-        alarm = cusum_alarm(probability.tolist())
+        alarm = monitor.first_alarm(probability)
         if onset is None:
             clean += 1
             false_alarms += alarm is not None
@@ -156,20 +157,28 @@ def _lead_times(sequences: list[LabelledSequence], probabilities: list[torch.Ten
             missed += 1
         else:
             leads.append(onset - alarm)
-    ordered = sorted(leads)
     return {
+        "drift": monitor.alarm_drift,
+        "threshold": monitor.alarm_threshold,
         "looping_sequences": len(leads) + missed,
         "detected": len(leads),
-        "median_lead_tokens": ordered[len(ordered) // 2] if ordered else None,
+        "median_lead_tokens": statistics.median(leads) if leads else None,
         "detected_before_onset": sum(lead > 0 for lead in leads),
         "false_alarm_rate": false_alarms / clean if clean else None,
     }
 
 
+def _fit_alarm(monitor: RepetitionMonitor, sequences: list[LabelledSequence], probability_of) -> None:
+    """Set the monitor's CUSUM settings from the training sequences (≤ 5% false alarms on clean ones)."""
+    monitor.alarm_drift, monitor.alarm_threshold = fit_cusum(
+        [probability_of(s).tolist() for s in sequences], [loop_onset(s.labels) for s in sequences]
+    )
+
+
 def evaluate(corpus: list[LabelledSequence]) -> tuple[RepetitionMonitor, dict]:
-    """Fit the monitor (and a one-feature logistic calibration of the seed score) on the training
-    prompts; AUROC, AUPRC and lead times on the held-out prompts."""
-    train_x, train_seed, train_y, _ = _stack(corpus, held_out=False)
+    """Fit the monitor, its alarm (and a one-feature logistic calibration of the seed score with its
+    own alarm) on the training prompts; AUROC, AUPRC and lead times on the held-out prompts."""
+    train_x, train_seed, train_y, train_sequences = _stack(corpus, held_out=False)
     test_x, test_seed, test_y, test_sequences = _stack(corpus, held_out=True)
     monitor = RepetitionMonitor.fit(train_x, train_y, metadata={
         "fitted_on_tokens": int(train_y.numel()), "loop_share": float(train_y.float().mean()),
@@ -180,15 +189,24 @@ def evaluate(corpus: list[LabelledSequence]) -> tuple[RepetitionMonitor, dict]:
     signals["combined_monitor"] = combined
     table = {name: {"auroc": auroc(values.tolist(), test_y.tolist()), "auprc": average_precision(values.tolist(), test_y.tolist())}
              for name, values in signals.items()}
-    # A monotone calibration of the seed score to a probability, so both alarms use one CUSUM.
+    # A monotone calibration of the seed score to a probability, so both alarms are CUSUMs fitted alike.
     seed_calibration = RepetitionMonitor.fit(train_seed[:, None], train_y, feature_names=("seed_score",))
+
+    def monitor_probability(sequence: LabelledSequence) -> torch.Tensor:
+        return monitor.probability(sequence.features)
+
+    def seed_probability(sequence: LabelledSequence) -> torch.Tensor:
+        return seed_calibration.probability(sequence.seed_scores[:, None])
+
+    _fit_alarm(monitor, train_sequences, monitor_probability)
+    _fit_alarm(seed_calibration, train_sequences, seed_probability)
     results = {
         "tokens": {"train": int(train_y.numel()), "held_out": int(test_y.numel()),
                    "held_out_loop_share": float(test_y.float().mean())},
         "signals": table,
         "lead_time": {
-            "combined_monitor": _lead_times(test_sequences, [monitor.probability(s.features) for s in test_sequences]),
-            "seed_score": _lead_times(test_sequences, [seed_calibration.probability(s.seed_scores[:, None]) for s in test_sequences]),
+            "combined_monitor": _lead_times(test_sequences, [monitor_probability(s) for s in test_sequences], monitor),
+            "seed_score": _lead_times(test_sequences, [seed_probability(s) for s in test_sequences], seed_calibration),
         },
     }
     monitor.metadata["held_out_auroc"] = table["combined_monitor"]["auroc"]

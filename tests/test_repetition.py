@@ -16,6 +16,7 @@ from mechvis.analysis.repetition import (
     auroc,
     average_precision,
     cusum_alarm,
+    fit_cusum,
     distinct_n,
     find_induction_heads,
     loop_onset,
@@ -53,6 +54,28 @@ def test_auroc_average_precision_and_cusum_by_hand():
     assert math.isnan(auroc([0.1, 0.2], [1, 1]))
     assert cusum_alarm([0.2, 0.9, 0.9, 0.9], drift=0.5, threshold=0.7) == 2
     assert cusum_alarm([0.2] * 10) is None
+
+
+def test_fit_cusum_picks_the_earliest_alarm_within_the_false_alarm_budget():
+    """Worked by hand: clean streams at p = 0.33 for 30 tokens alarm whenever drift ≤ 0.3 and the
+    sum can pass the threshold (d = 0.3 reaches S = 0.9); the loop jumps to p = 0.6 at token 5.
+    Without false alarms the earliest alarm is one token late (d = 0.35: S = 0.25, 0.5 > 0.25);
+    with any number of false alarms allowed, d = 0.1, h = 0.25 fires at the onset itself."""
+    clean = [[0.33] * 30, [0.33] * 30]
+    loop = [0.0] * 5 + [0.6] * 15
+    onsets = [None, None, 5]
+    assert fit_cusum(clean + [loop], onsets) == (0.35, 0.25)
+    assert cusum_alarm(loop, drift=0.35, threshold=0.25) == 6
+    assert all(cusum_alarm(stream, drift=0.35, threshold=0.25) is None for stream in clean)
+    assert fit_cusum(clean + [loop], onsets, max_false_alarm_rate=1.0) == (0.1, 0.25)
+    # A loop that never alarms counts as its remaining length (15 tokens): d = 0.35 catches the weak
+    # loop (p = 0.4) ~5 tokens late, median ~2.5; any higher drift misses it, median (0 + 15) / 2.
+    strong, weak = [0.0] * 5 + [0.9] * 15, [0.0] * 5 + [0.4] * 15
+    assert fit_cusum(clean + [strong, weak], [None, None, 5, 5]) == (0.35, 0.25)
+    with pytest.raises(InvalidArgumentError, match="clean and looping"):
+        fit_cusum([loop], [5])
+    with pytest.raises(InvalidArgumentError, match="onsets"):
+        fit_cusum([loop], [5, None])
 
 
 def _trace(model, text=LOOPY):
@@ -137,9 +160,11 @@ def test_monitor_fit_learns_the_direction_and_round_trips(tmp_path):
     monitor = RepetitionMonitor.fit(features, labels)
     assert max(range(len(FEATURES)), key=lambda i: abs(monitor.weights[i])) == 5 and monitor.weights[5] > 0
     assert auroc(monitor.probability(features).tolist(), labels.tolist()) > 0.95
+    monitor.alarm_drift, monitor.alarm_threshold = 0.5, 0.7
     monitor.save(tmp_path / "monitor.json")
     loaded = RepetitionMonitor.load(tmp_path / "monitor.json")
     torch.testing.assert_close(loaded.probability(features), monitor.probability(features))
+    assert loaded.first_alarm(torch.tensor([0.2, 0.9, 0.9, 0.9])) == 2  # the alarm settings travel too
     with pytest.raises(InvalidArgumentError, match="feature values"):
         monitor.probability(features[:, :3])
 

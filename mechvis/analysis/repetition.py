@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from importlib import resources
@@ -275,6 +276,8 @@ class RepetitionMonitor:
     bias: float
     feature_names: tuple[str, ...] = FEATURES
     metadata: dict = field(default_factory=dict)
+    alarm_drift: float = 0.5  # the CUSUM alarm's settings (fit_cusum on training sequences)
+    alarm_threshold: float = 1.0
 
     def probability(self, values: Float[Tensor, "n feature"]) -> Float[Tensor, " n"]:
         """P(loop) for rows of feature values in the order of `feature_names`."""
@@ -288,6 +291,10 @@ class RepetitionMonitor:
         if tuple(features.names) != tuple(self.feature_names):
             raise InvalidArgumentError(f"The monitor expects features {self.feature_names}; got {features.names}.")
         return self.probability(features.values)
+
+    def first_alarm(self, probability: Float[Tensor, " gen"]) -> int | None:
+        """Index of the first generated token at which the monitor's CUSUM alarm fires, or None."""
+        return cusum_alarm(probability.tolist(), drift=self.alarm_drift, threshold=self.alarm_threshold)
 
     @classmethod
     def fit(
@@ -369,3 +376,37 @@ def cusum_alarm(probabilities: Sequence[float], *, drift: float = 0.5, threshold
         if total > threshold:
             return index
     return None
+
+
+CUSUM_DRIFTS = (0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6)
+CUSUM_THRESHOLDS = (0.25, 0.5, 1.0, 1.5, 2.0, 3.0)
+
+
+def fit_cusum(
+    probabilities: Sequence[Sequence[float]], onsets: Sequence[int | None], *, max_false_alarm_rate: float = 0.05
+) -> tuple[float, float]:
+    """(drift, threshold) of `cusum_alarm` chosen on labelled sequences: among the grid settings
+    that alarm on at most `max_false_alarm_rate` of the clean sequences (onset None), the one with
+    the smallest median delay in tokens (alarm − onset; a looping sequence that never alarms counts
+    as its length − onset). If none meets the rate, the lowest false-alarm rate decides first.
+    Ties keep the earlier setting (lower drift, then lower threshold)."""
+    if len(probabilities) != len(onsets):
+        raise InvalidArgumentError(f"{len(probabilities)} probability sequences but {len(onsets)} onsets.")
+    n_clean = sum(onset is None for onset in onsets)
+    if n_clean == 0 or n_clean == len(onsets):
+        raise InvalidArgumentError("Fitting an alarm needs both clean and looping sequences.")
+    best_key, best = None, None
+    for drift in CUSUM_DRIFTS:
+        for threshold in CUSUM_THRESHOLDS:
+            false_alarms, delays = 0, []
+            for probability, onset in zip(probabilities, onsets):
+                alarm = cusum_alarm(probability, drift=drift, threshold=threshold)
+                if onset is None:
+                    false_alarms += alarm is not None
+                else:
+                    delays.append((alarm if alarm is not None else len(probability)) - onset)
+            rate = false_alarms / n_clean
+            key = (max(rate - max_false_alarm_rate, 0.0), statistics.median(delays))
+            if best_key is None or key < best_key:
+                best_key, best = key, (drift, threshold)
+    return best

@@ -27,7 +27,6 @@ from mechvis.analysis.lens import LogitLens
 from mechvis.analysis.projection import Projection
 from mechvis.analysis.repetition import (
     RepetitionFeatures,
-    cusum_alarm,
     RepetitionMonitor,
     find_induction_heads,
     loop_onset,
@@ -151,9 +150,10 @@ def build_report_data(
     if len(trace.generated_ids) >= 2:
         induction = find_induction_heads(model)
         features = repetition_features(model, trace, induction)
-        probability = RepetitionMonitor.load().score(features)
+        monitor = RepetitionMonitor.load()
+        probability = monitor.score(features)
         labels = rep_labels(trace.generated_ids)
-        repetition = RepetitionResult(labels, loop_onset(labels), cusum_alarm(probability.tolist()),
+        repetition = RepetitionResult(labels, loop_onset(labels), monitor.first_alarm(probability),
                                       seq_rep_n(trace.generated_ids), probability, seed_score(model, trace).score, features)
     stages.update()
     stages.close()
