@@ -76,6 +76,8 @@ def test_fit_cusum_picks_the_earliest_alarm_within_the_false_alarm_budget():
         fit_cusum([loop], [5])
     with pytest.raises(InvalidArgumentError, match="onsets"):
         fit_cusum([loop], [5, None])
+    with pytest.raises(InvalidArgumentError, match="max_false_alarm_rate"):
+        fit_cusum(clean + [loop], onsets, max_false_alarm_rate=1.5)
 
 
 def _trace(model, text=LOOPY):

@@ -392,6 +392,8 @@ def fit_cusum(
     Ties keep the earlier setting (lower drift, then lower threshold)."""
     if len(probabilities) != len(onsets):
         raise InvalidArgumentError(f"{len(probabilities)} probability sequences but {len(onsets)} onsets.")
+    if not 0.0 <= max_false_alarm_rate <= 1.0:
+        raise InvalidArgumentError(f"max_false_alarm_rate must be in [0, 1]; got {max_false_alarm_rate!r}.")
     n_clean = sum(onset is None for onset in onsets)
     if n_clean == 0 or n_clean == len(onsets):
         raise InvalidArgumentError("Fitting an alarm needs both clean and looping sequences.")
