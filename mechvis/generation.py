@@ -7,17 +7,24 @@ analysis forward, for the same numbers.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Union
 
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from mechvis.analysis.repetition import rep_labels
+from mechvis.analysis.repetition import (
+    InductionHeads,
+    RepetitionMonitor,
+    StreamingFeatures,
+    find_induction_heads,
+    rep_labels,
+)
 from mechvis.errors import InvalidArgumentError
 from mechvis.running import (
     Encoded,
@@ -65,27 +72,42 @@ class SamplingSettings:
 @dataclass(frozen=True)
 class EntropyTemperature:
     """Entropy-based dynamic temperature (EDT, Zhang et al. 2024): T_t = base · n^(θ / H_t), with
-    H_t the entropy (nats) of the raw next-token distribution. Confident steps cool toward
-    greedy; uncertain ones approach `base`."""
+    H_t the entropy (nats) of the next-token distribution. Confident steps cool toward greedy;
+    uncertain ones approach `base`."""
 
     base: float = 1.0
     n: float = 0.8
     theta: float = 1.0
 
+    def __post_init__(self):
+        if not (self.base > 0 and 0 < self.n and self.theta >= 0):
+            raise InvalidArgumentError(f"EntropyTemperature needs base > 0, n > 0 and theta ≥ 0; got {self}.")
+
     def temperature(self, entropy: Tensor, generated: Tensor) -> Tensor:
         return self.base * torch.pow(torch.tensor(self.n), self.theta / entropy.clamp_min(1e-6))
 
 
+def _check_range(schedule: "RepetitionTemperature | MonitorTemperature") -> None:
+    if not 0 <= schedule.low <= schedule.high:
+        raise InvalidArgumentError(f"{type(schedule).__name__} needs 0 ≤ low ≤ high; got low={schedule.low}, high={schedule.high}.")
+
+
 @dataclass(frozen=True)
 class RepetitionTemperature:
-    """Loop-breaking temperature: T_t = low + (high − low) · r_t, with r_t the share of the last
-    `window` generated tokens that complete an n-gram already generated (the text-level loop
-    label, causal). Fresh text is sampled cool; a loop heats the sampler until it breaks."""
+    """Loop-breaking temperature from the text: T_t = low + (high − low) · r_t, with r_t the share
+    of the last `window` generated tokens that complete an n-gram already generated (the
+    text-level loop label, causal). Fresh text is sampled cool; a loop heats the sampler until
+    it breaks."""
 
     low: float = 0.7
     high: float = 1.6
     n: int = 4
     window: int = 16
+
+    def __post_init__(self):
+        _check_range(self)
+        if self.n < 1 or self.window < 1:
+            raise InvalidArgumentError(f"RepetitionTemperature needs n ≥ 1 and window ≥ 1; got n={self.n}, window={self.window}.")
 
     def temperature(self, entropy: Tensor, generated: Tensor) -> Tensor:
         rates = []
@@ -95,20 +117,47 @@ class RepetitionTemperature:
         return self.low + (self.high - self.low) * torch.stack(rates).to(entropy.device)
 
 
-TemperatureSchedule = Union[EntropyTemperature, RepetitionTemperature]
+@dataclass(frozen=True)
+class MonitorTemperature:
+    """Loop-breaking temperature from the model's internals: T_t = low + (high − low) · P_t, with
+    P_t the repetition monitor's probability that token t continues a loop, computed while
+    decoding from the state that produces token t (`StreamingFeatures`: the signals
+    `repetition_features` reads from the finished trace, by the same formulas). Its hooks make decoding run through the
+    bridge, about 2.4× slower per token on the embedded model.
+
+    monitor: None for the weights shipped with mechvis. induction: None to find the heads
+    (`find_induction_heads`) at the start of each generate call.
+    """
+
+    low: float = 0.7
+    high: float = 1.6
+    monitor: RepetitionMonitor | None = field(default=None, compare=False, repr=False)
+    induction: InductionHeads | None = field(default=None, compare=False, repr=False)
+
+    def __post_init__(self):
+        _check_range(self)
+
+
+TemperatureSchedule = Union[EntropyTemperature, RepetitionTemperature, MonitorTemperature]
 
 
 class _ScheduledTemperature:
-    """HF logits processor that divides each step's logits by the schedule's temperature."""
+    """HF logits processor that divides each step's logits by the temperature `temperature_of`
+    (input_ids, scores) gives it, and records that temperature."""
 
-    def __init__(self, schedule: TemperatureSchedule, prompt_length: int):
-        self.schedule, self.prompt_length = schedule, prompt_length
+    def __init__(self, temperature_of: Callable[[Tensor, Tensor], Tensor]):
+        self.temperature_of = temperature_of
+        self.temperatures: list[float] = []
 
     def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
-        log_probs = scores.float().log_softmax(-1)
-        entropy = -(log_probs.exp() * log_probs).sum(-1)
-        temperature = self.schedule.temperature(entropy, input_ids[:, self.prompt_length :]).clamp_min(1e-4)
+        temperature = self.temperature_of(input_ids, scores).clamp_min(1e-4)
+        self.temperatures.append(float(temperature[0]))  # generate decodes one sequence
         return scores / temperature[:, None].to(scores.dtype)
+
+
+def _entropy(scores: Tensor) -> Tensor:
+    log_probs = scores.float().log_softmax(-1)
+    return -(log_probs.exp() * log_probs).sum(-1)
 
 
 @dataclass
@@ -127,6 +176,7 @@ class Trace:
     generated_text: str  # decoded as a whole (per-token strings can split multi-byte characters)
     step_logits: Float[Tensor, "step vocab"]  # raw logits seen while generating
     step_distributions: Float[Tensor, "step vocab"]  # what each token was sampled from
+    step_temperatures: Float[Tensor, " step"]  # the temperature of each step (0: greedy)
     settings: SamplingSettings
 
     @property
@@ -169,8 +219,9 @@ def generate(
         temperature: 0 for greedy decoding, else sampling at that temperature.
         top_k, top_p, min_p: truncation of the sampling distribution (None = off).
         seed: seeds the sampler without touching the global random state.
-        temperature_schedule: a per-step temperature (EntropyTemperature or RepetitionTemperature)
-            replacing the fixed `temperature`; sampling then uses it with top_k/top_p/min_p.
+        temperature_schedule: a per-step temperature (EntropyTemperature, RepetitionTemperature
+            or MonitorTemperature) replacing the fixed `temperature`; sampling then uses it with
+            top_k/top_p/min_p. Each step's temperature is in `Trace.step_temperatures`.
         image: for a vision-language model, the image (as in `mechvis.run`).
         logits_processors: HF-style processors f(input_ids, scores) → scores applied before
             sampling, e.g. `mechvis.interventions.KeywordBoost`. (Hook interventions apply
@@ -212,14 +263,20 @@ def generate(
         min_p=settings.min_p if not settings.greedy else None,
     )
     processors = list(logits_processors)
-    if temperature_schedule is not None:
-        processors.append(_ScheduledTemperature(temperature_schedule, len(encoded.token_ids)))
-    if processors:
-        from transformers import LogitsProcessorList
-
-        options["logits_processor"] = LogitsProcessorList(processors)
     # Inference mode: ~3% less per-op overhead in the decoding loop than no_grad.
-    with torch.inference_mode(), torch.random.fork_rng(devices=[] if device == "cpu" else None):
+    with torch.inference_mode(), torch.random.fork_rng(devices=[] if device == "cpu" else None), contextlib.ExitStack() as stack:
+        scheduled = None
+        if isinstance(temperature_schedule, MonitorTemperature):
+            scheduled = stack.enter_context(_monitor_temperature(model, temperature_schedule, encoded))
+        elif temperature_schedule is not None:
+            prompt_length, schedule = len(encoded.token_ids), temperature_schedule
+            scheduled = _ScheduledTemperature(lambda ids, scores: schedule.temperature(_entropy(scores), ids[:, prompt_length:]))
+        if scheduled is not None:
+            processors.append(scheduled)
+        if processors:
+            from transformers import LogitsProcessorList
+
+            options["logits_processor"] = LogitsProcessorList(processors)
         if settings.seed is not None:
             torch.manual_seed(settings.seed)
         output = _decoder(model).generate(prompt_ids, attention_mask=torch.ones_like(prompt_ids), **extra, **options)
@@ -230,10 +287,42 @@ def generate(
         generated,
         step_logits=torch.stack([step[0] for step in output.logits]).float(),
         step_distributions=_step_distributions(output.scores, settings),
+        step_temperatures=torch.tensor(scheduled.temperatures) if scheduled else torch.full((len(generated),), settings.temperature),
         settings=settings,
         names_filter=names_filter,
         extra=extra,
     )
+
+
+@contextlib.contextmanager
+def _monitor_temperature(
+    model: "TransformerBridge", schedule: MonitorTemperature, encoded: Encoded
+) -> Iterator[_ScheduledTemperature]:
+    """While active, hooks stream the monitor's signals and keep each step's logits (as the model
+    returns them, before any logits processor); the processor yielded sets the temperature. The
+    hook-point hooks make `_decoder` choose the bridge, whose forward the logits hook observes."""
+    monitor = schedule.monitor if schedule.monitor is not None else RepetitionMonitor.load()
+    streaming = StreamingFeatures(
+        model,
+        schedule.induction if schedule.induction is not None else find_induction_heads(model),
+        prompt_length=len(encoded.token_ids),
+        sinks=encoded.segments.sink_positions,
+    )
+    latest: dict[str, Tensor] = {}
+
+    def keep_logits(module: torch.nn.Module, args: tuple, output) -> None:
+        latest["logits"] = output.logits[0, -1]
+
+    def temperature(input_ids: Tensor, scores: Tensor) -> Tensor:
+        loop_probability = monitor.probability(streaming.step(input_ids[0], latest["logits"])[None])
+        return (schedule.low + (schedule.high - schedule.low) * loop_probability).to(scores.device)
+
+    handle = model.original_model.register_forward_hook(keep_logits)
+    try:
+        with model.hooks(fwd_hooks=streaming.hooks()):
+            yield _ScheduledTemperature(temperature)
+    finally:
+        handle.remove()
 
 
 def _decoder(model: "TransformerBridge") -> "torch.nn.Module":
@@ -310,7 +399,7 @@ def teacher_force(
             f"Prompt and continuation are {len(encoded.token_ids) + len(continuation_ids)} tokens; "
             f"this model's context holds {model.cfg.n_ctx}."
         )
-    return _analysed_trace(model, encoded, continuation_ids, None, None, SamplingSettings(temperature=1.0), names_filter)
+    return _analysed_trace(model, encoded, continuation_ids, None, None, None, SamplingSettings(temperature=1.0), names_filter)
 
 
 def _analysed_trace(
@@ -319,6 +408,7 @@ def _analysed_trace(
     generated: list[int],
     step_logits: Tensor | None,
     step_distributions: Tensor | None,
+    step_temperatures: Tensor | None,
     settings: SamplingSettings,
     names_filter: Callable[[str], bool] | Sequence[str] | str | None,
     extra: dict | None = None,
@@ -346,6 +436,7 @@ def _analysed_trace(
     if step_logits is None:
         step_logits = run.logits[len(encoded.token_ids) - 1 : -1].float()
         step_distributions = step_logits.softmax(-1)
+        step_temperatures = torch.ones(len(generated))
     return Trace(
         run=run,
         prompt_length=len(encoded.token_ids),
@@ -353,5 +444,6 @@ def _analysed_trace(
         generated_text=model.hf_tokenizer.decode(generated),
         step_logits=step_logits,
         step_distributions=step_distributions,
+        step_temperatures=step_temperatures,
         settings=settings,
     )

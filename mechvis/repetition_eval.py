@@ -29,7 +29,7 @@ from mechvis.analysis.repetition import (
     seed_score,
     seq_rep_n,
 )
-from mechvis.generation import EntropyTemperature, RepetitionTemperature, generate, teacher_force
+from mechvis.generation import EntropyTemperature, MonitorTemperature, RepetitionTemperature, generate, teacher_force
 
 if TYPE_CHECKING:
     from transformer_lens.model_bridge import TransformerBridge
@@ -229,28 +229,35 @@ def synthetic_check(model: "TransformerBridge", monitor: RepetitionMonitor, indu
     return {"rows": rows, "monitor_rises_monotonically": all(b >= a for a, b in zip(monitor_values, monitor_values[1:]))}
 
 
-def compare_samplers(model: "TransformerBridge", *, n_prompts: int, max_new_tokens: int) -> dict:
-    """Greedy, fixed temperatures and dynamic temperatures on the same prompts: seq-rep-4,
-    distinct-2 and the mean log-probability of the generated text under the model (nats/token)."""
+def compare_samplers(
+    model: "TransformerBridge", monitor: RepetitionMonitor, induction: InductionHeads, *, n_prompts: int, max_new_tokens: int
+) -> dict:
+    """Greedy, fixed temperatures and dynamic temperatures (from entropy, from the text's repeats,
+    from `monitor`) on the same prompts: seq-rep-4, distinct-2, the mean log-probability of the
+    generated text under the model (nats/token) and the mean temperature used."""
     samplers = {
         "greedy": {},
         "T=0.7": dict(temperature=0.7),
+        "T=0.8": dict(temperature=0.8),  # about the dynamic samplers' mean temperature
         "T=1.0": dict(temperature=1.0),
         "EDT (T0=1, N=0.8, θ=1)": dict(temperature_schedule=EntropyTemperature()),
         "repetition-aware (0.7→1.6)": dict(temperature_schedule=RepetitionTemperature()),
+        "monitor-aware (0.7→1.6)": dict(temperature_schedule=MonitorTemperature(monitor=monitor, induction=induction)),
     }
     results = {}
     jobs = [(name, options, index, prompt, chat) for name, options in samplers.items()
             for index, (prompt, chat) in enumerate(PROMPTS[:n_prompts])]
-    per_sampler: dict[str, list[tuple[float, float, float]]] = {name: [] for name in samplers}
+    per_sampler: dict[str, list[tuple[float, float, float, float]]] = {name: [] for name in samplers}
     for name, options, index, prompt, chat in tqdm(jobs, desc="comparing samplers", unit="sequence"):
         seeded = dict(options, seed=index) if options else options
         trace = generate(model, prompt, chat=chat, max_new_tokens=max_new_tokens, names_filter=[], **seeded)
         ids = torch.tensor(trace.generated_ids)
         log_probability = trace.step_logits.log_softmax(-1).gather(-1, ids[:, None]).mean().item()
-        per_sampler[name].append((seq_rep_n(trace.generated_ids, 4), distinct_n(trace.generated_ids, 2), log_probability))
+        per_sampler[name].append((seq_rep_n(trace.generated_ids, 4), distinct_n(trace.generated_ids, 2), log_probability,
+                                  trace.step_temperatures.mean().item()))
     for name, rows in per_sampler.items():
-        results[name] = {key: sum(row[i] for row in rows) / len(rows) for i, key in enumerate(("seq_rep_4", "distinct_2", "mean_log_prob"))}
+        keys = ("seq_rep_4", "distinct_2", "mean_log_prob", "mean_temperature")
+        results[name] = {key: sum(row[i] for row in rows) / len(rows) for i, key in enumerate(keys)}
     return results
 
 
@@ -288,7 +295,7 @@ def run_evaluation(model: "TransformerBridge", *, n_prompts: int, max_new_tokens
     results["corpus"] = {"prompts": n_prompts, "sequences": len(corpus), "max_new_tokens": max_new_tokens,
                          "seq_rep_4_mean": sum(seq_rep_n(s.generated_ids) for s in corpus) / len(corpus)}
     results["synthetic"] = synthetic_check(model, monitor, induction)
-    results["samplers"] = compare_samplers(model, n_prompts=sampler_prompts, max_new_tokens=max_new_tokens)
+    results["samplers"] = compare_samplers(model, monitor, induction, n_prompts=sampler_prompts, max_new_tokens=max_new_tokens)
     results["monitor"] = {"features": list(FEATURES), "weights": monitor.weights, "bias": monitor.bias}
     (out_dir / "repetition-eval.json").write_text(json.dumps(results, indent=2, default=_json_default))
     write_figure(results, out_dir / "repetition-eval.png")
@@ -311,7 +318,8 @@ def format_results(results: dict) -> str:
         lines.append(f"lead time, {name}: {row}")
     lines.append(f"synthetic check: monitor rises monotonically with n: {results['synthetic']['monitor_rises_monotonically']}")
     lines.append("")
-    lines.append(f"{'sampler':<28}{'seq-rep-4':>10}{'distinct-2':>11}{'log-prob':>9}")
+    lines.append(f"{'sampler':<28}{'seq-rep-4':>10}{'distinct-2':>11}{'log-prob':>9}{'mean T':>8}")
     for name, row in results["samplers"].items():
-        lines.append(f"{name:<28}{row['seq_rep_4']:>10.3f}{row['distinct_2']:>11.3f}{row['mean_log_prob']:>9.3f}")
+        lines.append(f"{name:<28}{row['seq_rep_4']:>10.3f}{row['distinct_2']:>11.3f}{row['mean_log_prob']:>9.3f}"
+                     f"{row['mean_temperature']:>8.2f}")
     return "\n".join(lines)

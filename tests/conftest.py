@@ -65,3 +65,20 @@ def embedded_reference():
     return AutoModelForCausalLM.from_pretrained(
         embedded_model_dir(), dtype=torch.float32, attn_implementation="eager"
     ).eval()
+
+
+@pytest.fixture
+def streamed_features(monkeypatch):
+    """The rows `StreamingFeatures.step` returns while `mechvis.generate` decodes, one per step."""
+    import mechvis.generation
+    from mechvis.analysis.repetition import StreamingFeatures
+
+    rows = []
+
+    class Recording(StreamingFeatures):
+        def step(self, tokens, logits):
+            rows.append(super().step(tokens, logits))
+            return rows[-1]
+
+    monkeypatch.setattr(mechvis.generation, "StreamingFeatures", Recording)
+    return rows

@@ -27,7 +27,8 @@ from mechvis.analysis.repetition import (
 )
 from mechvis.cli import main
 from mechvis.errors import InvalidArgumentError
-from mechvis.generation import EntropyTemperature, RepetitionTemperature
+from mechvis.generation import EntropyTemperature, MonitorTemperature, RepetitionTemperature
+from mechvis.interventions import ablate_heads, intervene
 from tests.reference import hf_attentions
 
 LOOPY = "The cat sat. The cat sat. The cat sat. The cat sat. The cat"
@@ -195,6 +196,46 @@ def test_repetition_temperature_rises_with_loops():
     assert fresh.item() == pytest.approx(0.5) and looping.item() == pytest.approx(1.25)
 
 
+def _boost_token_5(input_ids, scores):
+    return scores + 8.0 * torch.nn.functional.one_hot(torch.tensor([5]), scores.shape[-1])
+
+
+@pytest.mark.parametrize(
+    ("architecture", "extra"),
+    # Gemma-2's sliding-window cache keeps only the last keys; a logits processor must not reach the
+    # features (they read the model's own logits); an intervention applies to both passes.
+    [("llama", None), ("gemma2", None), ("llama", "ablation"), ("llama", "processor")],
+)
+def test_monitor_temperature_streams_the_features_of_the_finished_trace(tiny, streamed_features, architecture, extra):
+    model, _ = tiny(architecture)
+    induction = find_induction_heads(model, threshold=0.0, top=3)
+    # Weights off the saturated entropy terms of a random model, so P(loop) moves with the features.
+    monitor = RepetitionMonitor([0.0] * 8, [1.0] * 8, [0.0, 0.0, 0.0, 0.0, 0.5, 2.0, 2.0, 2.0], -1.0)
+    schedule = MonitorTemperature(low=0.4, high=2.0, monitor=monitor, induction=induction)
+    with intervene(model, *([ablate_heads(model, [(0, 1)])] if extra == "ablation" else [])):
+        trace = mechvis.generate(model, LOOPY, max_new_tokens=24, temperature_schedule=schedule, seed=0,
+                                 logits_processors=[_boost_token_5] if extra == "processor" else [])
+        offline = repetition_features(model, trace, induction)  # the teacher-forced pass, after the fact
+    assert len(streamed_features) == len(trace.generated_ids) == 24 and len(trace.run.tokens) > 8 + 24
+    torch.testing.assert_close(torch.stack(streamed_features), offline.values, atol=1e-4, rtol=1e-4)
+    expected = 0.4 + 1.6 * monitor.score(offline)
+    assert expected.max() - expected.min() > 0.1  # the temperature really varies
+    torch.testing.assert_close(trace.step_temperatures, expected, atol=1e-4, rtol=0)
+    processed = trace.step_logits + (8.0 * torch.nn.functional.one_hot(torch.tensor(5), trace.step_logits.shape[-1]) if extra == "processor" else 0.0)
+    scaled = (processed / trace.step_temperatures[:, None]).softmax(-1)
+    torch.testing.assert_close(trace.step_distributions, scaled, atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "build",
+    [lambda: MonitorTemperature(low=1.5, high=1.0), lambda: RepetitionTemperature(low=-0.1),
+     lambda: RepetitionTemperature(window=0), lambda: EntropyTemperature(base=0.0)],
+)
+def test_bad_temperature_schedules(build):
+    with pytest.raises(InvalidArgumentError, match="needs"):
+        build()
+
+
 def test_repetition_eval_cli_on_a_tiny_model(tmp_path, tokenizer):
     from tests.tiny import tiny_hf_model
 
@@ -207,6 +248,6 @@ def test_repetition_eval_cli_on_a_tiny_model(tmp_path, tokenizer):
     results = json.loads((out / "repetition-eval.json").read_text())
     assert set(results["signals"]) == set(FEATURES) | {"seed_score", "combined_monitor"}
     assert [row["n"] for row in results["synthetic"]["rows"]] == list(range(1, 11))
-    assert set(results["samplers"]) >= {"greedy", "T=0.7", "T=1.0"}
+    assert set(results["samplers"]) >= {"greedy", "T=0.7", "T=1.0", "monitor-aware (0.7→1.6)"}
     assert (out / "repetition-eval.png").stat().st_size > 1000 and (out / "repetition_monitor.json").exists()
     assert main(["repetition-eval", "--model", str(model_dir), "--prompts", "1000"]) == 2

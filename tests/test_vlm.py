@@ -425,6 +425,19 @@ def test_generate_with_an_image(tiny_llava):
     assert dynamics.image_mass.shape == (2, 4, len(trace.generated_ids))  # attention to the image, token by token
 
 
+def test_monitor_temperature_with_an_image(tiny_llava, streamed_features):
+    from mechvis.analysis.repetition import find_induction_heads, repetition_features
+    from mechvis.generation import MonitorTemperature
+
+    bridge, _, _ = tiny_llava
+    induction = find_induction_heads(bridge, threshold=0.0, top=2)
+    trace = mechvis.generate(bridge, "What do you see?", image=_picture(3), max_new_tokens=8, seed=0,
+                             temperature_schedule=MonitorTemperature(induction=induction))
+    assert len(streamed_features) == len(trace.generated_ids) == 8
+    offline = repetition_features(bridge, trace, induction)  # the image tokens are part of the prefix
+    torch.testing.assert_close(torch.stack(streamed_features), offline.values, atol=1e-4, rtol=1e-4)
+
+
 def test_streamed_image_attention_equals_the_cached_one(tiny_llava):
     from mechvis.analysis.vision import image_attention, stream_image_attention
 

@@ -9,20 +9,21 @@ or anything after it, so a signal at p is a prediction of whether token p contin
 - `seed_score`: the seed's S = H/log V + α·R + β·U + δ·F, kept exactly for reproducibility (see
   REFERENCES: U is dead for trained models and R uses future tokens through min-max scaling).
 - `repetition_features`: the sound, causal signals; `RepetitionMonitor` combines them with a
-  logistic model whose fitted weights ship with the package.
+  logistic model whose fitted weights ship with the package. `StreamingFeatures` computes the
+  same signals while decoding, before each token is sampled (for `MonitorTemperature`).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import statistics
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from importlib import resources
 from typing import TYPE_CHECKING
 
-import einops
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
@@ -218,47 +219,139 @@ def repetition_features(
     states = [p - 1 for p in trace.generated_positions]
     if not states:
         raise InvalidArgumentError("The trace generated no tokens; there is nothing to score.")
-    (layer,) = check_layers(model, [layer if layer is not None else (2 * model.cfg.n_layers) // 3])
-    sinks = run.segments.sink_positions
+    layer = _feature_layer(model, layer)
+    index = torch.tensor(states)
+    values = _feature_values(
+        run.logits[index],
+        activation(run.cache, f"blocks.{layer}.hook_resid_post"),
+        run.tokens.cpu(),
+        lambda l: activation(run.cache, pattern_hook(l))[:, index],
+        states,
+        induction=induction,
+        n_layers=model.cfg.n_layers,
+        sinks=run.segments.sink_positions,
+        prompt_length=trace.prompt_length,
+        recurrence_window=recurrence_window,
+    )
+    return RepetitionFeatures(list(trace.generated_positions), values)
+
+
+def _feature_layer(model: "TransformerBridge", layer: int | None) -> int:
+    """The residual stream the hidden-state signals read (default: two thirds of the depth)."""
+    return check_layers(model, [layer if layer is not None else (2 * model.cfg.n_layers) // 3])[0]
+
+
+def _feature_values(
+    logits: Float[Tensor, "gen vocab"],
+    hidden: Float[Tensor, "pos d_model"],
+    tokens: Int[Tensor, " pos"],
+    pattern_rows: Callable[[int], Float[Tensor, "head gen pos"]],
+    states: list[int],
+    *,
+    induction: InductionHeads,
+    n_layers: int,
+    sinks: Sequence[int],
+    prompt_length: int,
+    recurrence_window: int,
+) -> Float[Tensor, "gen feature"]:
+    """FEATURES of the states at positions `states`, from their logits, a residual stream and
+    their attention rows (`pattern_rows(layer)`) over positions 0..pos − 1 (causal: nothing after
+    a state is read, so a prefix ending at the state gives the same values)."""
     first_content = max(sinks, default=-1) + 1
     index = torch.tensor(states)
 
-    log_probs = run.logits[index].double().log_softmax(-1)
+    log_probs = logits.double().log_softmax(-1)
     probs = log_probs.exp()
     entropy = -(probs * log_probs).sum(-1)
     varentropy = (probs * (log_probs + entropy[:, None]).square()).sum(-1)
     top2 = probs.topk(2, dim=-1).values
 
-    hidden = activation(run.cache, f"blocks.{layer}.hook_resid_post").double()
+    hidden = hidden.double()
     activation_z = _robust_z(hidden.norm(dim=-1), states, first_content)
-    prompt_mean = hidden[first_content : trace.prompt_length].mean(0)
+    prompt_mean = hidden[first_content:prompt_length].mean(0)
     unit = torch.nn.functional.normalize(hidden - prompt_mean, dim=-1)
     cosine = unit[index] @ unit.T  # (generated, all positions)
     offsets = index[:, None] - torch.arange(hidden.shape[0])[None, :]
     recent = (offsets >= 1) & (offsets <= recurrence_window) & (torch.arange(hidden.shape[0])[None, :] >= first_content)
     recurrence = cosine.masked_fill(~recent, -1.0).amax(-1)
 
-    tokens = run.tokens.cpu()
     n = tokens.shape[0]
     previous_token = torch.cat([torch.tensor([-1]), tokens[:-1]])  # x_{j−1} for key j
     key = torch.arange(n)
     copy_mask = (previous_token[None, :] == tokens[index][:, None]) & (key[None, :] <= index[:, None]) & (key[None, :] >= 1)
     if induction.heads:
-        masses = torch.stack([
-            (activation(run.cache, pattern_hook(l))[h][index].double() * copy_mask).sum(-1) for l, h in induction.heads
-        ])
-        copy_attention = masses.amax(0)
+        copy_attention = torch.stack(
+            [(pattern_rows(l)[h].double() * copy_mask).sum(-1) for l, h in induction.heads]
+        ).amax(0)
     else:
         copy_attention = torch.zeros(len(states), dtype=torch.float64)
 
-    sink_mass = torch.stack([
-        einops.reduce(activation(run.cache, pattern_hook(l))[:, index][..., list(sinks)].double(), "head q sink -> q", "sum")
-        for l in range(model.cfg.n_layers)
-    ]).mean(0) / model.cfg.n_heads
+    # per layer: the head-averaged attention mass on the sink positions
+    sink_mass = torch.stack([pattern_rows(l)[..., list(sinks)].double().sum(-1).mean(0) for l in range(n_layers)]).mean(0)
 
-    values = torch.stack([top2[:, 0], top2[:, 0] - top2[:, 1], -entropy, -varentropy, activation_z, recurrence,
-                          copy_attention, sink_mass], dim=-1)
-    return RepetitionFeatures(list(trace.generated_positions), values.float())
+    return torch.stack([top2[:, 0], top2[:, 0] - top2[:, 1], -entropy, -varentropy, activation_z, recurrence,
+                        copy_attention, sink_mass], dim=-1).float()
+
+
+class StreamingFeatures:
+    """FEATURES of each token while it is being decoded, before it is sampled.
+
+    `hooks()` records, at every forward pass of a KV-cached decode through the bridge, the last
+    query's attention rows and the residual stream; `step(tokens, logits)` then returns the signals
+    of the state that just ran (the last of `tokens`), by the formulas `repetition_features`
+    applies to the finished trace.
+    """
+
+    def __init__(
+        self,
+        model: "TransformerBridge",
+        induction: InductionHeads,
+        *,
+        prompt_length: int,
+        sinks: Sequence[int],
+        layer: int | None = None,
+        recurrence_window: int = 64,
+    ):
+        self.layer = _feature_layer(model, layer)
+        self.n_layers = model.cfg.n_layers
+        self.induction, self.prompt_length, self.sinks = induction, prompt_length, tuple(sinks)
+        self.recurrence_window = recurrence_window
+        self._hidden: list[Tensor] = []  # residual rows, one per position decoded so far
+        self._rows: dict[int, Tensor] = {}  # layer → (head, keys) attention of the newest query
+
+    def hooks(self) -> list[tuple[str, Callable]]:
+        """(hook name, function) pairs for `model.hooks(fwd_hooks=...)` around the decode."""
+
+        def record_row(pattern: Tensor, hook, *, layer: int) -> None:
+            self._rows[layer] = pattern[0, :, -1].detach().to("cpu", copy=True)
+
+        def record_hidden(residual: Tensor, hook) -> None:
+            self._hidden.extend(residual[0].detach().to("cpu", copy=True))
+
+        return [(pattern_hook(l), functools.partial(record_row, layer=l)) for l in range(self.n_layers)] + [
+            (f"blocks.{self.layer}.hook_resid_post", record_hidden)
+        ]
+
+    def step(self, tokens: Int[Tensor, " pos"], logits: Float[Tensor, " vocab"]) -> Float[Tensor, " feature"]:
+        """The signals of the state at the last position of `tokens` (every token decoded so far),
+        whose next-token logits are `logits`."""
+        n = tokens.shape[0]
+        if len(self._hidden) != n or len(self._rows) != self.n_layers:
+            raise RuntimeError(f"Recorded {len(self._hidden)} residual rows for {n} tokens; were the hooks active?")
+        # A sliding-window cache keeps only the last keys: earlier ones got no attention.
+        rows = {l: torch.nn.functional.pad(row, (n - row.shape[-1], 0)) for l, row in self._rows.items()}
+        return _feature_values(
+            logits[None].cpu(),
+            torch.stack(self._hidden),
+            tokens.cpu(),
+            lambda l: rows[l][:, None, :],
+            [n - 1],
+            induction=self.induction,
+            n_layers=self.n_layers,
+            sinks=self.sinks,
+            prompt_length=self.prompt_length,
+            recurrence_window=self.recurrence_window,
+        )[0]
 
 
 # --- the combined monitor ---------------------------------------------------------------------
