@@ -612,24 +612,63 @@ def _unwrapped(module: "torch.nn.Module") -> "torch.nn.Module":
 
 class _SingleRowLinear(torch.nn.Linear):
     """`nn.Linear` whose one-row products (a decoding step) run as a batched matrix product over
-    the two halves of the weight. Decoding is bound by reading the weights: MKL's matrix–vector
-    kernel streams row-major float32 weights at ~15 GB/s on this class of CPU, its batched
-    matrix product at ~40 GB/s. Same weights, no copy; each output is still one dot product
-    (rounding differs at the 1e-5 level). Other inputs take `nn.Linear`'s path."""
+    the two halves of the weight. Decoding is bound by reading the weights, and on some CPUs
+    MKL's matrix–vector kernel streams row-major float32 weights at ~15 GB/s where its batched
+    matrix product reaches ~40 GB/s; on others (or another torch/MKL build, other thread
+    settings) it does not. So the swap is checked at first use for each weight shape and thread
+    count (`_batched_kernel_wins`): it is kept only where it gives the same product (≤ 1e-5 of
+    the output's scale) and is at least 10% faster, measured on this machine; otherwise the
+    layer stays `nn.Linear`. Same weights, no copy. Other inputs take `nn.Linear`'s path."""
 
     @staticmethod
     def suits(linear: torch.nn.Linear) -> bool:
         weight = linear.weight
-        return weight.device.type == "cpu" and weight.dtype == torch.float32 and weight.is_contiguous() and weight.shape[0] % 2 == 0
+        return (
+            weight.device.type == "cpu" and weight.dtype == torch.float32 and weight.is_contiguous()
+            and weight.shape[0] % 2 == 0 and _batched_kernel_wins(linear)
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         if x.numel() != self.in_features or x.dtype != torch.float32:
             return super().forward(x)
-        halves = self.weight.view(2, self.out_features // 2, self.in_features)
-        # x as a column whose stride is in_features: this layout takes MKL's fast batched kernel.
-        column = x.reshape(1, self.in_features).T.expand(2, self.in_features, 1)
-        y = torch.bmm(halves, column).reshape(*x.shape[:-1], self.out_features)
-        return y if self.bias is None else y + self.bias
+        return _halves_product(self.weight, x, self.bias)
+
+
+def _halves_product(weight: Tensor, x: Tensor, bias: Tensor | None) -> Tensor:
+    out_features, in_features = weight.shape
+    halves = weight.view(2, out_features // 2, in_features)
+    # x as a column whose stride is in_features: this layout takes MKL's fast batched kernel.
+    column = x.reshape(1, in_features).T.expand(2, in_features, 1)
+    y = torch.bmm(halves, column).reshape(*x.shape[:-1], out_features)
+    return y if bias is None else y + bias
+
+
+_KERNEL_CHOICE: dict[tuple[int, int, int], bool] = {}
+
+
+def _batched_kernel_wins(linear: torch.nn.Linear, repeats: int = 7) -> bool:
+    """Whether the halves product is equal to `F.linear` (≤ 1e-5 of the output's scale) and at
+    least 10% faster (median of `repeats` timings each, interleaved) for this weight's shape at
+    the current thread count. Measured once per shape and thread count per process."""
+    import time
+
+    key = (*linear.weight.shape, torch.get_num_threads())
+    if key in _KERNEL_CHOICE:
+        return _KERNEL_CHOICE[key]
+    weight = linear.weight.detach()
+    with torch.inference_mode():
+        x = torch.randn(1, 1, weight.shape[1], generator=torch.Generator().manual_seed(0))
+        reference = torch.nn.functional.linear(x, weight)
+        equal = bool((_halves_product(weight, x, None) - reference).abs().max() <= 1e-5 * reference.abs().max().clamp_min(1))
+        timings: dict[str, list[float]] = {"linear": [], "halves": []}
+        for _ in range(repeats):
+            for name, product in (("linear", lambda: torch.nn.functional.linear(x, weight)), ("halves", lambda: _halves_product(weight, x, None))):
+                start = time.perf_counter()
+                product()
+                timings[name].append(time.perf_counter() - start)
+    median = {name: sorted(values)[len(values) // 2] for name, values in timings.items()}
+    _KERNEL_CHOICE[key] = wins = equal and median["halves"] <= 0.9 * median["linear"]
+    return wins
 
 
 def teacher_force(

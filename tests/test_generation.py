@@ -61,11 +61,13 @@ def test_decoding_skips_the_bridge_wrappers_only_while_no_hook_is_active(tiny):
 
 @pytest.mark.parametrize("shape", [(96,), (1, 96), (1, 1, 96)])
 @pytest.mark.parametrize("bias", [True, False])
-def test_single_row_linear_matches_a_float64_product(shape, bias):
+def test_single_row_linear_matches_a_float64_product(shape, bias, monkeypatch):
     """The decoding Linear computes W·x + b for one row (checked in float64) on the same
     parameters; several rows take nn.Linear's own path, bit for bit."""
+    import mechvis.generation
     from mechvis.generation import _SingleRowLinear, _unwrapped
 
+    monkeypatch.setattr(mechvis.generation, "_batched_kernel_wins", lambda linear: True)  # whatever this machine measures
     torch.manual_seed(0)
     linear = torch.nn.Linear(96, 200, bias=bias)
     decoding = _unwrapped(torch.nn.Sequential(linear))[0]
@@ -80,6 +82,19 @@ def test_single_row_linear_matches_a_float64_product(shape, bias):
     assert torch.equal(decoding(rows), linear(rows))
     odd = torch.nn.Linear(96, 201)
     assert type(_unwrapped(torch.nn.Sequential(odd))[0]) is torch.nn.Linear  # halves need an even width
+
+
+def test_the_batched_kernel_is_kept_only_where_it_is_equal_and_faster(monkeypatch):
+    import mechvis.generation
+    from mechvis.generation import _SingleRowLinear, _batched_kernel_wins, _unwrapped
+
+    linear = torch.nn.Linear(64, 128)
+    monkeypatch.setattr(mechvis.generation, "_KERNEL_CHOICE", {})
+    monkeypatch.setattr(mechvis.generation, "_halves_product", lambda weight, x, bias: torch.nn.functional.linear(x, weight) + 1.0)
+    assert not _batched_kernel_wins(linear)  # not equal: never chosen, however fast
+    assert type(_unwrapped(torch.nn.Sequential(linear))[0]) is torch.nn.Linear
+    monkeypatch.setattr(mechvis.generation, "_KERNEL_CHOICE", {(128, 64, torch.get_num_threads()): True})
+    assert type(_unwrapped(torch.nn.Sequential(linear))[0]) is _SingleRowLinear  # measured once, remembered
 
 
 def test_sampling_follows_the_settings_and_the_seed(tiny):
