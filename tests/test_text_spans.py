@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 import mechvis
 from mechvis.analysis.attention import find_token_spans
-from mechvis.running import decode_tokens, encode
+from mechvis.running import _windowed_ends, decode_tokens, encode
 
 SMOL_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
 QWEN_SYSTEM = "You are a helpful assistant."
@@ -291,3 +291,53 @@ def test_embedded_model_finds_whole_characters(embedded):
     chat = mechvis.run(embedded, messages, chat=True, names_filter=lambda name: False)
     _, ids, expected = _expected_kinds(tokenizer, messages, "llama")
     assert chat.tokens.tolist() == ids and [chat.segments.kind_at(p) for p in range(len(ids))] == expected
+
+
+def test_a_multi_token_target_is_named_by_its_whole_text(tiny_llama):
+    from mechvis.analysis._checks import single_token_id
+    from mechvis.errors import InvalidArgumentError
+
+    with pytest.raises(InvalidArgumentError, match="東") as error:
+        single_token_id(tiny_llama, "東")
+    assert "\ufffd" not in str(error.value)
+
+
+def _sentencepiece_style():
+    """A tokenizer with Llama 2's decoder (▁ → space, byte fallback, one leading space stripped
+    from the whole text), whose decoding is not concatenative: the windows must cancel that."""
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import PreTrainedTokenizerFast
+
+    pieces = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
+    pieces += ["▁Paris", "▁is", "▁東", "京", "▁", "▁the", ".", "▁capital", "ab"]
+    vocab = {piece: index for index, piece in enumerate(pieces)}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], byte_fallback=True, unk_token="<unk>"))
+    backend.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+SENTENCEPIECE = _sentencepiece_style()
+UNITS = [[index] for index in range(259, 268)] + [[3 + b for b in c.encode()] for c in "東🎉é"]  # pieces; bytes of a character
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_windowed_decoding_equals_decoding_every_prefix(tokenizer, data):
+    """The linear-time path gives what decoding every prefix defines (byte-level BPE, and a
+    SentencePiece-style decoder with byte fallback), on sequences long enough to move the window."""
+    which = data.draw(st.sampled_from(["byte-level", "sentencepiece"]))
+    if which == "byte-level":
+        text = data.draw(st.lists(TEXT, min_size=1, max_size=8).map(" ".join))
+        ids = tokenizer.encode(text, add_special_tokens=False) + data.draw(st.lists(st.integers(0, 49_151), max_size=40))
+        chosen = tokenizer
+    else:
+        # pieces, each maybe followed by one character in bytes (byte runs never adjacent: one
+        # run of bytes decodes as a whole, so a run that grows invalid would change earlier text)
+        units = data.draw(st.lists(st.tuples(st.sampled_from(UNITS[:9]), st.sampled_from([[], *UNITS[9:]])), min_size=1, max_size=40))
+        ids = [index for word, character in units for index in word + character]
+        chosen = SENTENCEPIECE
+    fast, exact = decode_tokens(chosen, ids), decode_tokens(chosen, ids, exact=True)
+    assert fast == exact and fast.text == chosen.decode(ids)
+    assert _windowed_ends(chosen, ids, fast.text) is not None  # the windows were used
