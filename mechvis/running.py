@@ -454,16 +454,6 @@ def _image_text_kinds(
     return _token_kinds(expanded, labelled, default)
 
 
-def offsets_of(pieces: Sequence[str], start: int = 0) -> list[tuple[int, int]]:
-    """Character offsets of consecutive text pieces, the first starting at `start` (pieces that
-    partition a text; token texts come from `decode_tokens`, never from joining single-token decodes)."""
-    offsets = []
-    for piece in pieces:
-        offsets.append((start, start + len(piece)))
-        start += len(piece)
-    return offsets
-
-
 def with_text_appended(extra: dict, n_tokens: int) -> dict:
     """Image inputs for the sequence extended by `n_tokens` text tokens (Qwen-VL's
     `mm_token_type_ids` marks each token's modality and must cover them)."""
@@ -546,8 +536,9 @@ def decode_tokens(tokenizer: object, token_ids: Sequence[int], *, exact: bool = 
     character that several byte-level tokens spell (東, 🎉) is whole, never U+FFFD.
 
     Offsets come from decoding prefixes: the text completed after token i is the longest prefix of
-    `text` that `decode(token_ids[:i + 1])` agrees with, so its length c_i never depends on
-    decoding a token alone. Rule for each token i (c_{-1} = 0):
+    `text` that `decode(token_ids[:i + 1])` agrees with (and never shorter than after token
+    i − 1), so its length c_i never depends on decoding a token alone. Rule for each token i
+    (c_{-1} = 0):
 
     - `str_tokens[i] = text[c_{i-1}:c_i]`, the characters token i completes; they partition
       `text` (``"".join(str_tokens) == text``). A token that ends inside a character (the first
