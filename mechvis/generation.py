@@ -32,10 +32,9 @@ from mechvis.running import (
     Run,
     Segments,
     Span,
+    decode_tokens,
     encode,
     encode_with_image,
-    offsets_of,
-    str_tokens_of,
     with_text_appended,
 )
 
@@ -712,14 +711,13 @@ def _analysed_trace(
     extra = with_text_appended(extra or {}, len(generated))
     with torch.no_grad():
         logits, cache = model.run_with_cache(tokens[None], names_filter=names_filter, **extra)
-    generated_strings = str_tokens_of(model, generated)
-    offsets = list(encoded.offsets) + offsets_of(generated_strings, len(encoded.text))
+    decoded = decode_tokens(model.hf_tokenizer, all_ids)  # the whole sequence: no character split at a token
     spans = encoded.segments.spans + ((Span("generated", len(encoded.token_ids), len(all_ids)),) if generated else ())
     run = Run(
-        text=encoded.text + "".join(generated_strings),
+        text=decoded.text,
         tokens=tokens,
-        str_tokens=str_tokens_of(model, encoded.token_ids) + generated_strings,
-        offsets=offsets,
+        str_tokens=decoded.str_tokens,
+        offsets=decoded.offsets,
         logits=logits[0],
         cache=cache,
         segments=Segments(spans, encoded.segments.sink_positions, encoded.segments.image_grid),

@@ -86,6 +86,22 @@ def test_chat_with_an_image_and_image_metrics(tiny_llava):
     assert "vision_encoder.hook_vision_embed" in result.cache
 
 
+@pytest.mark.parametrize("content", ["user", "東京 🎉 <|im_start|>user\n"])
+def test_chat_with_an_image_labels_the_content_by_the_template(tiny_llava, content):
+    """The user's content sits between the image tokens and the turn's <|im_end|> (the template
+    writes <|im_start|>user\\n<image>{content}<|im_end|>); the text is the tokenizer's decode."""
+    bridge, _, processor = tiny_llava
+    tokenizer = processor.tokenizer
+    result = mechvis.run(bridge, [{"role": "user", "content": content}], image=_picture(1), chat=True)
+    ids = result.tokens.tolist()
+    last_image = max(p for p, t in enumerate(ids) if t == processor.image_token_id)
+    end = ids.index(tokenizer.convert_tokens_to_ids("<|im_end|>"), last_image)
+    assert result.segments.positions("user") == list(range(last_image + 1, end))
+    assert tokenizer.decode(ids[last_image + 1 : end]) == content
+    assert result.text == tokenizer.decode(ids) and "".join(result.str_tokens) == result.text
+    assert result.segments.kind_at(1) == "template"  # the role name in the markup
+
+
 def test_image_errors(tiny_llava, tiny, tmp_path):
     bridge, _, _ = tiny_llava
     text_only, _ = tiny("llama")
