@@ -302,5 +302,5 @@ def attention_to_spans(
     if not keys:
         raise InvalidArgumentError("No key positions: pass at least one non-empty span (see find_token_spans).")
     check_positions(n_positions, keys)
-    mass = einops.reduce(patterns[:, :, queries][..., keys], "layer head query key -> layer head query", "sum")
+    mass = einops.reduce(patterns[:, :, queries][..., keys].float(), "layer head query key -> layer head query", "sum")
     return SpanAttention(chosen, queries, keys, mass)
