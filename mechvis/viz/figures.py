@@ -277,3 +277,18 @@ def image_mass_figure(mass_per_layer: torch.Tensor) -> Figure:
         axis.set_ylim(0, 1)
         figure.tight_layout()
     return figure
+
+
+def cross_modal_figure(result) -> Figure:
+    """Alignment (mean cosine) and modality gap (Liang et al. 2022) between image-token and
+    text-token hidden states across layers (a `CrossModal`)."""
+    with _plain_text():
+        figure, axis = plt.subplots(figsize=(6, 3))
+        axis.plot(result.layers, result.alignment.numpy(), marker="o", label="alignment (mean cosine)")
+        axis.plot(result.layers, result.modality_gap.numpy(), marker="s", label="modality gap ‖x̄̂ − ȳ̂‖")
+        axis.set_xlabel("layer")
+        axis.set_ylim(-1, 2)
+        axis.axhline(0, color="#999", linewidth=0.5)
+        axis.legend(fontsize=8)
+        figure.tight_layout()
+    return figure
