@@ -490,19 +490,36 @@ def visual_information(
 @dataclass
 class Comparison:
     """Image-attention metrics of two conditions (e.g. an image with and without an object), each
-    averaged over layers, heads and queries, with their differences (b − a)."""
+    averaged over layers, heads and queries, with their differences (b − a); `distances` between
+    the two conditions' mean maps (grid cells)."""
 
     a: ImageAttention
     b: ImageAttention
     table: dict[str, tuple[float, float, float]]  # metric → (a, b, b − a)
+    distances: dict[str, float] = field(default_factory=dict)
 
 
 def compare(attention_a: ImageAttention, attention_b: ImageAttention) -> Comparison:
-    """The metric table of two image_attention results over grids of the same shape."""
+    """The metric table of two image_attention results over grids of the same shape: the region
+    metrics, the mass of the named regions (quadrants, centre), the geometry of the mean map (50 % /
+    90 % mass areas, 90 % convex hull, in cells), I(quadrant; query) in nats; and the earth mover's
+    and Hausdorff (90 % cells) distances between the two mean maps."""
+    from mechvis.analysis.geometry import earth_movers_distance, hausdorff_distance, map_geometry
+    from mechvis.analysis.information import grid_regions, region_token_information
+    from mechvis.analysis.regions import NAMED_REGIONS, region_mass
+
     if (attention_a.grid.rows, attention_a.grid.cols) != (attention_b.grid.rows, attention_b.grid.cols):
         raise InvalidArgumentError("The two conditions need image grids of the same shape to be compared.")
-    values = {}
-    for name, get in (
+    grid = attention_a.grid
+    quadrants = grid_regions(grid.rows, grid.cols, (min(2, grid.rows), min(2, grid.cols)))
+
+    def mean_map(x: ImageAttention) -> Tensor:
+        return x.maps.double().mean(dim=(0, 1, 2))
+
+    def information(x: ImageAttention) -> float:
+        return region_token_information(x.maps.double().mean(dim=(0, 1)), regions=quadrants).mutual_information
+
+    rows = [
         ("image mass", lambda x: x.image_mass),
         ("entropy (nats)", lambda x: x.metrics.entropy),
         ("normalised entropy", lambda x: x.metrics.normalised_entropy),
@@ -512,7 +529,22 @@ def compare(attention_a: ImageAttention, attention_b: ImageAttention) -> Compari
         ("spatial variance (cells²)", lambda x: x.metrics.spatial_variance),
         ("centre row", lambda x: x.metrics.centre[..., 0]),
         ("centre col", lambda x: x.metrics.centre[..., 1]),
-    ):
+    ]
+    rows += [(f"{name} mass", lambda x, name=name: region_mass(x.maps, grid, name).mass) for name in ("top-left", "top-right", "bottom-left", "bottom-right", "centre") if name in NAMED_REGIONS]
+    rows += [
+        ("50% mass area (cells)", lambda x: torch.tensor(float(map_geometry(mean_map(x), grid).contour_50.cells))),
+        ("90% mass area (cells)", lambda x: torch.tensor(float(map_geometry(mean_map(x), grid).contour_90.cells))),
+        ("90% hull area (cells²)", lambda x: torch.tensor(map_geometry(mean_map(x), grid).hull_90.cells)),
+        ("I(quadrant; query) (nats)", lambda x: torch.tensor(information(x))),
+    ]
+    values = {}
+    for name, get in rows:
         first, second = get(attention_a).float().mean().item(), get(attention_b).float().mean().item()
         values[name] = (first, second, second - first)
-    return Comparison(attention_a, attention_b, values)
+    first_map, second_map = mean_map(attention_a), mean_map(attention_b)
+    distances = {
+        "earth mover's distance (cells)": earth_movers_distance(first_map, second_map, grid).cells,
+        "Hausdorff distance, 90% cells (cells)": hausdorff_distance(first_map, second_map, grid).cells,
+        "Jensen–Shannon distance": float(jensen_shannon_distance(first_map, second_map)),
+    }
+    return Comparison(attention_a, attention_b, values, distances)

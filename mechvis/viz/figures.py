@@ -292,3 +292,36 @@ def cross_modal_figure(result) -> Figure:
         axis.legend(fontsize=8)
         figure.tight_layout()
     return figure
+
+
+def _lanes(lanes: Sequence[tuple[str, torch.Tensor, float | None, float | None]], tokens: Sequence[str], layers: Sequence[int]) -> Figure:
+    """One heatmap lane (layer × generated token) per metric, sharing the token axis."""
+    with _plain_text():
+        figure, axes = plt.subplots(len(lanes), 1, figsize=(max(6.0, 0.28 * len(tokens) + 2), 1.1 + 1.3 * len(lanes)), sharex=True, squeeze=False)
+        for axis, (title, values, low, high) in zip(axes[:, 0], lanes):
+            image = axis.imshow(values.numpy(), aspect="auto", cmap="viridis", vmin=low, vmax=high, interpolation="nearest")
+            axis.set_ylabel("layer", fontsize=8)
+            axis.set_yticks(range(len(layers)), [str(layer) for layer in layers], fontsize=6)
+            axis.set_title(title, fontsize=9, loc="left")
+            figure.colorbar(image, ax=axis, fraction=0.025, pad=0.01)
+        _tick_labels(axes[-1, 0], tokens)
+        axes[-1, 0].set_xlabel("generated token")
+        figure.tight_layout()
+    return figure
+
+
+def dynamics_figure(dynamics, *, regions: Sequence[str] | None = None) -> Figure:
+    """Lanes over the generated tokens (an `ImageDynamics`): image mass, normalised entropy and
+    each region's enrichment (mass / area; 1 = as much as its area), head-mean per layer."""
+    names = list(regions) if regions is not None else list(dynamics.region_mass)
+    lanes = [("attention mass on the image", dynamics.image_mass.mean(1), 0.0, 1.0),
+             ("normalised entropy over the image", dynamics.normalised_entropy.mean(1), 0.0, 1.0)]
+    lanes += [(f"{name}: mass / area", dynamics.region_enrichment(name).mean(1), 0.0, None) for name in names]
+    return _lanes(lanes, dynamics.tokens, dynamics.layers)
+
+
+def keyword_dynamics_figure(dynamics) -> Figure:
+    """Lanes over the generated tokens (a `KeywordDynamics`): attention mass on each keyword,
+    head-mean per layer."""
+    return _lanes([(f"attention to “{keyword}”", dynamics.per_layer(keyword), 0.0, None) for keyword in dynamics.keywords],
+                  dynamics.tokens, dynamics.layers)
