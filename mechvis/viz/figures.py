@@ -325,3 +325,20 @@ def keyword_dynamics_figure(dynamics) -> Figure:
     head-mean per layer."""
     return _lanes([(f"attention to “{keyword}”", dynamics.per_layer(keyword), 0.0, None) for keyword in dynamics.keywords],
                   dynamics.tokens, dynamics.layers)
+
+
+def instruction_check_figure(check) -> Figure:
+    """Attention of each prompt's answer to its instruction keywords per layer (an
+    `InstructionCheck`), flagged prompts marked ✗."""
+    with _plain_text():
+        figure, axis = plt.subplots(figsize=(max(5.0, 0.5 * len(check.layers) + 3), 1.2 + 0.35 * len(check.prompts)))
+        image = axis.imshow(check.mass.numpy(), aspect="auto", cmap="viridis", vmin=0, interpolation="nearest")
+        flagged = set(check.below)
+        labels = [("✗ " if i in flagged else "") + display_token(prompt) for i, prompt in enumerate(check.prompts)]
+        axis.set_yticks(range(len(labels)), labels)
+        axis.set_xticks(range(len(check.layers)), [str(layer) for layer in check.layers])
+        axis.set_xlabel("layer")
+        axis.set_title(f"attention of the answer to the keywords (threshold {check.threshold:g} on the layer mean)", fontsize=8)
+        figure.colorbar(image, ax=axis, fraction=0.03)
+        figure.tight_layout()
+    return figure
