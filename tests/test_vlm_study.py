@@ -222,3 +222,27 @@ def test_keyword_dynamics_match_hf_attentions(tiny):
     assert len(keyword_dynamics_figure(dynamics).axes) == 4
     with pytest.raises(InvalidArgumentError, match="no token span"):
         keyword_dynamics(model, trace, {"absent": []})
+
+
+def test_report_has_geometry_dynamics_information_and_cross_modal_sections(tiny_llava, tmp_path, monkeypatch):  # noqa: F811
+    import json
+
+    from mechvis.report import build, write_report
+
+    bridge, _, _ = tiny_llava
+    # mechvis.generate with an image is broken on main (transformers 5.24); a teacher-forced trace stands in.
+    monkeypatch.setattr(build, "generate", lambda model, prompt, image=None, **options: image_trace(model, prompt, image, " a <b>bright</b> square"))
+    write_report(bridge, "Describe it.", tmp_path / "r.html", json_path=tmp_path / "r.json", image=square_image(), max_new_tokens=4)
+    vision = json.loads((tmp_path / "r.json").read_text())["vision"]
+    assert vision["geometry"]["contour_90_cells"] >= vision["geometry"]["contour_50_cells"] >= 1
+    assert 0 < vision["geometry"]["hull_90_fraction"] <= 1
+    dynamics = vision["dynamics"]
+    n = len(dynamics["tokens"])
+    assert n > 0 and len(dynamics["image_mass"]) == 2 and len(dynamics["image_mass"][0]) == n
+    assert set(dynamics["region_mass"]) >= {"top-left", "centre"} and len(dynamics["peaks"]["top-left"]) == min(3, n)
+    assert vision["information"]["quadrant_token_mutual_information_nats"] >= 0
+    assert len(vision["cross_modal"]["modality_gap"]) == 2
+    assert len(vision["head_clusters"]["labels"]) == 2 * 4 and len(vision["last_layer_head_clusters"]) == 4
+    document = (tmp_path / "r.html").read_text()
+    assert "tokens where its mass peaks" in document and "I(quadrant; generated token)" in document
+    assert "<b>bright</b>" not in document  # token text is escaped
