@@ -91,6 +91,31 @@ def _ablate(arguments: argparse.Namespace) -> None:
     print(f"Wrote {arguments.output}")
 
 
+def _instruction_check(arguments: argparse.Namespace) -> None:
+    import json
+    from pathlib import Path
+
+    from mechvis.analysis.instructions import instruction_attention_check
+    from mechvis.models import load_model
+    from mechvis.viz.figures import instruction_check_figure
+
+    prompts = list(arguments.prompt or [])
+    if arguments.prompts_file:
+        prompts += [line for line in Path(arguments.prompts_file).read_text().splitlines() if line.strip()]
+    check = instruction_attention_check(
+        load_model(arguments.model), prompts, arguments.keyword, arguments.threshold,
+        max_new_tokens=arguments.max_new_tokens, chat=arguments.chat, match=arguments.match,
+    )
+    out = Path(arguments.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "instruction-check.json").write_text(json.dumps(
+        {"keywords": check.keywords, "threshold": check.threshold, "layers": check.layers, "prompts": check.table()}, indent=2))
+    instruction_check_figure(check).savefig(out / "instruction-check.png", dpi=120)
+    for row in check.table():
+        print(f"{'BELOW' if row['below_threshold'] else 'ok   '}  {row['score']:.3f}  {row['prompt'][:70]}")
+    print(f"Wrote {out}/instruction-check.json and instruction-check.png")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mechvis", description="Look inside language models.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -144,6 +169,20 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--out", default="out/repetition-eval", help="directory for the JSON and the figure")
     evaluation.add_argument("--weights", default=None, help="where to write the fitted monitor (default: --out)")
     evaluation.set_defaults(handler=_repetition_eval)
+
+    instruction = commands.add_parser(
+        "instruction-check", help="how much attention generated answers pay instruction keywords, per layer"
+    )
+    _add_model_argument(instruction)
+    instruction.add_argument("--prompt", action="append", help="a prompt (repeatable)")
+    instruction.add_argument("--prompts-file", default=None, help="a text file with one prompt per line")
+    instruction.add_argument("--keyword", action="append", required=True, help="an instruction keyword (repeatable)")
+    instruction.add_argument("--threshold", type=float, default=0.05, help="flag prompts whose mean attention mass is below this")
+    instruction.add_argument("--match", choices=("spelling", "semantic"), default="spelling")
+    instruction.add_argument("--max-new-tokens", type=int, default=32)
+    instruction.add_argument("--chat", action="store_true")
+    instruction.add_argument("--out", default="out/instruction-check", help="directory for the JSON table and the figure")
+    instruction.set_defaults(handler=_instruction_check)
     return parser
 
 

@@ -29,6 +29,20 @@ from mechvis.analysis.attention import (
     visible_keys,
 )
 from mechvis.analysis.attribution import InputAttribution, gradient_x_input, occlusion
+from mechvis.analysis.crossmodal import CrossModal, cross_modal
+from mechvis.analysis.dynamics import ImageDynamics, KeywordDynamics, image_dynamics, keyword_dynamics, stream_image_dynamics
+from mechvis.analysis.geometry import (
+    compare_geometry,
+    earth_movers_distance,
+    hausdorff_distance,
+    hull_area,
+    map_geometry,
+    mass_contour,
+)
+from mechvis.analysis.gradients import attention_gradient_relevancy, integrated_gradients, pixel_integrated_gradients
+from mechvis.analysis.information import discrete_mutual_information, grid_regions, region_token_information
+from mechvis.analysis.instructions import instruction_attention_check, semantic_token_spans
+from mechvis.analysis.regions import NAMED_REGIONS, named_region_masses, region_mass
 from mechvis.analysis.lens import LogitLens, lens_hook_names, logit_lens, unembed_logits
 from mechvis.analysis.projection import Projection, embedding_projection, hidden_state_projection, pca
 from mechvis.analysis.residual import (
@@ -82,4 +96,9 @@ __all__ = [
     "find_token_spans", "gradient_x_input", "head_entropy", "head_results", "hidden_state_projection",
     "high_entropy_positions", "hooks_for", "layer_similarity", "logit_lens", "occlusion", "pca", "rollout",
     "row_entropy", "token_signals", "unembed_logits", "visible_keys",
+    "CrossModal", "ImageDynamics", "KeywordDynamics", "NAMED_REGIONS", "attention_gradient_relevancy", "compare_geometry",
+    "cross_modal", "discrete_mutual_information", "earth_movers_distance", "grid_regions", "hausdorff_distance",
+    "hull_area", "image_dynamics", "instruction_attention_check", "integrated_gradients", "keyword_dynamics",
+    "map_geometry", "mass_contour", "named_region_masses", "pixel_integrated_gradients", "region_mass",
+    "region_token_information", "semantic_token_spans", "stream_image_dynamics",
 ]

@@ -242,12 +242,25 @@ def rollout(
     return Rollout(result.float(), head_fusion, residual_weight, chosen, key_span, None if span_mass is None else span_mass.float())
 
 
-def find_token_spans(run: "Run", keyword: str, *, case_sensitive: bool = False, whole_word: bool = True) -> list[Span]:
+def find_token_spans(
+    run: "Run", keyword: str, *, case_sensitive: bool = False, whole_word: bool = True,
+    match: str = "spelling", model: "TransformerBridge | None" = None, layer: int | None = None, threshold: float = 0.5,
+) -> list[Span]:
     """Every occurrence of `keyword` in the run's text as a token span (kind "keyword").
 
     Matching uses character offsets, so a word split into several tokens, or sharing a token
     with a neighbouring space, is found; each occurrence gives one span.
+    `match="semantic"` finds positions by meaning instead (needs `model`; `layer`, `threshold`:
+    see mechvis.analysis.instructions.semantic_token_spans, which also returns every score).
     """
+    if match == "semantic":
+        from mechvis.analysis.instructions import semantic_token_spans
+
+        if model is None:
+            raise InvalidArgumentError('match="semantic" needs the model (model=...).')
+        return semantic_token_spans(run, keyword, model, layer=layer, threshold=threshold).spans
+    if match != "spelling":
+        raise InvalidArgumentError(f"match must be 'spelling' or 'semantic'; got {match!r}.")
     if not keyword.strip():
         raise InvalidArgumentError("The keyword is empty.")
     pattern = re.escape(keyword)

@@ -401,23 +401,25 @@ class RepetitionMonitor:
         l2: float = 1e-2,
         metadata: dict | None = None,
     ) -> "RepetitionMonitor":
-        """Maximum-likelihood logistic regression with an L2 penalty, by Newton's method."""
+        """Maximum-likelihood logistic regression on the standardised features (z = (x − mean) / std,
+        std with Bessel's correction) with an L2 penalty on the weights, not the bias:
+        minimises mean log-loss + (l2 / 2)·‖w‖², i.e. sklearn's LogisticRegression with
+        C = 1 / (l2 · n) (Newton–Cholesky solver)."""
+        from sklearn.linear_model import LogisticRegression
+
+        if l2 <= 0:
+            raise InvalidArgumentError(f"l2 must be positive; got {l2!r}.")
         x = features.double()
+        y = labels.long()
+        if x.ndim != 2 or y.shape != (x.shape[0],):
+            raise InvalidArgumentError(f"Expected (n, feature) features and n labels; got {tuple(x.shape)} and {tuple(y.shape)}.")
+        if y.unique().numel() != 2:
+            raise InvalidArgumentError("Fitting the monitor needs labels of both classes (0 and 1).")
         mean, std = x.mean(0), x.std(0).clamp_min(1e-6)
-        design = torch.cat([(x - mean) / std, torch.ones(x.shape[0], 1, dtype=x.dtype)], dim=1)
-        y = labels.double()
-        theta = torch.zeros(design.shape[1], dtype=x.dtype)
-        penalty = torch.full((design.shape[1],), l2, dtype=x.dtype)
-        penalty[-1] = 0.0  # no penalty on the bias
-        for _ in range(50):
-            p = torch.sigmoid(design @ theta)
-            gradient = design.T @ (p - y) / len(y) + penalty * theta
-            hessian = (design * (p * (1 - p))[:, None]).T @ design / len(y) + torch.diag(penalty)
-            step = torch.linalg.solve(hessian, gradient)
-            theta = theta - step
-            if step.abs().max() < 1e-10:
-                break
-        return cls(mean.tolist(), std.tolist(), theta[:-1].tolist(), float(theta[-1]), tuple(feature_names), metadata or {})
+        standardised = ((x - mean) / std).numpy()
+        model = LogisticRegression(C=1.0 / (l2 * len(y)), solver="newton-cholesky", tol=1e-12, max_iter=200)
+        model.fit(standardised, y.numpy())
+        return cls(mean.tolist(), std.tolist(), model.coef_[0].tolist(), float(model.intercept_[0]), tuple(feature_names), metadata or {})
 
     def save(self, path) -> None:
         data = asdict(self)
@@ -437,29 +439,25 @@ class RepetitionMonitor:
 
 
 def auroc(scores: Sequence[float], labels: Sequence[int]) -> float:
-    """Area under the ROC curve (Mann–Whitney U with average ranks for ties); NaN without both classes."""
-    scores_t, labels_t = torch.as_tensor(scores, dtype=torch.float64), torch.as_tensor(labels)
-    positives, negatives = int(labels_t.sum()), int((1 - labels_t).sum())
-    if positives == 0 or negatives == 0:
+    """Area under the ROC curve (sklearn.metrics.roc_auc_score; ties count half, as Mann–Whitney
+    U); NaN without both classes."""
+    from sklearn.metrics import roc_auc_score
+
+    labels_list = [int(label) for label in labels]
+    if len(set(labels_list)) < 2:
         return float("nan")
-    order = scores_t.argsort()
-    ranks = torch.empty_like(scores_t)
-    ranks[order] = torch.arange(1, len(scores_t) + 1, dtype=torch.float64)
-    for value in scores_t.unique():  # average ranks over ties
-        tied = scores_t == value
-        ranks[tied] = ranks[tied].mean()
-    return float((ranks[labels_t == 1].sum() - positives * (positives + 1) / 2) / (positives * negatives))
+    return float(roc_auc_score(labels_list, [float(score) for score in scores]))
 
 
 def average_precision(scores: Sequence[float], labels: Sequence[int]) -> float:
-    """Area under the precision–recall curve as average precision; NaN without positives."""
-    scores_t, labels_t = torch.as_tensor(scores, dtype=torch.float64), torch.as_tensor(labels, dtype=torch.float64)
-    if labels_t.sum() == 0:
+    """Average precision Σₙ (Rₙ − Rₙ₋₁) Pₙ over score thresholds (sklearn.metrics.
+    average_precision_score; tied scores form one threshold); NaN without positives."""
+    from sklearn.metrics import average_precision_score
+
+    labels_list = [int(label) for label in labels]
+    if sum(labels_list) == 0:
         return float("nan")
-    order = scores_t.argsort(descending=True)
-    hits = labels_t[order]
-    precision = hits.cumsum(0) / torch.arange(1, len(hits) + 1, dtype=torch.float64)
-    return float((precision * hits).sum() / hits.sum())
+    return float(average_precision_score(labels_list, [float(score) for score in scores]))
 
 
 def cusum_alarm(probabilities: Sequence[float], *, drift: float = 0.5, threshold: float = 1.0) -> int | None:

@@ -11,11 +11,11 @@ from __future__ import annotations
 import math
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
-from jaxtyping import Bool, Float, Int
+from jaxtyping import Float, Int
 from torch import Tensor
 
 from mechvis.analysis._checks import activation, check_layers, check_positions, require_hooks
@@ -179,94 +179,131 @@ class Hotspot:
 
 
 def hotspots(q: Float[Tensor, " cell"], grid: ImageGrid, *, threshold_factor: float = 3.0) -> list[Hotspot]:
-    """Cells with q > threshold_factor / N, grouped into 4-connected regions, largest mass first."""
+    """Cells with q > threshold_factor / N, grouped into 4-connected regions (scipy.ndimage.label
+    with its default cross-shaped structure), largest mass first (ties: raster order of the
+    region's first cell)."""
+    import numpy as np
+    from scipy import ndimage
+
     n = grid.rows * grid.cols
     if q.shape != (n,):
         raise InvalidArgumentError(f"A map of {n} cells is needed; got shape {tuple(q.shape)}.")
     q = q.double() / q.double().sum()
-    hot: Bool[Tensor, " cell"] = q > threshold_factor / n
-    seen: set[int] = set()
-    found = []
-    for start in torch.nonzero(hot).flatten().tolist():  # flood fill over the (small) set of hot cells
-        if start in seen:
-            continue
-        component, frontier = [], [start]
-        seen.add(start)
-        while frontier:
-            cell = frontier.pop()
-            component.append(cell)
-            row, col = divmod(cell, grid.cols)
-            for d_row, d_col in ((1, 0), (-1, 0), (0, 1), (0, -1)):
-                r, c = row + d_row, col + d_col
-                neighbour = r * grid.cols + c
-                if 0 <= r < grid.rows and 0 <= c < grid.cols and hot[neighbour] and neighbour not in seen:
-                    seen.add(neighbour)
-                    frontier.append(neighbour)
-        weights = q[component]
-        coordinates = grid.coordinates[component]
-        centre = (weights @ coordinates) / weights.sum()
-        found.append(Hotspot(sorted(component), float(weights.sum()), (float(centre[0]), float(centre[1]))))
+    hot = (q > threshold_factor / n).numpy().reshape(grid.rows, grid.cols)
+    labels, count = ndimage.label(hot)  # 4-connectivity; components numbered in raster order
+    flat = torch.from_numpy(labels.reshape(-1).astype(np.int64))
+    one_hot = (flat[None, :] == torch.arange(1, count + 1)[:, None]).double()  # (region, cell)
+    masses = one_hot @ q
+    centres = (one_hot * q) @ grid.coordinates / masses[:, None].clamp_min(1e-300)
+    found = [
+        Hotspot(torch.nonzero(one_hot[i]).flatten().tolist(), float(masses[i]), (float(centres[i, 0]), float(centres[i, 1])))
+        for i in range(count)
+    ]
     return sorted(found, key=lambda spot: -spot.mass)
 
 
 def jensen_shannon_distance(p: Float[Tensor, "... n"], q: Float[Tensor, "... n"]) -> Float[Tensor, "..."]:
-    """√(JSD(p, q) / ln 2): a metric in [0, 1] between distributions."""
-    p = p.double() / p.double().sum(-1, keepdim=True)
-    q = q.double() / q.double().sum(-1, keepdim=True)
-    middle = (p + q) / 2
-    divergence = 0.5 * (torch.special.xlogy(p, p) - torch.special.xlogy(p, middle)).sum(-1) + 0.5 * (
-        torch.special.xlogy(q, q) - torch.special.xlogy(q, middle)
-    ).sum(-1)
-    return (divergence.clamp_min(0) / math.log(2)).sqrt().float()
+    """√(JSD(p, q) / ln 2) (scipy.spatial.distance.jensenshannon, base 2): a metric in [0, 1]
+    between distributions; p and q are renormalised over the last axis and broadcast."""
+    from scipy.spatial.distance import jensenshannon
+
+    p_np, q_np = (x.detach().double().cpu().numpy() for x in torch.broadcast_tensors(p, q))
+    import numpy as np
+
+    return torch.from_numpy(np.asarray(jensenshannon(p_np, q_np, base=2, axis=-1))).float()
 
 
 @dataclass
 class HeadClusters:
-    """Heads grouped by the Jensen–Shannon distance of their image maps."""
+    """Heads (flattened over any leading layer dimension, row-major) grouped by the distance of
+    their image maps. `scores[k]` is the mean silhouette of the cut into k clusters."""
 
     distance: Float[Tensor, "head head"]
     labels: list[int]
-    silhouette: float  # mean silhouette on the same distance; NaN for a single cluster
+    silhouette: float  # mean silhouette of the chosen cut; NaN for a single cluster
+    scores: dict[int, float] = field(default_factory=dict)
+    metric: str = "jensenshannon"
+
+    @property
+    def n_clusters(self) -> int:
+        return len(set(self.labels))
 
 
-def cluster_heads(maps: Float[Tensor, "head cell"], *, n_clusters: int = 2) -> HeadClusters:
-    """Average-linkage agglomerative clustering of heads on the pairwise JS distance, with the
-    silhouette computed on that same distance."""
-    n = maps.shape[0]
-    if not 1 <= n_clusters <= n:
+def head_distances(maps: Float[Tensor, "head cell"], metric: str = "jensenshannon") -> Float[Tensor, "head head"]:
+    """Pairwise distances between head maps with scipy.spatial.distance.pdist: "jensenshannon"
+    (√(JSD / ln 2), in [0, 1]; maps renormalised) or "cosine" (1 − cos, in [0, 2]).
+
+    Cost: JS needs heads² × cells logarithms (1,024 heads × 576 cells ≈ 3 · 10⁸: seconds); cosine
+    is one matrix product."""
+    import numpy as np
+    from scipy.spatial.distance import pdist, squareform
+
+    if metric not in ("jensenshannon", "cosine"):
+        raise InvalidArgumentError(f"metric must be 'jensenshannon' or 'cosine'; got {metric!r}.")
+    x = maps.detach().double().cpu().numpy()
+    if (x < 0).any() or not (x.sum(-1) > 0).all():
+        raise InvalidArgumentError("Head maps must be non-negative with some mass on the grid.")
+    if metric == "jensenshannon":
+        x = x / x.sum(-1, keepdims=True)
+        condensed = pdist(x, "jensenshannon") / math.sqrt(math.log(2))  # pdist uses ln; base 2 as jensenshannon(base=2)
+    else:
+        condensed = pdist(x, "cosine")
+    return torch.from_numpy(np.clip(squareform(condensed), 0.0, None))
+
+
+def cluster_heads(
+    maps: Float[Tensor, "... cell"],
+    *,
+    n_clusters: int | None = None,
+    metric: str = "jensenshannon",
+    max_clusters: int = 10,
+) -> HeadClusters:
+    """Average-linkage (UPGMA) agglomerative clustering of heads (scipy.cluster.hierarchy) on the
+    pairwise `head_distances`; with `n_clusters=None` the number of clusters k ∈ [2,
+    min(max_clusters, heads − 1)] with the highest mean silhouette (sklearn.metrics.silhouette_score
+    on the same precomputed distance, Rousseeuw 1987) is chosen. `maps` may be (head, cell) or
+    (layer, head, cell): all L × H heads are clustered together. Labels are numbered in order of
+    first appearance."""
+    from scipy.cluster.hierarchy import fcluster, linkage
+    from scipy.spatial.distance import squareform
+
+    flat = maps.reshape(-1, maps.shape[-1])
+    n = flat.shape[0]
+    if n_clusters is not None and not 1 <= n_clusters <= n:
         raise InvalidArgumentError(f"n_clusters must be between 1 and the number of heads ({n}); got {n_clusters}.")
-    distance = jensen_shannon_distance(maps[:, None, :], maps[None, :, :]).double()
-    clusters = [[i] for i in range(n)]
-    while len(clusters) > n_clusters:  # merge the closest pair (average linkage)
-        best = min(
-            ((a, b) for a in range(len(clusters)) for b in range(a + 1, len(clusters))),
-            key=lambda pair: distance[clusters[pair[0]]][:, clusters[pair[1]]].mean().item(),
-        )
-        clusters[best[0]] += clusters.pop(best[1])
-    labels = [0] * n
-    for label, members in enumerate(clusters):
-        for member in members:
-            labels[member] = label
-    return HeadClusters(distance.float(), labels, silhouette(distance, labels))
+    if max_clusters < 2:
+        raise InvalidArgumentError(f"max_clusters must be at least 2; got {max_clusters}.")
+    distance = head_distances(flat, metric)
+    if n == 1:
+        return HeadClusters(distance.float(), [0], float("nan"), {}, metric)
+    tree = linkage(squareform(distance.numpy(), checks=False), method="average")
+
+    def cut(k: int) -> list[int]:
+        raw = fcluster(tree, k, criterion="maxclust").tolist()
+        order = {label: index for index, label in enumerate(dict.fromkeys(raw))}
+        return [order[label] for label in raw]
+
+    candidates = [n_clusters] if n_clusters is not None else list(range(2, min(max_clusters, n - 1) + 1)) or [min(2, n)]
+    cuts = {k: cut(k) for k in candidates}
+    scores = {k: silhouette(distance, labels) for k, labels in cuts.items()}
+    best = n_clusters if n_clusters is not None else max(candidates, key=lambda k: (scores[k], -k))
+    return HeadClusters(distance.float(), cuts[best], scores[best], scores, metric)
 
 
 def silhouette(distance: Float[Tensor, "n n"], labels: Sequence[int]) -> float:
-    """Mean silhouette (b − a) / max(a, b) over points, from a precomputed distance matrix; a point
-    alone in its cluster scores 0; NaN with fewer than two clusters."""
-    labels_t = torch.tensor(labels)
-    groups = labels_t.unique()
-    if len(groups) < 2:
+    """Mean silhouette (b − a) / max(a, b) over points (sklearn.metrics.silhouette_score, metric
+    "precomputed"); a point alone in its cluster scores 0; NaN with fewer than two clusters, 0 when
+    every point is alone."""
+    from sklearn.metrics import silhouette_score
+
+    n_labels = len(set(labels))
+    if n_labels < 2:
         return float("nan")
-    scores = []
-    for i in range(len(labels)):
-        own = (labels_t == labels_t[i]) & (torch.arange(len(labels)) != i)
-        if not own.any():
-            scores.append(0.0)
-            continue
-        a = distance[i, own].mean().item()
-        b = min(distance[i, labels_t == g].mean().item() for g in groups if g != labels_t[i])
-        scores.append((b - a) / max(a, b) if max(a, b) > 0 else 0.0)
-    return sum(scores) / len(scores)
+    if n_labels == len(labels):
+        return 0.0
+    matrix = distance.detach().double().cpu().numpy().copy()
+    matrix[range(len(matrix)), range(len(matrix))] = 0.0
+    return float(silhouette_score(matrix, list(labels), metric="precomputed"))
 
 
 @dataclass
@@ -453,19 +490,36 @@ def visual_information(
 @dataclass
 class Comparison:
     """Image-attention metrics of two conditions (e.g. an image with and without an object), each
-    averaged over layers, heads and queries, with their differences (b − a)."""
+    averaged over layers, heads and queries, with their differences (b − a); `distances` between
+    the two conditions' mean maps (grid cells)."""
 
     a: ImageAttention
     b: ImageAttention
     table: dict[str, tuple[float, float, float]]  # metric → (a, b, b − a)
+    distances: dict[str, float] = field(default_factory=dict)
 
 
 def compare(attention_a: ImageAttention, attention_b: ImageAttention) -> Comparison:
-    """The metric table of two image_attention results over grids of the same shape."""
+    """The metric table of two image_attention results over grids of the same shape: the region
+    metrics, the mass of the named regions (quadrants, centre), the geometry of the mean map (50 % /
+    90 % mass areas, 90 % convex hull, in cells), I(quadrant; query) in nats; and the earth mover's
+    and Hausdorff (90 % cells) distances between the two mean maps."""
+    from mechvis.analysis.geometry import earth_movers_distance, hausdorff_distance, map_geometry
+    from mechvis.analysis.information import grid_regions, region_token_information
+    from mechvis.analysis.regions import NAMED_REGIONS, region_mass
+
     if (attention_a.grid.rows, attention_a.grid.cols) != (attention_b.grid.rows, attention_b.grid.cols):
         raise InvalidArgumentError("The two conditions need image grids of the same shape to be compared.")
-    values = {}
-    for name, get in (
+    grid = attention_a.grid
+    quadrants = grid_regions(grid.rows, grid.cols, (min(2, grid.rows), min(2, grid.cols)))
+
+    def mean_map(x: ImageAttention) -> Tensor:
+        return x.maps.double().mean(dim=(0, 1, 2))
+
+    def information(x: ImageAttention) -> float:
+        return region_token_information(x.maps.double().mean(dim=(0, 1)), regions=quadrants).mutual_information
+
+    rows = [
         ("image mass", lambda x: x.image_mass),
         ("entropy (nats)", lambda x: x.metrics.entropy),
         ("normalised entropy", lambda x: x.metrics.normalised_entropy),
@@ -475,7 +529,22 @@ def compare(attention_a: ImageAttention, attention_b: ImageAttention) -> Compari
         ("spatial variance (cells²)", lambda x: x.metrics.spatial_variance),
         ("centre row", lambda x: x.metrics.centre[..., 0]),
         ("centre col", lambda x: x.metrics.centre[..., 1]),
-    ):
+    ]
+    rows += [(f"{name} mass", lambda x, name=name: region_mass(x.maps, grid, name).mass) for name in ("top-left", "top-right", "bottom-left", "bottom-right", "centre") if name in NAMED_REGIONS]
+    rows += [
+        ("50% mass area (cells)", lambda x: torch.tensor(float(map_geometry(mean_map(x), grid).contour_50.cells))),
+        ("90% mass area (cells)", lambda x: torch.tensor(float(map_geometry(mean_map(x), grid).contour_90.cells))),
+        ("90% hull area (cells²)", lambda x: torch.tensor(map_geometry(mean_map(x), grid).hull_90.cells)),
+        ("I(quadrant; query) (nats)", lambda x: torch.tensor(information(x))),
+    ]
+    values = {}
+    for name, get in rows:
         first, second = get(attention_a).float().mean().item(), get(attention_b).float().mean().item()
         values[name] = (first, second, second - first)
-    return Comparison(attention_a, attention_b, values)
+    first_map, second_map = mean_map(attention_a), mean_map(attention_b)
+    distances = {
+        "earth mover's distance (cells)": earth_movers_distance(first_map, second_map, grid).cells,
+        "Hausdorff distance, 90% cells (cells)": hausdorff_distance(first_map, second_map, grid).cells,
+        "Jensen–Shannon distance": float(jensen_shannon_distance(first_map, second_map)),
+    }
+    return Comparison(attention_a, attention_b, values, distances)

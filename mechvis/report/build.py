@@ -70,8 +70,12 @@ class VisionResult:
     attention: "ImageAttention"
     mean_map: torch.Tensor  # over layers, heads and queries; sums to 1 over the grid
     hotspots: list
-    clusters: "HeadClusters"  # heads of the last layer, on their mean maps
+    clusters: "HeadClusters"  # all layers × heads, on their mean maps; k by silhouette
     rollout: "VisionRollout | None"
+    geometry: "MapGeometry | None" = None  # of the mean map
+    dynamics: "ImageDynamics | None" = None  # per generated token (None without generated tokens)
+    information: "RegionTokenInformation | None" = None  # I(quadrant; generated token)
+    cross_modal: "CrossModal | None" = None  # None when the cache lacks the residual stream
 
 
 @dataclass
@@ -168,7 +172,11 @@ def build_report_data(
 
 
 def _vision_result(model: "TransformerBridge", trace: Trace, image: object) -> VisionResult:
-    from mechvis.errors import InvalidArgumentError
+    from mechvis.analysis.crossmodal import cross_modal
+    from mechvis.analysis.dynamics import image_dynamics
+    from mechvis.analysis.geometry import map_geometry
+    from mechvis.analysis.information import grid_regions, region_token_information
+    from mechvis.errors import InvalidArgumentError, MissingActivationsError
     from mechvis.running import load_image
 
     run = trace.run
@@ -180,8 +188,22 @@ def _vision_result(model: "TransformerBridge", trace: Trace, image: object) -> V
         rolled = vision_rollout(run.cache, model, grid, query_positions=queries)
     except InvalidArgumentError:  # layouts whose vision rollout is not mapped yet
         rolled = None
+    dynamics = image_dynamics(model, trace) if trace.generated_ids else None
+    information = None
+    if dynamics is not None:
+        quadrants = grid_regions(grid.rows, grid.cols, (min(2, grid.rows), min(2, grid.cols)))
+        information = region_token_information(dynamics.maps.double().mean(0), regions=quadrants)
+    try:
+        crossing = cross_modal(run.cache, model, grid)
+    except (MissingActivationsError, InvalidArgumentError):
+        crossing = None
     return VisionResult(load_image(image), attention, mean_map, hotspots(mean_map, grid),
-                        cluster_heads(attention.maps[-1].mean(1), n_clusters=min(2, model.cfg.n_heads)), rolled)
+                        cluster_heads(attention.maps.mean(2)), rolled, map_geometry(mean_map, grid), dynamics, information, crossing)
+
+
+def model_heads(vision: VisionResult) -> int:
+    """Heads per layer of the vision result's attention (its clusters span all layers × heads)."""
+    return vision.attention.image_mass.shape[1]
 
 
 def report_json(data: ReportData) -> dict:
@@ -236,8 +258,37 @@ def report_json(data: ReportData) -> dict:
             "metrics": {name: rounded(getattr(vision.attention.metrics, name).float().mean())
                         for name in ("normalised_entropy", "gini", "k90_fraction", "peak_to_mean", "spatial_variance")},
             "hotspots": [{"cells": spot.cells, "mass": spot.mass, "centre": list(spot.centre)} for spot in vision.hotspots],
-            "last_layer_head_clusters": vision.clusters.labels,
+            "last_layer_head_clusters": vision.clusters.labels[-model_heads(vision):],
             "silhouette": vision.clusters.silhouette,
+            "head_clusters": {"labels": vision.clusters.labels, "k": vision.clusters.n_clusters, "metric": vision.clusters.metric,
+                              "silhouette_by_k": {str(k): v for k, v in vision.clusters.scores.items()}},
+            "geometry": None if vision.geometry is None else {
+                "contour_50_cells": vision.geometry.contour_50.cells, "contour_50_fraction": vision.geometry.contour_50.fraction,
+                "contour_90_cells": vision.geometry.contour_90.cells, "contour_90_fraction": vision.geometry.contour_90.fraction,
+                "hull_90_cells": vision.geometry.hull_90.cells, "hull_90_fraction": vision.geometry.hull_90.fraction,
+            },
+            "dynamics": None if vision.dynamics is None else {
+                "tokens": vision.dynamics.tokens,
+                "query_positions": vision.dynamics.query_positions,
+                "image_mass": rounded(vision.dynamics.image_mass.mean(1)),
+                "normalised_entropy": rounded(vision.dynamics.normalised_entropy.mean(1)),
+                "peak_to_mean": rounded(vision.dynamics.peak_to_mean.mean(1)),
+                "centre": rounded(vision.dynamics.centre.mean(1)),
+                "region_mass": {name: rounded(mass.mean(1)) for name, mass in vision.dynamics.region_mass.items()},
+                "region_area": vision.dynamics.region_area,
+                "peaks": {name: [{"index": i, "token": t, "mass": m} for i, t, m in vision.dynamics.peaks(name, top=3)]
+                          for name in vision.dynamics.region_mass},
+            },
+            "information": None if vision.information is None else {
+                "quadrant_token_mutual_information_nats": vision.information.mutual_information,
+                "quadrant_entropy_nats": vision.information.region_entropy,
+                "normalised": vision.information.normalised,
+            },
+            "cross_modal": None if vision.cross_modal is None else {
+                "layers": vision.cross_modal.layers, "alignment": rounded(vision.cross_modal.alignment),
+                "modality_gap": rounded(vision.cross_modal.modality_gap),
+                "centroid_distance": rounded(vision.cross_modal.centroid_distance),
+            },
             "rollout_map": rounded(vision.rollout.maps.mean(0)) if vision.rollout is not None else None,
             "rollout_patch_shape": list(vision.rollout.patch_shape) if vision.rollout is not None else None,
         }

@@ -92,6 +92,33 @@ def ablation_section(sweep: AblationSweep, target_label: str, *, n_top: int = 10
     )
 
 
+def _vision_study_parts(vision) -> list[str]:
+    """Geometry, dynamics, information and cross-modal parts of the image section (escaped)."""
+    parts = []
+    if vision.geometry is not None:
+        g = vision.geometry
+        parts.append(
+            f"<p>Geometry of the mean map: 50 % of the mass in {g.contour_50.cells} cells ({g.contour_50.fraction:.1%} of the image), "
+            f"90 % in {g.contour_90.cells} ({g.contour_90.fraction:.1%}); convex hull of the 90 % cells {g.hull_90.cells:.1f} cells² "
+            f"({g.hull_90.fraction:.1%}).</p>")
+    if vision.dynamics is not None:
+        dynamics = vision.dynamics
+        parts.append(figure_html(figures.dynamics_figure(dynamics), "attention dynamics over the generated tokens (head mean, per layer)"))
+        rows = "".join(
+            f"<tr><td>{html.escape(name)}</td><td>{dynamics.region_area[name]:.3f}</td><td>"
+            + ", ".join(f"{html.escape(repr(token))} ({mass:.3f})" for _, token, mass in dynamics.peaks(name, top=3))
+            + "</td></tr>"
+            for name in dynamics.region_mass)
+        parts.append(f"<table><tr><th>region</th><th>area share</th><th>tokens where its mass peaks</th></tr>{rows}</table>")
+    if vision.information is not None:
+        info = vision.information
+        parts.append(f"<p>I(quadrant; generated token) = {info.mutual_information:.4f} nats of H(quadrant) = "
+                     f"{info.region_entropy:.4f} nats ({info.normalised:.1%}).</p>")
+    if vision.cross_modal is not None:
+        parts.append(figure_html(figures.cross_modal_figure(vision.cross_modal), "image vs text hidden states across layers"))
+    return parts
+
+
 def _section(title: str, anchor: str, parts: list[str], note: str = "") -> str:
     note_html = f'<p class="note">{html.escape(note)}</p>' if note else ""
     return f'<section id="{anchor}"><h2>{html.escape(title)}</h2>{note_html}\n' + "\n".join(parts) + "</section>"
@@ -172,9 +199,10 @@ def render_report(data: ReportData, model) -> str:
             figure_html(figures.image_mass_figure(vision.attention.mass_per_layer), "attention mass on the image per layer"),
             figure_html(figures.comparison_figure(maps, shapes, [vision.image] * len(maps), titles), "where the generated tokens look"),
             f"<table><tr><th>hotspot cells</th><th>mass</th><th>centre (row, col)</th></tr>{spots}</table>",
-            f"<p>Heads of the last layer in two clusters by Jensen–Shannon distance of their image maps: "
-            f"{html.escape(str(vision.clusters.labels))}, silhouette {vision.clusters.silhouette:.3f}.</p>",
-        ], f"Grid of {grid[0]} × {grid[1]} image tokens; hotspots are cells above 3× the uniform share."))
+            f"<p>All layers × heads clustered by Jensen–Shannon distance of their image maps (average linkage, "
+            f"k = {vision.clusters.n_clusters} by silhouette {vision.clusters.silhouette:.3f}); labels layer by layer: "
+            f"{html.escape(str(vision.clusters.labels))}.</p>",
+        ] + _vision_study_parts(vision), f"Grid of {grid[0]} × {grid[1]} image tokens; hotspots are cells above 3× the uniform share."))
     if data.ablation is not None:
         sections.append(_section("Head ablation", "ablation", [ablation_section(data.ablation, data.ablation_target)]))
     progress.update()

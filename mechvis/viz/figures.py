@@ -283,3 +283,68 @@ def image_mass_figure(mass_per_layer: torch.Tensor) -> Figure:
         axis.set_ylim(0, 1)
         figure.tight_layout()
     return figure
+
+
+def cross_modal_figure(result) -> Figure:
+    """Alignment (mean cosine) and modality gap (Liang et al. 2022) between image-token and
+    text-token hidden states across layers (a `CrossModal`)."""
+    with _plain_text():
+        figure, axis = plt.subplots(figsize=(6, 3))
+        axis.plot(result.layers, result.alignment.numpy(), marker="o", label="alignment (mean cosine)")
+        axis.plot(result.layers, result.modality_gap.numpy(), marker="s", label="modality gap ‖x̄̂ − ȳ̂‖")
+        axis.set_xlabel("layer")
+        axis.set_ylim(-1, 2)
+        axis.axhline(0, color="#999", linewidth=0.5)
+        axis.legend(fontsize=8)
+        figure.tight_layout()
+    return figure
+
+
+def _lanes(lanes: Sequence[tuple[str, torch.Tensor, float | None, float | None]], tokens: Sequence[str], layers: Sequence[int]) -> Figure:
+    """One heatmap lane (layer × generated token) per metric, sharing the token axis."""
+    with _plain_text():
+        figure, axes = plt.subplots(len(lanes), 1, figsize=(max(6.0, 0.28 * len(tokens) + 2), 1.1 + 1.3 * len(lanes)), sharex=True, squeeze=False)
+        for axis, (title, values, low, high) in zip(axes[:, 0], lanes):
+            image = axis.imshow(values.numpy(), aspect="auto", cmap="viridis", vmin=low, vmax=high, interpolation="nearest")
+            axis.set_ylabel("layer", fontsize=8)
+            axis.set_yticks(range(len(layers)), [str(layer) for layer in layers], fontsize=6)
+            axis.set_title(title, fontsize=9, loc="left")
+            figure.colorbar(image, ax=axis, fraction=0.025, pad=0.01)
+        _tick_labels(axes[-1, 0], tokens)
+        axes[-1, 0].set_xlabel("generated token")
+        figure.tight_layout()
+    return figure
+
+
+def dynamics_figure(dynamics, *, regions: Sequence[str] | None = None) -> Figure:
+    """Lanes over the generated tokens (an `ImageDynamics`): image mass, normalised entropy and
+    each region's enrichment (mass / area; 1 = as much as its area), head-mean per layer."""
+    names = list(regions) if regions is not None else list(dynamics.region_mass)
+    lanes = [("attention mass on the image", dynamics.image_mass.mean(1), 0.0, 1.0),
+             ("normalised entropy over the image", dynamics.normalised_entropy.mean(1), 0.0, 1.0)]
+    lanes += [(f"{name}: mass / area", dynamics.region_enrichment(name).mean(1), 0.0, None) for name in names]
+    return _lanes(lanes, dynamics.tokens, dynamics.layers)
+
+
+def keyword_dynamics_figure(dynamics) -> Figure:
+    """Lanes over the generated tokens (a `KeywordDynamics`): attention mass on each keyword,
+    head-mean per layer."""
+    return _lanes([(f"attention to “{keyword}”", dynamics.per_layer(keyword), 0.0, None) for keyword in dynamics.keywords],
+                  dynamics.tokens, dynamics.layers)
+
+
+def instruction_check_figure(check) -> Figure:
+    """Attention of each prompt's answer to its instruction keywords per layer (an
+    `InstructionCheck`), flagged prompts marked ✗."""
+    with _plain_text():
+        figure, axis = plt.subplots(figsize=(max(5.0, 0.5 * len(check.layers) + 3), 1.2 + 0.35 * len(check.prompts)))
+        image = axis.imshow(check.mass.numpy(), aspect="auto", cmap="viridis", vmin=0, interpolation="nearest")
+        flagged = set(check.below)
+        labels = [("✗ " if i in flagged else "") + display_token(prompt) for i, prompt in enumerate(check.prompts)]
+        axis.set_yticks(range(len(labels)), labels)
+        axis.set_xticks(range(len(check.layers)), [str(layer) for layer in check.layers])
+        axis.set_xlabel("layer")
+        axis.set_title(f"attention of the answer to the keywords (threshold {check.threshold:g} on the layer mean)", fontsize=8)
+        figure.colorbar(image, ax=axis, fraction=0.03)
+        figure.tight_layout()
+    return figure

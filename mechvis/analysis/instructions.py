@@ -1,0 +1,166 @@
+"""Instruction keywords found by meaning, and an automated check of how much attention a
+generated answer pays them.
+
+Semantic match (`semantic_token_spans`): the keyword is represented by the model itself — the
+mean of its tokens' input embeddings (layer None) or of their residual stream after block `layer`
+when the keyword is run alone — and every position of the run by its token embedding or its
+residual stream at that layer (from the run's cache); the score of a position is the cosine
+similarity, in [−1, 1]. Positions scoring ≥ threshold, merged into runs of consecutive positions,
+are the keyword's spans. No extra embedding model is downloaded.
+
+`instruction_attention_check`: for each prompt, generate greedily and measure, per layer, the mean
+over generated tokens (their producing states, as mechvis.analysis.dynamics) and heads of the
+attention mass on the union of the keywords' positions in the prompt, in [0, 1]. A prompt's score
+is the mean of that over layers; prompts scoring below `threshold` are flagged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from mechvis.analysis._checks import activation, check_layers
+from mechvis.errors import InvalidArgumentError
+from mechvis.running import Span
+
+if TYPE_CHECKING:
+    from transformer_lens.model_bridge import TransformerBridge
+
+    from mechvis.running import Run
+
+
+@dataclass
+class SemanticMatch:
+    """Cosine similarity of every position to the keyword (`scores`, NaN for positions not
+    compared: the first one, a BOS/attention sink) and the spans scoring ≥ threshold."""
+
+    keyword: str
+    layer: int | None
+    threshold: float
+    scores: Float[Tensor, " pos"]
+    spans: list[Span]
+
+
+def _keyword_vector(model: "TransformerBridge", keyword: str, layer: int | None) -> Tensor:
+    ids = model.hf_tokenizer.encode(keyword, add_special_tokens=False)
+    if not ids:
+        raise InvalidArgumentError("The keyword is empty.")
+    if layer is None:
+        return model.original_model.get_input_embeddings().weight[ids].detach().double().mean(0).cpu()
+    prefix = [model.hf_tokenizer.bos_token_id] if model.hf_tokenizer.bos_token_id is not None else []
+    kept: dict[str, Tensor] = {}
+
+    def keep(residual: Tensor, hook) -> None:
+        kept["x"] = residual[0, len(prefix) :].detach().double().cpu()
+
+    with torch.no_grad():
+        model.run_with_hooks(torch.tensor([prefix + ids], device=model.cfg.device), fwd_hooks=[(f"blocks.{layer}.hook_resid_post", keep)])
+    return kept["x"].mean(0)
+
+
+def semantic_token_spans(run: "Run", keyword: str, model: "TransformerBridge", *, layer: int | None = None, threshold: float = 0.5) -> SemanticMatch:
+    """Positions of `run` whose representation is closest in meaning to `keyword` (module
+    docstring). `layer` None compares input embeddings; a layer compares residual streams (the run's
+    cache must hold blocks.{layer}.hook_resid_post)."""
+    if not -1.0 <= threshold <= 1.0:
+        raise InvalidArgumentError(f"threshold is a cosine similarity in [−1, 1]; got {threshold}.")
+    if not keyword.strip():
+        raise InvalidArgumentError("The keyword is empty.")
+    if layer is not None:
+        (layer,) = check_layers(model, [layer])
+        states = activation(run.cache, f"blocks.{layer}.hook_resid_post").detach().double().cpu()
+    else:
+        states = model.original_model.get_input_embeddings().weight[run.tokens.to(model.original_model.device)].detach().double().cpu()
+    target = _keyword_vector(model, keyword, layer)
+    scores = torch.nn.functional.cosine_similarity(states, target[None], dim=-1)
+    scores[0] = float("nan")
+    above = (scores >= threshold).tolist()
+    spans, start = [], None
+    for position, hit in enumerate(above + [False]):
+        if hit and start is None:
+            start = position
+        elif not hit and start is not None:
+            spans.append(Span("keyword", start, position))
+            start = None
+    return SemanticMatch(keyword, layer, threshold, scores.float(), spans)
+
+
+@dataclass
+class InstructionCheck:
+    """Attention of each prompt's answer to its instruction keywords: `mass[p, ℓ]` (mean over
+    generated tokens and heads, in [0, 1]), `score[p]` its mean over layers, `below` the prompts
+    with score < threshold."""
+
+    prompts: list[str]
+    keywords: list[str]
+    threshold: float
+    layers: list[int]
+    mass: Float[Tensor, "prompt layer"]
+    answers: list[str]
+    key_positions: list[list[int]] = field(default_factory=list)
+    answer_ids: list[list[int]] = field(default_factory=list)
+
+    @property
+    def score(self) -> Float[Tensor, " prompt"]:
+        return self.mass.mean(-1)
+
+    @property
+    def below(self) -> list[int]:
+        return [index for index, value in enumerate(self.score.tolist()) if value < self.threshold]
+
+    def table(self) -> list[dict]:
+        """One row per prompt: prompt, keyword positions, answer, score, flagged, per-layer mass."""
+        return [
+            {"prompt": prompt, "keyword_positions": positions, "answer": answer, "score": float(self.score[i]),
+             "below_threshold": i in self.below, "mass_per_layer": [float(v) for v in self.mass[i]]}
+            for i, (prompt, positions, answer) in enumerate(zip(self.prompts, self.key_positions, self.answers))
+        ]
+
+
+def instruction_attention_check(
+    model: "TransformerBridge",
+    prompts: Sequence[str],
+    keywords: Sequence[str],
+    threshold: float,
+    *,
+    max_new_tokens: int = 32,
+    chat: bool = False,
+    match: str = "spelling",
+    semantic_threshold: float = 0.5,
+) -> InstructionCheck:
+    """Generate an answer to each prompt and measure its attention to the keywords (module
+    docstring). `match`: "spelling" (find_token_spans) or "semantic" (semantic_token_spans on the
+    input embeddings). A prompt containing none of the keywords raises InvalidArgumentError."""
+    from mechvis.analysis.attention import find_token_spans
+    from mechvis.analysis.dynamics import keyword_dynamics
+    from mechvis.generation import generate
+
+    if not prompts or not keywords:
+        raise InvalidArgumentError("Give at least one prompt and one keyword.")
+    if not 0.0 <= threshold <= 1.0:
+        raise InvalidArgumentError(f"threshold is an attention mass in [0, 1]; got {threshold}.")
+    if match not in ("spelling", "semantic"):
+        raise InvalidArgumentError(f"match must be 'spelling' or 'semantic'; got {match!r}.")
+    rows, answers, positions, answer_ids = [], [], [], []
+    for prompt in tqdm(prompts, desc="instruction check", disable=len(prompts) < 3):
+        trace = generate(model, prompt, chat=chat, max_new_tokens=max_new_tokens,
+                         names_filter=lambda name: name.endswith("attn.hook_pattern"))
+        spans = []
+        for keyword in keywords:
+            found = (find_token_spans(trace.run, keyword) if match == "spelling"
+                     else semantic_token_spans(trace.run, keyword, model, threshold=semantic_threshold).spans)
+            spans += [span for span in found if span.stop <= trace.prompt_length]
+        if not spans:
+            raise InvalidArgumentError(f"None of the keywords {list(keywords)} occurs in the prompt {prompt!r}.")
+        dynamics = keyword_dynamics(model, trace, {"keywords": spans})
+        rows.append(dynamics.mass["keywords"].mean(dim=(1, 2)))
+        answers.append(trace.generated_text)
+        answer_ids.append(list(trace.generated_ids))
+        positions.append(dynamics.key_positions["keywords"])
+    return InstructionCheck(list(prompts), list(keywords), threshold, list(range(model.cfg.n_layers)), torch.stack(rows), answers, positions, answer_ids)
