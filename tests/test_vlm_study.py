@@ -32,15 +32,6 @@ def image_trace(bridge, prompt: str, picture, continuation: str = " a bright squ
     return _analysed_trace(bridge, encoded, ids, None, None, None, SamplingSettings(temperature=1.0), None, extra)
 
 
-def _generate_or_xfail(function):
-    try:
-        return function()
-    except (TypeError, RuntimeError) as error:  # transformers 5.24: hooked KV-cached decoding is broken on main
-        if "NoneType" in str(error) or "KV-cached decode" in str(error):
-            pytest.xfail(f"mechvis.generate with an image fails on main (known, lead fixing decoding): {error}")
-        raise
-
-
 def test_cross_modal_matches_hf_hidden_states(tiny_llava):  # noqa: F811
     from mechvis.analysis.crossmodal import cross_modal
     from mechvis.viz.figures import cross_modal_figure
@@ -151,7 +142,7 @@ def test_streamed_dynamics_equal_the_teacher_forced_ones(tiny_llava):  # noqa: F
 
     bridge, _, _ = tiny_llava
     picture = square_image()
-    trace, streamed = _generate_or_xfail(lambda: stream_image_dynamics(bridge, "What do you see?", picture, max_new_tokens=6, names_filter=None))
+    trace, streamed = stream_image_dynamics(bridge, "What do you see?", picture, max_new_tokens=6, names_filter=None)
     offline = image_dynamics(bridge, trace)
     assert len(trace.run.cache.keys()) > 0
     for name in ("image_mass", "normalised_entropy", "peak_to_mean", "centre", "maps"):
