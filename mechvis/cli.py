@@ -148,7 +148,8 @@ def _add_sweep_commands(commands) -> None:
     sweep.add_argument("--backend", choices=("local", "ray"), default="local")
     sweep.add_argument("--address", default=None, help="Ray cluster address (auto, ray://host:10001); default: a local cluster")
     sweep.add_argument("--workers", type=int, default=None, help="Ray actors (default: the cluster's CPUs − 1)")
-    sweep.add_argument("--threads-per-worker", type=int, default=1, help="torch threads (and Ray CPUs) per actor")
+    sweep.add_argument("--threads-per-worker", type=int, default=None,
+                       help="torch threads (and Ray CPUs) per Ray actor (default 1); locally: torch threads (default: unchanged)")
     sweep.add_argument("--overwrite", action="store_true", help="delete the directory's sweep files and start over")
     sweep.add_argument("--example", action="store_true",
                        help="build the real example dataset (sentences of the Python docs) and sweep it on the embedded model")

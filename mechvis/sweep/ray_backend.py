@@ -49,7 +49,7 @@ def run_ray(spec: SweepSpec, pending: list[int], *, address: str | None = None, 
             fn_constructor_args=(spec,),
             fn_constructor_kwargs={"threads": threads},
             batch_size=1,
-            concurrency=size,
+            compute=ray.data.ActorPoolStrategy(size=size),
             num_cpus=threads,
         )
         for _ in results.iter_rows():
