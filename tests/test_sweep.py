@@ -405,3 +405,33 @@ def test_example_sweep_on_the_embedded_model(embedded, embedded_reference, tmp_p
     assert last["target_prob"] == pytest.approx(final[target].item(), rel=1e-4, abs=1e-7)
     assert last["top1_prob"] == pytest.approx(final.max().item(), rel=1e-4)
     assert json.loads((out / "summary.json").read_text())["lens"]["n_items"] == len(items)
+
+
+def test_image_sweep_on_real_photos_against_hf_attentions(tokenizer_dir, tmp_path):
+    """The paired photo conditions (original / centre blanked) through a tiny LLaVA: image mass
+    and the entropy of the head-summed map over the 4 × 4 image tokens, against HF's attentions."""
+    from mechvis.sweep.example import build_example
+    from tests.test_vlm import tiny_llava as tiny_llava_fixture
+
+    bridge, reference, processor = tiny_llava_fixture.__wrapped__(tokenizer_dir)
+    model_dir = tmp_path / "llava"
+    reference.save_pretrained(model_dir)  # only for the fingerprint's weight hash
+    paths = build_example(tmp_path / "data", n_sentences=1, n_paired=0, max_side=64)
+    result = run_sweep(paths["images"], tmp_path / "out", ["image"], model=str(model_dir), loaded_model=bridge, progress=False)
+    assert result.n_items == 14
+    rows = read_sweep(tmp_path / "out", "image").to_pandas()
+    assert set(rows["condition"]) == {"original", "blanked"} and len(rows) == 14 * 2  # 2 LM layers
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert {r["n_pairs"] for r in summary["image"]["paired"]} == {7}
+    for item in read_dataset(paths["images"])[:2]:
+        from PIL import Image
+
+        inputs = processor(text="<image>\n" + item.prompt, images=Image.open(item.image).convert("RGB"), return_tensors="pt")
+        with torch.no_grad():
+            attentions = reference(**inputs, output_attentions=True).attentions  # the language model's, per layer
+        cells = (inputs["input_ids"][0] == processor.tokenizer.convert_tokens_to_ids("<image>")).nonzero()[:, 0]
+        last = torch.stack(attentions)[:, 0, :, -1].double().numpy()  # layer head key
+        to_image = last[..., cells.numpy()]
+        got = rows[rows["item_id"] == item.id]
+        np.testing.assert_allclose(got["image_mass"], to_image.sum(-1).mean(-1), atol=1e-5)
+        np.testing.assert_allclose(got["entropy"], stats.entropy(to_image.sum(1), axis=-1), atol=1e-5)
