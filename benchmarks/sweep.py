@@ -16,7 +16,7 @@ from mechvis.analysis import hooks_for, logit_lens
 from mechvis.sweep import plan_sweep, read_dataset, run_sweep
 from mechvis.sweep.example import build_example
 
-N_ITEMS = 40
+N_ITEMS = 24
 
 
 def _plain_loop(model, items) -> float:
@@ -40,11 +40,13 @@ def main() -> None:
         _plain_loop(model, items[:3])  # warm-up
 
         loop = _plain_loop(model, items)
+        print(f"  plain loop: {loop:.1f} s", flush=True)
         start = time.perf_counter()
         plan_sweep(paths["text"], directory / "unused", ["lens"]).fingerprint()
         fixed = time.perf_counter() - start  # validation + fingerprint (hashing the weights' file)
         local = run_sweep(paths["text"], directory / "local", ["lens"], loaded_model=model, progress=False, summary=False)
         per_item_overhead = (local.seconds / len(items)) / (loop / len(items)) - 1
+        print(f"  local sweep: {local.seconds:.1f} s (fixed cost {fixed:.1f} s)", flush=True)
 
         torch.set_num_threads(1)
         loop_1 = _plain_loop(model, items)

@@ -115,7 +115,8 @@ def _sweep(arguments: argparse.Namespace) -> None:
 
         if arguments.model is not None:
             raise InvalidArgumentError("--example runs on the embedded model; drop --model.")
-        paths = build_example(Path(arguments.output) / "example-data", n_sentences=arguments.example_items)
+        paths = build_example(Path(arguments.output) / "example-data", n_sentences=arguments.example_items,
+                              n_paired=arguments.example_items // 3)
         dataset, analyses = paths["text"], analyses or ["lens", "heads", "tokens"]
     if dataset is None:
         raise InvalidArgumentError("Give a dataset (a .jsonl or .parquet file) or --example.")

@@ -29,7 +29,8 @@ def run_ray(spec: SweepSpec, pending: list[int], *, address: str | None = None, 
         raise InvalidArgumentError(f"threads per worker must be at least 1; got {threads}.")
     started = not ray.is_initialized()
     if started:
-        ray.init(address=address, include_dashboard=False, log_to_driver=False)
+        # Joining a cluster takes only its address (Ray Client rejects local-only options).
+        ray.init(address=address) if address else ray.init(include_dashboard=False, log_to_driver=False)
     try:
         cpus = int(ray.cluster_resources().get("CPU", 1))
         # The pool never takes every CPU when another stage might need one (a pool asking for all
