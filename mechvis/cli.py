@@ -116,6 +116,82 @@ def _instruction_check(arguments: argparse.Namespace) -> None:
     print(f"Wrote {out}/instruction-check.json and instruction-check.png")
 
 
+# --- mechvis sweep / sweep-report (mechvis/sweep) ---------------------------------------------
+
+def _sweep_params(pairs: Sequence[str]) -> dict:
+    import json
+
+    params: dict = {}
+    for pair in pairs:
+        key, separator, value = pair.partition("=")
+        analysis, dot, name = key.partition(".")
+        if not separator or not dot:
+            raise InvalidArgumentError(f"--param takes ANALYSIS.NAME=VALUE (e.g. lens.k=5); got {pair!r}.")
+        try:
+            parsed = json.loads(value)
+        except json.JSONDecodeError:
+            parsed = value
+        params.setdefault(analysis, {})[name] = parsed
+    return params
+
+
+def _sweep(arguments: argparse.Namespace) -> None:
+    from mechvis.sweep import run_sweep
+
+    dataset, analyses = arguments.dataset, arguments.analysis
+    if arguments.example:
+        from pathlib import Path
+
+        from mechvis.sweep.example import build_example
+
+        if arguments.model is not None:
+            raise InvalidArgumentError("--example runs on the embedded model; drop --model.")
+        paths = build_example(Path(arguments.output) / "example-data", n_sentences=arguments.example_items,
+                              n_paired=arguments.example_items // 3)
+        dataset, analyses = paths["text"], analyses or ["lens", "heads", "tokens"]
+    if dataset is None:
+        raise InvalidArgumentError("Give a dataset (a .jsonl or .parquet file) or --example.")
+    result = run_sweep(
+        dataset, arguments.output, analyses or ["lens"], params=_sweep_params(arguments.param), model=arguments.model,
+        dtype=arguments.dtype, shard_size=arguments.shard_size, backend=arguments.backend, address=arguments.address,
+        workers=arguments.workers, threads_per_worker=arguments.threads_per_worker, overwrite=arguments.overwrite,
+    )
+    done = len(result.shards_run)
+    print(f"{result.n_items} items in {result.n_shards} shards: {done} run, {result.shards_skipped} already complete "
+          f"({result.seconds:.1f} s). Rows and summary in {result.out_dir}")
+
+
+def _sweep_report(arguments: argparse.Namespace) -> None:
+    from mechvis.sweep import write_sweep_report
+
+    print(f"Wrote {write_sweep_report(arguments.directory, arguments.output)}")
+
+
+def _add_sweep_commands(commands) -> None:
+    sweep = commands.add_parser("sweep", help="run analyses over a dataset into Parquet shards (resumable; local or Ray)")
+    sweep.add_argument("dataset", nargs="?", default=None, help="a .jsonl or .parquet dataset (format in the README)")
+    sweep.add_argument("-a", "--analysis", nargs="+", default=None,
+                       help="lens, heads, tokens, repetition, image, ablation (default: lens)")
+    sweep.add_argument("-o", "--output", required=True, help="output directory (re-running the same sweep resumes)")
+    _add_model_argument(sweep)
+    sweep.add_argument("--param", action="append", default=[], help="ANALYSIS.NAME=VALUE, e.g. lens.k=5 (repeatable)")
+    sweep.add_argument("--shard-size", type=int, default=8, help="items per Parquet shard (the most a crash loses)")
+    sweep.add_argument("--backend", choices=("local", "ray"), default="local")
+    sweep.add_argument("--address", default=None, help="Ray cluster address (auto, ray://host:10001); default: a local cluster")
+    sweep.add_argument("--workers", type=int, default=None, help="Ray actors (default: the cluster's CPUs − 1)")
+    sweep.add_argument("--threads-per-worker", type=int, default=None,
+                       help="torch threads (and Ray CPUs) per Ray actor (default 1); locally: torch threads (default: unchanged)")
+    sweep.add_argument("--overwrite", action="store_true", help="delete the directory's sweep files and start over")
+    sweep.add_argument("--example", action="store_true",
+                       help="build the real example dataset (sentences of the Python docs) and sweep it on the embedded model")
+    sweep.add_argument("--example-items", type=int, default=60, help="sentences in the --example dataset")
+    sweep.set_defaults(handler=_sweep)
+    report = commands.add_parser("sweep-report", help="an offline HTML summary of a sweep directory")
+    report.add_argument("directory")
+    report.add_argument("-o", "--output", default=None, help="the HTML file (default: DIR/sweep-report.html)")
+    report.set_defaults(handler=_sweep_report)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mechvis", description="Look inside language models.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -183,6 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     instruction.add_argument("--chat", action="store_true")
     instruction.add_argument("--out", default="out/instruction-check", help="directory for the JSON table and the figure")
     instruction.set_defaults(handler=_instruction_check)
+    _add_sweep_commands(commands)
     return parser
 
 

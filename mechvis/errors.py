@@ -32,3 +32,12 @@ class MissingActivationsError(MechvisError, KeyError):
 
     def __str__(self) -> str:  # KeyError would otherwise repr() the message.
         return str(self.args[0]) if self.args else ""
+
+
+class DatasetError(MechvisError, ValueError):
+    """A sweep dataset that cannot be used as it is (bad JSON, missing field, unreadable image, ...);
+    the message names the line (1-based) of the dataset file."""
+
+
+class SweepMismatchError(MechvisError):
+    """An output directory that holds a different sweep (other analyses, model, dataset, ...)."""
