@@ -1,4 +1,4 @@
-"""The `mechvis` command line: `mechvis inspect`, `mechvis demo`."""
+"""The `mechvis` command line: `mechvis inspect`, `mechvis demo`, ..., `mechvis serve`."""
 
 from __future__ import annotations
 
@@ -85,6 +85,25 @@ def _ablate(arguments: argparse.Namespace) -> None:
     print(f"Wrote {arguments.output}")
 
 
+def _serve(arguments: argparse.Namespace) -> None:
+    from mechvis.serve import serve
+
+    serve(arguments.model, host=arguments.host, port=arguments.port, model_roots=arguments.model_root,
+          token=arguments.token, open_browser=arguments.open)
+
+
+def _add_serve_parser(commands) -> None:
+    serve_parser = commands.add_parser("serve", help="the interactive inference visualiser (a local web app)")
+    _add_model_argument(serve_parser)
+    serve_parser.add_argument("--host", default="127.0.0.1", help="address to bind (non-loopback needs a token)")
+    serve_parser.add_argument("--port", type=int, default=5050, help="0 picks a free port")
+    serve_parser.add_argument("--model-root", action="append", default=[], metavar="DIR",
+                              help="a directory whose model subdirectories the page may load (repeatable)")
+    serve_parser.add_argument("--token", default="auto", help="auto (random), none (loopback only) or a value")
+    serve_parser.add_argument("--open", action="store_true", help="open the page in the browser")
+    serve_parser.set_defaults(handler=_serve)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mechvis", description="Look inside language models.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -138,6 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--out", default="out/repetition-eval", help="directory for the JSON and the figure")
     evaluation.add_argument("--weights", default=None, help="where to write the fitted monitor (default: --out)")
     evaluation.set_defaults(handler=_repetition_eval)
+    _add_serve_parser(commands)
     return parser
 
 
