@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import threading
 import time
@@ -44,6 +45,8 @@ class GenerateRequest(BaseModel):
     schedule: Literal["off", "entropy", "repetition", "monitor"] = "off"
     image_id: str | None = Field(None, max_length=64, pattern=r"^[0-9a-f]{32}$")
     top_n: int = Field(10, ge=1, le=50)
+    ablate: list[tuple[int, int]] = Field(default_factory=list, max_length=4096)  # (layer, head) ablated while generating
+    ablate_method: Literal["zero", "mean"] = "zero"
 
 
 class StopResponse(BaseModel):
@@ -82,12 +85,13 @@ def _event(kind: str, data: dict) -> str:
     return f"event: {kind}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n"
 
 
-def _token_payload(event) -> dict:
+def _token_payload(event, decode) -> dict:
     return {
         "step": event.step, "position": event.position, "id": event.token_id, "text": event.text,
         "p": event.probability, "rank": event.rank, "entropy": event.entropy, "varentropy": event.varentropy,
         "margin": event.margin, "temperature": event.temperature, "top_ids": list(event.top_ids),
         "top_probs": [round(float(p), 6) for p in event.top_probs], "monitor": event.monitor_probability,
+        "top_texts": [decode([int(i)]) for i in event.top_ids],
     }
 
 
@@ -113,6 +117,7 @@ async def generate(body: GenerateRequest, state: ServerState = Depends(get_state
         loop.call_soon_threadsafe(queue.put_nowait, item)
 
     def work() -> None:
+        contexts = contextlib.ExitStack()
         started = time.perf_counter()
         token_times: list[float] = []
         finals: list = []
@@ -126,6 +131,16 @@ async def generate(body: GenerateRequest, state: ServerState = Depends(get_state
                                "prompt_tokens": [tokenizer.decode([i]) for i in ids]}))
             else:
                 put(("start", {"run": run_id, "prompt_ids": None, "prompt_tokens": None}))
+            if body.ablate:
+                from mechvis.interventions import ablate_heads, intervene, reference_runs
+
+                reference = None
+                if body.ablate_method == "mean":
+                    if "mean-reference" not in state.model_extras:
+                        state.model_extras["mean-reference"] = reference_runs(model)
+                    reference = state.model_extras["mean-reference"]
+                intervention = ablate_heads(model, body.ablate, method=body.ablate_method, reference=reference)
+                contexts.enter_context(intervene(model, intervention))
             stream = token_stream(model, prompt, names_filter=tab_hooks(model), **options)
             events: list[dict] = []
             trace = None
@@ -137,7 +152,7 @@ async def generate(body: GenerateRequest, state: ServerState = Depends(get_state
                         trace = item
                         break
                     token_times.append(time.perf_counter())
-                    payload = _token_payload(item)
+                    payload = _token_payload(item, tokenizer.decode)
                     events.append(payload)
                     put(("token", payload))
             finally:
@@ -163,6 +178,7 @@ async def generate(body: GenerateRequest, state: ServerState = Depends(get_state
         except Exception as error:  # reported to the page; the server keeps serving
             finals.append(("error", {"message": f"{type(error).__name__}: {error}"}))
         finally:
+            contexts.close()
             state.status = "idle"
             state.cancel = None
             state.generation_lock.release()

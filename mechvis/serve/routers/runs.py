@@ -49,7 +49,10 @@ def get_run(run_id: str = RunId, state: ServerState = Depends(get_state)) -> dic
             kinds[position] = span.kind
     grid = run.segments.image_grid
     signals = stored.signals
+    ids = set(signals.top_ids.flatten().tolist()) | {i for e in stored.events for i in e["top_ids"]}
+    decode = model.hf_tokenizer.decode
     return {
+        "texts": {int(i): decode([int(i)]) for i in sorted(ids)},
         "id": stored.id,
         "request": stored.request,
         "prompt_length": trace.prompt_length,
