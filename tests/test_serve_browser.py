@@ -262,3 +262,57 @@ def test_too_long_prompt_is_an_inline_error_and_the_server_keeps_serving(ui):
     wait(page, "document.getElementById('error').textContent.includes('context')")
     ui.generate(PROMPT, tokens=3)
     assert page.inner_text("#error") == ""
+
+
+@pytest.fixture(scope="module")
+def embedded_server(embedded):
+    import uvicorn
+
+    from mechvis.serve import create_app
+
+    app = create_app(embedded, model_name="embedded", token=TOKEN)
+    uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+    thread = threading.Thread(target=uv.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not uv.started and time.time() < deadline:
+        time.sleep(0.05)
+    yield {"url": f"http://127.0.0.1:{uv.servers[0].sockets[0].getsockname()[1]}/", "model": embedded}
+    uv.should_exit = True
+    thread.join(10)
+
+
+@pytest.mark.integration
+def test_looping_demo_prompt_on_the_embedded_model(browser, embedded_server):
+    """The README screenshot: the demo's looping chat on the embedded model, the repetition lane
+    and the attention tab (MECHVIS_UPDATE_SCREENSHOTS=1 also writes docs/serve.png)."""
+    import os
+    from pathlib import Path
+
+    from mechvis.demo import DEMO_PROMPT
+
+    ui = Page(browser, embedded_server)
+    page = ui.page
+    page.goto(embedded_server["url"], wait_until="load")
+    wait(page, "document.body.dataset.ready === '1'")
+    page.check("input[name='mode'][value='chat']")
+    run_id = ui.generate(DEMO_PROMPT, tokens=96)
+    run = page.evaluate(f"fetch('/api/runs/{run_id}').then(r => r.json())")
+    reference = mechvis.generate(embedded_server["model"], DEMO_PROMPT, chat=True, max_new_tokens=96)
+    assert [t["id"] for t in run["tokens"]][run["prompt_length"]:] == reference.generated_ids
+    assert run["repetition"]["onset"] is not None and len(run["repetition"]["monitor"]) == len(reference.generated_ids)
+    assert run["repetition"]["alarm"] is not None  # the looping prompt raises the alarm
+    page.select_option("#colour", "entropy")
+    page.click(f"#transcript .tok[data-pos='{run['prompt_length'] + 30}']")
+    page.click("#tabs button[data-tab='lens']")
+    wait(page, "document.getElementById('tab-body').dataset.ready === 'lens'")
+    page.click("#tabs button[data-tab='attention']")
+    wait(page, "document.getElementById('tab-body').dataset.ready === 'attention'")
+    page.select_option("#tab-body select >> nth=0", "5")
+    wait(page, "document.getElementById('tab-body').dataset.ready === 'attention' && /layer=5/.test(location.hash)")
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "serve-embedded.png"))
+    if os.environ.get("MECHVIS_UPDATE_SCREENSHOTS"):
+        page.screenshot(path=str(Path(__file__).resolve().parent.parent / "docs" / "serve.png"))
+    ui.check()
+    ui.context.close()
