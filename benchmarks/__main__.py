@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import sys
 
-from benchmarks import ablation, generation, loading, metrics, vision_memory
+from benchmarks import ablation, generation, loading, metrics, vision_memory, webapp
 
-BENCHMARKS = {"loading": loading.main, "metrics": metrics.main, "generation": generation.main, "ablation": ablation.main, "vision_memory": vision_memory.main}
+BENCHMARKS = {"loading": loading.main, "metrics": metrics.main, "generation": generation.main, "ablation": ablation.main, "vision_memory": vision_memory.main, "webapp": webapp.main}
 
 if __name__ == "__main__":
     chosen = sys.argv[1:] or list(BENCHMARKS)

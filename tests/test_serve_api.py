@@ -379,3 +379,50 @@ def test_port_in_use_is_a_clear_error():
         taken.listen()
         with pytest.raises(InvalidArgumentError, match="--port"):
             _free("127.0.0.1", taken.getsockname()[1])
+
+
+def test_served_files_name_no_outside_url(client):
+    """The app's own files carry no outside URL (plotly.js, served from its wheel, is the vendor's)."""
+    from mechvis.serve.app import STATIC
+
+    for path in STATIC.rglob("*"):
+        if path.is_file():
+            text = path.read_text(encoding="utf-8")
+            assert "http://" not in text and "https://" not in text and "//cdn" not in text, path
+    page = client.get("/").text
+    assert "http" not in page.replace("http-equiv", "")
+
+
+from tests.test_vlm import _picture, tiny_llava  # noqa: E402,F401  (the tiny LLaVA fixture)
+
+
+def test_vlm_upload_generate_and_image_attention(tiny_llava):
+    """An uploaded image reaches the model; the vision route's maps equal the cached pattern rows
+    over the image tokens, renormalised by hand."""
+    bridge = tiny_llava[0]
+    picture = _picture()
+    app = create_app(bridge, token=TOKEN)
+    with TestClient(app, base_url=BASE) as client:
+        assert client.get("/api/state").json()["vlm"] is True
+        buffer = io.BytesIO()
+        picture.save(buffer, format="PNG")
+        uploaded = client.post("/api/images", content=buffer.getvalue(), headers={**AUTH, "content-type": "image/png"}).json()
+        events = sse(client.post("/api/generate", json={"prompt": "Describe it.", "max_new_tokens": 3, "image_id": uploaded["id"]}, headers=AUTH))
+        if events[-1][0] == "error" and "NoneType" in events[-1][1]["message"]:
+            pytest.xfail("mechvis.generate with an image fails on main too (tests/test_vlm.py::test_generate_with_an_image)")
+        assert events[-1][0] == "analysis", events[-1]
+        run_id = events[-1][1]["run"]
+        run = client.get(f"/api/runs/{run_id}").json()
+        assert run["image_grid"] == {"rows": 4, "cols": 4}
+        assert client.get(f"/api/runs/{run_id}/image").headers["content-type"] == "image/png"
+        position = len(run["tokens"]) - 1
+        data = client.get(f"/api/runs/{run_id}/vision", params={"position": position, "layer": 1}).json()
+    reference = mechvis.run(bridge, "Describe it.", image=picture)
+    ids = [t["id"] for t in run["tokens"]]
+    assert reference.tokens.tolist() == ids[: len(reference.tokens)]
+    trace_run = app.state.mechvis.store.get(run_id).trace.run
+    cells = list(trace_run.segments.image_grid.positions)
+    rows = trace_run.cache["blocks.1.attn.hook_pattern"][0, :, position, cells].float()
+    expected = rows / rows.sum(-1, keepdim=True)
+    assert torch.allclose(torch.tensor(data["maps"]), expected, atol=2e-3)  # float16 storage
+    assert data["image_mass"] == pytest.approx(rows.sum(-1).tolist(), abs=2e-3)

@@ -316,3 +316,68 @@ def test_looping_demo_prompt_on_the_embedded_model(browser, embedded_server):
         page.screenshot(path=str(Path(__file__).resolve().parent.parent / "docs" / "serve.png"))
     ui.check()
     ui.context.close()
+
+
+def test_chat_segments_dimmed_and_marked(ui):
+    page = ui.page
+    page.check("input[name='mode'][value='chat']")
+    page.fill("#system", "Be brief.")
+    run_id = ui.generate("Name a colour.", tokens=4)
+    run = page.evaluate(f"fetch('/api/runs/{run_id}').then(r => r.json())")
+    kinds = {span["kind"] for span in run["spans"]}
+    assert {"system", "user", "generated"} <= kinds
+    special = page.evaluate("Array.from(document.querySelectorAll('#transcript .tok.special'), e => Number(e.dataset.pos))")
+    assert special == [p for p, t in enumerate(run["tokens"]) if t["special"]] and special
+    boundaries = page.evaluate("Array.from(document.querySelectorAll('#transcript .tok.boundary'), e => Number(e.dataset.pos))")
+    assert boundaries == [span["start"] for span in run["spans"] if span["start"] > 0]
+    assert "user: Name a colour." in page.inner_text("#messages")
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "serve-chat.png"))
+
+
+def test_esc_stops_within_a_second_and_the_server_takes_the_next_request(ui, monkeypatch):
+    import mechvis.serve.routers.generate as generate_module
+
+    original = generate_module.token_stream
+
+    def slow(model, prompt, **options):  # a decoder slower than any real one: 0.2 s per token
+        for item in original(model, prompt, **options):
+            if not hasattr(item, "run"):
+                time.sleep(0.2)
+            yield item
+
+    monkeypatch.setattr(generate_module, "token_stream", slow)
+    page = ui.page
+    page.fill("#max_new_tokens", "60")
+    page.fill("#prompt", PROMPT)
+    page.press("#prompt", "Enter")
+    wait(page, "document.querySelectorAll('#transcript .tok.streaming').length >= 2", timeout=60)
+    pressed = time.perf_counter()
+    page.press("#prompt", "Escape")
+    wait(page, "document.body.dataset.stopped === 'cancelled'", timeout=5)
+    assert time.perf_counter() - pressed < 1.0
+    monkeypatch.setattr(generate_module, "token_stream", original)
+    wait(page, "!document.getElementById('send').disabled", timeout=10)
+    ui.generate(PROMPT, tokens=3)
+
+
+def test_export_report_renders_offline(ui, tmp_path):
+    page = ui.page
+    ui.generate(PROMPT, tokens=4)
+    with page.expect_download(timeout=120_000) as download_info:
+        page.click("#export summary")
+        page.click("#export-html")
+    path = tmp_path / "report.html"
+    download_info.value.save_as(path)
+    with page.expect_download() as json_info:
+        page.click("#export-json")
+    exported = json.loads(open(json_info.value.path(), encoding="utf-8").read())
+    assert exported["id"] == page.evaluate("document.body.dataset.analysis")
+    offline = ui.context.new_page()
+    requests = []
+    offline.on("request", lambda request: requests.append(request.url))
+    offline.goto(path.as_uri(), wait_until="load")
+    wait(offline, "Array.from(document.querySelectorAll('.circuitsvis-view')).every(e => e.childElementCount > 0)", timeout=120)
+    assert offline.locator(".circuitsvis-view").count() > 0
+    assert [url for url in requests if not url.startswith(("file://", "data:"))] == []
+    offline.close()

@@ -60,7 +60,7 @@ def _repetition(state: ServerState, model, trace) -> dict:
     return result
 
 
-def store_trace(state: ServerState, run_id: str, trace, request: dict, events: list[dict], timing: dict) -> StoredRun:
+def store_trace(state: ServerState, run_id: str, trace, request: dict, events: list[dict], timing: dict, image=None) -> StoredRun:
     from mechvis.analysis import token_signals
 
     model = state.model
@@ -79,7 +79,7 @@ def store_trace(state: ServerState, run_id: str, trace, request: dict, events: l
     run.logits = run.logits[:0]  # dropped: the signals and step top-N keep what the tabs show
     trace.step_logits = trace.step_logits[:, :0]
     trace.step_distributions = trace.step_distributions[:, :0]
-    stored = StoredRun(run_id, trace, request, events, signals, step_top, timing, extras={"repetition": repetition})
+    stored = StoredRun(run_id, trace, request, events, signals, step_top, timing, extras={"repetition": repetition, "image": image})
     stored.nbytes = tensor_bytes(dict(run.cache.cache_dict)) + tensor_bytes(step_top) + (1 << 20)
     state.store.add(stored)
     return stored

@@ -170,12 +170,15 @@ async def generate(body: GenerateRequest, state: ServerState = Depends(get_state
             put(("stopped", {"reason": reason, **timing}))
             state.status = "analysing"
             analysed = time.perf_counter()
-            stored = store_trace(state, run_id, trace, body.model_dump(), events, timing)
+            stored = store_trace(state, run_id, trace, body.model_dump(), events, timing, image=options["image"])
             timing["analysis_ms"] = (time.perf_counter() - analysed) * 1000
             finals.append(("analysis", {"run": run_id, "n_tokens": len(stored.trace.run.str_tokens), **timing}))
         except MechvisError as error:
             finals.append(("error", {"message": str(error)}))
         except Exception as error:  # reported to the page; the server keeps serving
+            import logging
+
+            logging.getLogger("mechvis.serve").exception("generation failed")
             finals.append(("error", {"message": f"{type(error).__name__}: {error}"}))
         finally:
             contexts.close()

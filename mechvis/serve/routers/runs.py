@@ -235,8 +235,12 @@ def attribution(body: AttributionRequest, run_id: str = RunId, state: ServerStat
     if body.position >= len(tokens):
         raise HTTPException(422, f"position must be < {len(tokens)}.")
     method = gradient_x_input if body.method == "gradient_x_input" else occlusion
-    with state.generation_lock:
+    if not state.generation_lock.acquire(blocking=False):
+        raise HTTPException(409, "busy: a generation is running.")
+    try:
         result = method(state.model, tokens[: body.position], int(tokens[body.position]), position=body.position - 1)
+    finally:
+        state.generation_lock.release()
     return {"method": result.method, "scores": result.scores.tolist(), "target_logit": result.target_logit}
 
 
@@ -275,3 +279,46 @@ def ablation(body: AblationRequest, run_id: str = RunId, state: ServerState = De
     delta = (torch.exp(-ablated) - torch.exp(-original)).tolist()
     # delta[i]: the change of p(token i+1); shift so index = the token's own position
     return {"delta_p": [None] + _clean(delta[:-1]), "description": intervention.description}
+
+
+@router.get("/{run_id}/image", response_class=Response, responses={200: {"content": {"image/png": {}}}})
+def run_image(run_id: str = RunId, state: ServerState = Depends(get_state)) -> Response:
+    """The run's image (re-encoded as PNG)."""
+    import io
+
+    stored = _run(run_id, state)
+    image = stored.extras.get("image")
+    if image is None:
+        raise HTTPException(404, "This run has no image.")
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return Response(buffer.getvalue(), media_type="image/png")
+
+
+@router.get("/{run_id}/vision")
+def vision(run_id: str = RunId, position: int = Query(ge=0, le=1_000_000), layer: int = Query(ge=0, le=1023),
+           state: ServerState = Depends(get_state)) -> dict:
+    """Where the token at `position` looks in the image at `layer` (`image_attention`: each head's
+    map renormalised over the image, the image mass, region metrics) and the hotspots of the
+    head-mean map."""
+    from mechvis.analysis.vision import hotspots, image_attention
+
+    stored = _run(run_id, state)
+    run = stored.trace.run
+    grid = run.segments.image_grid
+    if grid is None:
+        raise HTTPException(422, "This run has no image grid.")
+    if position >= len(run.tokens) or layer >= state.model.cfg.n_layers:
+        raise HTTPException(422, "position or layer out of range.")
+    result = image_attention(run.cache, state.model, grid, query_positions=[position], layers=[layer])
+    maps = result.maps[0, :, 0].float()  # head × cell
+    mean_map = maps.mean(0)
+    metrics = result.metrics
+    return {
+        "rows": grid.rows, "cols": grid.cols,
+        "maps": maps.tolist(), "mean_map": mean_map.tolist(),
+        "image_mass": result.image_mass[0, :, 0].tolist(),
+        "metrics": {name: getattr(metrics, name)[0, :, 0].tolist() for name in
+                    ("normalised_entropy", "gini", "k90_fraction", "peak_to_mean", "spatial_variance")},
+        "hotspots": [{"cells": h.cells, "mass": h.mass, "centre": list(h.centre)} for h in hotspots(mean_map, grid)],
+    }
