@@ -71,21 +71,21 @@ async function send() {
   view.run = null; view.streaming = []; view.prompt = []; view.delta = null; view.differs = null;
   render();
   controller = new AbortController();
-  let runId = null; let generated = "";
+  let runId = null; let generated = ""; let analysed = false;
   try {
     await streamGenerate(body, (kind, data) => {
       if (kind === "start") { runId = data.run; view.prompt = data.prompt_tokens || []; render(); }
       else if (kind === "token") { appendToken(data); generated += data.text; }
       else if (kind === "stopped") { setStatus("analysing"); $("run-info").textContent = `stopped: ${data.reason}${data.ms_per_token ? ` · ${data.ms_per_token.toFixed(1)} ms/token` : ""}`; document.body.dataset.stopped = data.reason; }
-      else if (kind === "analysis") { runId = data.run; }
+      else if (kind === "analysis") { runId = data.run; analysed = true; }
       else if (kind === "error") { showError(data.message); }
     }, controller.signal);
-    if (body.mode === "chat" && runId) {
+    if (body.mode === "chat" && analysed) {
       messages.push({ role: "user", content: body.prompt });
       if (generated) messages.push({ role: "assistant", content: generated });
       renderMessages();
     }
-    if (runId && !$("error").textContent) { $("prompt").value = body.mode === "chat" ? "" : $("prompt").value; await openRun(runId, { pos: null }); }
+    if (analysed && !$("error").textContent) { $("prompt").value = body.mode === "chat" ? "" : $("prompt").value; await openRun(runId, { pos: null }); }
   } catch (error) {
     if (error.name === "AbortError") { /* stopped */ }
     else if (error instanceof ApiError && error.status === 409) { setStatus("busy", "busy"); showError("busy: another generation is running"); }
