@@ -426,3 +426,31 @@ def test_vlm_upload_generate_and_image_attention(tiny_llava):
     expected = rows / rows.sum(-1, keepdim=True)
     assert torch.allclose(torch.tensor(data["maps"]), expected, atol=2e-3)  # float16 storage
     assert data["image_mass"] == pytest.approx(rows.sum(-1).tolist(), abs=2e-3)
+
+
+def test_sweep_streams_progress_and_equals_the_library(client, model):
+    from mechvis.interventions import ablation_sweep
+
+    events = sse(generate(client))
+    run_id = events[-1][1]["run"]
+    run = client.get(f"/api/runs/{run_id}").json()
+    position = len(run["tokens"]) - 2
+    streamed = sse(client.post(f"/api/runs/{run_id}/sweep", json={"position": position}, headers=AUTH))
+    progress = [data for kind, data in streamed if kind == "progress"]
+    assert [p["done"] for p in progress] == list(range(1, progress[0]["total"] + 1))
+    assert streamed[-1][0] == "result"
+    ids = torch.tensor([t["id"] for t in run["tokens"]])
+    target = int(ids[position])
+    expected = ablation_sweep(model, ids[: position + 1], lambda logits: logits[:, -2].float().softmax(-1)[:, target])
+    assert torch.allclose(torch.tensor(streamed[-1][1]["effect"]), expected.effect, atol=1e-5)
+    # independent: zero-ablate L1H2 by hand on hook_z and compare with the library's cell
+    with torch.no_grad():
+        clean = model(ids[None, : position + 1])[0, -2].double().softmax(-1)[target]
+
+        def zero(z, hook):
+            z = z.clone()
+            z[:, :, 2] = 0
+            return z
+
+        ablated = model.run_with_hooks(ids[None, : position + 1], fwd_hooks=[("blocks.1.attn.hook_z", zero)])[0, -2].double().softmax(-1)[target]
+    assert streamed[-1][1]["effect"][1][2] == pytest.approx((ablated - clean).item(), abs=1e-5)

@@ -146,6 +146,9 @@ def test_completion_streams_equal_ids_and_every_tab_renders(ui, server):
             page.fill("#ablate-heads", "0.1, 2.3")
             page.click("#ablate-run")
             page.wait_for_selector("#ablation-output .plot", timeout=60_000)
+            page.click("#sweep-run")
+            page.wait_for_selector("#sweep-plot .main-svg", timeout=120_000)
+            assert page.evaluate("document.getElementById('sweep-progress').value === document.getElementById('sweep-progress').max")
         body = page.locator("#tab-body")
         assert body.inner_text().strip() or page.locator("#tab-body canvas, #tab-body .plot").count() > 0, tab
         assert not page.locator("#tab-body .error").count(), (tab, page.inner_text("#tab-body"))

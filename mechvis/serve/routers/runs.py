@@ -8,6 +8,7 @@ from typing import Literal
 
 import torch
 from fastapi import APIRouter, Depends, HTTPException, Path, Query, Response
+from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from mechvis.errors import MechvisError
@@ -322,3 +323,85 @@ def vision(run_id: str = RunId, position: int = Query(ge=0, le=1_000_000), layer
                     ("normalised_entropy", "gini", "k90_fraction", "peak_to_mean", "spatial_variance")},
         "hotspots": [{"cells": h.cells, "mass": h.mass, "centre": list(h.centre)} for h in hotspots(mean_map, grid)],
     }
+
+
+class SweepRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    position: int = Field(ge=1, le=1_000_000)
+    method: Literal["zero", "mean", "resample"] = "zero"
+
+
+class _Cancelled(Exception):
+    pass
+
+
+@router.post("/{run_id}/sweep", response_class=StreamingResponse,
+             responses={200: {"content": {"text/event-stream": {}}}, 409: {"description": "busy"}})
+async def sweep(body: SweepRequest, run_id: str = RunId, state: ServerState = Depends(get_state)):
+    """Ablate every head on its own (`mechvis.interventions.ablation_sweep`) and measure the
+    probability of the token at `position` (predicted at position − 1), streamed as `progress`
+    events (batches done / total), then `result` (effect layer × head, baseline) or `error`.
+    Holds the model's lock; a client that goes away stops the sweep at the next batch."""
+    import asyncio
+    import json
+    import threading
+
+    from mechvis.interventions import ablation_sweep, reference_runs, reference_tokens
+
+    stored = _run(run_id, state)
+    model, tokens = state.model, stored.trace.run.tokens
+    if body.position >= len(tokens):
+        raise HTTPException(422, f"position must be < {len(tokens)}.")
+    if not state.generation_lock.acquire(blocking=False):
+        raise HTTPException(409, "busy: a generation is running.")
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue = asyncio.Queue()
+    cancel = threading.Event()
+    batch_size = 16
+    total = 1 + math.ceil(model.cfg.n_layers * model.cfg.n_heads / batch_size)
+    sequence = tokens[: body.position + 1]
+    target = int(tokens[body.position])
+
+    def put(item) -> None:
+        loop.call_soon_threadsafe(queue.put_nowait, item)
+
+    def work() -> None:
+        done = 0
+
+        def metric(logits):
+            nonlocal done
+            if cancel.is_set():
+                raise _Cancelled
+            done += 1
+            put(("progress", {"done": done, "total": total}))
+            return logits[:, -2].float().softmax(-1)[:, target]
+
+        try:
+            reference = None
+            if body.method == "mean":
+                if "mean-reference" not in state.model_extras:
+                    state.model_extras["mean-reference"] = reference_runs(model)
+                reference = state.model_extras["mean-reference"]
+            elif body.method == "resample":
+                reference = reference_tokens(model, len(sequence))
+            result = ablation_sweep(model, sequence, metric, method=body.method, reference=reference, batch_size=batch_size)
+            put(("result", {"effect": result.effect.tolist(), "baseline": result.baseline, "method": result.method,
+                            "top": [list(t) for t in result.top(10)]}))
+        except _Cancelled:
+            put(("error", {"message": "cancelled"}))
+        except MechvisError as error:
+            put(("error", {"message": str(error)}))
+        finally:
+            state.generation_lock.release()
+            put(None)
+
+    threading.Thread(target=work, name=f"sweep-{run_id}", daemon=True).start()
+
+    async def events():
+        try:
+            while (item := await queue.get()) is not None:
+                yield f"event: {item[0]}\ndata: {json.dumps(item[1])}\n\n"
+        finally:
+            cancel.set()
+
+    return StreamingResponse(events(), media_type="text/event-stream")

@@ -53,8 +53,11 @@ export async function attentionLayer(runId, layer) {
 }
 
 /** POST /api/generate and call onEvent(kind, data) for each server-sent event. */
-export async function streamGenerate(body, onEvent, signal) {
-  const response = await check(await fetch("/api/generate", {
+export async function streamGenerate(body, onEvent, signal) { return streamPost("/api/generate", body, onEvent, signal); }
+
+/** POST `path` (a route answering with server-sent events) and call onEvent(kind, data) per event. */
+export async function streamPost(path, body, onEvent, signal) {
+  const response = await check(await fetch(path, {
     method: "POST", headers: { ...headers(), "Content-Type": "application/json" }, body: JSON.stringify(body), signal,
   }));
   const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();

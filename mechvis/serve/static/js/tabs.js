@@ -1,6 +1,6 @@
 // The 16 tabs. Each reads the server's results of mechvis.analysis functions and draws them;
 // none computes a metric. Token strings reach plotly escaped (its text is HTML-like).
-import { attentionLayer, getJSON, postJSON, streamGenerate } from "./api.js";
+import { attentionLayer, getJSON, postJSON, streamGenerate, streamPost } from "./api.js";
 import { combineHeads, drawHeatmap, scatter3d } from "./canvas.js";
 import { greenRed } from "./colour.js";
 import { select, selection } from "./state.js";
@@ -300,9 +300,30 @@ async function interventions(body, run) {
   const go = el("button", "Ablate"); go.type = "button"; go.id = "ablate-run";
   const regen = el("button", "Regenerate as run B"); regen.type = "button"; regen.id = "ablate-regenerate";
   const out = el("div"); out.id = "ablation-output";
+  const sweepButton = el("button", "Sweep every head"); sweepButton.type = "button"; sweepButton.id = "sweep-run";
+  sweepButton.title = "ablate each head on its own; effect on p(selected token)";
+  const progress = el("progress"); progress.id = "sweep-progress"; progress.value = 0; progress.max = 1;
   const heads = () => input.value.split(",").map((s) => s.trim()).filter(Boolean).map((s) => s.split(".").map(Number));
   controls(body, el("span", "heads"), input, selectBox("method", [["zero", "zero"], ["mean", "mean"], ["resample", "resample"]], method, (v) => { method = v; localStorage.setItem("mv-ablate", v); }), go, regen);
+  controls(body, sweepButton, progress);
   body.append(out);
+  sweepButton.onclick = async () => {
+    if (selection.pos === null || selection.pos < 1) { out.replaceChildren(el("p", "Select a token (not the first) to sweep.", "error")); return; }
+    sweepButton.disabled = true;
+    try {
+      let result = null;
+      await streamPost(`/api/runs/${run.id}/sweep`, { position: selection.pos, method }, (kind, data) => {
+        if (kind === "progress") { progress.max = data.total; progress.value = data.done; }
+        if (kind === "result") result = data;
+        if (kind === "error") throw new Error(data.message);
+      });
+      out.replaceChildren(el("div", `p(${visible(run.tokens[selection.pos].text)}) = ${result.baseline.toFixed(4)} clean; ${result.method}-ablating one head at a time`, "muted"));
+      const div = plot(out, [{ type: "heatmap", z: result.effect, colorscale: "RdBu", zmid: 0, hovertemplate: "L%{y} H%{x}: Δp %{z:.4f}<extra></extra>" }],
+        { title: { text: "Δp per ablated head (click: tick it)" }, height: 320, xaxis: { title: { text: "head" } }, yaxis: { title: { text: "layer" } } });
+      div.id = "sweep-plot";
+      div.on("plotly_click", (e) => { const key = `${e.points[0].y}.${e.points[0].x}`; ticked.add(key); input.value = [...ticked].join(", "); });
+    } catch (error) { out.replaceChildren(el("p", error.message, "error")); } finally { sweepButton.disabled = false; }
+  };
   go.onclick = async () => {
     go.disabled = true;
     try {
