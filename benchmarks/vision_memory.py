@@ -1,11 +1,14 @@
 """Peak memory of image-attention metrics on a tiny random LLaVA at 1,024 image tokens: mechvis's
 streamed computation (hooks keep only query rows × image columns) against caching everything
-with run_with_cache. Each measurement runs in its own process (peak RSS is a high-water mark)."""
+with run_with_cache. Each measurement runs in its own process. The peak is the kernel's high-water
+mark of resident memory (VmHWM), reset after the model is loaded (`/proc/self/clear_refs` ← 5), so
+loading's own peak does not hide the analysis's; a machine where it cannot be reset or read fails
+loudly instead of printing a number that measures nothing."""
 
 from __future__ import annotations
 
+import gc
 import json
-import resource
 import subprocess
 import sys
 import tempfile
@@ -42,19 +45,40 @@ def _tiny_llava():
     return bridge, image
 
 
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field}: peak memory cannot be measured here")
+
+
+def _reset_peak() -> int:
+    """Reset the resident high-water mark to the current resident size; return that size (kB)."""
+    gc.collect()
+    with open("/proc/self/clear_refs", "w") as clear_refs:
+        clear_refs.write("5")
+    resident, peak = _status_kb("VmRSS"), _status_kb("VmHWM")
+    if peak > resident * 1.02 + 1024:
+        raise RuntimeError(f"the peak (VmHWM {peak} kB) was not reset to the resident size ({resident} kB)")
+    return resident
+
+
 def _worker(mode: str) -> None:
     import mechvis
     from mechvis.analysis.vision import image_attention, stream_image_attention
 
     bridge, image = _tiny_llava()
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    before = _reset_peak()
     prompt = "Where is the object in this picture?"
     if mode == "stream":
         result = stream_image_attention(bridge, prompt, image, query_positions=[-1])
     else:
         run = mechvis.run(bridge, prompt, image=image)
         result = image_attention(run.cache, bridge, run.segments.image_grid, query_positions=[-1])
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    after = _status_kb("VmHWM")
+    if after <= before:
+        raise RuntimeError(f"peak memory did not rise above {before} kB while computing: the measurement measures nothing")
     print(json.dumps({"peak_increase_mb": (after - before) / 1024, "tokens": len(result.grid.positions)}))
 
 

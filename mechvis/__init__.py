@@ -8,7 +8,7 @@
 
 from mechvis.architecture import ArchitectureSummary, inspect_model
 from mechvis.errors import MechvisError
-from mechvis.generation import SamplingSettings, Trace, generate, teacher_force
+from mechvis.generation import SamplingSettings, TokenEvent, Trace, generate, stream_generate, teacher_force
 from mechvis.models import load_model
 from mechvis.running import Run, Segments, Span, encode, run
 
@@ -19,9 +19,11 @@ __all__ = [
     "Segments",
     "Span",
     "SamplingSettings",
+    "TokenEvent",
     "Trace",
     "encode",
     "generate",
+    "stream_generate",
     "inspect_model",
     "load_model",
     "run",

@@ -11,8 +11,110 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from mechvis.errors import UnsupportedArchitectureError
+
 if TYPE_CHECKING:
     from transformer_lens.model_bridge import TransformerBridge
+
+
+# --- which keys each query sees ----------------------------------------------------------------
+
+@dataclass(frozen=True)
+class LayerAttention:
+    """The attention mask of one layer, as the model's HF implementation builds it.
+
+    kind: "full" (every earlier key and itself), "sliding" (the last `size` keys, itself
+    included: key k is visible from query q when q − size < k ≤ q), or "chunked" (keys of the
+    query's own block of `size` positions, blocks starting at position 0: k // size = q // size,
+    k ≤ q; Llama 4's `attention_chunk_size`). `bidirectional`: queries also see later keys
+    (a model configured with `use_bidirectional_attention`; a sliding window then keeps keys
+    with |q − k| < size, as Gemma 3 does).
+    """
+
+    kind: str  # "full", "sliding" or "chunked"
+    size: int | None = None  # tokens in the window or chunk
+    bidirectional: bool = False
+
+    def first_visible(self, query: torch.Tensor) -> torch.Tensor:
+        """The first key each query (absolute positions) can see."""
+        if self.kind == "sliding":
+            return (query - self.size + 1).clamp_min(0)
+        if self.kind == "chunked":
+            return query - query % self.size
+        return torch.zeros_like(query)
+
+    def last_visible(self, query: torch.Tensor, n_positions: int) -> torch.Tensor:
+        """The last key each query can see (itself under a causal mask)."""
+        if not self.bidirectional:
+            return query.clone()
+        if self.kind == "sliding":
+            return (query + self.size - 1).clamp_max(n_positions - 1)
+        return torch.full_like(query, n_positions - 1)
+
+    def visible_keys(self, n_positions: int) -> torch.Tensor:
+        """(n_positions,) int64: how many keys each query sees, in a sequence of that length."""
+        query = torch.arange(n_positions)
+        return self.last_visible(query, n_positions) - self.first_visible(query) + 1
+
+    def mask(self, n_positions: int) -> torch.Tensor:
+        """(query, key) bool: True where the query may attend to the key."""
+        query = torch.arange(n_positions)[:, None]
+        key = torch.arange(n_positions)[None, :]
+        return (key >= self.first_visible(query)) & (key <= self.last_visible(query, n_positions))
+
+    def __str__(self) -> str:
+        text = {"full": "full", "sliding": f"sliding window of {self.size}", "chunked": f"chunks of {self.size}"}[self.kind]
+        return f"{text} (bidirectional)" if self.bidirectional else text
+
+
+_LAYER_TYPES = {"full_attention": "full", "sliding_attention": "sliding", "chunked_attention": "chunked"}
+
+
+def attention_layout(model: "TransformerBridge") -> tuple[LayerAttention, ...]:
+    """Each layer's attention mask, read from the model's HF (text) config the way transformers
+    builds masks (`transformers.masking_utils.create_masks_for_generate`): per-layer
+    `layer_types` ("full_attention", "sliding_attention" with `sliding_window`,
+    "chunked_attention" with `attention_chunk_size`) when the config has them (Gemma 2/3/4,
+    Cohere 2, Qwen2/3 with `use_sliding_window`, GPT-OSS, OLMo 3, Llama 4, ...); else GPT-Neo's
+    `attention_layers` ("local" layers slide over `window_size`); else `sliding_window` on every
+    layer (Mistral, Mixtral, Phi-3, Starcoder2, Qwen3-MoE; none when `use_sliding_window` is
+    False); else `attention_chunk_size` on every layer; else full causal attention.
+
+    Raises UnsupportedArchitectureError for layer types without a softmax attention mask that
+    mechvis knows (linear/recurrent, compressed or indexed attention).
+    """
+    hf_config = model.original_model.config
+    text_config = hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
+    n_layers = model.cfg.n_layers
+    bidirectional = getattr(text_config, "use_bidirectional_attention", False) is True or (
+        getattr(model.cfg, "attention_dir", "causal") == "bidirectional"
+    )
+    window = getattr(text_config, "sliding_window", None) or None
+    chunk = getattr(text_config, "attention_chunk_size", None) or None
+
+    def layer(kind: str) -> LayerAttention:
+        size = {"sliding": window, "chunked": chunk}.get(kind)
+        return LayerAttention("full", None, bidirectional) if kind != "full" and size is None else LayerAttention(kind, size, bidirectional)
+
+    layer_types = getattr(text_config, "layer_types", None)
+    if layer_types is not None:
+        unknown = sorted({kind for kind in layer_types[:n_layers] if kind not in _LAYER_TYPES})
+        if unknown:
+            raise UnsupportedArchitectureError(
+                f"{type(model.original_model).__name__} has layers of type {', '.join(unknown)}; mechvis knows "
+                f"the visible keys of {', '.join(_LAYER_TYPES)} layers only, so it cannot normalise their "
+                f"attention. Use the un-normalised values (entropy, patterns) for this model."
+            )
+        return tuple(layer(_LAYER_TYPES[kind]) for kind in layer_types[:n_layers])
+    local_global = getattr(text_config, "attention_layers", None)  # GPT-Neo
+    if local_global is not None and getattr(text_config, "window_size", None):
+        window = text_config.window_size
+        return tuple(layer("sliding" if kind == "local" else "full") for kind in local_global[:n_layers])
+    if getattr(text_config, "use_sliding_window", True) is False:
+        window = None
+    if window is not None:
+        return (layer("sliding"),) * n_layers
+    return (layer("chunked" if chunk is not None else "full"),) * n_layers
 
 
 @dataclass(frozen=True)
@@ -32,8 +134,10 @@ class ArchitectureSummary:
     mlp: str  # e.g. "gated (silu), d_mlp=1536"
     d_vocab: int
     n_ctx: int
-    sliding_window: int | None
+    sliding_window: int | None  # keys a windowed layer sees (None: no layer slides)
     n_params: int
+    attention_chunk_size: int | None = None  # chunked attention (Llama 4), None if no layer is chunked
+    local_layers: tuple[int, ...] = ()  # layers with a sliding window or chunks; the others are full
 
     def __str__(self) -> str:
         rows = [
@@ -48,11 +152,21 @@ class ArchitectureSummary:
             ("MLP", self.mlp),
             ("vocab", self.d_vocab),
             ("context", self.n_ctx),
-            ("sliding window", self.sliding_window if self.sliding_window else "none"),
+            ("sliding window", self._local_text(self.sliding_window, "sliding")),
+            *([("chunked attention", self._local_text(self.attention_chunk_size, "chunked"))] if self.attention_chunk_size else []),
             ("parameters", f"{self.n_params:,}"),
         ]
         width = max(len(key) for key, _ in rows)
         return "\n".join(f"{key:<{width}}  {value}" for key, value in rows)
+
+    def _local_text(self, size: int | None, kind: str) -> str:
+        if not size:
+            return "none"
+        layers = self.local_layers if self.local_layers else range(self.n_layers)
+        if len(layers) == self.n_layers:
+            return f"{size} tokens, every layer"
+        shown = ", ".join(map(str, layers[:8])) + (", …" if len(layers) > 8 else "")
+        return f"{size} tokens on {len(layers)} of {self.n_layers} layers ({shown}); the others full"
 
 
 def _attention_kind(n_heads: int, n_kv_heads: int) -> str:
@@ -90,9 +204,16 @@ def inspect_model(model: "TransformerBridge") -> ArchitectureSummary:
         positional = {"standard": "learned absolute"}.get(cfg.positional_embedding_type, cfg.positional_embedding_type)
     norm = "RMSNorm" if getattr(cfg, "uses_rms_norm", False) or str(cfg.normalization_type).startswith("RMS") else "LayerNorm"
     mlp = f"{'gated' if cfg.gated_mlp else 'plain'} ({cfg.act_fn}), d_mlp={cfg.d_mlp}"
-    window = getattr(text_config, "sliding_window", None)
-    if getattr(text_config, "use_sliding_window", True) is False:
-        window = None
+    try:
+        layout = attention_layout(model)
+    except UnsupportedArchitectureError:  # layer types without a known mask (hybrids): config as is
+        window = getattr(text_config, "sliding_window", None)
+        window = None if getattr(text_config, "use_sliding_window", True) is False else window
+        chunk, local = getattr(text_config, "attention_chunk_size", None), ()
+    else:
+        window = next((layer.size for layer in layout if layer.kind == "sliding"), None)
+        chunk = next((layer.size for layer in layout if layer.kind == "chunked"), None)
+        local = tuple(index for index, layer in enumerate(layout) if layer.kind != "full")
     return ArchitectureSummary(
         name=str(getattr(cfg, "model_name", "") or getattr(hf_config, "_name_or_path", "")),
         architecture=type(model.original_model).__name__,
@@ -109,6 +230,8 @@ def inspect_model(model: "TransformerBridge") -> ArchitectureSummary:
         n_ctx=cfg.n_ctx,
         sliding_window=window,
         n_params=_count_parameters(model.original_model),
+        attention_chunk_size=chunk,
+        local_layers=local,
     )
 
 

@@ -15,19 +15,25 @@ def _add_model_argument(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="hub name or local directory (default: the embedded SmolLM2-135M-Instruct, offline)",
     )
+    parser.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16", "float16"),
+        default="float32",
+        help="weights' dtype (analyses compute their metrics in float32 or float64 either way)",
+    )
 
 
 def _inspect(arguments: argparse.Namespace) -> None:
     from mechvis.architecture import format_inspection
     from mechvis.models import load_model
 
-    print(format_inspection(load_model(arguments.model)))
+    print(format_inspection(load_model(arguments.model, dtype=arguments.dtype)))
 
 
 def _demo(arguments: argparse.Namespace) -> None:
     from mechvis.demo import run_demo
 
-    run_demo(model_name=arguments.model, max_new_tokens=arguments.max_new_tokens, output=arguments.output)
+    run_demo(model_name=arguments.model, dtype=arguments.dtype, max_new_tokens=arguments.max_new_tokens, output=arguments.output)
 
 
 def _report(arguments: argparse.Namespace) -> None:
@@ -35,7 +41,7 @@ def _report(arguments: argparse.Namespace) -> None:
     from mechvis.report import write_report
 
     write_report(
-        load_model(arguments.model),
+        load_model(arguments.model, dtype=arguments.dtype),
         arguments.prompt,
         arguments.output,
         json_path=arguments.json,
@@ -60,7 +66,7 @@ def _repetition_eval(arguments: argparse.Namespace) -> None:
     if not 2 <= arguments.prompts <= len(PROMPTS):
         raise InvalidArgumentError(f"--prompts must be between 2 and {len(PROMPTS)}; got {arguments.prompts}.")
     results = run_evaluation(
-        load_model(arguments.model),
+        load_model(arguments.model, dtype=arguments.dtype),
         n_prompts=arguments.prompts,
         max_new_tokens=arguments.max_new_tokens,
         out_dir=Path(arguments.out),
@@ -76,7 +82,7 @@ def _ablate(arguments: argparse.Namespace) -> None:
     from mechvis.report.ablation import write_ablation_report
 
     sweep = write_ablation_report(
-        load_model(arguments.model), arguments.prompt, arguments.target, arguments.output,
+        load_model(arguments.model, dtype=arguments.dtype), arguments.prompt, arguments.target, arguments.output,
         method=arguments.method, chat=arguments.chat, overwrite=arguments.force,
     )
     print("Heads whose ablation moves P(target) most:")

@@ -44,10 +44,12 @@ def summarise(model: "TransformerBridge", trace: Trace, *, n_heads: int = 8) -> 
     return "\n".join(lines)
 
 
-def run_demo(model_name: str | None = None, max_new_tokens: int = 64, output: str | Path = "out/demo.html") -> Path:
+def run_demo(
+    model_name: str | None = None, max_new_tokens: int = 64, output: str | Path = "out/demo.html", *, dtype: str = "float32"
+) -> Path:
     """Load the model, write the report of the demo prompt to `output` (replacing it), print the
     plain-text summary and the report's path."""
-    model = load_model(model_name)
+    model = load_model(model_name, dtype=dtype)
     data = write_report(model, DEMO_PROMPT, output, chat=True, max_new_tokens=max_new_tokens, overwrite=True)
     print(f"Model: {model.cfg.model_name}\nPrompt (chat): {DEMO_PROMPT}\n")
     print(summarise(model, data.trace))

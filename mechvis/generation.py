@@ -32,10 +32,9 @@ from mechvis.running import (
     Run,
     Segments,
     Span,
+    decode_tokens,
     encode,
     encode_with_image,
-    offsets_of,
-    str_tokens_of,
     with_text_appended,
 )
 
@@ -148,6 +147,7 @@ class _ScheduledTemperature:
     def __init__(self, temperature_of: Callable[[Tensor, Tensor], Tensor]):
         self.temperature_of = temperature_of
         self.temperatures: list[float] = []
+        self.monitor_probabilities: list[float] = []  # MonitorTemperature's P of each step
 
     def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
         temperature = self.temperature_of(input_ids, scores).clamp_min(1e-4)
@@ -178,6 +178,7 @@ class Trace:
     step_distributions: Float[Tensor, "step vocab"]  # what each token was sampled from
     step_temperatures: Float[Tensor, " step"]  # the temperature of each step (0: greedy)
     settings: SamplingSettings
+    stop_reason: str | None = None  # "eos" or "max_new_tokens" (None for teacher_force)
 
     @property
     def generated_positions(self) -> range:
@@ -196,7 +197,118 @@ def _step_distributions(scores: Sequence[Tensor], settings: SamplingSettings) ->
     return processed.softmax(-1)
 
 
-def generate(
+@dataclass(frozen=True)
+class TokenEvent:
+    """One decoded token, as `stream_generate` yields it, before the next step runs.
+
+    Generated token `step` sits at `position` (= prompt length + step). Values describe the
+    distribution that produced it: `logprob`, `rank` (0 = argmax), `entropy`, `varentropy` and
+    `margin` (top-1 − top-2 probability) are of the raw temperature-1 logits, in nats;
+    `probability` is the token's probability under the distribution it was sampled from (after
+    temperature, truncation and logits processors; 1.0 when greedy); `top_ids` / `top_probs` the
+    raw distribution's top-N. `text` is what the token adds to the decoded whole generated text
+    ("" while it ends inside a multi-byte character, whose text comes with the token that
+    completes it). `monitor_probability` is the repetition monitor's probability that this token
+    continues a loop, when decoding with `MonitorTemperature`, else None.
+    """
+
+    step: int
+    position: int
+    token_id: int
+    text: str
+    probability: float
+    logprob: float
+    rank: int
+    entropy: float
+    varentropy: float
+    margin: float
+    temperature: float
+    top_ids: tuple[int, ...]
+    top_probs: tuple[float, ...]
+    monitor_probability: float | None = None
+
+
+class _Recorder:
+    """A logits processor that records the scores it is given (and changes nothing)."""
+
+    def __init__(self) -> None:
+        self.latest: Tensor | None = None
+
+    def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
+        self.latest = scores[0].detach().float().clone()
+        return scores
+
+
+def _sampling_processors(settings: SamplingSettings) -> list:
+    """The truncation and temperature warpers for `settings`, HF's own classes in the order HF's
+    `generate` applies them (temperature, top-k, top-p, min-p). mechvis applies them itself so
+    that nothing else (a model's shipped generation_config, HF's default top-k of 50) joins in."""
+    from transformers.generation.logits_process import (
+        MinPLogitsWarper,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
+
+    if settings.greedy:
+        return []
+    warpers: list = []
+    if settings.schedule is None and settings.temperature != 1.0:
+        warpers.append(TemperatureLogitsWarper(settings.temperature))
+    if settings.top_k is not None:
+        warpers.append(TopKLogitsWarper(settings.top_k))
+    if settings.top_p is not None and settings.top_p < 1.0:
+        warpers.append(TopPLogitsWarper(settings.top_p))
+    if settings.min_p is not None:
+        warpers.append(MinPLogitsWarper(settings.min_p))
+    return warpers
+
+
+@contextlib.contextmanager
+def _neutral_generation_config(decoder: "torch.nn.Module") -> Iterator["object"]:
+    """While active, `decoder.generation_config` is HF's neutral default, keeping only the
+    model's end-of-sequence, padding and BOS ids: HF's `generate` fills every setting a call
+    leaves unset from the model's generation_config (repetition penalty, beams, banned words,
+    top-k ...), which would change the distribution mechvis samples from."""
+    from transformers import GenerationConfig
+
+    shipped = getattr(decoder, "generation_config", None)
+    neutral = GenerationConfig(
+        **{name: getattr(shipped, name, None) for name in ("eos_token_id", "pad_token_id", "bos_token_id")}
+    )
+    decoder.generation_config = neutral
+    try:
+        yield neutral
+    finally:
+        decoder.generation_config = shipped
+
+
+class _TextDeltas:
+    """What each token adds to the decoded whole text: the whole sequence so far is decoded
+    (byte-level tokens may end inside a multi-byte character), trailing replacement characters
+    are held back until a later token completes them."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer, self.ids, self.text = tokenizer, [], ""
+
+    def add(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        text = self.tokenizer.decode(self.ids).rstrip("\ufffd")
+        delta = text[len(self.text) :] if text.startswith(self.text) else ""
+        self.text += delta
+        return delta
+
+
+def _text_deltas(tokenizer, ids: Sequence[int]) -> list[str]:
+    deltas = _TextDeltas(tokenizer)
+    return [deltas.add(token_id) for token_id in ids]
+
+
+class _Cancelled(Exception):
+    """Raised inside the decoding thread when the consumer stops iterating."""
+
+
+def stream_generate(
     model: "TransformerBridge",
     prompt: Prompt,
     *,
@@ -211,27 +323,34 @@ def generate(
     logits_processors: Sequence[Callable[[Tensor, Tensor], Tensor]] = (),
     image: object | None = None,
     names_filter: Callable[[str], bool] | Sequence[str] | str | None = None,
-) -> Trace:
-    """Generate up to `max_new_tokens` (stopping at the model's end-of-sequence token) and analyse.
+    top_n: int = 10,
+) -> Iterator["TokenEvent | Trace"]:
+    """Generate as `generate` does, yielding a `TokenEvent` for each token as soon as it is
+    decoded, then the analysed `Trace` as the last item.
 
-    Args:
-        prompt, chat: as in `mechvis.run` (chat mode uses the model's chat template).
-        temperature: 0 for greedy decoding, else sampling at that temperature.
-        top_k, top_p, min_p: truncation of the sampling distribution (None = off).
-        seed: seeds the sampler without touching the global random state.
-        temperature_schedule: a per-step temperature (EntropyTemperature, RepetitionTemperature
-            or MonitorTemperature) replacing the fixed `temperature`; sampling then uses it with
-            top_k/top_p/min_p. Each step's temperature is in `Trace.step_temperatures`.
-        image: for a vision-language model, the image (as in `mechvis.run`).
-        logits_processors: HF-style processors f(input_ids, scores) → scores applied before
-            sampling, e.g. `mechvis.interventions.KeywordBoost`. (Hook interventions apply
-            through `with mechvis.interventions.intervene(model, ...)` around this call.)
-        names_filter: hooks to cache in the analysis pass (None: all).
+    Decoding is HF's KV-cached `generate`, run in a worker thread; the events' values equal the
+    trace's (`step_logits`, `step_distributions`, `step_temperatures`) exactly. Closing the
+    iterator (or breaking out of a loop over it) cancels decoding: the step running finishes,
+    no further step starts, and no trace is built. `trace.stop_reason` is "eos" or
+    "max_new_tokens".
+
+    Args: as `generate`, plus `top_n`, the number of most probable tokens in each event (1–1000).
+
+    Raises:
+        InvalidArgumentError: bad settings, a prompt too long for the context (before decoding).
     """
+    import queue
+    import threading
+
+    from transformers import LogitsProcessorList
+    from transformers.generation.streamers import BaseStreamer
+
     if temperature_schedule is not None:
         temperature = 1.0  # the schedule sets each step's temperature
     settings = SamplingSettings(temperature, top_k, top_p, min_p, seed, temperature_schedule)
     settings.validate()
+    if not isinstance(top_n, int) or not 1 <= top_n <= 1000:
+        raise InvalidArgumentError(f"top_n must be an integer in [1, 1000]; got {top_n!r}.")
     extra: dict = {}
     if image is not None:
         encoded, extra = encode_with_image(model, prompt, image, chat=chat)
@@ -248,50 +367,180 @@ def generate(
         )
     device = model.cfg.device
     prompt_ids = torch.tensor([encoded.token_ids], device=device)
+    prompt_length = len(encoded.token_ids)
     tokenizer = model.hf_tokenizer
-    options = dict(
-        max_new_tokens=max_new_tokens,
-        do_sample=not settings.greedy,
-        output_logits=True,
-        output_scores=True,
-        return_dict_in_generate=True,
-        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
-        # Settings not asked for are off, whatever the model's generation_config says.
-        temperature=settings.temperature if not settings.greedy else None,
-        top_k=settings.top_k if not settings.greedy else None,
-        top_p=settings.top_p if not settings.greedy else None,
-        min_p=settings.min_p if not settings.greedy else None,
-    )
-    processors = list(logits_processors)
-    # Inference mode: ~3% less per-op overhead in the decoding loop than no_grad.
-    with torch.inference_mode(), torch.random.fork_rng(devices=[] if device == "cpu" else None), contextlib.ExitStack() as stack:
-        scheduled = None
-        if isinstance(temperature_schedule, MonitorTemperature):
-            scheduled = stack.enter_context(_monitor_temperature(model, temperature_schedule, encoded))
-        elif temperature_schedule is not None:
-            prompt_length, schedule = len(encoded.token_ids), temperature_schedule
-            scheduled = _ScheduledTemperature(lambda ids, scores: schedule.temperature(_entropy(scores), ids[:, prompt_length:]))
-        if scheduled is not None:
-            processors.append(scheduled)
-        if processors:
-            from transformers import LogitsProcessorList
+    events: "queue.Queue[tuple[str, object]]" = queue.Queue()
+    cancelled = threading.Event()
+    raw, processed = _Recorder(), _Recorder()
+    generated: list[int] = []
+    text = _TextDeltas(tokenizer)
 
-            options["logits_processor"] = LogitsProcessorList(processors)
-        if settings.seed is not None:
-            torch.manual_seed(settings.seed)
-        output = _decoder(model).generate(prompt_ids, attention_mask=torch.ones_like(prompt_ids), **extra, **options)
-    generated = output.sequences[0, prompt_ids.shape[1] :].tolist()
-    return _analysed_trace(
+    def token_event(token_id: int, scheduled: "_ScheduledTemperature | None") -> TokenEvent:
+        logits = raw.latest
+        log_probs = logits.log_softmax(-1)
+        probs = log_probs.exp()
+        entropy = -(probs * log_probs).sum()
+        varentropy = (probs * (-log_probs - entropy) ** 2).sum()
+        top = probs.topk(max(top_n, 2))
+        step = len(generated)
+        generated.append(token_id)
+        probability = 1.0 if settings.greedy else float(processed.latest.softmax(-1)[token_id])
+        return TokenEvent(
+            step=step,
+            position=prompt_length + step,
+            token_id=token_id,
+            text=text.add(token_id),
+            probability=probability,
+            logprob=float(log_probs[token_id]),
+            rank=int((logits > logits[token_id]).sum()),
+            entropy=float(entropy),
+            varentropy=float(varentropy),
+            margin=float(top.values[0] - top.values[1]),
+            temperature=scheduled.temperatures[-1] if scheduled else settings.temperature,
+            top_ids=tuple(top.indices[:top_n].tolist()),
+            top_probs=tuple(top.values[:top_n].tolist()),
+            monitor_probability=scheduled.monitor_probabilities[-1] if scheduled and scheduled.monitor_probabilities else None,
+        )
+
+    class Streamer(BaseStreamer):
+        def __init__(self, scheduled: "_ScheduledTemperature | None") -> None:
+            self.scheduled, self.prompt_seen = scheduled, False
+
+        def put(self, value: Tensor) -> None:
+            if not self.prompt_seen:  # generate first hands the streamer the prompt
+                self.prompt_seen = True
+                return
+            if cancelled.is_set():
+                raise _Cancelled
+            events.put(("token", token_event(int(value.reshape(-1)[0]), self.scheduled)))
+
+        def end(self) -> None:
+            pass
+
+    def decode() -> None:
+        try:
+            options = dict(
+                max_new_tokens=max_new_tokens,
+                do_sample=not settings.greedy,
+                output_logits=True,
+                output_scores=True,
+                return_dict_in_generate=True,
+                pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+                top_k=0,  # sampling settings are applied by mechvis's processors below
+            )
+            # Inference mode: ~3% less per-op overhead in the decoding loop than no_grad.
+            with torch.inference_mode(), torch.random.fork_rng(devices=[] if device == "cpu" else None), \
+                    contextlib.ExitStack() as stack:
+                scheduled = None
+                if isinstance(temperature_schedule, MonitorTemperature):
+                    scheduled = stack.enter_context(_monitor_temperature(model, temperature_schedule, encoded))
+                decoder = _decoder(model)  # after the monitor's hooks: they make it the bridge
+                stack.enter_context(_neutral_generation_config(decoder))
+                if temperature_schedule is not None and scheduled is None:
+                    schedule = temperature_schedule
+                    scheduled = _ScheduledTemperature(
+                        lambda ids, scores: schedule.temperature(_entropy(scores), ids[:, prompt_length:])
+                    )
+                processors = [raw, *logits_processors, *([scheduled] if scheduled else []), *_sampling_processors(settings), processed]
+                options["logits_processor"] = LogitsProcessorList(processors)
+                if settings.seed is not None:
+                    torch.manual_seed(settings.seed)
+                output = decoder.generate(
+                    prompt_ids, attention_mask=torch.ones_like(prompt_ids), streamer=Streamer(scheduled), **extra, **options
+                )
+            events.put(("done", (output, scheduled)))
+        except _Cancelled:
+            events.put(("cancelled", None))
+        except BaseException as error:  # handed to the consumer, raised there
+            events.put(("error", error))
+
+    worker = threading.Thread(target=decode, name="mechvis-decode", daemon=True)
+    worker.start()
+    try:
+        while True:
+            kind, payload = events.get()
+            if kind == "token":
+                yield payload
+            elif kind == "error":
+                raise payload
+            elif kind == "cancelled":
+                return
+            else:
+                break
+    finally:
+        cancelled.set()
+        worker.join()
+    output, scheduled = payload
+    generated_ids = output.sequences[0, prompt_length:].tolist()
+    eos = _eos_ids(model)
+    trace = _analysed_trace(
         model,
         encoded,
-        generated,
+        generated_ids,
         step_logits=torch.stack([step[0] for step in output.logits]).float(),
         step_distributions=_step_distributions(output.scores, settings),
-        step_temperatures=torch.tensor(scheduled.temperatures) if scheduled else torch.full((len(generated),), settings.temperature),
+        step_temperatures=torch.tensor(scheduled.temperatures) if scheduled else torch.full((len(generated_ids),), settings.temperature),
         settings=settings,
         names_filter=names_filter,
         extra=extra,
     )
+    trace.stop_reason = "eos" if generated_ids and generated_ids[-1] in eos else "max_new_tokens"
+    yield trace
+
+
+def _eos_ids(model: "TransformerBridge") -> set[int]:
+    eos = getattr(getattr(model.original_model, "generation_config", None), "eos_token_id", None)
+    if eos is None:
+        eos = model.hf_tokenizer.eos_token_id
+    return set(eos) if isinstance(eos, (list, tuple)) else ({eos} if eos is not None else set())
+
+
+def generate(
+    model: "TransformerBridge",
+    prompt: Prompt,
+    *,
+    chat: bool = False,
+    max_new_tokens: int = 64,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    min_p: float | None = None,
+    seed: int | None = None,
+    temperature_schedule: TemperatureSchedule | None = None,
+    logits_processors: Sequence[Callable[[Tensor, Tensor], Tensor]] = (),
+    image: object | None = None,
+    names_filter: Callable[[str], bool] | Sequence[str] | str | None = None,
+) -> Trace:
+    """Generate up to `max_new_tokens` (stopping at the model's end-of-sequence token) and analyse:
+    `stream_generate` run to the end.
+
+    Sampling is exactly what the arguments say: nothing from the model's shipped
+    generation_config changes the distribution (only its end-of-sequence and padding ids are
+    used), and no truncation is applied unless asked for.
+
+    Args:
+        prompt, chat: as in `mechvis.run` (chat mode uses the model's chat template).
+        temperature: 0 for greedy decoding, else sampling at that temperature.
+        top_k, top_p, min_p: truncation of the sampling distribution (None = off).
+        seed: seeds the sampler without touching the global random state.
+        temperature_schedule: a per-step temperature (EntropyTemperature, RepetitionTemperature
+            or MonitorTemperature) replacing the fixed `temperature`; sampling then uses it with
+            top_k/top_p/min_p. Each step's temperature is in `Trace.step_temperatures`.
+        image: for a vision-language model, the image (as in `mechvis.run`).
+        logits_processors: HF-style processors f(input_ids, scores) → scores applied before
+            sampling, e.g. `mechvis.interventions.KeywordBoost`. (Hook interventions apply
+            through `with mechvis.interventions.intervene(model, ...)` around this call.)
+        names_filter: hooks to cache in the analysis pass (None: all).
+
+    Raises:
+        InvalidArgumentError: bad settings, or a prompt plus max_new_tokens beyond the context.
+    """
+    *_, trace = stream_generate(
+        model, prompt, chat=chat, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+        top_p=top_p, min_p=min_p, seed=seed, temperature_schedule=temperature_schedule,
+        logits_processors=logits_processors, image=image, names_filter=names_filter,
+    )
+    return trace
 
 
 @contextlib.contextmanager
@@ -315,12 +564,14 @@ def _monitor_temperature(
 
     def temperature(input_ids: Tensor, scores: Tensor) -> Tensor:
         loop_probability = monitor.probability(streaming.step(input_ids[0], latest["logits"])[None])
+        scheduled.monitor_probabilities.append(float(loop_probability.reshape(-1)[0]))
         return (schedule.low + (schedule.high - schedule.low) * loop_probability).to(scores.device)
 
+    scheduled = _ScheduledTemperature(temperature)
     handle = model.original_model.register_forward_hook(keep_logits)
     try:
         with model.hooks(fwd_hooks=streaming.hooks()):
-            yield _ScheduledTemperature(temperature)
+            yield scheduled
     finally:
         handle.remove()
 
@@ -360,24 +611,63 @@ def _unwrapped(module: "torch.nn.Module") -> "torch.nn.Module":
 
 class _SingleRowLinear(torch.nn.Linear):
     """`nn.Linear` whose one-row products (a decoding step) run as a batched matrix product over
-    the two halves of the weight. Decoding is bound by reading the weights: MKL's matrix–vector
-    kernel streams row-major float32 weights at ~15 GB/s on this class of CPU, its batched
-    matrix product at ~40 GB/s. Same weights, no copy; each output is still one dot product
-    (rounding differs at the 1e-5 level). Other inputs take `nn.Linear`'s path."""
+    the two halves of the weight. Decoding is bound by reading the weights, and on some CPUs
+    MKL's matrix–vector kernel streams row-major float32 weights at ~15 GB/s where its batched
+    matrix product reaches ~40 GB/s; on others (or another torch/MKL build, other thread
+    settings) it does not. So the swap is checked at first use for each weight shape and thread
+    count (`_batched_kernel_wins`): it is kept only where it gives the same product (≤ 1e-5 of
+    the output's scale) and is at least 10% faster, measured on this machine; otherwise the
+    layer stays `nn.Linear`. Same weights, no copy. Other inputs take `nn.Linear`'s path."""
 
     @staticmethod
     def suits(linear: torch.nn.Linear) -> bool:
         weight = linear.weight
-        return weight.device.type == "cpu" and weight.dtype == torch.float32 and weight.is_contiguous() and weight.shape[0] % 2 == 0
+        return (
+            weight.device.type == "cpu" and weight.dtype == torch.float32 and weight.is_contiguous()
+            and weight.shape[0] % 2 == 0 and _batched_kernel_wins(linear)
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         if x.numel() != self.in_features or x.dtype != torch.float32:
             return super().forward(x)
-        halves = self.weight.view(2, self.out_features // 2, self.in_features)
-        # x as a column whose stride is in_features: this layout takes MKL's fast batched kernel.
-        column = x.reshape(1, self.in_features).T.expand(2, self.in_features, 1)
-        y = torch.bmm(halves, column).reshape(*x.shape[:-1], self.out_features)
-        return y if self.bias is None else y + self.bias
+        return _halves_product(self.weight, x, self.bias)
+
+
+def _halves_product(weight: Tensor, x: Tensor, bias: Tensor | None) -> Tensor:
+    out_features, in_features = weight.shape
+    halves = weight.view(2, out_features // 2, in_features)
+    # x as a column whose stride is in_features: this layout takes MKL's fast batched kernel.
+    column = x.reshape(1, in_features).T.expand(2, in_features, 1)
+    y = torch.bmm(halves, column).reshape(*x.shape[:-1], out_features)
+    return y if bias is None else y + bias
+
+
+_KERNEL_CHOICE: dict[tuple[int, int, int], bool] = {}
+
+
+def _batched_kernel_wins(linear: torch.nn.Linear, repeats: int = 7) -> bool:
+    """Whether the halves product is equal to `F.linear` (≤ 1e-5 of the output's scale) and at
+    least 10% faster (median of `repeats` timings each, interleaved) for this weight's shape at
+    the current thread count. Measured once per shape and thread count per process."""
+    import time
+
+    key = (*linear.weight.shape, torch.get_num_threads())
+    if key in _KERNEL_CHOICE:
+        return _KERNEL_CHOICE[key]
+    weight = linear.weight.detach()
+    with torch.inference_mode():
+        x = torch.randn(1, 1, weight.shape[1], generator=torch.Generator().manual_seed(0))
+        reference = torch.nn.functional.linear(x, weight)
+        equal = bool((_halves_product(weight, x, None) - reference).abs().max() <= 1e-5 * reference.abs().max().clamp_min(1))
+        timings: dict[str, list[float]] = {"linear": [], "halves": []}
+        for _ in range(repeats):
+            for name, product in (("linear", lambda: torch.nn.functional.linear(x, weight)), ("halves", lambda: _halves_product(weight, x, None))):
+                start = time.perf_counter()
+                product()
+                timings[name].append(time.perf_counter() - start)
+    median = {name: sorted(values)[len(values) // 2] for name, values in timings.items()}
+    _KERNEL_CHOICE[key] = wins = equal and median["halves"] <= 0.9 * median["linear"]
+    return wins
 
 
 def teacher_force(
@@ -421,14 +711,13 @@ def _analysed_trace(
     extra = with_text_appended(extra or {}, len(generated))
     with torch.no_grad():
         logits, cache = model.run_with_cache(tokens[None], names_filter=names_filter, **extra)
-    generated_strings = str_tokens_of(model, generated)
-    offsets = list(encoded.offsets) + offsets_of(generated_strings, len(encoded.text))
+    decoded = decode_tokens(model.hf_tokenizer, all_ids)  # the whole sequence: no character split at a token
     spans = encoded.segments.spans + ((Span("generated", len(encoded.token_ids), len(all_ids)),) if generated else ())
     run = Run(
-        text=encoded.text + "".join(generated_strings),
+        text=decoded.text,
         tokens=tokens,
-        str_tokens=str_tokens_of(model, encoded.token_ids) + generated_strings,
-        offsets=offsets,
+        str_tokens=decoded.str_tokens,
+        offsets=decoded.offsets,
         logits=logits[0],
         cache=cache,
         segments=Segments(spans, encoded.segments.sink_positions, encoded.segments.image_grid),

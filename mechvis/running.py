@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import math
 import os
+import re
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Union
@@ -101,12 +103,15 @@ class Segments:
 
 @dataclass
 class Encoded:
-    """A prompt as tokens, with the character offset of each token in `text`."""
+    """A prompt as tokens. `text` is the tokens decoded whole, `offsets` each token's characters in
+    it and `str_tokens` the text each token completes (`decode_tokens`); segments come from the
+    tokenizer's offsets in the input text and, in chat mode, the template's structure."""
 
     text: str
     token_ids: list[int]
     offsets: list[tuple[int, int]]
     segments: Segments
+    str_tokens: list[str]
 
 
 @dataclass
@@ -114,7 +119,10 @@ class Run:
     """What one forward pass produced.
 
     `tokens` and `logits` have no batch dimension; `cache` is transformer-lens'
-    `ActivationCache` with its usual batch dimension of size 1.
+    `ActivationCache` with its usual batch dimension of size 1. `text` is the whole token
+    sequence decoded at once (`tokenizer.decode(tokens)`, special tokens included), `offsets[i]`
+    the characters of `text` that hold token i's bytes and `str_tokens[i]` the characters token i
+    completes (empty for a token that ends inside a character); see `decode_tokens`.
     """
 
     text: str
@@ -167,6 +175,74 @@ def _validate_messages(messages: Sequence[Message]) -> list[Message]:
     return checked
 
 
+_SENTINEL = re.compile("\ue000([0-9]+)\ue001")  # private-use characters around a message index
+# How templates write a content: as given, or trimmed (Jinja's `trim`, e.g. Llama 3 and Gemma).
+_CONTENT_FORMS: tuple[Callable[[str], str], ...] = (lambda c: c, str.strip, str.rstrip, str.lstrip)
+
+
+def chat_content_spans(
+    render: Callable[[list[str]], str], messages: Sequence[Message]
+) -> tuple[str, list[tuple[str, int, int]]]:
+    """The rendered chat and the character span of each message's content in it, from the
+    template's structure, never from searching for the content's text.
+
+    `render(contents)` renders the chat with message i's content replaced by `contents[i]`. The
+    chat is rendered once as given and once with every non-empty content replaced by a sentinel
+    (private-use characters around its index) that no template writes, so the sentinel rendering
+    is the template's markup with a marked slot wherever a content goes (a content may appear
+    once, several times, merged into another turn as Gemma does with the system message, or not
+    at all). The real rendering is then matched against that markup: each slot holds the
+    content as given or trimmed (`str.strip` / `rstrip` / `lstrip`, as Jinja's `trim` does), and
+    the markup between slots must match exactly, so a content equal to a role name, a markup
+    piece or another message is located where the template put it. A template whose markup
+    depends on the contents themselves (so no such match exists) gets no content spans, with a
+    warning: every token is then labelled "template" rather than guessed.
+
+    Returns (rendered text, [(role, start, stop), ...]) with character positions in the text.
+    """
+    contents = [m["content"] for m in messages]
+    text = render(contents)
+    marked = render([f"\ue000{i}\ue001" if content else content for i, content in enumerate(contents)])
+    parts = _SENTINEL.split(marked)  # markup at even indices, message indices at odd ones
+    markup = parts[0::2]
+
+    def match() -> list[tuple[int, int, int]] | None:
+        """Depth-first over each slot's forms: [(message index, start, stop), ...] or None."""
+        frames: list[list] = []  # per slot entered: [slot, where its content starts, forms, form tried]
+        slot, cursor = 0, 0
+        while True:
+            if text.startswith(markup[slot], cursor):
+                cursor += len(markup[slot])
+                if slot == len(markup) - 1:
+                    if cursor == len(text):
+                        return [(int(parts[2 * f[0] + 1]), f[1], f[1] + len(f[2][f[3]])) for f in frames]
+                else:
+                    content = contents[int(parts[2 * slot + 1])]
+                    frames.append([slot, cursor, list(dict.fromkeys(form(content) for form in _CONTENT_FORMS)), -1])
+            while frames:  # the next form of the innermost slot that has one left
+                frame = frames[-1]
+                frame[3] += 1
+                if frame[3] == len(frame[2]):
+                    frames.pop()
+                elif text.startswith(frame[2][frame[3]], frame[1]):
+                    slot, cursor = frame[0] + 1, frame[1] + len(frame[2][frame[3]])
+                    break
+            else:
+                return None
+
+    slots = None
+    if not any("\ue000" in piece or "\ue001" in piece for piece in markup):
+        slots = match()
+    if slots is None:
+        warnings.warn(
+            "The chat template's markup depends on the message contents, so mechvis cannot locate "
+            "them in the rendered chat; every token is labelled 'template'.",
+            stacklevel=3,
+        )
+        return text, []
+    return text, [(messages[index]["role"], start, stop) for index, start, stop in slots if stop > start]
+
+
 def encode(
     model: "TransformerBridge", prompt: Prompt, *, chat: bool = False, prepend_bos: bool | None = None
 ) -> Encoded:
@@ -188,14 +264,12 @@ def encode(
                 "This model's tokenizer has no chat template; use chat=False (completion mode)."
             )
         messages = _validate_messages([{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt)
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        labelled, cursor = [], 0
-        for message in messages:
-            start = text.find(message["content"], cursor)
-            if start < 0 or not message["content"]:
-                continue
-            labelled.append((message["role"], start, start + len(message["content"])))
-            cursor = start + len(message["content"])
+
+        def render(contents: list[str]) -> str:
+            chat_messages = [{"role": m["role"], "content": c} for m, c in zip(messages, contents)]
+            return tokenizer.apply_chat_template(chat_messages, tokenize=False, add_generation_prompt=True)
+
+        text, labelled = chat_content_spans(render, messages)
         encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         default_kind = "template"
     else:
@@ -224,7 +298,8 @@ def encode(
         raise InvalidArgumentError(
             f"The prompt is {len(token_ids)} tokens long; this model's context holds {n_ctx}. Shorten it."
         )
-    return Encoded(text, token_ids, offsets, Segments(_merge_spans(kinds), (0,)))
+    decoded = decode_tokens(tokenizer, token_ids)
+    return Encoded(decoded.text, token_ids, decoded.offsets, Segments(_merge_spans(kinds), (0,)), decoded.str_tokens)
 
 
 def load_image(image: object) -> "PIL.Image.Image":
@@ -313,15 +388,17 @@ def encode_with_image(model: "TransformerBridge", prompt: Prompt, image: object,
     picture = load_image(image)
     placeholder = processor.image_token
     if chat:
-        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
-        messages = [dict(m) for m in _validate_messages(messages)]
+        messages = _validate_messages([{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt))
         first_user = next(i for i, m in enumerate(messages) if m["role"] == "user")
-        messages[first_user]["content"] = [{"type": "image"}, {"type": "text", "text": messages[first_user]["content"]}]
-        for m in messages:
-            if isinstance(m["content"], str):
-                m["content"] = [{"type": "text", "text": m["content"]}]
+
+        def render(contents: list[str]) -> str:
+            parts = [[{"type": "text", "text": content}] for content in contents]
+            parts[first_user].insert(0, {"type": "image"})
+            chat_messages = [{"role": m["role"], "content": p} for m, p in zip(messages, parts)]
+            return processor.apply_chat_template(chat_messages, add_generation_prompt=True, tokenize=False)
+
         try:
-            text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            text, labelled = chat_content_spans(render, messages)
         except Exception as error:  # noqa: BLE001 - templates fail in many ways
             raise InvalidArgumentError(
                 f"The processor's chat template does not take images ({error}); use chat=False with "
@@ -331,6 +408,7 @@ def encode_with_image(model: "TransformerBridge", prompt: Prompt, image: object,
         if not isinstance(prompt, str) or not prompt.strip():
             raise InvalidArgumentError("The prompt is empty; give the model some text.")
         text = prompt if placeholder in prompt else f"{_image_markup(model, placeholder)}\n{prompt}"
+        labelled = [("text", 0, len(text))]
     if text.count(placeholder) != 1:
         raise InvalidArgumentError(f"The prompt must hold exactly one {placeholder!r} for the one image.")
     inputs = processor(text=text, images=picture, return_tensors="pt")
@@ -343,26 +421,37 @@ def encode_with_image(model: "TransformerBridge", prompt: Prompt, image: object,
     }
     image_id = processor.image_token_id
     image_positions = [p for p, t in enumerate(token_ids) if t == image_id]
-    pieces = str_tokens_of(model, token_ids)
-    offsets = offsets_of(pieces)
-    rendered = "".join(pieces)
-    kinds = ["image" if t == image_id else ("template" if chat else "text") for t in token_ids]
-    if token_ids and token_ids[0] == model.hf_tokenizer.bos_token_id:
-        kinds[0] = "bos"
     if len(token_ids) > model.cfg.n_ctx:
         raise InvalidArgumentError(f"Prompt and image are {len(token_ids)} tokens; this model's context holds {model.cfg.n_ctx}.")
+    kinds = _image_text_kinds(model.hf_tokenizer, text, token_ids, image_id, labelled, "template" if chat else "text")
+    kinds = ["image" if t == image_id else kind for t, kind in zip(token_ids, kinds)]
+    if token_ids and token_ids[0] == model.hf_tokenizer.bos_token_id:
+        kinds[0] = "bos"
     grid = _image_grid(model, image_positions, extra)
     segments = Segments(_merge_spans(kinds), (0,), grid)
-    return Encoded(rendered, token_ids, offsets, segments), extra
+    decoded = decode_tokens(model.hf_tokenizer, token_ids)
+    return Encoded(decoded.text, token_ids, decoded.offsets, segments, decoded.str_tokens), extra
 
 
-def offsets_of(pieces: Sequence[str], start: int = 0) -> list[tuple[int, int]]:
-    """Character offsets of consecutive text pieces, the first starting at `start`."""
-    offsets = []
-    for piece in pieces:
-        offsets.append((start, start + len(piece)))
-        start += len(piece)
-    return offsets
+def _image_text_kinds(
+    tokenizer: object, text: str, token_ids: list[int], image_id: int, labelled: Sequence[tuple[str, int, int]], default: str
+) -> list[str]:
+    """The kind of each token of the processor's sequence, from the character spans `labelled` in
+    `text`: the processor's tokens are the tokenizer's tokens of `text` with the one image
+    placeholder expanded into image tokens, so the text tokens before and after it take the
+    tokenizer's offsets. A processor that changes anything else leaves every token `default`."""
+    encoding = tokenizer(text, return_offsets_mapping=True)
+    ids, offsets = list(encoding["input_ids"]), [tuple(pair) for pair in encoding["offset_mapping"]]
+    if ids.count(image_id) != 1:
+        return [default] * len(token_ids)
+    at, after = ids.index(image_id), len(ids) - ids.index(image_id) - 1
+    n_image = len(token_ids) - len(ids) + 1
+    if n_image < 1 or token_ids[:at] != ids[:at] or token_ids[len(token_ids) - after :] != ids[at + 1 :] or any(
+        t != image_id for t in token_ids[at : at + n_image]
+    ):
+        return [default] * len(token_ids)
+    expanded = offsets[:at] + [offsets[at]] * n_image + offsets[at + 1 :]
+    return _token_kinds(expanded, labelled, default)
 
 
 def with_text_appended(extra: dict, n_tokens: int) -> dict:
@@ -373,8 +462,120 @@ def with_text_appended(extra: dict, n_tokens: int) -> dict:
     return {**extra, "mm_token_type_ids": torch.nn.functional.pad(extra["mm_token_type_ids"], (0, n_tokens))}
 
 
+@dataclass(frozen=True)
+class DecodedTokens:
+    """A token sequence decoded as a whole (see `decode_tokens`)."""
+
+    text: str
+    offsets: list[tuple[int, int]]
+    str_tokens: list[str]
+
+
+_PREFIX_BATCH = 256  # prefixes decoded per call by the exact path (bounds memory)
+_WINDOW = 16  # tokens of context each windowed decode carries at least
+
+
+def _common_prefix_length(text: str, other: str, at: int = 0) -> int:
+    """The longest m with text[at : at + m] == other[:m], by bisection on C-speed comparisons."""
+    low, high = 0, min(len(text) - at, len(other))
+    while low < high:
+        middle = (low + high + 1) // 2
+        if text.startswith(other[:middle], at):
+            low = middle
+        else:
+            high = middle - 1
+    return low
+
+
+def _prefix_ends(tokenizer: object, ids: list[int], text: str) -> list[tuple[int, bool]]:
+    """For each token i: (c_i, whether it ends inside a character), by decoding every prefix
+    (the definition; quadratic in the length)."""
+    ends = []
+    for first in range(0, len(ids), _PREFIX_BATCH):
+        prefixes = tokenizer.batch_decode(
+            [ids[: i + 1] for i in range(first, min(len(ids), first + _PREFIX_BATCH))], skip_special_tokens=False
+        )
+        for prefix in prefixes:
+            agrees = text.startswith(prefix)
+            ends.append((len(prefix), False) if agrees else (_common_prefix_length(text, prefix), True))
+    return ends
+
+
+def _windowed_ends(tokenizer: object, ids: list[int], text: str) -> list[tuple[int, bool]] | None:
+    """The same as `_prefix_ends` in linear time, or None where it cannot vouch for that.
+
+    Each token is decoded with the tokens since a window start (as incremental detokenisers in
+    TGI and vLLM do), between `_WINDOW` and 2 × `_WINDOW` tokens back, at a token that begins a
+    character. The window's text before the anchor (its first decode, which covers tokens
+    already placed) is set aside, so a decoder's effect at the window's start, like SentencePiece
+    dropping a leading space, cancels; the rest is compared with `text` from the anchor exactly
+    as `_prefix_ends` compares a prefix. None, for the caller to use the definition, if a window
+    changes the text set aside (e.g. a byte run that turns invalid) or does not end the text."""
+    ends: list[tuple[int, bool]] = []
+    start, given, anchor = 0, "", 0  # window start, its text set aside, where the rest goes in `text`
+    for i in range(len(ids)):
+        window = tokenizer.decode(ids[start : i + 1], skip_special_tokens=False)
+        if not window.startswith(given):
+            return None
+        tail = window[len(given) :]
+        if not text.startswith(tail, anchor):
+            ends.append((anchor + _common_prefix_length(text, tail, anchor), True))
+            continue
+        ends.append((anchor + len(tail), False))
+        if i + 1 - start > 2 * _WINDOW:  # move the window up to the earliest of the last _WINDOW tokens that begins a character
+            restart = next((j for j in range(i + 1 - _WINDOW, i + 1) if not ends[j - 1][1]), None)
+            if restart is not None:
+                start, given, anchor = restart, tokenizer.decode(ids[restart : i + 1], skip_special_tokens=False), ends[-1][0]
+    return ends if ends and ends[-1] == (len(text), False) else None
+
+
+def decode_tokens(tokenizer: object, token_ids: Sequence[int], *, exact: bool = False) -> DecodedTokens:
+    """The text of a token sequence decoded whole, with each token's characters in it.
+
+    `text` is `tokenizer.decode(token_ids)`, special tokens included (nothing skipped): a
+    character that several byte-level tokens spell (東, 🎉) is whole, never U+FFFD.
+
+    Offsets come from decoding prefixes: the text completed after token i is the longest prefix of
+    `text` that `decode(token_ids[:i + 1])` agrees with (and never shorter than after token
+    i − 1), so its length c_i never depends on decoding a token alone. Rule for each token i
+    (c_{-1} = 0):
+
+    - `str_tokens[i] = text[c_{i-1}:c_i]`, the characters token i completes; they partition
+      `text` (``"".join(str_tokens) == text``). A token that ends inside a character (the first
+      bytes of 東) completes nothing: its string is "" and the token that completes the
+      character carries it.
+    - `offsets[i] = (c_{i-1}, c_i)`, extended by one character when the token ends inside a
+      character (its prefix decodes to something `text` does not start with): the span of whole
+      characters that holds the token's bytes. Tokens sharing a character overlap on it, as the
+      offsets of HF's fast tokenizers do, so a keyword search covers every token of the keyword.
+
+    By default each token is decoded within a window of recent tokens (`_windowed_ends`, linear
+    time), falling back to decoding every prefix (quadratic) when the windows cannot vouch for
+    the same result; `exact=True` always decodes every prefix.
+    """
+    ids = [int(token) for token in token_ids]
+    text = tokenizer.decode(ids, skip_special_tokens=False)
+    ends = None if exact else _windowed_ends(tokenizer, ids, text)
+    if ends is None:  # (characters of `text` completed, ends inside a character) for each token
+        ends = _prefix_ends(tokenizer, ids, text)
+    offsets, pieces, completed = [], [], 0
+    for length, inside in ends:
+        stop = max(completed, length)
+        offsets.append((completed, min(stop + 1, len(text)) if inside else stop))
+        pieces.append(text[completed:stop])
+        completed = stop
+    return DecodedTokens(text, offsets, pieces)
+
+
 def str_tokens_of(model: "TransformerBridge", token_ids: Sequence[int]) -> list[str]:
-    """Each token decoded on its own (the text a person reads, e.g. ' Paris')."""
+    """The text each token of a SEQUENCE completes, from decoding it whole (`decode_tokens`).
+    Vocabulary entries out of any sequence (lens top tokens, embedding rows) use `vocabulary_strings`."""
+    return decode_tokens(model.hf_tokenizer, token_ids).str_tokens
+
+
+def vocabulary_strings(model: "TransformerBridge", token_ids: Sequence[int]) -> list[str]:
+    """Each vocabulary entry decoded on its own (e.g. ' Paris'), for tokens shown outside any
+    sequence; a byte-level token that is part of a character decodes to U+FFFD."""
     return model.hf_tokenizer.batch_decode([[token] for token in token_ids])
 
 
@@ -415,7 +616,7 @@ def run(
     return Run(
         text=encoded.text,
         tokens=tokens,
-        str_tokens=str_tokens_of(model, encoded.token_ids),
+        str_tokens=encoded.str_tokens,
         offsets=encoded.offsets,
         logits=logits[0],
         cache=cache,

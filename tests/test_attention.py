@@ -102,7 +102,8 @@ def test_row_entropy_known_values():
 def test_block_causal_entropy_equals_numpy_on_every_row(n_queries, n_keys, causal):
     """The block-causal path reads only visible keys; a pattern with mass ahead of the diagonal
     (not causal) must fall back to every key, not lose that mass."""
-    from mechvis.analysis.attention import _causal_row_entropy
+    from mechvis.analysis.attention import _visible_row_entropy
+    from mechvis.architecture import LayerAttention
     from tests.reference import entropy_rows
 
     generator = torch.Generator().manual_seed(n_queries + n_keys)
@@ -111,7 +112,7 @@ def test_block_causal_entropy_equals_numpy_on_every_row(n_queries, n_keys, causa
         ahead = torch.ones(n_queries, n_keys, dtype=torch.bool).triu(n_keys - n_queries + 1)
         scores = scores.masked_fill(ahead, float("-inf"))
     pattern = scores.softmax(-1)
-    got = _causal_row_entropy(pattern, scratch=torch.empty_like(pattern))
+    got = _visible_row_entropy(pattern, LayerAttention("full"), scratch=torch.empty_like(pattern))
     expected = entropy_rows(pattern.double().numpy())
     np.testing.assert_allclose(got.numpy(), expected, atol=1e-5)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -59,11 +61,13 @@ def test_decoding_skips_the_bridge_wrappers_only_while_no_hook_is_active(tiny):
 
 @pytest.mark.parametrize("shape", [(96,), (1, 96), (1, 1, 96)])
 @pytest.mark.parametrize("bias", [True, False])
-def test_single_row_linear_matches_a_float64_product(shape, bias):
+def test_single_row_linear_matches_a_float64_product(shape, bias, monkeypatch):
     """The decoding Linear computes W·x + b for one row (checked in float64) on the same
     parameters; several rows take nn.Linear's own path, bit for bit."""
+    import mechvis.generation
     from mechvis.generation import _SingleRowLinear, _unwrapped
 
+    monkeypatch.setattr(mechvis.generation, "_batched_kernel_wins", lambda linear: True)  # whatever this machine measures
     torch.manual_seed(0)
     linear = torch.nn.Linear(96, 200, bias=bias)
     decoding = _unwrapped(torch.nn.Sequential(linear))[0]
@@ -78,6 +82,19 @@ def test_single_row_linear_matches_a_float64_product(shape, bias):
     assert torch.equal(decoding(rows), linear(rows))
     odd = torch.nn.Linear(96, 201)
     assert type(_unwrapped(torch.nn.Sequential(odd))[0]) is torch.nn.Linear  # halves need an even width
+
+
+def test_the_batched_kernel_is_kept_only_where_it_is_equal_and_faster(monkeypatch):
+    import mechvis.generation
+    from mechvis.generation import _SingleRowLinear, _batched_kernel_wins, _unwrapped
+
+    linear = torch.nn.Linear(64, 128)
+    monkeypatch.setattr(mechvis.generation, "_KERNEL_CHOICE", {})
+    monkeypatch.setattr(mechvis.generation, "_halves_product", lambda weight, x, bias: torch.nn.functional.linear(x, weight) + 1.0)
+    assert not _batched_kernel_wins(linear)  # not equal: never chosen, however fast
+    assert type(_unwrapped(torch.nn.Sequential(linear))[0]) is torch.nn.Linear
+    monkeypatch.setattr(mechvis.generation, "_KERNEL_CHOICE", {(128, 64, torch.get_num_threads()): True})
+    assert type(_unwrapped(torch.nn.Sequential(linear))[0]) is _SingleRowLinear  # measured once, remembered
 
 
 def test_sampling_follows_the_settings_and_the_seed(tiny):
@@ -141,3 +158,202 @@ def test_embedded_greedy_matches_hf_and_the_demo_summary(embedded, embedded_refe
     assert "Monday" in trace.generated_text
     summary = summarise(embedded, trace)
     assert "Generated text:" in summary and "Most focused other heads" in summary and "sinks" in summary
+
+
+# --- hooked KV-cached decoding on every tiny architecture (transformers renamed the cache keyword) ---
+
+TINY = ["llama", "qwen2", "gpt2", "gemma2"]
+
+
+@pytest.mark.parametrize("architecture", TINY)
+@pytest.mark.parametrize("hook", ["identity", "ablation"])
+def test_hooked_generation_equals_the_teacher_forced_pass(tiny, architecture, hook):
+    """With a hook on the bridge, every KV-cached step must see what a full pass under the same
+    hook sees. (transformers 5.24 hands attention the cache as `cache=`, which transformer-lens
+    4.3 ignored: each step attended to the new token alone, gaps of ~1 nat.)"""
+    from mechvis.interventions import ablate_heads, intervene
+
+    model, _ = tiny(architecture)
+    prompt = "Once upon a time there was a little"  # longer than Gemma-2's window of 8
+    if hook == "identity":
+        context = model.hooks(fwd_hooks=[("blocks.0.hook_resid_post", lambda tensor, hook: tensor)])
+    else:
+        context = intervene(model, ablate_heads(model, [(1, 0), (2, 3)]))
+    with context:
+        trace = mechvis.generate(model, prompt, max_new_tokens=12)
+    teacher_forced = trace.run.logits[trace.prompt_length - 1 : -1].log_softmax(-1)
+    assert (trace.step_logits.log_softmax(-1) - teacher_forced).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("architecture", TINY)
+def test_transformer_lens_generate_decodes_like_hf(tiny, architecture):
+    """transformer-lens' own KV-cached `generate` on a model mechvis loaded: HF's greedy tokens."""
+    model, reference = tiny(architecture)
+    prompt_ids = model.hf_tokenizer.encode("Once upon a time there was a little")
+    with torch.no_grad():
+        tokens = model.generate(torch.tensor([prompt_ids]), max_new_tokens=10, do_sample=False, stop_at_eos=False,
+                                verbose=False, use_past_kv_cache=True)
+    assert tokens[0, len(prompt_ids):].tolist() == _hf_greedy(reference, prompt_ids, 10)
+
+
+def test_an_unknown_cache_keyword_is_refused(tiny, monkeypatch):
+    """A transformers release that hands the cache to decoder layers under a new keyword must be
+    refused at load time, not decode wrongly."""
+    from transformers.models.llama import modeling_llama
+
+    from mechvis.errors import UnsupportedArchitectureError
+    from mechvis.models.compat import check
+
+    model, _ = tiny("llama")
+    check(model)  # the installed convention is known
+
+    def forward(self, hidden_states, attention_mask=None, position_ids=None, kv_store=None, **kwargs):
+        raise AssertionError("never run")
+
+    monkeypatch.setattr(modeling_llama.LlamaDecoderLayer, "forward", forward)
+    with pytest.raises(UnsupportedArchitectureError, match="kv_store|keyword"):
+        check(model)
+
+
+# --- sampling is exactly what mechvis's arguments say ---
+
+def _with_shipped_generation_config(model):
+    config = model.original_model.generation_config
+    config.repetition_penalty = 3.0
+    config.no_repeat_ngram_size = 2
+    config.temperature = 0.3
+    config.top_k = 5
+    config.top_p = 0.5
+    config.suppress_tokens = [11, 13]
+    config.bad_words_ids = [[264]]
+    config.min_new_tokens = 3
+    return model
+
+
+def test_a_shipped_generation_config_does_not_change_greedy_decoding(tiny):
+    model, reference = tiny("llama")
+    _with_shipped_generation_config(model)
+    trace = mechvis.generate(model, "Once upon a time", max_new_tokens=8)
+    assert trace.sampled_not_argmax.sum() == 0
+    prompt_ids = trace.run.tokens[: trace.prompt_length].tolist()
+    assert trace.generated_ids == _hf_greedy(reference, prompt_ids, 8)[: len(trace.generated_ids)]
+    # ... and the model's own generation_config is left as it was
+    assert model.original_model.generation_config.repetition_penalty == 3.0
+
+
+def test_sampling_uses_exactly_the_distribution_asked_for(tiny):
+    """At T = 1 with no truncation the distribution is the model's softmax over the whole
+    vocabulary: no repetition penalty, no top-k of 50 (HF's default), nothing shipped."""
+    model, _ = tiny("llama")
+    _with_shipped_generation_config(model)
+    trace = mechvis.generate(model, "Once upon a time", max_new_tokens=6, temperature=1.0, seed=0)
+    torch.testing.assert_close(trace.step_distributions, trace.step_logits.softmax(-1), atol=1e-6, rtol=0)
+    assert (trace.step_distributions > 0).all()
+    hot = mechvis.generate(model, "Once upon a time", max_new_tokens=6, temperature=0.5, top_k=7, seed=0)
+    expected = (hot.step_logits / 0.5).softmax(-1)
+    kept = expected.topk(7).indices
+    expected = torch.zeros_like(expected).scatter(-1, kept, expected.gather(-1, kept))
+    torch.testing.assert_close(hot.step_distributions, expected / expected.sum(-1, keepdim=True), atol=1e-6, rtol=0)
+
+
+# --- stream_generate ---
+
+def _events_and_trace(stream):
+    items = list(stream)
+    assert isinstance(items[-1], mechvis.Trace)
+    assert all(isinstance(item, mechvis.TokenEvent) for item in items[:-1])
+    return items[:-1], items[-1]
+
+
+def _assert_events_match(events, trace):
+    assert [event.token_id for event in events] == trace.generated_ids
+    assert [event.position for event in events] == list(trace.generated_positions)
+    assert "".join(event.text for event in events) == trace.generated_text
+    teacher_forced = trace.run.logits[trace.prompt_length - 1 : -1].double().log_softmax(-1)
+    for event, log_probs, step_distribution, temperature in zip(
+        events, teacher_forced, trace.step_distributions, trace.step_temperatures
+    ):
+        probs = log_probs.exp()
+        entropy = -(probs * log_probs).sum()
+        top = probs.topk(len(event.top_ids))
+        assert abs(event.entropy - entropy) <= 1e-4
+        assert abs(event.varentropy - (probs * (-log_probs - entropy) ** 2).sum()) <= 1e-4
+        assert abs(event.margin - (top.values[0] - top.values[1])) <= 1e-4
+        assert abs(event.logprob - log_probs[event.token_id]) <= 1e-4
+        assert event.rank == int((log_probs > log_probs[event.token_id]).sum())
+        assert list(event.top_ids) == top.indices.tolist()
+        assert max(abs(a - b) for a, b in zip(event.top_probs, top.values.tolist())) <= 1e-4
+        assert abs(event.probability - float(step_distribution[event.token_id])) <= 1e-5
+        assert abs(event.temperature - float(temperature)) <= 1e-6
+
+
+@pytest.mark.parametrize("case", ["greedy", "sampled", "hooked", "schedule", "processor"])
+def test_stream_generate_events_equal_the_teacher_forced_trace(tiny, case):
+    from mechvis.generation import EntropyTemperature
+    from mechvis.interventions import KeywordBoost, ablate_heads, intervene
+
+    model, _ = tiny("llama")
+    options = {
+        "greedy": {},
+        "sampled": dict(temperature=0.9, top_p=0.95, seed=3),
+        "hooked": {},
+        "schedule": dict(temperature_schedule=EntropyTemperature(), seed=1),
+        "processor": dict(logits_processors=[KeywordBoost(model, [" banana"], bias=3.0)], temperature=1.0, seed=2),
+    }[case]
+    context = intervene(model, ablate_heads(model, [(0, 1)])) if case == "hooked" else contextlib.nullcontext()
+    with context:
+        events, trace = _events_and_trace(mechvis.stream_generate(model, "Once upon a time", max_new_tokens=10, top_n=5, **options))
+    _assert_events_match(events, trace)
+    assert trace.stop_reason in ("eos", "max_new_tokens")
+    assert all(event.monitor_probability is None for event in events)
+
+
+def test_stream_generate_with_the_monitor_reports_its_probability(tiny):
+    from mechvis.generation import MonitorTemperature
+
+    model, _ = tiny("llama")
+    schedule = MonitorTemperature()
+    events, trace = _events_and_trace(mechvis.stream_generate(model, "Once upon a time", max_new_tokens=6, seed=0,
+                                                              temperature_schedule=schedule))
+    _assert_events_match(events, trace)
+    for event in events:  # T = low + (high − low)·P
+        assert abs(event.temperature - (schedule.low + (schedule.high - schedule.low) * event.monitor_probability)) <= 1e-5
+
+
+def test_stream_generate_is_cancelled_by_closing_it(tiny):
+    model, _ = tiny("llama")
+    forwards = []
+    handle = model.original_model.get_input_embeddings().register_forward_hook(lambda *args: forwards.append(1))
+    try:
+        stream = mechvis.stream_generate(model, "Once upon a time", max_new_tokens=100)
+        first = [next(stream), next(stream)]
+        stream.close()
+        assert len(forwards) <= 4  # the prompt, the steps yielded, at most one more running when closed
+        assert [event.step for event in first] == [0, 1]
+        # the model is free again: a new generation runs to the end
+        trace = mechvis.generate(model, "Once upon a time", max_new_tokens=3)
+        assert len(trace.generated_ids) == 3
+    finally:
+        handle.remove()
+
+
+def test_stream_generate_text_holds_back_unfinished_characters():
+    """Each event's text is what the token adds to the decoded whole text; a token ending inside
+    a multi-byte character adds "" and the one completing it adds the character."""
+    from mechvis.generation import _text_deltas
+
+    class Tokenizer:
+        pieces = {1: b"a", 2: "東".encode()[:2], 3: "東".encode()[2:], 4: b" b"}
+
+        def decode(self, ids):
+            return b"".join(self.pieces[i] for i in ids).decode("utf-8", errors="replace")
+
+    assert _text_deltas(Tokenizer(), [1, 2, 3, 4]) == ["a", "", "東", " b"]
+
+
+def test_stream_generate_bad_input(tiny):
+    model, _ = tiny("llama")
+    with pytest.raises(InvalidArgumentError, match="top_n"):
+        next(mechvis.stream_generate(model, "Once", top_n=0))
+    with pytest.raises(InvalidArgumentError, match="max_new_tokens"):
+        next(mechvis.stream_generate(model, "Once", max_new_tokens=10_000))

@@ -86,6 +86,22 @@ def test_chat_with_an_image_and_image_metrics(tiny_llava):
     assert "vision_encoder.hook_vision_embed" in result.cache
 
 
+@pytest.mark.parametrize("content", ["user", "東京 🎉 <|im_start|>user\n"])
+def test_chat_with_an_image_labels_the_content_by_the_template(tiny_llava, content):
+    """The user's content sits between the image tokens and the turn's <|im_end|> (the template
+    writes <|im_start|>user\\n<image>{content}<|im_end|>); the text is the tokenizer's decode."""
+    bridge, _, processor = tiny_llava
+    tokenizer = processor.tokenizer
+    result = mechvis.run(bridge, [{"role": "user", "content": content}], image=_picture(1), chat=True)
+    ids = result.tokens.tolist()
+    last_image = max(p for p, t in enumerate(ids) if t == processor.image_token_id)
+    end = ids.index(tokenizer.convert_tokens_to_ids("<|im_end|>"), last_image)
+    assert result.segments.positions("user") == list(range(last_image + 1, end))
+    assert tokenizer.decode(ids[last_image + 1 : end]) == content
+    assert result.text == tokenizer.decode(ids) and "".join(result.str_tokens) == result.text
+    assert result.segments.kind_at(1) == "template"  # the role name in the markup
+
+
 def test_image_errors(tiny_llava, tiny, tmp_path):
     bridge, _, _ = tiny_llava
     text_only, _ = tiny("llama")
@@ -478,3 +494,27 @@ def test_vision_entry_points_reject_bad_input(tiny_llava):
         vision_rollout(result.cache, bridge, merged, query_positions=[-1])
     with pytest.raises(InvalidArgumentError, match="position"):
         stream_image_attention(bridge, "Where?", picture, query_positions=[500])
+
+
+def test_hooked_generation_with_an_image_equals_the_teacher_forced_pass(tiny_llava):
+    bridge, _, _ = tiny_llava
+    with bridge.hooks(fwd_hooks=[("blocks.0.hook_resid_post", lambda tensor, hook: tensor)]):
+        trace = mechvis.generate(bridge, "What do you see?", image=_picture(4), max_new_tokens=6)
+    teacher_forced = trace.run.logits[trace.prompt_length - 1 : -1].log_softmax(-1)
+    assert (teacher_forced - trace.step_logits.log_softmax(-1)).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("kind", ["qwen2_vl", "qwen2_5_vl"])
+def test_qwen_vl_hooked_kv_cached_decoding_equals_a_full_pass(kind, tokenizer):
+    """HF's KV-cached generate through the hooked bridge (mRoPE positions carried across steps)
+    sees the logits one full pass over the same tokens gives."""
+    model, ids, inputs = _qwen_vl(kind)
+    bridge = mechvis.load_model(model, tokenizer=tokenizer, device="cpu")
+    with torch.no_grad(), bridge.hooks(fwd_hooks=[("blocks.0.hook_resid_post", lambda tensor, hook: tensor)]):
+        output = bridge.original_model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **inputs, max_new_tokens=5,
+                                                do_sample=False, output_logits=True, return_dict_in_generate=True, pad_token_id=2)
+        sequence = output.sequences
+        full_inputs = dict(inputs, mm_token_type_ids=torch.cat([inputs["mm_token_type_ids"], torch.zeros(1, 5, dtype=torch.int)], 1))
+        full = bridge(sequence, **full_inputs)[0, ids.shape[1] - 1 : -1]
+    stepped = torch.stack([step[0] for step in output.logits])
+    assert (stepped.log_softmax(-1) - full.log_softmax(-1)).abs().max() <= 1e-4

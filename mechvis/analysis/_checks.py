@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from mechvis.errors import InvalidArgumentError, MissingActivationsError
+from mechvis.running import str_tokens_of
 
 if TYPE_CHECKING:
     from transformer_lens import ActivationCache
@@ -88,7 +89,7 @@ def single_token_id(model: "TransformerBridge", token: int | str) -> int:
         return token
     ids = model.hf_tokenizer.encode(token, add_special_tokens=False)
     if len(ids) != 1:
-        pieces = model.hf_tokenizer.batch_decode([[i] for i in ids])
+        pieces = str_tokens_of(model, ids)  # decoded whole: a character split into bytes is not U+FFFD
         raise InvalidArgumentError(
             f"{token!r} is {len(ids)} tokens {pieces}, not one. Pass a single token "
             f"(mind the leading space: ' Paris' and 'Paris' differ) or a token id."

@@ -14,6 +14,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from mechvis.analysis._checks import activation, check_layers, check_positions
+from mechvis.architecture import LayerAttention, attention_layout
 from mechvis.errors import InvalidArgumentError
 from mechvis.running import Span
 
@@ -36,20 +37,16 @@ def attention_patterns(
 
 
 def visible_keys(model: "TransformerBridge", layers: Sequence[int], n_positions: int) -> Int[Tensor, "layer query"]:
-    """How many keys each query can attend to: i + 1 under the causal mask, capped by the
-    sliding window on layers that use one (e.g. Gemma 2's local layers)."""
-    hf_config = model.original_model.config
-    text_config = getattr(hf_config, "text_config", None) or hf_config
-    window = getattr(text_config, "sliding_window", None)
-    layer_types = getattr(text_config, "layer_types", None)
-    causal = torch.arange(1, n_positions + 1)
-    rows = []
-    for layer in layers:
-        sliding = window is not None and (
-            layer_types[layer] == "sliding_attention" if layer_types else getattr(text_config, "use_sliding_window", False)
-        )
-        rows.append(causal.clamp(max=window) if sliding else causal)
-    return torch.stack(rows)
+    """How many keys each query of a `n_positions`-token sequence can attend to, per chosen layer:
+    i + 1 under a plain causal mask, min(i + 1, W) in a sliding window of W (Mistral, Gemma 2/3
+    local layers, GPT-Neo's local layers, ...), (i mod C) + 1 in chunks of C (Llama 4), from
+    `mechvis.architecture.attention_layout` (the masks transformers builds; checked against HF
+    eager attention for every windowed architecture in the test suite).
+
+    Raises UnsupportedArchitectureError for layers whose mask mechvis does not know.
+    """
+    layout = attention_layout(model)
+    return torch.stack([layout[layer].visible_keys(n_positions) for layer in layers])
 
 
 @dataclass
@@ -113,15 +110,22 @@ def row_entropy(pattern: Float[Tensor, "... key"], *, scratch: Tensor | None = N
 _QUERY_BLOCK = 64
 
 
-def _causal_row_entropy(pattern: Float[Tensor, "head query key"], *, scratch: Tensor) -> Float[Tensor, "head query"]:
-    """`row_entropy` of a causal pattern, reading for each block of queries only the keys its last
-    query can see (the rest are zeros and add nothing): about half the entries at N ≫ 64. If the
-    rows' mass is not all there (a model attending ahead), every key is read instead."""
+def _visible_row_entropy(
+    pattern: Float[Tensor, "head query key"], layer: LayerAttention, *, scratch: Tensor
+) -> Float[Tensor, "head query"]:
+    """`row_entropy` of a pattern whose rows see only the keys `layer`'s mask allows, reading for
+    each block of queries only the keys between its first query's first visible key and its last
+    query's last visible key (the rest are zeros and add nothing): about half the entries of a
+    causal pattern at N ≫ 64, a band for a sliding window. If the rows' mass is not all there
+    (a pattern attending outside the mask), every key is read instead."""
     n_queries, n_keys = pattern.shape[-2:]
     offset = n_keys - n_queries  # queries are the last positions when keys include a prefix
+    starts = torch.arange(0, n_queries, _QUERY_BLOCK)
+    firsts = layer.first_visible(starts + offset).tolist()
+    lasts = layer.last_visible((starts + _QUERY_BLOCK - 1).clamp_max(n_queries - 1) + offset, n_keys).tolist()
     parts, least_mass = [], 1.0
-    for start in range(0, n_queries, _QUERY_BLOCK):  # tiles of 64 queries, not single tokens
-        visible = pattern[..., start : start + _QUERY_BLOCK, : start + _QUERY_BLOCK + offset]
+    for start, first, last in zip(starts.tolist(), firsts, lasts):  # tiles of 64 queries, not single tokens
+        visible = pattern[..., start : start + _QUERY_BLOCK, first : last + 1]
         least_mass = min(least_mass, float(visible.sum(-1).min()))
         parts.append(row_entropy(visible, scratch=scratch.view(-1)[: visible.numel()].view(visible.shape)))
     if least_mass < 1.0 - 1e-3:
@@ -136,7 +140,13 @@ def head_entropy(
     layers: Sequence[int] | None = None,
     sink_positions: Sequence[int] = (0,),
 ) -> HeadEntropy:
-    """Entropy of every head's attention rows, normalised by log(visible keys), with sink mass."""
+    """Entropy of every head's attention rows (nats), normalised by log(visible keys), with sink mass.
+
+    Visible keys come from each layer's mask (`visible_keys`: causal, sliding window, chunks), so a
+    head spreading its mass evenly over the keys it may see has normalised entropy 1 on windowed
+    layers too. Raises UnsupportedArchitectureError for layers whose mask mechvis does not know,
+    MissingActivationsError without `hook_pattern`, InvalidArgumentError for bad layers/positions.
+    """
     chosen = check_layers(model, layers)
     first = activation(cache, pattern_hook(chosen[0]))
     n_positions = first.shape[-1]
@@ -144,16 +154,16 @@ def head_entropy(
     # Layer by layer through one scratch buffer: stacking every pattern first would copy
     # layers × heads × pos² floats, and a fresh buffer per layer pays its page faults each time.
     scratch = torch.empty_like(first, dtype=torch.float32)
-    causal = getattr(model.cfg, "attention_dir", "causal") == "causal"
+    layout = attention_layout(model)
     entropy = torch.stack([
-        (_causal_row_entropy if causal else row_entropy)(activation(cache, pattern_hook(layer)).float(), scratch=scratch)
+        _visible_row_entropy(activation(cache, pattern_hook(layer)).float(), layout[layer], scratch=scratch)
         for layer in chosen
     ])
     sink_mass = (
         torch.stack([activation(cache, pattern_hook(layer))[..., sinks].float().sum(-1) for layer in chosen])
         if sinks else torch.zeros_like(entropy)
     )
-    log_visible = visible_keys(model, chosen, n_positions).to(entropy.device).float().log()[:, None, :]
+    log_visible = torch.stack([layout[layer].visible_keys(n_positions) for layer in chosen]).to(entropy.device).float().log()[:, None, :]
     normalised = torch.where(log_visible > 0, entropy / log_visible.clamp_min(1e-12), torch.nan)
     return HeadEntropy(chosen, entropy, normalised, sink_mass, tuple(sinks))
 
@@ -292,5 +302,5 @@ def attention_to_spans(
     if not keys:
         raise InvalidArgumentError("No key positions: pass at least one non-empty span (see find_token_spans).")
     check_positions(n_positions, keys)
-    mass = einops.reduce(patterns[:, :, queries][..., keys], "layer head query key -> layer head query", "sum")
+    mass = einops.reduce(patterns[:, :, queries][..., keys].float(), "layer head query key -> layer head query", "sum")
     return SpanAttention(chosen, queries, keys, mass)

@@ -52,7 +52,7 @@ def gradient_x_input(
         logits = model.run_with_hooks(tokens[None].to(model.cfg.device), fwd_hooks=[("hook_embed", as_leaf)])
         target_logit = logits[0, position, target_id]
         (gradient,) = torch.autograd.grad(target_logit, leaf["embedding"])
-    scores = (gradient[0] * leaf["embedding"][0].detach()).sum(-1)
+    scores = (gradient[0].float() * leaf["embedding"][0].detach().float()).sum(-1)
     return InputAttribution("gradient_x_input", scores, target_id, position, target_logit.item())
 
 

@@ -14,7 +14,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from mechvis.analysis._checks import activation, check_positions, single_token_id
-from mechvis.running import str_tokens_of
+from mechvis.running import vocabulary_strings
 
 if TYPE_CHECKING:
     from transformer_lens import ActivationCache
@@ -138,7 +138,7 @@ def logit_lens(
 def decode_nested(model: "TransformerBridge", ids: Int[Tensor, "*shape"]) -> list:
     """Each id decoded on its own, as nested lists of the tensor's shape."""
     unique, inverse = torch.unique(ids, return_inverse=True)
-    strings = str_tokens_of(model, unique.tolist())
+    strings = vocabulary_strings(model, unique.tolist())
     return _nest([strings[i] for i in inverse.flatten().tolist()], list(ids.shape))
 
 

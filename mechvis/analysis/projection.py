@@ -12,7 +12,7 @@ from torch import Tensor
 
 from mechvis.analysis._checks import activation, check_layers, check_positions, single_token_id
 from mechvis.errors import InvalidArgumentError
-from mechvis.running import str_tokens_of
+from mechvis.running import vocabulary_strings
 
 if TYPE_CHECKING:
     from transformer_lens import ActivationCache
@@ -78,4 +78,4 @@ def embedding_projection(model: "TransformerBridge", tokens: Sequence[int | str]
     """PCA of rows of the embedding matrix for `tokens` (ids, or strings that are one token each)."""
     ids = [single_token_id(model, token) for token in tokens]
     vectors = model.W_E[torch.tensor(ids, device=model.W_E.device)].detach()
-    return pca(vectors, str_tokens_of(model, ids), n_components=n_components)
+    return pca(vectors, vocabulary_strings(model, ids), n_components=n_components)

@@ -29,7 +29,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from mechvis.analysis._checks import activation, check_layers
-from mechvis.analysis.attention import pattern_hook, row_entropy
+from mechvis.analysis.attention import pattern_hook, row_entropy, visible_keys
 from mechvis.errors import InvalidArgumentError
 
 if TYPE_CHECKING:
@@ -103,7 +103,8 @@ def seed_score(
     R_t: ‖h_t‖ − ‖h_{t−1}‖ at the last layer's residual output, min-max normalised over the
     generated tokens (uses future tokens; always yields one 0 and one 1).
     U_t: clip(1 − KL(p‖uniform), 0, 1) with KL(p‖u) = log V − H_t.
-    F_t: 1 − H(a_t)/log n_t for the last layer's head-averaged attention row a_t over its n_t keys.
+    F_t: 1 − H(a_t)/log n_t for the last layer's head-averaged attention row a_t over its n_t keys
+    (the keys its mask lets it see: t + 1, or fewer in a sliding window or chunk; `visible_keys`).
     """
     run = trace.run
     states = [p - 1 for p in trace.generated_positions]
@@ -119,7 +120,8 @@ def seed_score(
     rise = (rise - rise.min()) / spread if spread > 0 else torch.zeros_like(rise)
     uniformity = (1.0 - (math.log(vocab) - entropy)).clamp(0.0, 1.0)
     mean_rows = activation(run.cache, pattern_hook(last)).double().mean(0)[states]
-    focus = 1.0 - row_entropy(mean_rows) / torch.log(torch.tensor(states, dtype=torch.float64) + 1.0)
+    n_keys = visible_keys(model, [last], run.tokens.shape[0])[0][states].double()  # i + 1, or the window
+    focus = 1.0 - row_entropy(mean_rows) / torch.log(n_keys)
     entropy_term = entropy / math.log(vocab)
     score = entropy_term + alpha * rise + beta * uniformity + delta * focus
     return SeedScore(list(trace.generated_positions), *(t.float() for t in (entropy_term, rise, uniformity, focus, score)))

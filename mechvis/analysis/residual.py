@@ -26,33 +26,36 @@ if TYPE_CHECKING:
 def head_results(cache: "ActivationCache", model: "TransformerBridge", layer: int) -> Float[Tensor, "head pos d_model"]:
     """Each attention head's write to the residual stream at `layer` (without the output bias).
 
-    Heads plus `b_O` sum to the layer's attention output. For models that normalise the attention
+    Heads plus `b_O` sum to the layer's attention output. Computed in float32 (whatever the
+    model's dtype). For models that normalise the attention
     output (Gemma 2/3 `ln1_post`), each head is scaled by that norm's cached scale, the same
     linearisation DLA uses for the final norm, so the sum still equals the attention output.
     """
     (layer,) = check_layers(model, [layer])
     attention = model.blocks[layer].attn
     z = activation(cache, f"blocks.{layer}.attn.hook_z")
-    results = einops.einsum(z, attention.W_O, "pos head d_head, head d_head d_model -> head pos d_model")
+    weight = attention.W_O.detach()
+    # float32 whatever the model's dtype: a half-precision sum over d_head loses digits DLA keeps.
+    results = einops.einsum(z.float(), weight.float(), "pos head d_head, head d_head d_model -> head pos d_model")
     post_norm = getattr(model.blocks[layer], "ln1_post", None)
     if post_norm is not None:
         # An RMSNorm output times its input's RMS is g ⊙ x: the norm's gain, applied linearly.
         with torch.no_grad():
             rms = (results.pow(2).mean(-1, keepdim=True) + model.cfg.eps).sqrt()
-            gained = post_norm(results) * rms
-        results = gained / activation(cache, f"blocks.{layer}.ln1_post.hook_scale")
+            gained = post_norm(results.to(weight.dtype)).float() * rms  # the module in its own dtype
+        results = gained / activation(cache, f"blocks.{layer}.ln1_post.hook_scale").float()
     return results
 
 
 def _attention_bias(model: "TransformerBridge", layer: int, like: Tensor) -> Tensor:
     bias = model.blocks[layer].attn.b_O
-    return torch.zeros_like(like) if bias is None else bias.detach().expand_as(like)
+    return torch.zeros_like(like) if bias is None else bias.detach().float().expand_as(like)
 
 
 @dataclass
 class ResidualDecomposition:
     """Parts of the residual stream entering `upto_layer` (the final stream when it equals
-    n_layers): they sum to it exactly. Labels: "embed", "pos_embed", "L{i}.attn" (or per head
+    n_layers): they sum to it exactly (in float32, whatever the model's dtype). Labels: "embed", "pos_embed", "L{i}.attn" (or per head
     "L{i}H{h}" plus "L{i}.attn_bias"), "L{i}.mlp"."""
 
     labels: list[str]
@@ -66,11 +69,11 @@ def decompose_residual(
     """Decompose the residual stream entering block `upto_layer` (None: the final stream)."""
     n_layers = model.cfg.n_layers
     upto = n_layers if upto_layer is None else check_layers(model, [upto_layer])[0]
-    embed = activation(cache, "hook_embed")
+    embed = activation(cache, "hook_embed").float()
     labels, parts = ["embed"], [embed]
     if "hook_pos_embed" in cache and cache["hook_pos_embed"].shape == cache["hook_embed"].shape:
         labels.append("pos_embed")
-        parts.append(activation(cache, "hook_pos_embed"))
+        parts.append(activation(cache, "hook_pos_embed").float())
     for layer in range(upto):
         if heads:
             per_head = head_results(cache, model, layer)
@@ -78,9 +81,9 @@ def decompose_residual(
             parts += [*per_head, _attention_bias(model, layer, embed)]
         else:
             labels.append(f"L{layer}.attn")
-            parts.append(activation(cache, f"blocks.{layer}.hook_attn_out"))
+            parts.append(activation(cache, f"blocks.{layer}.hook_attn_out").float())
         labels.append(f"L{layer}.mlp")
-        parts.append(activation(cache, f"blocks.{layer}.hook_mlp_out"))
+        parts.append(activation(cache, f"blocks.{layer}.hook_mlp_out").float())
     return ResidualDecomposition(labels, torch.stack(parts), upto)
 
 
@@ -122,12 +125,12 @@ def direct_logit_attribution(
     (position,) = check_positions(decomposition.components.shape[1], [position])
     answer_id = single_token_id(model, answer)
     counterfactual_id = None if counterfactual is None else single_token_id(model, counterfactual)
-    direction = model.W_U[:, answer_id].detach()
+    direction = model.W_U[:, answer_id].detach().float()  # float32 whatever the model's dtype
     bias = model.b_U[answer_id].item() if model.b_U is not None else 0.0
     if counterfactual_id is not None:
-        direction = direction - model.W_U[:, counterfactual_id].detach()
+        direction = direction - model.W_U[:, counterfactual_id].detach().float()
         bias -= model.b_U[counterfactual_id].item() if model.b_U is not None else 0.0
-    scale = activation(cache, "ln_final.hook_scale")[position]  # (1,): the cached final-norm scale
+    scale = activation(cache, "ln_final.hook_scale")[position].float()  # (1,): the cached final-norm scale
     contributions = decomposition.components[:, position] / scale @ direction
     final = activation(cache, f"blocks.{model.cfg.n_layers - 1}.hook_resid_post")[position]
     with torch.no_grad():
@@ -162,7 +165,7 @@ def layer_similarity(
     """Mean over `positions` (default: all but the first, an attention sink with outsized norms)
     of cos(resid_i, resid_j) for every pair of layers."""
     names = ["blocks.0.hook_resid_pre"] + [f"blocks.{i}.hook_resid_post" for i in range(model.cfg.n_layers)]
-    residual = stacked(cache, names)
+    residual = stacked(cache, names).float()
     n_positions = residual.shape[1]
     chosen = check_positions(n_positions, positions if positions is not None else range(min(1, n_positions - 1), n_positions))
     unit = torch.nn.functional.normalize(residual[:, chosen], dim=-1)

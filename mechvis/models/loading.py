@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from mechvis.models import compat
 from mechvis.errors import InvalidArgumentError, ModelNotFoundError, UnsupportedArchitectureError
 from mechvis.models.embedded import EMBEDDED_MODEL_NAME, embedded_model_dir
 
@@ -167,11 +168,13 @@ def load_model(
             f"got {type(name).__name__}."
         )
 
+    compat.apply()
     bridge = TransformerBridge.boot_transformers(
         model_name, hf_model=hf_model, tokenizer=tokenizer, device=resolved_device, dtype=resolved_dtype
     )
     bridge.enable_compatibility_mode(disable_warnings=True)
     bridge.eval()
+    compat.check(bridge)
     # transformer-lens keeps a BOS-prepending copy as `bridge.tokenizer`; mechvis tokenises
     # with the model's own tokenizer so that inputs match the model's HF pipeline.
     bridge.hf_tokenizer = tokenizer

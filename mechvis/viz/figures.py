@@ -22,6 +22,12 @@ from mechvis.analysis.residual import LayerSimilarity, LogitAttribution  # noqa:
 from mechvis.analysis.tokens import HighEntropyPositions, TokenSignals  # noqa: E402
 
 
+def _np(tensor: torch.Tensor) -> np.ndarray:
+    """A tensor as a float32 numpy array on the CPU: numpy has no bfloat16, and matplotlib
+    needs no gradients nor half floats."""
+    return tensor.detach().float().cpu().numpy()
+
+
 @contextmanager
 def _plain_text():
     with plt.rc_context({"text.parse_math": False, "font.size": 8}):
@@ -53,7 +59,7 @@ def token_entropy_curve(signals: TokenSignals, tokens: Sequence[str], *, start: 
     when `sort`."""
     with _plain_text():
         figure, axis = plt.subplots(figsize=(10, 3))
-        entropy = signals.entropy[start:].numpy()
+        entropy = _np(signals.entropy[start:])
         labels = list(tokens[start:])
         if sort:
             order = np.argsort(-entropy)
@@ -70,10 +76,10 @@ def activation_norms_figure(norms: ActivationNorms, tokens: Sequence[str]) -> Fi
     """Heatmaps: L2 norm per layer × token, and its layer-to-layer relative change."""
     with _plain_text():
         figure, (top, bottom) = plt.subplots(2, 1, figsize=(10, 6), sharex=True)
-        image = top.imshow(norms.norms.numpy(), aspect="auto", cmap="viridis")
+        image = top.imshow(_np(norms.norms), aspect="auto", cmap="viridis")
         figure.colorbar(image, ax=top, label=f"‖{norms.kind}‖₂")
         top.set_ylabel("layer")
-        change = norms.change_rate.numpy()
+        change = _np(norms.change_rate)
         limit = float(np.nanpercentile(np.abs(change), 99)) or 1.0
         image = bottom.imshow(change, aspect="auto", cmap="RdBu_r", vmin=-limit, vmax=limit,
                               extent=(-0.5, change.shape[1] - 0.5, change.shape[0] + 0.5, 0.5))
@@ -87,7 +93,7 @@ def activation_norms_figure(norms: ActivationNorms, tokens: Sequence[str]) -> Fi
 def high_entropy_logits_figure(high: HighEntropyPositions, tokens: Sequence[str]) -> Figure:
     """Top-k logits at the highest-entropy positions, candidates written in the cells."""
     with _plain_text():
-        logits = high.top_logits.numpy()
+        logits = _np(high.top_logits)
         figure, axis = plt.subplots(figsize=(min(12, 2 + 1.3 * logits.shape[1]), 0.4 * len(high.positions) + 1.2))
         axis.imshow(logits, aspect="auto", cmap="magma")
         for row in range(logits.shape[0]):
@@ -95,7 +101,7 @@ def high_entropy_logits_figure(high: HighEntropyPositions, tokens: Sequence[str]
                 axis.text(column, row, f"{display_token(high.top_tokens[row][column])}\n{logits[row, column]:.1f}",
                           ha="center", va="center", color="white", fontsize=6)
         axis.set_yticks(range(len(high.positions)),
-                        [f"{p}: {display_token(tokens[p])} (H={h:.2f})" for p, h in zip(high.positions, high.entropy.tolist())])
+                        [f"{p}: {display_token(tokens[p])} (H={h:.2f})" for p, h in zip(high.positions, _np(high.entropy).tolist())])
         axis.set_xticks(range(logits.shape[1]), [f"#{i + 1}" for i in range(logits.shape[1])])
         axis.set_title("logits of the top candidates at the highest-entropy positions")
         figure.tight_layout()
@@ -109,14 +115,14 @@ def logit_lens_figure(lens: LogitLens, tokens: Sequence[str]) -> Figure:
         n_layers, n_positions = lens.max_probs.shape
         figure, (table, curve) = plt.subplots(1, 2, figsize=(min(16, 3 + 0.9 * n_positions) + 3, 0.28 * n_layers + 2),
                                               gridspec_kw={"width_ratios": [4, 1]})
-        table.imshow(lens.max_probs.numpy(), aspect="auto", cmap="Blues", vmin=0, vmax=1)
+        table.imshow(_np(lens.max_probs), aspect="auto", cmap="Blues", vmin=0, vmax=1)
         for layer in range(n_layers):
             for column in range(n_positions):
                 table.text(column, layer, display_token(lens.top_tokens[layer][column][0]), ha="center", va="center", fontsize=5)
         table.set_yticks(range(n_layers), lens.layer_labels)
         table.set_xticks(range(n_positions), [display_token(tokens[p]) for p in lens.positions], rotation=90)
         table.set_title("logit lens: top-1 token per layer (colour: its probability)")
-        curve.plot(lens.confidence.numpy(), range(n_layers), marker=".")
+        curve.plot(_np(lens.confidence), range(n_layers), marker=".")
         curve.invert_yaxis()
         curve.set_xlim(0, 1)
         curve.set_yticks(range(n_layers), lens.layer_labels)
@@ -131,7 +137,7 @@ def head_entropy_figure(entropy: HeadEntropy) -> Figure:
         figure, (left, right) = plt.subplots(1, 2, figsize=(10, 0.2 * len(entropy.layers) + 2))
         for axis, values, label, cmap in ((left, entropy.mean_normalised, "entropy / log(visible keys)", "viridis"),
                                           (right, entropy.mean_sink_mass, "attention mass on sinks", "Reds")):
-            image = axis.imshow(values.numpy(), aspect="auto", cmap=cmap, vmin=0, vmax=1)
+            image = axis.imshow(_np(values), aspect="auto", cmap=cmap, vmin=0, vmax=1)
             axis.set_yticks(range(len(entropy.layers)), [str(layer) for layer in entropy.layers])
             axis.set_xlabel("head")
             axis.set_ylabel("layer")
@@ -145,7 +151,7 @@ def rollout_figure(rollout: Rollout, tokens: Sequence[str]) -> Figure:
     with _plain_text():
         figure, axis = plt.subplots(figsize=(8, 7))
         keys = tokens[rollout.key_span.start : rollout.key_span.stop] if rollout.key_span else tokens
-        image = axis.imshow(rollout.matrix.numpy(), cmap="viridis", aspect="auto")
+        image = axis.imshow(_np(rollout.matrix), cmap="viridis", aspect="auto")
         figure.colorbar(image, ax=axis, label="rollout")
         _tick_labels(axis, list(keys))
         _tick_labels(axis, list(tokens), which="y")
@@ -165,7 +171,7 @@ def layer_heads_grid_figure(patterns: torch.Tensor, tokens: Sequence[str], layer
         for axis in axes.flat:
             axis.axis("off")
         for axis, (title, pattern) in zip(axes.flat, panels):
-            axis.imshow(pattern.float().numpy(), cmap="viridis", vmin=0, vmax=1)
+            axis.imshow(_np(pattern.float()), cmap="viridis", vmin=0, vmax=1)
             axis.set_title(title)
         figure.tight_layout()
     return figure
@@ -180,7 +186,7 @@ def dla_figure(attribution: LogitAttribution, n_layers: int, n_heads: int, *, to
                   color=["#c44e52" if value < 0 else "#4c72b0" for _, value in largest][::-1])
         bars.set_xlabel("contribution to the logit (difference)")
         heads = np.zeros((n_layers, n_heads))
-        for label, value in zip(attribution.labels, attribution.contributions.tolist()):
+        for label, value in zip(attribution.labels, _np(attribution.contributions).tolist()):
             if label.startswith("L") and "H" in label:
                 layer, head = label[1:].split("H")
                 heads[int(layer), int(head)] = value
@@ -197,7 +203,7 @@ def layer_similarity_figure(similarity: LayerSimilarity) -> Figure:
     """Cosine similarity of the residual stream between every pair of layers."""
     with _plain_text():
         figure, axis = plt.subplots(figsize=(6, 5))
-        image = axis.imshow(similarity.cosine.numpy(), cmap="viridis", vmin=-1, vmax=1)
+        image = axis.imshow(_np(similarity.cosine), cmap="viridis", vmin=-1, vmax=1)
         figure.colorbar(image, ax=axis, label="mean cosine similarity")
         step = max(1, len(similarity.layer_labels) // 16)
         ticks = list(range(0, len(similarity.layer_labels), step))
@@ -212,7 +218,7 @@ def repetition_figure(signals: dict[str, torch.Tensor], labels: torch.Tensor, to
     with _plain_text():
         figure, axis = plt.subplots(figsize=(10, 3.5))
         for name, values in signals.items():
-            axis.plot(values.numpy(), label=name, linewidth=1.2)
+            axis.plot(_np(values), label=name, linewidth=1.2)
         for position, label in enumerate(labels.tolist()):
             if label:
                 axis.axvspan(position - 0.5, position + 0.5, color="#f4a582", alpha=0.35, linewidth=0)
@@ -227,11 +233,11 @@ def projection_figure(projection: Projection) -> Figure:
     """Scatter of the first two principal components, points labelled."""
     with _plain_text():
         figure, axis = plt.subplots(figsize=(7, 6))
-        points = projection.coordinates.numpy()
+        points = _np(projection.coordinates)
         axis.scatter(points[:, 0], points[:, 1], s=12, c=range(len(points)), cmap="viridis")
         for (x, y), label in zip(points[:, :2], projection.labels):
             axis.annotate(display_token(label), (x, y), fontsize=6)
-        ratio = projection.explained_variance_ratio.tolist()
+        ratio = _np(projection.explained_variance_ratio).tolist()
         axis.set_xlabel(f"PC1 ({ratio[0]:.0%} of variance)")
         if len(ratio) > 1:
             axis.set_ylabel(f"PC2 ({ratio[1]:.0%} of variance)")
@@ -244,7 +250,7 @@ def ablation_figure(effect: torch.Tensor, metric_label: str) -> Figure:
     with _plain_text():
         figure, axis = plt.subplots(figsize=(max(5, 0.45 * effect.shape[1] + 2), 0.22 * effect.shape[0] + 1.5))
         limit = float(effect.abs().max()) or 1.0
-        image = axis.imshow(effect.numpy(), aspect="auto", cmap="RdBu_r", vmin=-limit, vmax=limit)
+        image = axis.imshow(_np(effect), aspect="auto", cmap="RdBu_r", vmin=-limit, vmax=limit)
         figure.colorbar(image, ax=axis, label=f"change in {metric_label} when the head is ablated")
         axis.set_xlabel("head")
         axis.set_ylabel("layer")
@@ -259,7 +265,7 @@ def comparison_figure(maps: Sequence[torch.Tensor], grids: Sequence[tuple[int, i
         for axis, attention, (rows, cols), image, title in zip(axes[0], maps, grids, images, titles):
             picture = np.asarray(image)
             axis.imshow(picture)
-            axis.imshow(attention.reshape(rows, cols).numpy(), cmap="inferno", alpha=0.55,
+            axis.imshow(_np(attention.reshape(rows, cols)), cmap="inferno", alpha=0.55,
                         extent=(0, picture.shape[1], picture.shape[0], 0), interpolation="nearest")
             axis.set_title(title)
             axis.axis("off")
@@ -271,7 +277,7 @@ def image_mass_figure(mass_per_layer: torch.Tensor) -> Figure:
     """Mean attention mass on the image tokens at each layer (the FastV view)."""
     with _plain_text():
         figure, axis = plt.subplots(figsize=(6, 3))
-        axis.plot(mass_per_layer.numpy(), marker="o")
+        axis.plot(_np(mass_per_layer), marker="o")
         axis.set_xlabel("layer")
         axis.set_ylabel("attention mass on the image")
         axis.set_ylim(0, 1)
