@@ -308,6 +308,11 @@ def test_too_long_prompt_is_an_error_event_and_the_server_keeps_serving(client):
     assert sse(generate(client))[-1][0] == "analysis"
 
 
+def fake_event(step: int) -> "mechvis.TokenEvent":
+    return mechvis.TokenEvent(step=step, position=step, token_id=5, text="a", probability=0.5, logprob=-0.7, rank=0,
+                              entropy=1.0, varentropy=0.0, margin=0.1, temperature=0.0, top_ids=(5,), top_probs=(0.5,))
+
+
 def test_disconnect_cancels_and_releases_the_lock(model, monkeypatch):
     """A client that goes away mid-stream: decoding stops and the next request is served."""
     import mechvis.serve.routers.generate as generate_module
@@ -319,9 +324,7 @@ def test_disconnect_cancels_and_releases_the_lock(model, monkeypatch):
         try:
             while True:
                 time.sleep(0.01)
-                yield type("Event", (), dict(step=step, position=step, token_id=5, text="a", probability=0.5, rank=0,
-                                             entropy=1.0, varentropy=0.0, margin=0.1, temperature=0.0, top_ids=[5],
-                                             top_probs=[0.5], monitor_probability=None))()
+                yield fake_event(step)
                 step += 1
         finally:
             closed.set()
@@ -348,9 +351,7 @@ def test_stop_cancels(client, model, monkeypatch):
         step = 0
         while True:
             time.sleep(0.01)
-            yield type("Event", (), dict(step=step, position=step, token_id=5, text="a", probability=0.5, rank=0,
-                                         entropy=1.0, varentropy=0.0, margin=0.1, temperature=0.0, top_ids=[5],
-                                         top_probs=[0.5], monitor_probability=None))()
+            yield fake_event(step)
             step += 1
 
     monkeypatch.setattr(generate_module, "token_stream", endless)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 import threading
 import time
 import uuid
@@ -86,10 +87,13 @@ def _event(kind: str, data: dict) -> str:
 
 
 def _token_payload(event, decode) -> dict:
+    """A `mechvis.TokenEvent` as sent (≤ ~2 KB): `p` is the token's raw (temperature-1)
+    probability, `p_sampled` its probability under the distribution it was drawn from."""
     return {
         "step": event.step, "position": event.position, "id": event.token_id, "text": event.text,
-        "p": event.probability, "rank": event.rank, "entropy": event.entropy, "varentropy": event.varentropy,
-        "margin": event.margin, "temperature": event.temperature, "top_ids": list(event.top_ids),
+        "p": math.exp(event.logprob), "p_sampled": event.probability, "rank": event.rank,
+        "entropy": event.entropy, "varentropy": event.varentropy, "margin": event.margin,
+        "temperature": event.temperature, "top_ids": list(event.top_ids),
         "top_probs": [round(float(p), 6) for p in event.top_probs], "monitor": event.monitor_probability,
         "top_texts": [decode([int(i)]) for i in event.top_ids],
     }
