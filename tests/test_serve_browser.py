@@ -384,3 +384,19 @@ def test_export_report_renders_offline(ui, tmp_path):
     assert offline.locator(".circuitsvis-view").count() > 0
     assert [url for url in requests if not url.startswith(("file://", "data:"))] == []
     offline.close()
+
+
+def test_busy_is_shown_and_recovers(ui, server):
+    lock = server["app"].state.mechvis.generation_lock
+    assert lock.acquire(timeout=30)  # another client's generation
+    try:
+        page = ui.page
+        page.fill("#prompt", PROMPT)
+        page.press("#prompt", "Enter")
+        wait(page, "document.getElementById('server-status').textContent === 'busy'", timeout=10)
+        assert "busy" in page.inner_text("#error")
+    finally:
+        lock.release()
+    ui.problems = [p for p in ui.problems if "409" not in p]  # the refused request's console line
+    ui.generate(PROMPT, tokens=3)
+    assert page.inner_text("#error") == ""
