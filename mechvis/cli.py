@@ -1,4 +1,4 @@
-"""The `mechvis` command line: `mechvis inspect`, `mechvis demo`."""
+"""The `mechvis` command line: `mechvis inspect`, `mechvis demo`, ..., `mechvis serve`."""
 
 from __future__ import annotations
 
@@ -192,6 +192,25 @@ def _add_sweep_commands(commands) -> None:
     report.set_defaults(handler=_sweep_report)
 
 
+def _serve(arguments: argparse.Namespace) -> None:
+    from mechvis.serve import serve
+
+    serve(arguments.model, host=arguments.host, port=arguments.port, model_roots=arguments.model_root,
+          token=arguments.token, open_browser=arguments.open)
+
+
+def _add_serve_parser(commands) -> None:
+    serve_parser = commands.add_parser("serve", help="the interactive inference visualiser (a local web app)")
+    _add_model_argument(serve_parser)
+    serve_parser.add_argument("--host", default="127.0.0.1", help="address to bind (non-loopback needs a token)")
+    serve_parser.add_argument("--port", type=int, default=5050, help="0 picks a free port")
+    serve_parser.add_argument("--model-root", action="append", default=[], metavar="DIR",
+                              help="a directory whose model subdirectories the page may load (repeatable)")
+    serve_parser.add_argument("--token", default="auto", help="auto (random), none (loopback only) or a value")
+    serve_parser.add_argument("--open", action="store_true", help="open the page in the browser")
+    serve_parser.set_defaults(handler=_serve)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mechvis", description="Look inside language models.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -260,6 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
     instruction.add_argument("--out", default="out/instruction-check", help="directory for the JSON table and the figure")
     instruction.set_defaults(handler=_instruction_check)
     _add_sweep_commands(commands)
+    _add_serve_parser(commands)
     return parser
 
 

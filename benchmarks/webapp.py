@@ -1,0 +1,187 @@
+"""`mechvis serve` on the embedded model at N ≈ 512 tokens, each number against the target in
+WEBAPP.md and, for decoding, against `mechvis.generate` in the same run (streaming ≤ 1.1× of it):
+start → URL, time to first token (64-token prompt), tokens/s streamed without and with the
+monitor, analysis-ready time after the last token, payload sizes (one attention layer raw and
+gzipped, the largest token event), server memory per run, and in Chromium (when installed)
+first paint, tab switch and the 512² heatmap draw."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import shutil
+import sys
+import threading
+import time
+
+import httpx
+
+import mechvis
+from mechvis.demo import DEMO_PROMPT
+
+TOKEN = "benchmark-token-0123456789"
+N_NEW = 440  # the looping demo chat: ~70 prompt tokens + 440 ≈ 510
+
+
+def _server(model):
+    import uvicorn
+
+    from mechvis.serve import create_app
+
+    started = time.perf_counter()
+    app = create_app(model, model_name="embedded", token=TOKEN)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+    threading.Thread(target=server.run, daemon=True).start()
+    while not server.started:
+        time.sleep(0.01)
+    url = f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
+    return app, server, url, time.perf_counter() - started
+
+
+def _stream(url: str, body: dict) -> dict:
+    """POST /api/generate; the arrival time of every event."""
+    times: dict = {"tokens": [], "events": []}
+    started = time.perf_counter()
+    with httpx.stream("POST", f"{url}/api/generate", json=body, headers={"X-Mechvis-Token": TOKEN}, timeout=600) as response:
+        kind = None
+        for line in response.iter_lines():
+            if line.startswith("event: "):
+                kind = line[7:]
+            elif line.startswith("data: "):
+                now = time.perf_counter() - started
+                if kind == "token":
+                    times["tokens"].append(now)
+                    times["largest_event"] = max(times.get("largest_event", 0), len(line) - 6)
+                elif kind in ("stopped", "analysis"):
+                    times[kind] = now
+                    times[f"{kind}_data"] = json.loads(line[6:])
+                elif kind == "error":
+                    raise RuntimeError(line)
+    return times
+
+
+def _row(name: str, value: str, target: str) -> None:
+    print(f"| {name} | {value} | {target} |", flush=True)
+
+
+def _note(text: str) -> None:
+    print(f"[webapp] {text}", file=sys.stderr, flush=True)
+
+
+def main() -> None:
+    model = mechvis.load_model(device="cpu")
+    started = time.perf_counter()
+    mechvis.load_model(device="cpu")
+    load_cached = time.perf_counter() - started
+    app, server, url, boot = _server(model)
+    words = "The history of the printing press begins in Mainz, where Gutenberg combined movable metal type with oil ink and a press."
+    prompt64 = " ".join((words + " ") * 4).split()[:52]
+    prompt64 = " ".join(prompt64)
+    n64 = len(mechvis.encode(model, prompt64).token_ids)
+    mechvis.generate(model, prompt64, max_new_tokens=4)  # warm-up
+    first = _stream(url, {"prompt": prompt64, "max_new_tokens": 8})
+    first = _stream(url, {"prompt": prompt64, "max_new_tokens": 8})
+
+    _note(f"time to first token: {first['tokens'][0] * 1000:.0f} ms; streaming {N_NEW} tokens")
+    long_body = {"mode": "chat", "prompt": DEMO_PROMPT, "max_new_tokens": N_NEW}
+    plain = _stream(url, long_body)
+    run_id = plain["analysis_data"]["run"]
+    run = httpx.get(f"{url}/api/runs/{run_id}").json()
+    n_tokens = len(run["tokens"])
+    n_generated = len(plain["tokens"])
+    streamed_rate = (n_generated - 1) / (plain["tokens"][-1] - plain["tokens"][0])
+    _note(f"streamed {n_generated} tokens at {streamed_rate:.1f}/s; mechvis.generate for comparison")
+    t0 = time.perf_counter()
+    reference = mechvis.generate(model, DEMO_PROMPT, chat=True, max_new_tokens=N_NEW)
+    generate_total = time.perf_counter() - t0
+    _note("streaming with the monitor")
+    monitored = _stream(url, {**long_body, "schedule": "monitor"})
+    monitor_rate = (len(monitored["tokens"]) - 1) / (monitored["tokens"][-1] - monitored["tokens"][0])
+    _note("mechvis.generate with the monitor")
+    t0 = time.perf_counter()
+    mechvis.generate(model, DEMO_PROMPT, chat=True, max_new_tokens=N_NEW,
+                     temperature_schedule=mechvis.generation.MonitorTemperature())
+    generate_monitor_total = time.perf_counter() - t0
+
+    layer = httpx.get(f"{url}/api/runs/{run_id}/attention/15")
+    raw, zipped = len(layer.content), len(gzip.compress(layer.content, 6))
+    stored = app.state.mechvis.store.get(run_id)
+
+    print(f"\n## mechvis serve, embedded model, N = {n_tokens} tokens ({n_generated} generated)\n")
+    print("| measure | result | target |\n|---|---|---|")
+    _row("start → URL (model cached: load + app + bind)", f"{load_cached + boot:.2f} s", "≤ 3 s")
+    _row(f"time to first token, {n64}-token prompt", f"{first['tokens'][0] * 1000:.0f} ms", "≤ 300 ms")
+    _row("tokens/s streamed, no hooks", f"{streamed_rate:.1f}", "≥ 25")
+    _row("tokens/s streamed, with the monitor", f"{monitor_rate:.1f}", "≥ 12")
+    _row("whole streamed request vs `mechvis.generate` (same settings)",
+         f"{plain['stopped']:.2f} s vs {generate_total:.2f} s, {plain['stopped'] / generate_total:.2f}×", "≤ 1.1×")
+    _row("the same with the monitor", f"{monitored['stopped']:.2f} s vs {generate_monitor_total:.2f} s, "
+         f"{monitored['stopped'] / generate_monitor_total:.2f}×", "≤ 1.1×")
+    _row("analysis ready after the last token", f"{(plain['analysis'] - plain['tokens'][-1]):.2f} s", "≤ 5 s")
+    _row("one attention layer (9 heads, uint8)", f"{raw / 2**20:.2f} MB, {zipped / 2**20:.2f} MB gzipped", "~1.2 MB, ~0.2 MB")
+    _row("largest token event", f"{plain['largest_event']} B", "≤ ~2 KB")
+    _row("server memory per run (store accounting)", f"{stored.nbytes / 2**20:.0f} MB", "≤ 512 MB")
+    assert [t["id"] for t in run["tokens"]][run["prompt_length"]:] == reference.generated_ids
+
+    chromium = shutil.which("chromium")
+    if chromium:
+        _browser(chromium, url, run_id)
+    server.should_exit = True
+
+
+def _browser(chromium: str, url: str, run_id: str) -> None:
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as session:
+        browser = session.chromium.launch(executable_path=chromium, args=["--no-sandbox", "--disable-gpu", "--proxy-server=127.0.0.1:9"])
+        page = browser.new_page(viewport={"width": 1440, "height": 900})
+        page.goto(f"{url}/#run={run_id}&tab=attention&layer=15&pos=300", wait_until="load")
+        paint = page.evaluate("performance.getEntriesByType('paint').map(e => [e.name, e.startTime])")
+
+        def ready(tab: str) -> None:
+            deadline = time.time() + 120
+            while page.evaluate(f"document.getElementById('tab-body').dataset.ready !== '{tab}'"):
+                if time.time() > deadline:
+                    raise TimeoutError(tab)
+                time.sleep(0.005)
+
+        ready("attention")
+        draws = []
+        for head in ("mean", "0", "1", "2"):
+            page.select_option("#tab-body select >> nth=1", head)
+            time.sleep(0.1)
+            ready("attention")
+            draws.append(float(page.get_attribute("#attention-canvas", "data-draw-ms")))
+
+        def switch(tab: str) -> float:
+            start = time.perf_counter()
+            page.click(f"#tabs button[data-tab='{tab}']")
+            ready(tab)
+            return (time.perf_counter() - start) * 1000
+
+        switch("entropy-curve")
+        cached = min(switch("attention"), switch("confidence"))
+        start = time.perf_counter()
+        page.click("#tabs button[data-tab='attention']")
+        ready("attention")
+        page.keyboard.press("]")  # a layer not fetched yet
+        time.sleep(0.05)
+        ready("attention")
+        fetched = (time.perf_counter() - start) * 1000
+        start = time.perf_counter()
+        page.click("#transcript .tok[data-pos='200']")
+        page.wait_for_selector("#inspector-distribution")
+        click = (time.perf_counter() - start) * 1000
+        heap = page.evaluate("performance.memory ? performance.memory.usedJSHeapSize : 0")
+        browser.close()
+    first_paint = dict(paint).get("first-contentful-paint", float("nan"))
+    _row("first contentful paint (run restored from the link)", f"{first_paint:.0f} ms", "≤ 300 ms")
+    _row("512² heatmap draw (canvas, per head / mean)", f"{min(draws):.1f}–{max(draws):.1f} ms", "≤ 16 ms")
+    _row("tab switch, cached", f"{cached:.0f} ms", "≤ 150 ms")
+    _row("tab switch + layer fetched", f"{fetched:.0f} ms", "≤ 500 ms")
+    _row("token click → inspector", f"{click:.0f} ms", "≤ 100 ms")
+    _row("browser JS heap", f"{heap / 2**20:.0f} MB", "≤ 300 MB")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,218 @@
+"""POST /api/generate: one generation, streamed as server-sent events; POST /api/stop."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import math
+import threading
+import time
+import uuid
+from typing import Literal
+
+from fastapi import APIRouter, Depends, HTTPException, Request
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from mechvis.errors import MechvisError
+from mechvis.serve.runs import store_trace, tab_hooks
+from mechvis.serve.state import ServerState, get_state
+from mechvis.serve.streaming import token_stream
+
+router = APIRouter(tags=["generation"])
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    role: Literal["system", "user", "assistant"]
+    content: str = Field(max_length=100_000)
+
+
+class GenerateRequest(BaseModel):
+    """One generation. Completion mode reads `prompt`; chat mode `messages` (and `system`)."""
+
+    model_config = ConfigDict(extra="forbid")
+    mode: Literal["completion", "chat"] = "completion"
+    prompt: str = Field("", max_length=100_000)
+    system: str = Field("", max_length=20_000)
+    messages: list[Message] = Field(default_factory=list, max_length=200)
+    max_new_tokens: int = Field(64, ge=1, le=4096)
+    temperature: float = Field(0.0, ge=0.0, le=2.0)
+    top_k: int = Field(0, ge=0, le=100_000)  # 0 = off
+    top_p: float = Field(1.0, gt=0.0, le=1.0)  # 1 = off
+    min_p: float = Field(0.0, ge=0.0, le=1.0)  # 0 = off
+    seed: int | None = Field(None, ge=0, le=2**32 - 1)
+    schedule: Literal["off", "entropy", "repetition", "monitor"] = "off"
+    image_id: str | None = Field(None, max_length=64, pattern=r"^[0-9a-f]{32}$")
+    top_n: int = Field(10, ge=1, le=50)
+    ablate: list[tuple[int, int]] = Field(default_factory=list, max_length=4096)  # (layer, head) ablated while generating
+    ablate_method: Literal["zero", "mean"] = "zero"
+
+
+class StopResponse(BaseModel):
+    stopping: bool
+
+
+def _prompt_and_options(body: GenerateRequest, state: ServerState) -> tuple[object, dict]:
+    from mechvis import generation
+
+    if body.mode == "chat":
+        messages = ([{"role": "system", "content": body.system}] if body.system else []) + [
+            message.model_dump() for message in body.messages
+        ]
+        if body.prompt:
+            messages.append({"role": "user", "content": body.prompt})
+        prompt: object = messages
+    else:
+        prompt = body.prompt
+    schedules = {"entropy": generation.EntropyTemperature, "repetition": generation.RepetitionTemperature,
+                 "monitor": generation.MonitorTemperature}
+    image = None
+    if body.image_id is not None:
+        image = state.images.get(body.image_id)
+        if image is None:
+            raise HTTPException(404, "No such image; upload it again.")
+    options = dict(
+        chat=body.mode == "chat", max_new_tokens=body.max_new_tokens, temperature=body.temperature,
+        top_k=body.top_k or None, top_p=body.top_p if body.top_p < 1.0 else None, min_p=body.min_p or None,
+        seed=body.seed, temperature_schedule=schedules[body.schedule]() if body.schedule != "off" else None,
+        image=image, top_n=body.top_n,
+    )
+    return prompt, options
+
+
+def _event(kind: str, data: dict) -> str:
+    return f"event: {kind}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n"
+
+
+def _token_payload(event, decode) -> dict:
+    """A `mechvis.TokenEvent` as sent (≤ ~2 KB): `p` is the token's raw (temperature-1)
+    probability, `p_sampled` its probability under the distribution it was drawn from."""
+    return {
+        "step": event.step, "position": event.position, "id": event.token_id, "text": event.text,
+        "p": math.exp(event.logprob), "p_sampled": event.probability, "rank": event.rank,
+        "entropy": event.entropy, "varentropy": event.varentropy, "margin": event.margin,
+        "temperature": event.temperature, "top_ids": list(event.top_ids),
+        "top_probs": [round(float(p), 6) for p in event.top_probs], "monitor": event.monitor_probability,
+        "top_texts": [decode([int(i)]) for i in event.top_ids],
+    }
+
+
+@router.post("/api/generate", response_class=StreamingResponse,
+             responses={200: {"content": {"text/event-stream": {}}}, 409: {"description": "busy"}})
+async def generate(body: GenerateRequest, state: ServerState = Depends(get_state)):
+    """Stream `start`, one `token` per decoded token, `stopped`, then `analysis` (or `error`).
+    One generation at a time: a second request gets 409 while one runs. A client that goes
+    away cancels its generation, which releases the lock."""
+    model = state.require_model()
+    prompt, options = _prompt_and_options(body, state)
+    if not state.generation_lock.acquire(blocking=False):
+        raise HTTPException(409, "busy: a generation is running; wait for it or stop it.")
+    cancel = threading.Event()
+    state.cancel = cancel
+    state.status = "generating"
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue = asyncio.Queue()
+    run_id = uuid.uuid4().hex[:12]
+    tokenizer = model.hf_tokenizer
+
+    def put(item) -> None:
+        loop.call_soon_threadsafe(queue.put_nowait, item)
+
+    def work() -> None:
+        contexts = contextlib.ExitStack()
+        started = time.perf_counter()
+        token_times: list[float] = []
+        finals: list = []
+        try:
+            if options["image"] is None:
+                import mechvis
+
+                encoded = mechvis.encode(model, prompt, chat=options["chat"])
+                ids = encoded.token_ids
+                put(("start", {"run": run_id, "prompt_ids": ids,
+                               "prompt_tokens": [tokenizer.decode([i]) for i in ids]}))
+            else:
+                put(("start", {"run": run_id, "prompt_ids": None, "prompt_tokens": None}))
+            if body.ablate:
+                from mechvis.interventions import ablate_heads, intervene, reference_runs
+
+                reference = None
+                if body.ablate_method == "mean":
+                    if "mean-reference" not in state.model_extras:
+                        state.model_extras["mean-reference"] = reference_runs(model)
+                    reference = state.model_extras["mean-reference"]
+                intervention = ablate_heads(model, body.ablate, method=body.ablate_method, reference=reference)
+                contexts.enter_context(intervene(model, intervention))
+            stream = token_stream(model, prompt, names_filter=tab_hooks(model), **options)
+            events: list[dict] = []
+            trace = None
+            try:
+                for item in stream:
+                    if cancel.is_set():
+                        break
+                    if hasattr(item, "run") and hasattr(item, "generated_ids"):
+                        trace = item
+                        break
+                    token_times.append(time.perf_counter())
+                    payload = _token_payload(item, tokenizer.decode)
+                    events.append(payload)
+                    put(("token", payload))
+            finally:
+                if trace is None:
+                    stream.close()
+            timing = {
+                "time_to_first_token_ms": (token_times[0] - started) * 1000 if token_times else None,
+                "ms_per_token": (token_times[-1] - token_times[0]) * 1000 / (len(token_times) - 1) if len(token_times) > 1 else None,
+            }
+            if trace is None:
+                finals.append(("stopped", {"reason": "cancelled", **timing}))
+                return
+            reason = getattr(trace, "stop_reason", None) or (
+                "max_new_tokens" if len(trace.generated_ids) >= options["max_new_tokens"] else "eos")
+            put(("stopped", {"reason": reason, **timing}))
+            state.status = "analysing"
+            analysed = time.perf_counter()
+            stored = store_trace(state, run_id, trace, body.model_dump(), events, timing, image=options["image"])
+            timing["analysis_ms"] = (time.perf_counter() - analysed) * 1000
+            finals.append(("analysis", {"run": run_id, "n_tokens": len(stored.trace.run.str_tokens), **timing}))
+        except MechvisError as error:
+            finals.append(("error", {"message": str(error)}))
+        except Exception as error:  # reported to the page; the server keeps serving
+            import logging
+
+            logging.getLogger("mechvis.serve").exception("generation failed")
+            finals.append(("error", {"message": f"{type(error).__name__}: {error}"}))
+        finally:
+            contexts.close()
+            state.status = "idle"
+            state.cancel = None
+            state.generation_lock.release()
+            for item in finals:
+                put(item)
+            put(None)
+
+    threading.Thread(target=work, name=f"generate-{run_id}", daemon=True).start()
+
+    async def stream_events():
+        try:
+            while True:
+                item = await queue.get()
+                if item is None:
+                    return
+                yield _event(*item)
+        finally:
+            cancel.set()  # the client went away (or the stream ended): stop decoding
+
+    return StreamingResponse(stream_events(), media_type="text/event-stream",
+                             headers={"X-Accel-Buffering": "no"})
+
+
+@router.post("/api/stop", response_model=StopResponse)
+async def stop(state: ServerState = Depends(get_state)) -> StopResponse:
+    """Cancel the running generation (Esc in the page)."""
+    cancel = state.cancel
+    if cancel is not None:
+        cancel.set()
+    return StopResponse(stopping=cancel is not None)

@@ -1,0 +1,85 @@
+"""Turning a finished Trace into a `StoredRun`: the library's analyses that need the full-vocabulary
+logits run once here (token signals, the repetition monitor, the seed score), then those logits
+are dropped and attention patterns kept in float16, so a run costs a bounded amount of memory."""
+
+from __future__ import annotations
+
+import torch
+
+from mechvis.serve.state import ServerState
+from mechvis.serve.store import StoredRun, tensor_bytes
+
+TOP_N = 10
+STEP_TOP = 50  # entries of each step's raw and sampled distribution kept for the distribution tab
+
+
+def tab_hooks(model) -> list[str]:
+    """The hooks the tabs read (passed to the analysis pass as `names_filter`)."""
+    from mechvis.analysis import activation_hook_names, hooks_for
+
+    return sorted(set(hooks_for(model, "lens", "residual", "similarity", "attention", "norms", "statistics"))
+                  | set(activation_hook_names(model, "resid_post")))
+
+
+def _repetition(state: ServerState, model, trace) -> dict:
+    from mechvis.analysis.repetition import (
+        RepetitionMonitor,
+        find_induction_heads,
+        loop_onset,
+        rep_labels,
+        repetition_features,
+        seed_score,
+    )
+
+    result: dict = {}
+    if not trace.generated_ids:
+        return result
+    try:
+        if "induction" not in state.model_extras:
+            state.model_extras["induction"] = find_induction_heads(model)
+        features = repetition_features(model, trace, state.model_extras["induction"])
+        monitor = RepetitionMonitor.load()
+        probability = monitor.score(features)
+        result.update(
+            feature_names=list(features.names),
+            features=features.values.T.tolist(),
+            monitor=probability.tolist(),
+            alarm=monitor.first_alarm(probability),
+        )
+    except Exception as error:  # a model the monitor does not fit: the tab says why
+        result["monitor_error"] = str(error)
+    labels = rep_labels(trace.run.tokens.tolist())[trace.prompt_length :]
+    onset = loop_onset(labels)
+    result.update(labels=labels.tolist(), onset=onset)
+    try:
+        seed = seed_score(model, trace)
+        result["seed"] = {name: getattr(seed, name).tolist() for name in
+                          ("entropy_term", "activation_rise", "uniformity", "attention_focus", "score")}
+    except Exception as error:
+        result["seed_error"] = str(error)
+    return result
+
+
+def store_trace(state: ServerState, run_id: str, trace, request: dict, events: list[dict], timing: dict, image=None) -> StoredRun:
+    from mechvis.analysis import token_signals
+
+    model = state.model
+    run = trace.run
+    signals = token_signals(run.logits, run.tokens, k=TOP_N)
+    step_top: dict = {}
+    if trace.generated_ids:
+        raw_probs, raw_ids = trace.step_logits.float().softmax(-1).topk(STEP_TOP, dim=-1)
+        sampled_probs, sampled_ids = trace.step_distributions.float().topk(STEP_TOP, dim=-1)
+        step_top = {"raw_ids": raw_ids, "raw_probs": raw_probs, "sampled_ids": sampled_ids,
+                    "sampled_probs": sampled_probs, "support": (trace.step_distributions > 0).sum(-1)}
+    repetition = _repetition(state, model, trace)
+    for name in list(run.cache.cache_dict):
+        if name.endswith("hook_pattern"):
+            run.cache.cache_dict[name] = run.cache.cache_dict[name].to(torch.float16)
+    run.logits = run.logits[:0]  # dropped: the signals and step top-N keep what the tabs show
+    trace.step_logits = trace.step_logits[:, :0]
+    trace.step_distributions = trace.step_distributions[:, :0]
+    stored = StoredRun(run_id, trace, request, events, signals, step_top, timing, extras={"repetition": repetition, "image": image})
+    stored.nbytes = tensor_bytes(dict(run.cache.cache_dict)) + tensor_bytes(step_top) + (1 << 20)
+    state.store.add(stored)
+    return stored

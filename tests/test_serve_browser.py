@@ -1,0 +1,402 @@
+"""`mechvis serve` in Debian's headless Chromium (Playwright), on a tiny random model.
+
+Every test also asserts: no request outside the server's address, no console error, no dialog.
+Screenshots of every tab land in test-artifacts/.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+import time
+
+import pytest
+
+import mechvis
+from tests.test_report import ARTIFACTS, XSS_PROMPT
+from tests.tiny import tiny_hf_model
+
+playwright_api = pytest.importorskip("playwright.sync_api")
+TOKEN = "b" * 24
+PROMPT = "The quick brown fox jumps over the lazy dog. The quick brown"
+
+
+@pytest.fixture(scope="module")
+def server(tokenizer):
+    import uvicorn
+
+    from mechvis.serve import create_app
+
+    model = mechvis.load_model(tiny_hf_model("llama"), tokenizer=tokenizer, device="cpu")
+    app = create_app(model, model_name="tiny-llama", token=TOKEN)
+    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning")
+    uv = uvicorn.Server(config)
+    thread = threading.Thread(target=uv.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not uv.started and time.time() < deadline:
+        time.sleep(0.05)
+    port = uv.servers[0].sockets[0].getsockname()[1]
+    yield {"url": f"http://127.0.0.1:{port}/", "model": model, "app": app, "port": port}
+    uv.should_exit = True
+    thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.fail("Chromium is not installed; `make test` installs Debian's chromium package.")
+    with playwright_api.sync_playwright() as session:
+        instance = session.chromium.launch(executable_path=chromium, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+            "--disable-sync", "--no-first-run", "--proxy-server=127.0.0.1:9"])
+        yield instance
+        instance.close()
+
+
+def wait(page, expression: str, timeout: float = 60.0) -> None:
+    """Poll `expression` until truthy (Playwright's wait_for_function evaluates strings with eval,
+    which the app's Content-Security-Policy rightly refuses)."""
+    deadline = time.time() + timeout
+    while not page.evaluate(expression):
+        if time.time() > deadline:
+            raise AssertionError(f"timed out waiting for {expression}")
+        time.sleep(0.05)
+
+
+class Page:
+    """A page with the watchers every browser test asserts on."""
+
+    def __init__(self, browser, server):
+        self.context = browser.new_context(viewport={"width": 1440, "height": 900}, accept_downloads=True)
+        self.page = self.context.new_page()
+        self.requests, self.problems, self.dialogs = [], [], []
+        self.page.on("request", lambda request: self.requests.append(request.url))
+        self.page.on("console", lambda m: self.problems.append(m.text) if m.type == "error" else None)
+        self.page.on("pageerror", lambda error: self.problems.append(str(error)))
+        self.page.on("dialog", lambda dialog: (self.dialogs.append(dialog.message), dialog.dismiss()))
+        self.origin = server["url"].rstrip("/")
+
+    def check(self):
+        outside = [url for url in self.requests if not url.startswith((self.origin, "data:", "blob:"))]
+        assert outside == [] and self.problems == [] and self.dialogs == []
+
+    def generate(self, prompt: str, *, tokens: int = 8, **controls):
+        page = self.page
+        for name, value in {"max_new_tokens": tokens, **controls}.items():
+            page.fill(f"#{name}", str(value))
+        page.fill("#prompt", prompt)
+        page.press("#prompt", "Enter")
+        wait(page, "document.body.dataset.analysis && document.body.dataset.analysis === location.hash.match(/run=([0-9a-f]+)/)?.[1]", timeout=120)
+        return page.evaluate("document.body.dataset.analysis")
+
+
+@pytest.fixture
+def ui(browser, server):
+    wrapper = Page(browser, server)
+    response = wrapper.page.goto(server["url"], wait_until="load")
+    wrapper.response = response
+    wait(wrapper.page, "document.body.dataset.ready === '1'")
+    yield wrapper
+    wrapper.check()
+    wrapper.context.close()
+
+
+def test_open_card_tabs_csp_no_remote_script(ui):
+    page = ui.page
+    assert "script-src 'self'" in ui.response.headers["content-security-policy"]
+    assert "tiny-llama" in page.inner_text("#card") or "layers" in page.inner_text("#card")
+    assert page.locator("#tabs button").count() == 16
+    scripts = page.evaluate("Array.from(document.scripts, s => s.src)")
+    assert scripts and all(src.startswith(ui.origin) for src in scripts)
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "serve-open.png"))
+
+
+def test_completion_streams_equal_ids_and_every_tab_renders(ui, server):
+    page = ui.page
+    seen_before_stop = []
+    page.expose_function("noteToken", lambda n: seen_before_stop.append(n))
+    run_id = ui.generate(PROMPT, tokens=8)
+    reference = mechvis.generate(server["model"], PROMPT, max_new_tokens=8)
+    run = page.evaluate(f"fetch('/api/runs/{run_id}').then(r => r.json())")
+    assert [t["id"] for t in run["tokens"]][run["prompt_length"]:] == reference.generated_ids
+    # yellow tokens (default colour mode) are exactly the trace's sampled-not-argmax
+    yellow = page.evaluate("Array.from(document.querySelectorAll('#transcript .tok')).filter(e => e.style.background === 'rgb(255, 224, 102)').map(e => Number(e.dataset.pos))")
+    expected = [run["prompt_length"] + i for i, flag in enumerate(reference.sampled_not_argmax.tolist()) if flag]
+    assert yellow == expected
+    # token click → inspector, URL hash
+    last = len(run["tokens"]) - 1
+    page.click(f"#transcript .tok[data-pos='{last}']")
+    page.wait_for_selector("#inspector-distribution")
+    sums = page.evaluate("Array.from(document.querySelectorAll('#inspector-distribution .dist-row'), r => Number(r.dataset.p)).reduce((a, b) => a + b, 0)")
+    assert 0 < sums <= 1.0 + 1e-3
+    assert f"pos={last}" in page.url
+    page.wait_for_selector("#inspector-lens")
+    ARTIFACTS.mkdir(exist_ok=True)
+    for tab in page.evaluate("Array.from(document.querySelectorAll('#tabs button'), b => b.dataset.tab)"):
+        page.click(f"#tabs button[data-tab='{tab}']")
+        wait(page, f"document.getElementById('tab-body').dataset.ready === '{tab}'", timeout=60)
+        if tab == "attribution":
+            page.click("#attribution-run")
+            page.wait_for_selector("#tab-body .plot .main-svg", timeout=60_000)
+        if tab == "interventions":
+            page.fill("#ablate-heads", "0.1, 2.3")
+            page.click("#ablate-run")
+            page.wait_for_selector("#ablation-output .plot", timeout=60_000)
+            page.click("#sweep-run")
+            page.wait_for_selector("#sweep-plot .main-svg", timeout=120_000)
+            assert page.evaluate("document.getElementById('sweep-progress').value === document.getElementById('sweep-progress').max")
+        body = page.locator("#tab-body")
+        assert body.inner_text().strip() or page.locator("#tab-body canvas, #tab-body .plot").count() > 0, tab
+        assert not page.locator("#tab-body .error").count(), (tab, page.inner_text("#tab-body"))
+        page.screenshot(path=str(ARTIFACTS / f"serve-tab-{tab}.png"))
+    page.click("#tabs button[data-tab='attention']")
+    wait(page, "document.getElementById('tab-body').dataset.ready === 'attention'")
+    page.screenshot(path=str(ARTIFACTS / "serve.png"))
+
+
+def test_selection_moves_every_tab_and_deep_link_restores(ui):
+    page = ui.page
+    run_id = ui.generate(PROMPT, tokens=6)
+    page.click("#tabs button[data-tab='rollout']")
+    page.click("#transcript .tok[data-pos='3']")
+    wait(page, "document.getElementById('tab-body').dataset.ready === 'rollout' && document.querySelector('#tab-body .gtitle')?.textContent.includes('rollout')")
+    first = page.evaluate("document.querySelector('#tab-body .gtitle').textContent")
+    page.keyboard.press("ArrowRight")
+    wait(page, f"document.querySelector('#tab-body .gtitle') && document.querySelector('#tab-body .gtitle').textContent !== {json.dumps(first)}")
+    assert "pos=4" in page.url
+    page.keyboard.press("]")
+    assert "layer=1" in page.url
+    page.click("#tabs button[data-tab='attention']")
+    wait(page, "document.getElementById('tab-body').dataset.ready === 'attention'")
+    url = page.url
+    page.reload()
+    wait(page, "document.body.dataset.ready === '1' && document.getElementById('tab-body').dataset.ready === 'attention'")
+    assert page.url == url and f"run={run_id}" in page.url
+    assert page.evaluate("document.querySelector('#transcript .tok.selected').dataset.pos") == "4"
+    assert page.input_value("#tab-body select") == "1"  # the layer
+
+
+def test_head_table_sorts_and_jumps_to_attention(ui):
+    page = ui.page
+    ui.generate(PROMPT, tokens=4)
+    page.click("#tabs button[data-tab='entropy']")
+    page.wait_for_selector("#head-table")
+    page.click("#head-table th[data-column='2']")
+    values = page.evaluate("Array.from(document.querySelectorAll('#head-table tbody tr td:nth-child(3)'), td => Number(td.textContent))")
+    assert values == sorted(values, reverse=True)
+    page.click("#head-table tbody tr:nth-child(2) td:nth-child(1)")
+    wait(page, "document.getElementById('tab-body').dataset.ready === 'attention'")
+    assert "tab=attention" in page.url and "head=" in page.url
+    assert float(page.get_attribute("#attention-canvas", "data-draw-ms")) < 100
+
+
+def test_projection_toggle_and_point_click(ui):
+    page = ui.page
+    ui.generate(PROMPT, tokens=4)
+    page.click("#tabs button[data-tab='projection']")
+    page.wait_for_selector("#projection-plot .main-svg")
+    page.select_option("#tab-body select >> nth=1", "3")
+    page.wait_for_selector("#projection-3d")
+    box = page.locator("#projection-3d").bounding_box()
+    picked = page.evaluate("""() => { const c = document.getElementById('projection-3d'); const ctx = c.getContext('2d');
+        const d = ctx.getImageData(0, 0, c.width, c.height).data; for (let i = 0; i < d.length; i += 4) if (d[i + 3] > 200) return [(i / 4) % c.width, Math.floor(i / 4 / c.width)]; return null; }""")
+    assert picked is not None
+    page.mouse.click(box["x"] + picked[0] + 1, box["y"] + picked[1] + 2)
+    wait(page, "/pos=\\d+/.test(location.hash)")
+
+
+def test_splitter_drag_and_persistence(ui):
+    page = ui.page
+    before = page.locator("#right").bounding_box()["width"]
+    handle = page.locator("#splitter").bounding_box()
+    page.mouse.move(handle["x"] + 2, handle["y"] + 100)
+    page.mouse.down()
+    page.mouse.move(handle["x"] - 150, handle["y"] + 100, steps=5)
+    page.mouse.up()
+    after = page.locator("#right").bounding_box()["width"]
+    assert after == pytest.approx(before + 152, abs=6)
+    page.focus("#splitter")
+    page.keyboard.press("ArrowRight")
+    keyed = page.locator("#right").bounding_box()["width"]
+    assert keyed == pytest.approx(after - 20, abs=2)
+    page.reload()
+    wait(page, "document.body.dataset.ready === '1'")
+    assert page.locator("#right").bounding_box()["width"] == pytest.approx(keyed, abs=2)
+    page.evaluate("localStorage.removeItem('mv-right-width')")
+
+
+def test_xss_prompt_is_text_everywhere(ui):
+    page = ui.page
+    ui.generate(XSS_PROMPT, tokens=4)
+    text = page.inner_text("#transcript")
+    assert "<script>alert(1)</script>" in text.replace("∅", "") and "onerror=alert(2)>" in text
+    for tab in ("lens", "entropy-curve", "projection", "confidence"):
+        page.click(f"#tabs button[data-tab='{tab}']")
+        wait(page, f"document.getElementById('tab-body').dataset.ready === '{tab}'")
+        page.hover("#tab-body .plot .nsewdrag >> nth=0", position={"x": 40, "y": 40})
+    assert page.evaluate("document.querySelectorAll('img[src=\"x\"], script:not([src])').length") == 0
+    assert ui.dialogs == []
+
+
+def test_sampling_controls_same_seed_and_out_of_range(ui):
+    page = ui.page
+    first = ui.generate(PROMPT, tokens=6, temperature=1.2, seed=11, top_k=40)
+    text_a = page.evaluate(f"fetch('/api/runs/{first}').then(r => r.json()).then(r => r.generated_text)")
+    page.click("#transcript")  # keep focus out of the inputs
+    second = ui.generate(PROMPT, tokens=6, temperature=1.2, seed=11, top_k=40)
+    text_b = page.evaluate(f"fetch('/api/runs/{second}').then(r => r.json()).then(r => r.generated_text)")
+    assert first != second and text_a == text_b
+    page.fill("#temperature", "3")
+    page.fill("#prompt", "hello")
+    page.press("#prompt", "Enter")
+    assert "Temperature" in page.inner_text("#error")
+    page.fill("#temperature", "0")
+
+
+def test_too_long_prompt_is_an_inline_error_and_the_server_keeps_serving(ui):
+    page = ui.page
+    page.fill("#max_new_tokens", "8")
+    page.fill("#prompt", "word " * 400)
+    page.press("#prompt", "Enter")
+    wait(page, "document.getElementById('error').textContent.includes('context')")
+    ui.generate(PROMPT, tokens=3)
+    assert page.inner_text("#error") == ""
+
+
+@pytest.fixture(scope="module")
+def embedded_server(embedded):
+    import uvicorn
+
+    from mechvis.serve import create_app
+
+    app = create_app(embedded, model_name="embedded", token=TOKEN)
+    uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+    thread = threading.Thread(target=uv.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not uv.started and time.time() < deadline:
+        time.sleep(0.05)
+    yield {"url": f"http://127.0.0.1:{uv.servers[0].sockets[0].getsockname()[1]}/", "model": embedded}
+    uv.should_exit = True
+    thread.join(10)
+
+
+@pytest.mark.integration
+def test_looping_demo_prompt_on_the_embedded_model(browser, embedded_server):
+    """The README screenshot: the demo's looping chat on the embedded model, the repetition lane
+    and the attention tab (MECHVIS_UPDATE_SCREENSHOTS=1 also writes docs/serve.png)."""
+    import os
+    from pathlib import Path
+
+    from mechvis.demo import DEMO_PROMPT
+
+    ui = Page(browser, embedded_server)
+    page = ui.page
+    page.goto(embedded_server["url"], wait_until="load")
+    wait(page, "document.body.dataset.ready === '1'")
+    page.check("input[name='mode'][value='chat']")
+    run_id = ui.generate(DEMO_PROMPT, tokens=96)
+    run = page.evaluate(f"fetch('/api/runs/{run_id}').then(r => r.json())")
+    reference = mechvis.generate(embedded_server["model"], DEMO_PROMPT, chat=True, max_new_tokens=96)
+    assert [t["id"] for t in run["tokens"]][run["prompt_length"]:] == reference.generated_ids
+    assert run["repetition"]["onset"] is not None and len(run["repetition"]["monitor"]) == len(reference.generated_ids)
+    assert run["repetition"]["alarm"] is not None  # the looping prompt raises the alarm
+    page.select_option("#colour", "entropy")
+    page.click(f"#transcript .tok[data-pos='{run['prompt_length'] + 30}']")
+    page.click("#tabs button[data-tab='lens']")
+    wait(page, "document.getElementById('tab-body').dataset.ready === 'lens'")
+    page.click("#tabs button[data-tab='attention']")
+    wait(page, "document.getElementById('tab-body').dataset.ready === 'attention'")
+    page.select_option("#tab-body select >> nth=0", "5")
+    wait(page, "document.getElementById('tab-body').dataset.ready === 'attention' && /layer=5/.test(location.hash)")
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "serve-embedded.png"))
+    if os.environ.get("MECHVIS_UPDATE_SCREENSHOTS"):
+        page.screenshot(path=str(Path(__file__).resolve().parent.parent / "docs" / "serve.png"))
+    ui.check()
+    ui.context.close()
+
+
+def test_chat_segments_dimmed_and_marked(ui):
+    page = ui.page
+    page.check("input[name='mode'][value='chat']")
+    page.fill("#system", "Be brief.")
+    run_id = ui.generate("Name a colour.", tokens=4)
+    run = page.evaluate(f"fetch('/api/runs/{run_id}').then(r => r.json())")
+    kinds = {span["kind"] for span in run["spans"]}
+    assert {"system", "user", "generated"} <= kinds
+    special = page.evaluate("Array.from(document.querySelectorAll('#transcript .tok.special'), e => Number(e.dataset.pos))")
+    assert special == [p for p, t in enumerate(run["tokens"]) if t["special"]] and special
+    boundaries = page.evaluate("Array.from(document.querySelectorAll('#transcript .tok.boundary'), e => Number(e.dataset.pos))")
+    assert boundaries == [span["start"] for span in run["spans"] if span["start"] > 0]
+    assert "user: Name a colour." in page.inner_text("#messages")
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "serve-chat.png"))
+
+
+def test_esc_stops_within_a_second_and_the_server_takes_the_next_request(ui, monkeypatch):
+    import mechvis.serve.routers.generate as generate_module
+
+    original = generate_module.token_stream
+
+    def slow(model, prompt, **options):  # a decoder slower than any real one: 0.2 s per token
+        for item in original(model, prompt, **options):
+            if not hasattr(item, "run"):
+                time.sleep(0.2)
+            yield item
+
+    monkeypatch.setattr(generate_module, "token_stream", slow)
+    page = ui.page
+    page.fill("#max_new_tokens", "60")
+    page.fill("#prompt", PROMPT)
+    page.press("#prompt", "Enter")
+    wait(page, "document.querySelectorAll('#transcript .tok.streaming').length >= 2", timeout=60)
+    pressed = time.perf_counter()
+    page.press("#prompt", "Escape")
+    wait(page, "document.body.dataset.stopped === 'cancelled'", timeout=5)
+    assert time.perf_counter() - pressed < 1.0
+    monkeypatch.setattr(generate_module, "token_stream", original)
+    wait(page, "!document.getElementById('send').disabled", timeout=10)
+    ui.generate(PROMPT, tokens=3)
+
+
+def test_export_report_renders_offline(ui, tmp_path):
+    page = ui.page
+    ui.generate(PROMPT, tokens=4)
+    with page.expect_download(timeout=120_000) as download_info:
+        page.click("#export summary")
+        page.click("#export-html")
+    path = tmp_path / "report.html"
+    download_info.value.save_as(path)
+    with page.expect_download() as json_info:
+        page.click("#export-json")
+    exported = json.loads(open(json_info.value.path(), encoding="utf-8").read())
+    assert exported["id"] == page.evaluate("document.body.dataset.analysis")
+    offline = ui.context.new_page()
+    requests = []
+    offline.on("request", lambda request: requests.append(request.url))
+    offline.goto(path.as_uri(), wait_until="load")
+    wait(offline, "Array.from(document.querySelectorAll('.circuitsvis-view')).every(e => e.childElementCount > 0)", timeout=120)
+    assert offline.locator(".circuitsvis-view").count() > 0
+    assert [url for url in requests if not url.startswith(("file://", "data:"))] == []
+    offline.close()
+
+
+def test_busy_is_shown_and_recovers(ui, server):
+    lock = server["app"].state.mechvis.generation_lock
+    assert lock.acquire(timeout=30)  # another client's generation
+    try:
+        page = ui.page
+        page.fill("#prompt", PROMPT)
+        page.press("#prompt", "Enter")
+        wait(page, "document.getElementById('server-status').textContent === 'busy'", timeout=10)
+        assert "busy" in page.inner_text("#error")
+    finally:
+        lock.release()
+    ui.problems = [p for p in ui.problems if "409" not in p]  # the refused request's console line
+    ui.generate(PROMPT, tokens=3)
+    assert page.inner_text("#error") == ""
