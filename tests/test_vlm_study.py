@@ -152,7 +152,11 @@ def test_streamed_dynamics_equal_the_teacher_forced_ones(tiny_llava):  # noqa: F
 
 
 @pytest.mark.parametrize("model_name", ["llava", "qwen2_vl"])
+@pytest.mark.filterwarnings("ignore:A hook on self_attn.hook_pattern returned a modified tensor")
 def test_dynamics_see_a_preferred_square(model_name, request):
+    """LLaVA's bridge computes attention itself, so the boost changes the model (checked on the
+    logits); Qwen-VL's attention stays HF-native, so there the boost changes only the recorded
+    pattern the metrics read (transformer-lens warns), which is what this test is about."""
     from mechvis.analysis.dynamics import image_dynamics
     from mechvis.analysis.vision import compare, image_attention
     from mechvis.running import encode_with_image
@@ -170,6 +174,9 @@ def test_dynamics_see_a_preferred_square(model_name, request):
             trace = image_trace(bridge, prompt, picture)
         traces.append(trace)
         attentions.append(image_attention(trace.run.cache, bridge, grid, query_positions=[p - 1 for p in trace.generated_positions]))
+    if model_name == "llava":  # the preference is the model's own: its predictions change
+        plain_trace = image_trace(bridge, prompt, square_image(True, size))
+        assert (plain_trace.run.logits - traces[0].run.logits).abs().max() > 1e-3
     dynamics = image_dynamics(bridge, traces[0])
     enrichment = dynamics.region_enrichment("top-left").mean().item()
     assert enrichment > 1.5  # the square's quadrant gets more than its area share
@@ -237,3 +244,17 @@ def test_report_has_geometry_dynamics_information_and_cross_modal_sections(tiny_
     document = (tmp_path / "r.html").read_text()
     assert "tokens where its mass peaks" in document and "I(quadrant; generated token)" in document
     assert "<b>bright</b>" not in document  # token text is escaped
+
+
+def test_relevancy_refuses_models_whose_patterns_are_off_the_gradient_path(tiny_qwen):
+    from mechvis.analysis.gradients import attention_gradient_relevancy
+    from mechvis.running import encode_with_image
+
+    prompt = "<|vision_start|><|image_pad|><|vision_end|>What is bright?"
+    encoded, extra = encode_with_image(tiny_qwen, prompt, square_image(True, (56, 84)))
+    try:
+        relevancy = attention_gradient_relevancy(tiny_qwen, torch.tensor(encoded.token_ids), 11, extra=extra)
+    except InvalidArgumentError as error:
+        assert "gradient" in str(error)
+    else:  # if gradients do reach the patterns, the result must be a real relevancy, not the identity
+        assert not torch.equal(relevancy.matrix, torch.eye(len(encoded.token_ids)))

@@ -255,6 +255,11 @@ def attention_gradient_relevancy(
         value = logits[0, position].double().log_softmax(-1)[target_id]
         ordered = [patterns[layer] for layer in range(model.cfg.n_layers)]
         gradients = torch.autograd.grad(value, ordered, allow_unused=True)
+    if all(gradient is None for gradient in gradients):
+        raise InvalidArgumentError(
+            "No gradient reaches this model's attention patterns: its attention is computed by the wrapped HF module "
+            "(e.g. Qwen-VL's), so the pattern hooks are off the gradient path; relevancy is not available for it."
+        )
     stacked = torch.stack([pattern[0].detach() for pattern in ordered]).cpu()
     grads = torch.stack([torch.zeros_like(p[0]) if g is None else g[0] for p, g in zip(ordered, gradients)]).cpu()
     matrix = relevancy_update(stacked, grads)
