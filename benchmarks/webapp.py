@@ -31,11 +31,12 @@ def _server(model):
     started = time.perf_counter()
     app = create_app(model, model_name="embedded", token=TOKEN)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
-    threading.Thread(target=server.run, daemon=True).start()
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
     while not server.started:
         time.sleep(0.01)
     url = f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
-    return app, server, url, time.perf_counter() - started
+    return app, server, thread, url, time.perf_counter() - started
 
 
 def _stream(url: str, body: dict) -> dict:
@@ -73,7 +74,7 @@ def main() -> None:
     started = time.perf_counter()
     mechvis.load_model(device="cpu")
     load_cached = time.perf_counter() - started
-    app, server, url, boot = _server(model)
+    app, server, thread, url, boot = _server(model)
     words = "The history of the printing press begins in Mainz, where Gutenberg combined movable metal type with oil ink and a press."
     prompt64 = " ".join((words + " ") * 4).split()[:52]
     prompt64 = " ".join(prompt64)
@@ -127,6 +128,7 @@ def main() -> None:
     if chromium:
         _browser(chromium, url, run_id)
     server.should_exit = True
+    thread.join(30)
 
 
 def _browser(chromium: str, url: str, run_id: str) -> None:

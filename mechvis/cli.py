@@ -196,7 +196,7 @@ def _serve(arguments: argparse.Namespace) -> None:
     from mechvis.serve import serve
 
     serve(arguments.model, host=arguments.host, port=arguments.port, model_roots=arguments.model_root,
-          token=arguments.token, open_browser=arguments.open)
+          token=arguments.token, open_browser=arguments.open, dtype=arguments.dtype)
 
 
 def _add_serve_parser(commands) -> None:

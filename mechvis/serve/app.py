@@ -105,6 +105,7 @@ def serve(
     token: str = "auto",
     open_browser: bool = False,
     load: bool = True,
+    dtype: str = "float32",
 ) -> None:
     """Load the model, print the URL and serve until interrupted (`mechvis serve`)."""
     import uvicorn
@@ -123,7 +124,7 @@ def serve(
     if load:
         from mechvis import load_model
 
-        model = load_model(model_name)
+        model = load_model(model_name, dtype=dtype)
     app = create_app(model, model_name=model_name or "embedded", model_roots=model_roots, token=value, host=host)
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", server_header=False,
                             date_header=False, access_log=False)

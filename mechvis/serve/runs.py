@@ -15,10 +15,10 @@ STEP_TOP = 50  # entries of each step's raw and sampled distribution kept for th
 
 def tab_hooks(model) -> list[str]:
     """The hooks the tabs read (passed to the analysis pass as `names_filter`)."""
-    from mechvis.analysis import activation_hook_names, hooks_for
+    from mechvis.analysis import activation_hook_names, hooks_for, lens_hook_names
 
-    return sorted(set(hooks_for(model, "lens", "residual", "similarity", "attention", "norms", "statistics"))
-                  | set(activation_hook_names(model, "resid_post")))
+    return sorted(set(hooks_for(model, "residual", "similarity", "attention", "norms", "statistics"))
+                  | set(lens_hook_names(model)) | set(activation_hook_names(model, "resid_post")))
 
 
 def _repetition(state: ServerState, model, trace) -> dict:

@@ -26,13 +26,21 @@ class StoredRun:
     extras: dict = field(default_factory=dict)  # per-run memo (lens, head entropy, ...)
 
 
-def tensor_bytes(value: Any) -> int:
+def tensor_bytes(value: Any, seen: set | None = None) -> int:
+    """Bytes held by the tensors in `value` (nested dicts/lists), each storage counted once
+    (transformer-lens' compatibility aliases such as hook_in/hook_resid_pre share one)."""
+    seen = set() if seen is None else seen
     if isinstance(value, torch.Tensor):
-        return value.numel() * value.element_size()
+        storage = value.untyped_storage()
+        key = storage.data_ptr()
+        if key in seen:
+            return 0
+        seen.add(key)
+        return storage.nbytes()
     if isinstance(value, dict):
-        return sum(tensor_bytes(item) for item in value.values())
+        return sum(tensor_bytes(item, seen) for item in value.values())
     if isinstance(value, (list, tuple)):
-        return sum(tensor_bytes(item) for item in value)
+        return sum(tensor_bytes(item, seen) for item in value)
     return 0
 
 
