@@ -434,7 +434,7 @@ def stream_generate(
                 scheduled = None
                 if isinstance(temperature_schedule, MonitorTemperature):
                     scheduled = stack.enter_context(_monitor_temperature(model, temperature_schedule, encoded))
-                decoder = _decoder(model)  # after the monitor's hooks: they make it the bridge
+                decoder = _decoder(model, with_image=bool(extra))  # after the monitor's hooks: they make it the bridge
                 stack.enter_context(_neutral_generation_config(decoder))
                 if temperature_schedule is not None and scheduled is None:
                     schedule = temperature_schedule
@@ -576,16 +576,20 @@ def _monitor_temperature(
         handle.remove()
 
 
-def _decoder(model: "TransformerBridge") -> "torch.nn.Module":
+def _decoder(model: "TransformerBridge", with_image: bool = False) -> "torch.nn.Module":
     """The model HF's KV-cached generate runs. With no hook on any of the bridge's hook points
-    (no intervention active), the HF modules the bridge wraps, rebuilt around its components and
-    sharing every parameter (hooks on HF modules, like transformers' output capturing, stay),
-    with each float32 CPU `nn.Linear` running single-token steps as `_SingleRowLinear` does: the
-    same logits up to rounding (≤ 1e-4) in about half the time of HF's own decoding step on the
-    embedded model. With a hook-point hook, the bridge itself, so it applies."""
+    (no intervention active) and no image, the HF modules the bridge wraps, rebuilt around its
+    components and sharing every parameter (hooks on HF modules stay), with float32 CPU
+    `nn.Linear`s as `_SingleRowLinear` where that was measured faster: the same logits up to
+    rounding (≤ 1e-4). With a hook-point hook, the bridge itself, so it applies. With an image,
+    the bridge too: a vision tower reads selected hidden states through transformers' output
+    capturing, whose hooks and "installed" flag would not carry over to the rebuilt copy
+    (LLaVA's image features came back empty when the copy decoded first)."""
     from transformer_lens.hook_points import HookPoint
 
-    if any(isinstance(module, HookPoint) and (module._forward_hooks or module._forward_pre_hooks) for module in model.modules()):
+    if with_image or any(
+        isinstance(module, HookPoint) and (module._forward_hooks or module._forward_pre_hooks) for module in model.modules()
+    ):
         return model.original_model
     return _unwrapped(model.original_model)
 
