@@ -114,7 +114,10 @@ class Run:
     """What one forward pass produced.
 
     `tokens` and `logits` have no batch dimension; `cache` is transformer-lens'
-    `ActivationCache` with its usual batch dimension of size 1.
+    `ActivationCache` with its usual batch dimension of size 1. `logits` are the bridge's:
+    centred by compatibility mode (logit − mean logit over the vocabulary at each position, so
+    every log-probability equals the model's); the model's own logits are
+    `logits + mechvis.unembedding.centring_offset(model, final residual)[:, None]`.
     """
 
     text: str
