@@ -117,7 +117,7 @@ class Run:
     `ActivationCache` with its usual batch dimension of size 1. `logits` are the bridge's:
     centred by compatibility mode (logit − mean logit over the vocabulary at each position, so
     every log-probability equals the model's); the model's own logits are
-    `logits + mechvis.unembedding.centring_offset(model, final residual)[:, None]`.
+    `logits + mechvis.unembedding.centring_offset(model, cache["unembed.hook_in"][0])[:, None]`.
     """
 
     text: str

@@ -1,28 +1,25 @@
 """The model's own logits, although compatibility mode centres the unembedding.
 
-`enable_compatibility_mode()` subtracts from W_U its mean over the vocabulary (and from b_U its
-mean), which shifts every logit at a position by the same amount — the mean logit m(x) — and leaves
-every log-probability unchanged. A bridge's logits are therefore logit − mean logit. To report
-the logit the model itself computes (equal to the plain HF model's), `load_model` keeps, before
-the weights are processed, the mean of the HF output embedding's rows w̄ (and of its bias b̄) and a
-copy of the HF final norm with its original weights; then for a final residual r
-
-    m(r) = s · (w̄ · norm(r) + b̄)
-
-(s: a post-head logit scale — Cohere's `logit_scale`, 1 / Granite's `logits_scaling`), and the
-model's own logit is the bridge's logit + m(r) − the bridge's own mean logit (≈ 0 once centred;
-exactly what is left when transformer-lens did not centre, e.g. with logit soft-capping).
+`enable_compatibility_mode()` folds the final norm into the unembedding and then subtracts from
+W_U its mean over the vocabulary, a (d_model,), and from b_U its mean c. Every logit at a
+position with unembedding input x (the bridge's `unembed.hook_in`) falls by the same x·a + c, so
+log-probabilities are unchanged but a bridge's logits are logit − mean logit. `load_model` records
+a and c as transformer-lens removes them (in the bridge's own basis, after every fold, so
+prediction heads, logit scales and norm gains are accounted for); the model's own logit, equal to
+the plain HF model's, is the bridge's logit + x·a + c. Where transformer-lens does not centre
+(logit soft-capping, e.g. Gemma 2), a = 0 and c = 0.
 """
 
 from __future__ import annotations
 
-import copy
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 from jaxtyping import Float
-from torch import Tensor, nn
+from torch import Tensor
 
 from mechvis.errors import InvalidArgumentError
 
@@ -30,53 +27,65 @@ if TYPE_CHECKING:
     from transformer_lens.model_bridge import TransformerBridge
 
 ATTRIBUTE = "mechvis_unembedding_mean"
+INPUT_HOOK = "unembed.hook_in"
 
 
 @dataclass
 class UnembeddingMean:
-    """What the centring removes, read from the HF model before weight processing."""
+    """What centring removed from the bridge's unembedding (zeros if it was not centred)."""
 
-    weight: Float[Tensor, " d_model"]  # mean over the vocabulary of the output embedding's rows (float32)
-    bias: float  # mean of the output embedding's bias (0 without one)
-    final_norm: nn.Module | None  # the HF final norm with its original weights (float32), None if absent
-    scale: float  # logits = scale · lm_head(norm(r))
+    weight: Float[Tensor, " d_model"]  # a: W_U's mean over the vocabulary, float32
+    bias: float  # c: b_U's mean
 
-    def mean_logit(self, residual: Float[Tensor, "... d_model"]) -> Float[Tensor, "..."]:
-        """The HF model's mean logit over the vocabulary for final residual streams `residual`
-        (before any soft-cap), in float32; differentiable in `residual`."""
-        hidden = residual.float()
-        if self.final_norm is not None:
-            hidden = self.final_norm(hidden)
-        weight = self.weight.to(hidden.device)
-        return self.scale * (hidden @ weight + self.bias)
+    def mean_logit(self, unembed_input: Float[Tensor, "... d_model"]) -> Float[Tensor, "..."]:
+        """x·a + c for unembedding inputs x (float32, differentiable in x)."""
+        return unembed_input.float() @ self.weight.to(unembed_input.device) + self.bias
 
 
-def _logit_scale(config: object) -> float:
-    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    scale = float(getattr(text_config, "logit_scale", None) or 1.0)  # Cohere: logits · logit_scale
-    scaling = getattr(text_config, "logits_scaling", None)  # Granite: logits / logits_scaling
-    return scale / float(scaling) if scaling else scale
+@contextlib.contextmanager
+def recording_unembedding_mean(bridge: "TransformerBridge") -> Iterator[None]:
+    """Around `bridge.enable_compatibility_mode()`: record on the bridge what transformer-lens'
+    `ProcessWeights.center_unembed` removes. If it never runs (no centring), nothing was removed,
+    unless the unembedding ends up centred anyway (a transformer-lens that centres another way):
+    then what was removed is unknown and `centring_offset` raises."""
+    from transformer_lens.weight_processing import ProcessWeights
+
+    original = ProcessWeights.__dict__["center_unembed"]
+    removed: dict[str, Tensor | float] = {}
+    d_vocab = bridge.cfg.d_vocab
+
+    def recording(state_dict, cfg=None, adapter=None):
+        weight_key = ProcessWeights._get_param_key("unembed.W_U", adapter)
+        bias_key = ProcessWeights._get_param_key("unembed.b_U", adapter)
+        before_weight = state_dict[weight_key].detach().float().clone()
+        before_bias = state_dict[bias_key].detach().float().clone() if bias_key in state_dict else None
+        processed = original.__func__(state_dict, cfg=cfg, adapter=adapter)
+        difference = before_weight - processed[weight_key].detach().float()  # constant along the vocabulary
+        vocab_dim = 0 if difference.shape[0] == d_vocab and difference.shape[-1] != d_vocab else -1
+        removed["weight"] = difference.mean(vocab_dim)
+        removed["bias"] = float((before_bias - processed[bias_key].detach().float()).mean()) if before_bias is not None else 0.0
+        return processed
+
+    ProcessWeights.center_unembed = staticmethod(recording)
+    try:
+        yield
+    finally:
+        ProcessWeights.center_unembed = original
+    d_model = bridge.cfg.d_model
+    if "weight" in removed and removed["weight"].shape == (d_model,):
+        kept = UnembeddingMean(removed["weight"], float(removed["bias"]))
+    else:
+        weight = bridge.W_U.detach().float()
+        centred = weight.mean(-1).abs().max() <= 1e-6 * weight.abs().max()
+        kept = None if centred else UnembeddingMean(torch.zeros(d_model), 0.0)
+    setattr(bridge, ATTRIBUTE, kept)
 
 
-def keep_unembedding_mean(bridge: "TransformerBridge") -> None:
-    """Record on `bridge` what centring the unembedding will remove. Call before
-    `enable_compatibility_mode()` (it processes the weights in place)."""
-    head = bridge.original_model.get_output_embeddings()
-    if head is None or getattr(head, "weight", None) is None:
-        return
-    with torch.no_grad():
-        weight = head.weight.detach().float().mean(0).clone()  # (vocab, d_model) rows → (d_model,)
-        bias = float(head.bias.detach().float().mean()) if getattr(head, "bias", None) is not None else 0.0
-    norm_bridge = getattr(bridge, "ln_final", None)
-    norm = getattr(norm_bridge, "original_component", None) if norm_bridge is not None else None
-    final_norm = copy.deepcopy(norm).float().eval().requires_grad_(False) if norm is not None else None
-    setattr(bridge, ATTRIBUTE, UnembeddingMean(weight, bias, final_norm, _logit_scale(bridge.original_model.config)))
-
-
-def centring_offset(model: "TransformerBridge", residual: Float[Tensor, "... d_model"]) -> Float[Tensor, "..."]:
-    """What to add to the bridge's logits at final residual streams `residual` to get the model's
-    own logits (float32, differentiable in `residual`): the HF model's mean logit minus the
-    bridge's.
+def centring_offset(model: "TransformerBridge", unembed_input: Float[Tensor, "... d_model"]) -> Float[Tensor, "..."]:
+    """What to add to the bridge's logits at unembedding inputs `unembed_input` (a run's
+    `cache["unembed.hook_in"]`) to get the model's own logits: x·a + c, float32, differentiable
+    in x. (Before any logit soft-cap; transformer-lens never centres a soft-capped model, so the
+    offset is then 0.)
 
     Raises InvalidArgumentError for a bridge `mechvis.load_model` did not load (what centring
     removed is then unknown).
@@ -88,5 +97,4 @@ def centring_offset(model: "TransformerBridge", residual: Float[Tensor, "... d_m
             "removed is unknown. Load it with mechvis.load_model, or score the log-probability "
             "(score='logprob') or the centred logit (score='centered_logit')."
         )
-    bridge_mean = model.unembed(model.ln_final(residual)).float().mean(-1)  # ≈ 0 when centred
-    return kept.mean_logit(residual) - bridge_mean
+    return kept.mean_logit(unembed_input)

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from mechvis.analysis._checks import check_positions, single_token_id
 from mechvis.errors import InvalidArgumentError
-from mechvis.unembedding import centring_offset
+from mechvis.unembedding import INPUT_HOOK, centring_offset
 
 if TYPE_CHECKING:
     from transformer_lens.model_bridge import TransformerBridge
@@ -51,23 +51,28 @@ def _check_score(score: str) -> None:
 
 
 def _target_scores(
-    model: "TransformerBridge", logits: Float[Tensor, "batch vocab"], final_residual: Float[Tensor, "batch d_model"],
-    target_id: int, score: str,
+    logits: Float[Tensor, "batch vocab"], offset: Float[Tensor, " batch"] | None, target_id: int, score: str
 ) -> Float[Tensor, " batch"]:
-    """The target's score from the bridge's logits at one position (float32, differentiable)."""
+    """The target's score from the bridge's logits at one position (float32, differentiable);
+    `offset` is what centring removed there (`centring_offset`), needed for "logit"."""
     logits = logits.float()
     if score == "logprob":
         return logits.log_softmax(-1)[:, target_id]
     if score == "centered_logit":  # ≈ the bridge's logit once centred; exact if it was not (soft-capping)
         return logits[:, target_id] - logits.mean(-1)
-    return logits[:, target_id] + centring_offset(model, final_residual)
+    return logits[:, target_id] + offset
 
 
-def _final_residual_hook(model: "TransformerBridge", store: dict) -> tuple[str, object]:
-    def keep(residual: Tensor, hook: object) -> None:
-        store["residual"] = residual
+def _offset_hook(model: "TransformerBridge", position: int, store: dict, score: str) -> list[tuple[str, object]]:
+    """A hook keeping `centring_offset` at `position` from the unembedding's input (for "logit")."""
+    if score != "logit":
+        return []
+    centring_offset(model, torch.zeros(model.cfg.d_model))  # raises now, not inside the forward, if unknown
 
-    return f"blocks.{model.cfg.n_layers - 1}.hook_resid_post", keep
+    def keep(unembed_input: Tensor, hook: object) -> None:
+        store["offset"] = centring_offset(model, unembed_input[:, position])
+
+    return [(INPUT_HOOK, keep)]
 
 
 def _checked_tokens(tokens: Int[Tensor, " pos"]) -> Int[Tensor, " pos"]:
@@ -98,9 +103,9 @@ def gradient_x_input(
 
     with torch.enable_grad():
         logits = model.run_with_hooks(
-            tokens[None].to(model.cfg.device), fwd_hooks=[("hook_embed", as_leaf), _final_residual_hook(model, leaf)]
+            tokens[None].to(model.cfg.device), fwd_hooks=[("hook_embed", as_leaf), *_offset_hook(model, position, leaf, score)]
         )
-        value = _target_scores(model, logits[:, position], leaf["residual"][:, position], target_id, score)[0]
+        value = _target_scores(logits[:, position], leaf.get("offset"), target_id, score)[0]
         (gradient,) = torch.autograd.grad(value, leaf["embedding"])
     scores = (gradient[0].float() * leaf["embedding"][0].detach().float()).sum(-1)
     return InputAttribution("gradient_x_input", scores, target_id, position, value.item(), score)
@@ -131,10 +136,10 @@ def occlusion(
     if batch_size < 1:
         raise InvalidArgumentError(f"batch_size must be at least 1; got {batch_size}.")
     store: dict[str, Tensor] = {}
-    keep_residual = _final_residual_hook(model, store)
+    keep_offset = _offset_hook(model, position, store, score)
     with torch.no_grad():
-        logits = model.run_with_hooks(tokens[None], fwd_hooks=[keep_residual])
-        clean = _target_scores(model, logits[:, position], store["residual"][:, position], target_id, score)[0].item()
+        logits = model.run_with_hooks(tokens[None], fwd_hooks=keep_offset)
+        clean = _target_scores(logits[:, position], store.get("offset"), target_id, score)[0].item()
         occluded = torch.full((n_positions,), clean)
         causal = getattr(model.cfg, "attention_dir", "causal") == "causal"
         n_run = position + 1 if causal else n_positions  # later tokens cannot reach `position`
@@ -148,7 +153,7 @@ def occlusion(
                 return embedding
 
             batch = tokens[None].expand(hidden.shape[0], -1)
-            logits = model.run_with_hooks(batch, fwd_hooks=[("hook_embed", zero_one_position), keep_residual])
-            values = _target_scores(model, logits[:, position], store["residual"][:, position], target_id, score)
+            logits = model.run_with_hooks(batch, fwd_hooks=[("hook_embed", zero_one_position), *keep_offset])
+            values = _target_scores(logits[:, position], store.get("offset"), target_id, score)
             occluded[start : start + hidden.shape[0]] = values.cpu()
     return InputAttribution("occlusion", clean - occluded, target_id, position, clean, score)

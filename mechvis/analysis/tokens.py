@@ -13,7 +13,7 @@ from torch import Tensor
 from mechvis.analysis._checks import activation
 from mechvis.analysis.lens import decode_nested
 from mechvis.errors import InvalidArgumentError
-from mechvis.unembedding import centring_offset
+from mechvis.unembedding import INPUT_HOOK, centring_offset
 
 if TYPE_CHECKING:
     from transformer_lens import ActivationCache
@@ -120,7 +120,7 @@ def high_entropy_positions(
     """The `n` highest-entropy positions of `logits` (a run's logits, or a prefix of them),
     highest first, with their top-k tokens, log-probabilities and logits.
 
-    With `cache` (the same run's, holding the last block's `hook_resid_post`), `top_logits` are
+    With `cache` (the same run's, holding `unembed.hook_in`), `top_logits` are
     the model's own logits: the run's logits are centred by compatibility mode, and the mean the
     centring removed is added back (`mechvis.unembedding`). Without it they are `logits` minus
     their mean over the vocabulary ("centered_logit": a bridge's logits as they are, unless
@@ -135,9 +135,9 @@ def high_entropy_positions(
     if cache is None:
         top_logits = top_logits - chosen.mean(-1, keepdim=True)  # a bridge's logits are centred already (≈ 0)
     else:
-        residual = activation(cache, f"blocks.{model.cfg.n_layers - 1}.hook_resid_post")[positions]
+        unembed_input = activation(cache, INPUT_HOOK)[positions]
         with torch.no_grad():
-            top_logits = top_logits + centring_offset(model, residual).to(top_logits.device)[:, None]
+            top_logits = top_logits + centring_offset(model, unembed_input).to(top_logits.device)[:, None]
         kind = "logit"
     return HighEntropyPositions(positions, signals.entropy[positions], top_ids, decode_nested(model, top_ids), top_logits,
                                 top_log_probs, kind)

@@ -16,7 +16,7 @@ import torch
 
 from mechvis.errors import InvalidArgumentError, ModelNotFoundError, UnsupportedArchitectureError
 from mechvis.models.embedded import EMBEDDED_MODEL_NAME, embedded_model_dir
-from mechvis.unembedding import keep_unembedding_mean
+from mechvis.unembedding import recording_unembedding_mean
 
 if TYPE_CHECKING:
     from transformer_lens.model_bridge import TransformerBridge
@@ -171,8 +171,8 @@ def load_model(
     bridge = TransformerBridge.boot_transformers(
         model_name, hf_model=hf_model, tokenizer=tokenizer, device=resolved_device, dtype=resolved_dtype
     )
-    keep_unembedding_mean(bridge)  # what centring the unembedding removes: for the model's own logits
-    bridge.enable_compatibility_mode(disable_warnings=True)
+    with recording_unembedding_mean(bridge):  # what centring the unembedding removes: the model's own logits
+        bridge.enable_compatibility_mode(disable_warnings=True)
     bridge.eval()
     # transformer-lens keeps a BOS-prepending copy as `bridge.tokenizer`; mechvis tokenises
     # with the model's own tokenizer so that inputs match the model's HF pipeline.
