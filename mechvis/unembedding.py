@@ -55,15 +55,22 @@ def recording_unembedding_mean(bridge: "TransformerBridge") -> Iterator[None]:
     d_vocab = bridge.cfg.d_vocab
 
     def recording(state_dict, cfg=None, adapter=None):
-        weight_key = ProcessWeights._get_param_key("unembed.W_U", adapter)
-        bias_key = ProcessWeights._get_param_key("unembed.b_U", adapter)
-        before_weight = state_dict[weight_key].detach().float().clone()
-        before_bias = state_dict[bias_key].detach().float().clone() if bias_key in state_dict else None
+        removed["called"] = True
+        try:  # bookkeeping only: whatever happens here, the weights are processed as usual
+            weight_key = ProcessWeights._get_param_key("unembed.W_U", adapter)
+            bias_key = ProcessWeights._get_param_key("unembed.b_U", adapter)
+            before_weight = state_dict[weight_key].detach().float().clone()
+            before_bias = state_dict[bias_key].detach().float().clone() if bias_key in state_dict else None
+        except Exception:  # noqa: BLE001 - an unexpected state dict: what was removed stays unknown
+            return original.__func__(state_dict, cfg=cfg, adapter=adapter)
         processed = original.__func__(state_dict, cfg=cfg, adapter=adapter)
-        difference = before_weight - processed[weight_key].detach().float()  # constant along the vocabulary
-        vocab_dim = 0 if difference.shape[0] == d_vocab and difference.shape[-1] != d_vocab else -1
-        removed["weight"] = difference.mean(vocab_dim)
-        removed["bias"] = float((before_bias - processed[bias_key].detach().float()).mean()) if before_bias is not None else 0.0
+        try:
+            difference = before_weight - processed[weight_key].detach().float()  # constant along the vocabulary
+            vocab_dim = 0 if difference.shape[0] == d_vocab and difference.shape[-1] != d_vocab else -1
+            removed["weight"] = difference.mean(vocab_dim)
+            removed["bias"] = float((before_bias - processed[bias_key].detach().float()).mean()) if before_bias is not None else 0.0
+        except Exception:  # noqa: BLE001
+            removed.pop("weight", None)
         return processed
 
     ProcessWeights.center_unembed = staticmethod(recording)
@@ -74,9 +81,11 @@ def recording_unembedding_mean(bridge: "TransformerBridge") -> Iterator[None]:
     d_model = bridge.cfg.d_model
     if "weight" in removed and removed["weight"].shape == (d_model,):
         kept = UnembeddingMean(removed["weight"], float(removed["bias"]))
-    else:
+    elif removed.get("called"):
+        kept = None  # centred, but what it removed could not be read
+    else:  # not centred (soft-capping) — unless a transformer-lens that centres some other way
         weight = bridge.W_U.detach().float()
-        centred = weight.mean(-1).abs().max() <= 1e-6 * weight.abs().max()
+        centred = bool(weight.mean(-1).abs().max() <= 1e-6 * weight.abs().max())
         kept = None if centred else UnembeddingMean(torch.zeros(d_model), 0.0)
     setattr(bridge, ATTRIBUTE, kept)
 
