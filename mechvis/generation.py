@@ -174,7 +174,7 @@ class Trace:
     prompt_length: int
     generated_ids: list[int]
     generated_text: str  # decoded as a whole (per-token strings can split multi-byte characters)
-    step_logits: Float[Tensor, "step vocab"]  # raw logits seen while generating
+    step_logits: Float[Tensor, "step vocab"]  # logits seen while generating, before processors; centred like Run.logits
     step_distributions: Float[Tensor, "step vocab"]  # what each token was sampled from
     step_temperatures: Float[Tensor, " step"]  # the temperature of each step (0: greedy)
     settings: SamplingSettings

@@ -122,7 +122,10 @@ class Run:
     `ActivationCache` with its usual batch dimension of size 1. `text` is the whole token
     sequence decoded at once (`tokenizer.decode(tokens)`, special tokens included), `offsets[i]`
     the characters of `text` that hold token i's bytes and `str_tokens[i]` the characters token i
-    completes (empty for a token that ends inside a character); see `decode_tokens`.
+    completes (empty for a token that ends inside a character); see `decode_tokens`. `logits` are the bridge's:
+    centred by compatibility mode (logit − mean logit over the vocabulary at each position, so
+    every log-probability equals the model's); the model's own logits are
+    `logits + mechvis.unembedding.centring_offset(model, cache["unembed.hook_in"][0])[:, None]`.
     """
 
     text: str

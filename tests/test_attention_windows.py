@@ -17,7 +17,7 @@ import mechvis
 from mechvis.analysis import head_entropy, pattern_hook, visible_keys
 from mechvis.architecture import LayerAttention, attention_layout, inspect_model
 from mechvis.errors import UnsupportedArchitectureError
-from tests.reference import entropy_rows, hf_attentions
+from tests.reference import entropy_rows, hf_forward
 from tests.tiny import N_CTX, VOCAB
 
 PROMPT = "Write a poem about the sea. The poem must mention the moon and the tide."
@@ -70,10 +70,15 @@ def _windowed(name: str, seed: int = 0):
 def windowed(request, tokenizer):
     """(name, bridge, run of PROMPT, HF eager attentions of the same tokens from an untouched copy)."""
     hf_model = _windowed(request.param)
+    with torch.no_grad():  # a large mean logit, so that centred and own logits differ (test_own_logits...)
+        head = hf_model.get_output_embeddings()
+        head.weight += torch.randn(head.weight.shape[1], generator=torch.Generator().manual_seed(1)) * 0.5
     reference = copy.deepcopy(hf_model)
     bridge = mechvis.load_model(hf_model, tokenizer=tokenizer, device="cpu")
     result = mechvis.run(bridge, PROMPT)
-    return request.param, bridge, result, hf_attentions(reference, result.tokens.tolist())
+    output = hf_forward(reference, result.tokens.tolist())
+    result.hf_logits = output.logits[0]
+    return request.param, bridge, result, torch.stack(output.attentions)[:, 0].double().numpy()
 
 
 def _hf_mask(attentions: np.ndarray) -> np.ndarray:
@@ -131,6 +136,19 @@ def test_inspect_reports_the_window(windowed):
     else:
         assert summary.sliding_window == WINDOW and summary.attention_chunk_size is None
         assert f"{WINDOW} tokens" in str(summary)
+
+
+def test_own_logits_equal_hf_logits(windowed):
+    """The same fixtures check `mechvis.unembedding` on every windowed architecture: the bridge's
+    centred logits plus the kept offset are the plain HF model's logits."""
+    from mechvis.unembedding import centring_offset
+
+    name, bridge, result, _ = windowed
+    with torch.no_grad():
+        own = result.logits + centring_offset(bridge, result.cache["unembed.hook_in"][0])[:, None]
+    hf_logits = result.hf_logits
+    torch.testing.assert_close(own, hf_logits, atol=2e-4, rtol=1e-5, msg=name)
+    torch.testing.assert_close(result.logits.log_softmax(-1), hf_logits.log_softmax(-1), atol=2e-4, rtol=1e-5, msg=name)
 
 
 def test_mistral_uniform_head_regression(tiny, tokenizer):

@@ -19,7 +19,7 @@ def test_gradient_x_input_matches_finite_differences(tokenizer):
     # which would drown a small finite-difference step in rounding).
     model = mechvis.load_model(tiny_hf_model("gpt2"), tokenizer=tokenizer, device="cpu", dtype=torch.float64)
     tokens = torch.tensor(mechvis.encode(model, PROMPT).token_ids)
-    attribution = gradient_x_input(model, tokens, " the", position=-2)
+    attribution = gradient_x_input(model, tokens, " the", position=-2, score="centered_logit")  # the bridge's own logits
     target = attribution.target_id
     epsilon = 1e-5
     for position in (0, 3, len(tokens) - 2):
@@ -42,7 +42,7 @@ def test_gradient_x_input_matches_finite_differences(tokenizer):
 def test_gradient_x_input_matches_hf_autograd(tiny):
     model, reference = tiny("llama")
     tokens = torch.tensor(mechvis.encode(model, PROMPT).token_ids)
-    attribution = gradient_x_input(model, tokens, " the", position=-2)
+    attribution = gradient_x_input(model, tokens, " the", position=-2, score="centered_logit")
     embeddings = reference.get_input_embeddings()(tokens[None]).detach().requires_grad_(True)
     logits = reference(inputs_embeds=embeddings).logits[0, -2]
     centred = logits[attribution.target_id] - logits.mean()  # compatibility mode centres the unembedding
@@ -56,7 +56,7 @@ def test_occlusion_matches_hf_with_zeroed_embeddings(tiny, architecture):
     model, reference = tiny(architecture)
     tokens = torch.tensor(mechvis.encode(model, PROMPT).token_ids)
     position = 6
-    result = occlusion(model, tokens, " the", position=position, batch_size=4)
+    result = occlusion(model, tokens, " the", position=position, batch_size=4, score="centered_logit")
     assert (result.scores[position + 1 :] == 0).all()  # tokens after the target cannot matter
     target = result.target_id
     embeddings = reference.get_input_embeddings()(tokens[None]).detach()

@@ -135,7 +135,7 @@ def test_input_attribution_matches_float32(models, runs, dtype):
         half, full = method(model, tokens, " Paris"), method(reference, tokens, " Paris")
         assert half.scores.dtype == torch.float32
         _close(half.scores, full.scores, tol, scale=10)
-        assert half.target_logit == pytest.approx(full.target_logit, abs=10 * tol)
+        assert half.target_value == pytest.approx(full.target_value, abs=10 * tol)
 
 
 @pytest.mark.parametrize("dtype", HALF, ids=str)

@@ -90,10 +90,12 @@ def decompose_residual(
 @dataclass
 class LogitAttribution:
     """Direct logit attribution at one position: each component's contribution to
-    logit(answer) − logit(counterfactual) (or to logit(answer) alone), in logits.
+    logit(answer) − logit(counterfactual) (`value_kind` "logit_difference", the same as the plain
+    HF model's), or to the answer's *centred* logit alone (`value_kind` "centered_logit":
+    logit − mean logit over the vocabulary; compatibility mode centres the unembedding, so a
+    component that raises every logit alike contributes nothing), in logits.
 
-    `contributions` plus `unembed_bias` sum to `model_value`, the model's own value (before any
-    logit soft-cap).
+    `contributions` plus `unembed_bias` sum to `model_value` (before any logit soft-cap).
     """
 
     labels: list[str]
@@ -103,6 +105,7 @@ class LogitAttribution:
     position: int
     answer_id: int
     counterfactual_id: int | None
+    value_kind: str = "logit_difference"  # or "centered_logit" without a counterfactual
 
     def top(self, n: int = 10) -> list[tuple[str, float]]:
         """The `n` components with the largest absolute contribution, largest first."""
@@ -119,8 +122,9 @@ def direct_logit_attribution(
     position: int = -1,
     heads: bool = True,
 ) -> LogitAttribution:
-    """Attribute the logit of `answer` (minus that of `counterfactual`) at `position` to the
-    embeddings, each attention head (or layer) and each MLP."""
+    """Attribute the logit of `answer` minus that of `counterfactual` at `position` (or, with no
+    counterfactual, the answer's centred logit: see LogitAttribution) to the embeddings, each
+    attention head (or layer) and each MLP, through the final norm's cached scale."""
     decomposition = decompose_residual(cache, model, heads=heads)
     (position,) = check_positions(decomposition.components.shape[1], [position])
     answer_id = single_token_id(model, answer)
@@ -144,6 +148,7 @@ def direct_logit_attribution(
         position=position,
         answer_id=answer_id,
         counterfactual_id=counterfactual_id,
+        value_kind="centered_logit" if counterfactual_id is None else "logit_difference",
     )
 
 

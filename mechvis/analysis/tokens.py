@@ -10,10 +10,13 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from mechvis.analysis._checks import activation
 from mechvis.analysis.lens import decode_nested
 from mechvis.errors import InvalidArgumentError
+from mechvis.unembedding import INPUT_HOOK, centring_offset
 
 if TYPE_CHECKING:
+    from transformer_lens import ActivationCache
     from transformer_lens.model_bridge import TransformerBridge
 
 
@@ -90,21 +93,51 @@ def token_signals(
 
 @dataclass
 class HighEntropyPositions:
-    """The positions of highest entropy with their top-k candidates and logits (the seed's
-    "logits heatmap with top-k at high-entropy tokens")."""
+    """The positions of highest entropy with their top-k candidates, their log-probabilities
+    (nats) and logits (the seed's "logits heatmap with top-k at high-entropy tokens").
+
+    `logit_kind` names what `top_logits` holds: "logit" (the model's own logits, equal to the
+    plain HF model's) or "centered_logit" (logit − mean logit over the vocabulary, what a
+    compatibility-mode bridge outputs)."""
 
     positions: list[int]
     entropy: Float[Tensor, " n"]
     top_ids: Int[Tensor, "n k"]
     top_tokens: list[list[str]]
     top_logits: Float[Tensor, "n k"]
+    top_log_probs: Float[Tensor, "n k"]
+    logit_kind: str = "logit"
 
 
 def high_entropy_positions(
-    model: "TransformerBridge", logits: Float[Tensor, "pos vocab"], *, n: int = 10, k: int = 5
+    model: "TransformerBridge",
+    logits: Float[Tensor, "pos vocab"],
+    *,
+    n: int = 10,
+    k: int = 5,
+    cache: "ActivationCache | None" = None,
 ) -> HighEntropyPositions:
-    """The `n` highest-entropy positions of `logits`, highest first, with their top-k logits."""
+    """The `n` highest-entropy positions of `logits` (a run's logits, or a prefix of them),
+    highest first, with their top-k tokens, log-probabilities and logits.
+
+    With `cache` (the same run's, holding `unembed.hook_in`), `top_logits` are
+    the model's own logits: the run's logits are centred by compatibility mode, and the mean the
+    centring removed is added back (`mechvis.unembedding`). Without it they are `logits` minus
+    their mean over the vocabulary ("centered_logit": a bridge's logits as they are, unless
+    transformer-lens left them uncentred for a soft-capped model).
+    """
     signals = token_signals(logits, k=k)
     positions = signals.highest_entropy(n)
-    top_logits, top_ids = logits[positions].float().topk(k, dim=-1)
-    return HighEntropyPositions(positions, signals.entropy[positions], top_ids, decode_nested(model, top_ids), top_logits)
+    chosen = logits[positions].float()
+    top_logits, top_ids = chosen.topk(k, dim=-1)
+    top_log_probs = chosen.log_softmax(-1).gather(-1, top_ids)
+    kind = "centered_logit"
+    if cache is None:
+        top_logits = top_logits - chosen.mean(-1, keepdim=True)  # a bridge's logits are centred already (≈ 0)
+    else:
+        unembed_input = activation(cache, INPUT_HOOK)[positions]
+        with torch.no_grad():
+            top_logits = top_logits + centring_offset(model, unembed_input).to(top_logits.device)[:, None]
+        kind = "logit"
+    return HighEntropyPositions(positions, signals.entropy[positions], top_ids, decode_nested(model, top_ids), top_logits,
+                                top_log_probs, kind)

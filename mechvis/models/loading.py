@@ -17,6 +17,7 @@ import torch
 from mechvis.models import compat
 from mechvis.errors import InvalidArgumentError, ModelNotFoundError, UnsupportedArchitectureError
 from mechvis.models.embedded import EMBEDDED_MODEL_NAME, embedded_model_dir
+from mechvis.unembedding import recording_unembedding_mean
 
 if TYPE_CHECKING:
     from transformer_lens.model_bridge import TransformerBridge
@@ -172,7 +173,8 @@ def load_model(
     bridge = TransformerBridge.boot_transformers(
         model_name, hf_model=hf_model, tokenizer=tokenizer, device=resolved_device, dtype=resolved_dtype
     )
-    bridge.enable_compatibility_mode(disable_warnings=True)
+    with recording_unembedding_mean(bridge):  # what centring the unembedding removes: the model's own logits
+        bridge.enable_compatibility_mode(disable_warnings=True)
     bridge.eval()
     compat.check(bridge)
     # transformer-lens keeps a BOS-prepending copy as `bridge.tokenizer`; mechvis tokenises

@@ -131,7 +131,8 @@ def build_report_data(
     stages.set_postfix_str("token and lens analyses")
     n = len(run.tokens)
     signals = token_signals(run.logits, run.tokens)
-    high = high_entropy_positions(model, run.logits[:-1] if n > 1 else run.logits, n=min(10, max(1, n - 1)), k=5)
+    high = high_entropy_positions(model, run.logits[:-1] if n > 1 else run.logits, n=min(10, max(1, n - 1)), k=5,
+                                  cache=run.cache)  # the model's own logits, not the centred ones
     lens = logit_lens(run.cache, model, positions=list(range(max(0, n - lens_positions), n)))
     stages.update()
     stages.set_postfix_str("attention, residual and activation analyses")
@@ -301,6 +302,7 @@ def report_json(data: ReportData) -> dict:
             "answer_id": data.attribution.answer_id,
             "counterfactual_id": data.attribution.counterfactual_id,
             "model_value": data.attribution.model_value,
+            "value_kind": data.attribution.value_kind,
             "top": [{"component": label, "value": value} for label, value in data.attribution.top(20)],
         }
     if data.repetition is not None:

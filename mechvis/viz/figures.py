@@ -91,7 +91,8 @@ def activation_norms_figure(norms: ActivationNorms, tokens: Sequence[str]) -> Fi
 
 
 def high_entropy_logits_figure(high: HighEntropyPositions, tokens: Sequence[str]) -> Figure:
-    """Top-k logits at the highest-entropy positions, candidates written in the cells."""
+    """Top-k logits at the highest-entropy positions, candidates written in the cells (the title
+    says "centred logits" when `high.logit_kind` is "centered_logit")."""
     with _plain_text():
         logits = _np(high.top_logits)
         figure, axis = plt.subplots(figsize=(min(12, 2 + 1.3 * logits.shape[1]), 0.4 * len(high.positions) + 1.2))
@@ -103,7 +104,8 @@ def high_entropy_logits_figure(high: HighEntropyPositions, tokens: Sequence[str]
         axis.set_yticks(range(len(high.positions)),
                         [f"{p}: {display_token(tokens[p])} (H={h:.2f})" for p, h in zip(high.positions, _np(high.entropy).tolist())])
         axis.set_xticks(range(logits.shape[1]), [f"#{i + 1}" for i in range(logits.shape[1])])
-        axis.set_title("logits of the top candidates at the highest-entropy positions")
+        kind = "centred logits" if high.logit_kind == "centered_logit" else "logits"
+        axis.set_title(f"{kind} of the top candidates at the highest-entropy positions")
         figure.tight_layout()
     return figure
 
