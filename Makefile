@@ -27,7 +27,6 @@ $(STAMP): pyproject.toml $(LOCK) requirements-embedded.lock Makefile
 	$(PY) -m pip install --quiet --require-hashes --no-deps -r $(LOCK)
 	$(PY) -m pip install --quiet --require-hashes --no-deps -r requirements-embedded.lock
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
-	$(PY) -m pip check
 	touch $(STAMP)
 
 demo: install
@@ -63,7 +62,6 @@ test-latest: browser
 	PIP_CONSTRAINT= $(LATEST)/bin/python -m pip install --quiet --no-deps -r $(LATEST)/latest.txt
 	$(LATEST)/bin/python -m pip install --quiet --require-hashes --no-deps -r requirements-embedded.lock
 	$(LATEST)/bin/python -m pip install --quiet --no-deps -e .
-	$(LATEST)/bin/python -m pip check
 	$(LATEST)/bin/python -m pip freeze --exclude-editable > $(LATEST)/installed.txt
 	$(LATEST)/bin/python -m pytest
 
