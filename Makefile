@@ -59,7 +59,7 @@ test-latest: browser
 	$(PYTHON) -m venv $(LATEST)
 	$(LATEST)/bin/python -m pip install --quiet $(UV)
 	$(LATEST)/bin/uv pip compile pyproject.toml $(EXTRAS) --python $(LATEST)/bin/python --quiet -o $(LATEST)/latest.txt
-	PIP_CONSTRAINT= $(LATEST)/bin/python -m pip install --quiet --no-deps -r $(LATEST)/latest.txt
+	PIP_CONSTRAINT=/dev/null $(LATEST)/bin/python -m pip install --quiet --no-deps -r $(LATEST)/latest.txt
 	$(LATEST)/bin/python -m pip install --quiet --require-hashes --no-deps -r requirements-embedded.lock
 	$(LATEST)/bin/python -m pip install --quiet --no-deps -e .
 	$(LATEST)/bin/python -m pip freeze --exclude-editable > $(LATEST)/installed.txt
