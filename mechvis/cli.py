@@ -9,6 +9,9 @@ from collections.abc import Sequence
 from mechvis.errors import InvalidArgumentError, MechvisError
 
 
+DEMO_OUTPUT = "out/demo.html"
+
+
 def _add_model_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model",
@@ -30,9 +33,18 @@ def _inspect(arguments: argparse.Namespace) -> None:
     print(format_inspection(load_model(arguments.model, dtype=arguments.dtype)))
 
 
+def _refuse_to_replace(path: str | None, default: str | None, force: bool) -> None:
+    """A file the user named (not mechvis's own default output) is never replaced without --force."""
+    from pathlib import Path
+
+    if path is not None and path != default and Path(path).exists() and not force:
+        raise InvalidArgumentError(f"{path} already exists; pass --force to replace it, or choose another file.")
+
+
 def _demo(arguments: argparse.Namespace) -> None:
     from mechvis.demo import run_demo
 
+    _refuse_to_replace(arguments.output, DEMO_OUTPUT, arguments.force)
     run_demo(model_name=arguments.model, dtype=arguments.dtype, max_new_tokens=arguments.max_new_tokens, output=arguments.output)
 
 
@@ -164,6 +176,7 @@ def _sweep(arguments: argparse.Namespace) -> None:
 def _sweep_report(arguments: argparse.Namespace) -> None:
     from mechvis.sweep import write_sweep_report
 
+    _refuse_to_replace(arguments.output, None, arguments.force)
     print(f"Wrote {write_sweep_report(arguments.directory, arguments.output)}")
 
 
@@ -188,7 +201,9 @@ def _add_sweep_commands(commands) -> None:
     sweep.set_defaults(handler=_sweep)
     report = commands.add_parser("sweep-report", help="an offline HTML summary of a sweep directory")
     report.add_argument("directory")
-    report.add_argument("-o", "--output", default=None, help="the HTML file (default: DIR/sweep-report.html)")
+    report.add_argument("-o", "--output", default=None,
+                        help="the HTML file (default: DIR/sweep-report.html, replaced; another existing file needs --force)")
+    report.add_argument("--force", action="store_true", help="replace an existing --output file")
     report.set_defaults(handler=_sweep_report)
 
 
@@ -226,7 +241,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_model_argument(demo_parser)
     demo_parser.add_argument("--max-new-tokens", type=int, default=64)
-    demo_parser.add_argument("-o", "--output", default="out/demo.html", help="where to write the report (replaced)")
+    demo_parser.add_argument("-o", "--output", default=DEMO_OUTPUT,
+                             help=f"where to write the report ({DEMO_OUTPUT} is replaced; another existing file needs --force)")
+    demo_parser.add_argument("--force", action="store_true", help="replace an existing --output file")
     demo_parser.set_defaults(handler=_demo)
 
     report = commands.add_parser("report", help="generate from a prompt and write one offline HTML report")

@@ -110,6 +110,12 @@ def test_bad_parquet_row_and_analysis_checks(tmp_path, no_model_work):
         run_sweep(dataset, tmp_path / "out", ["lens"], params={"lens": {"q": 1}})
     with pytest.raises(DatasetError, match="dataset is a .jsonl or .parquet"):
         read_dataset(write_jsonl(tmp_path / "data.json", [{"id": "a", "prompt": "x"}]))
+    for analysis, key, value in (("lens", "k", 0), ("lens", "k", -1), ("lens", "k", 100_000), ("lens", "k", "abc"),
+                                 ("lens", "include_resid_mid", 1), ("heads", "sink_positions", [-1]),
+                                 ("ablation", "method", "noise"), ("ablation", "batch_size", 0)):
+        with pytest.raises(InvalidArgumentError, match=f"Parameter {analysis}.{key} must be"):
+            run_sweep(dataset, tmp_path / "out", [analysis], params={analysis: {key: value}})
+    assert not (tmp_path / "out").exists()  # refused before any file was written
 
 
 def test_parquet_and_jsonl_datasets_read_the_same(tmp_path):
@@ -285,6 +291,11 @@ def test_a_changed_sweep_refuses_to_mix_and_overwrite_starts_over(tiny_dir, tmp_
     with pytest.raises(SweepMismatchError, match="shard_size"):
         run_sweep(dataset, out, ["lens"], model=str(tiny_dir), shard_size=2, progress=False)
     fresh = run_sweep(dataset, out, ["lens"], model=str(tiny_dir), shard_size=2, overwrite=True, progress=False)
+    # a sweep that failed before finishing a shard leaves only its fingerprint: a corrected one may start there
+    failed = tmp_path / "failed"
+    failed.mkdir()
+    (failed / "fingerprint.json").write_text(json.dumps({"analyses": "something else"}))
+    assert run_sweep(dataset, failed, ["lens"], model=str(tiny_dir), progress=False).shards_run == [0]
     assert fresh.shards_run == [0, 1]
     assert read_sweep(out, "lens").column("item_id").unique().to_pylist() == ["q0", "q1", "q2", "q3"]
     fingerprint = json.loads((out / "fingerprint.json").read_text())

@@ -93,7 +93,8 @@ def _free(host: str, port: int) -> None:
         try:
             probe.bind((host, port))
         except OSError as error:
-            raise InvalidArgumentError(f"Cannot listen on {host}:{port} ({error.strerror}); pick another --port, or 0 for a free one.") from error
+            reason = error.strerror or str(error)
+            raise InvalidArgumentError(f"Cannot listen on {host}:{port} ({reason}); pick another --host/--port, or --port 0 for a free one.") from error
 
 
 def serve(
@@ -118,8 +119,12 @@ def serve(
         value = secrets.token_urlsafe(24) if token == "auto" else token
         if len(value) < 16:
             raise InvalidArgumentError("--token must be at least 16 characters (or auto).")
-    if port != 0:
-        _free(host, port)
+    if not isinstance(port, int) or not 0 <= port <= 65535:
+        raise InvalidArgumentError(f"--port must be in 0–65535 (0 picks a free port); got {port!r}.")
+    missing = [str(root) for root in model_roots if not Path(root).is_dir()]
+    if missing:
+        raise InvalidArgumentError(f"--model-root must name existing directories; not found: {', '.join(missing)}.")
+    _free(host, port)  # port 0 too: an unknown host fails here, before the model loads
     model = None
     if load:
         from mechvis import load_model

@@ -103,8 +103,38 @@ def resolve(analyses: list[str], params: dict | None = None) -> dict[str, dict]:
         bad = sorted(set(given) - set(ANALYSES[name].defaults))
         if bad:
             raise InvalidArgumentError(f"Unknown parameters {bad} of {name!r}; it takes {sorted(ANALYSES[name].defaults)}.")
+        for key, value in given.items():
+            _check_parameter(name, key, value, ANALYSES[name].defaults[key])
         resolved[name] = {**ANALYSES[name].defaults, **given}
     return resolved
+
+
+# Bounds of the numeric parameters and choices of the textual ones (checked before any model work).
+PARAMETER_BOUNDS = {"k": (1, 1000), "batch_size": (1, 1024)}
+PARAMETER_CHOICES = {"method": ("zero", "mean", "resample")}
+
+
+def _check_parameter(analysis: str, key: str, value, default) -> None:
+    """A parameter must have its default's type, within its bounds or choices."""
+    where = f"{analysis}.{key}"
+    if isinstance(default, bool):
+        ok = isinstance(value, bool)
+        wanted = "true or false"
+    elif isinstance(default, int):
+        low, high = PARAMETER_BOUNDS.get(key, (0, 2**31 - 1))
+        ok = isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+        wanted = f"an integer in [{low}, {high}]"
+    elif isinstance(default, list):
+        ok = isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value)
+        wanted = "a list of non-negative integers"
+    elif isinstance(default, str):
+        choices = PARAMETER_CHOICES.get(key)
+        ok = isinstance(value, str) and (choices is None or value in choices)
+        wanted = f"one of {list(choices)}" if choices else "a string"
+    else:
+        ok, wanted = True, ""
+    if not ok:
+        raise InvalidArgumentError(f"Parameter {where} must be {wanted}; got {value!r}.")
 
 
 def _target(item: Item, forward: Forward, model) -> int | str | None:

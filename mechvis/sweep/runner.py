@@ -215,15 +215,19 @@ def prepare_output(spec: SweepSpec, *, overwrite: bool) -> dict:
         for path in _our_files(out_dir):
             path.unlink()
     existing = out_dir / FINGERPRINT
+    holds_results = any(path.name != FINGERPRINT for path in _our_files(out_dir))
     if existing.exists():
         old = json.loads(existing.read_text())
         differs = sorted(key for key in set(old) | set(fingerprint) if old.get(key) != fingerprint.get(key))
-        if differs:
+        if differs and not holds_results:
+            # A sweep that failed before finishing any shard: nothing to mix with, start afresh.
+            atomic_write_bytes(existing, lambda handle: handle.write(json.dumps(fingerprint, indent=2, sort_keys=True).encode()))
+        elif differs:
             raise SweepMismatchError(
                 f"{out_dir} holds a different sweep (differs in {', '.join(differs)}); "
                 "re-run with --overwrite to start over, or choose another output directory."
             )
-    elif any(path.name != FINGERPRINT for path in _our_files(out_dir)):
+    elif holds_results:
         raise SweepMismatchError(f"{out_dir} holds sweep files but no {FINGERPRINT}; use --overwrite or another directory.")
     else:
         atomic_write_bytes(existing, lambda handle: handle.write(json.dumps(fingerprint, indent=2, sort_keys=True).encode()))
