@@ -242,7 +242,7 @@ def attribution(body: AttributionRequest, run_id: str = RunId, state: ServerStat
         result = method(state.model, tokens[: body.position], int(tokens[body.position]), position=body.position - 1)
     finally:
         state.generation_lock.release()
-    return {"method": result.method, "scores": result.scores.tolist(), "target_logit": result.target_logit}
+    return {"method": result.method, "scores": result.scores.tolist(), "target_value": result.target_value, "score": result.score}
 
 
 class AblationRequest(BaseModel):

@@ -266,7 +266,7 @@ async function attribution(body, run) {
     const x = data.scores.map((_, p) => p);
     out.replaceChildren();
     plot(out, [{ type: "bar", x, y: data.scores, text: x.map((p) => esc(tokLabel(run, p))), hovertemplate: "%{text}: %{y:.4f}<extra></extra>" }],
-      { title: { text: `${method} toward ${esc(visible(run.tokens[selection.pos].text))} (logit ${data.target_logit.toFixed(2)})` }, height: 300 });
+      { title: { text: `${method} toward ${esc(visible(run.tokens[selection.pos].text))} (${esc(data.score)} ${data.target_value.toFixed(2)})` }, height: 300 });
   }
   button.onclick = () => { button.disabled = true; show().finally(() => { button.disabled = false; }); };
   controls(body, selectBox("method", [["gradient_x_input", "gradient × input"], ["occlusion", "occlusion"]], method, (v) => { localStorage.setItem("mv-attr", v); select({}); }), button);
