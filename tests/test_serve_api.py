@@ -453,3 +453,21 @@ def test_sweep_streams_progress_and_equals_the_library(client, model):
 
         ablated = model.run_with_hooks(ids[None, : position + 1], fwd_hooks=[("blocks.1.attn.hook_z", zero)])[0, -2].double().softmax(-1)[target]
     assert streamed[-1][1]["effect"][1][2] == pytest.approx((ablated - clean).item(), abs=1e-5)
+
+
+def test_mean_ablation_equals_the_library(client, model):
+    """Mean ablation from the page uses the model's reference runs, computed once per model."""
+    from mechvis.interventions import ablate_heads, intervene, reference_runs
+
+    events = sse(generate(client))
+    run_id = events[-1][1]["run"]
+    ids = torch.tensor([t["id"] for t in client.get(f"/api/runs/{run_id}").json()["tokens"]])
+    response = client.post(f"/api/runs/{run_id}/ablation", json={"heads": [[1, 2]], "method": "mean"}, headers=AUTH)
+    delta = response.json()["delta_p"]
+    with torch.no_grad():
+        clean = model(ids[None])[0].double().softmax(-1)
+        with intervene(model, ablate_heads(model, [(1, 2)], method="mean", reference=reference_runs(model))):
+            ablated = model(ids[None])[0].double().softmax(-1)
+    positions = torch.arange(1, len(ids))
+    expected = (ablated[positions - 1, ids[1:]] - clean[positions - 1, ids[1:]]).tolist()
+    assert max(abs(a - b) for a, b in zip(delta[1:], expected)) <= 1e-4

@@ -31,6 +31,15 @@ def _clean(values) -> list:
     return [None if (isinstance(v, float) and not math.isfinite(v)) else v for v in values]
 
 
+def _mean_reference(state: ServerState):
+    """The reference runs of mean ablation, computed once per loaded model."""
+    from mechvis.interventions import reference_runs
+
+    if "mean-reference" not in state.model_extras:
+        state.model_extras["mean-reference"] = reference_runs(state.model)
+    return state.model_extras["mean-reference"]
+
+
 def _memo(stored: StoredRun, key, compute):
     if key not in stored.extras:
         stored.extras[key] = compute()
@@ -256,15 +265,13 @@ def ablation(body: AblationRequest, run_id: str = RunId, state: ServerState = De
     """Ablate the heads on the run's whole sequence; Δp of each token (p under the ablation − p
     of the original run, from the model's next-token distributions)."""
     from mechvis.analysis import token_signals
-    from mechvis.interventions import ablate_heads, intervene, reference_runs, reference_tokens
+    from mechvis.interventions import ablate_heads, intervene, reference_tokens
 
     stored = _run(run_id, state)
     model, tokens = state.model, stored.trace.run.tokens
     reference = None
     if body.method == "mean":
-        if "mean-reference" not in state.model_extras:
-            state.model_extras["mean-reference"] = reference_runs(model)
-        reference = state.model_extras["mean-reference"]
+        reference = _mean_reference(state)
     elif body.method == "resample":
         reference = _memo(stored, "resample-reference", lambda: reference_tokens(model, len(tokens)))
     if not state.generation_lock.acquire(blocking=False):
@@ -346,7 +353,7 @@ async def sweep(body: SweepRequest, run_id: str = RunId, state: ServerState = De
     import json
     import threading
 
-    from mechvis.interventions import ablation_sweep, reference_runs, reference_tokens
+    from mechvis.interventions import ablation_sweep, reference_tokens
 
     stored = _run(run_id, state)
     model, tokens = state.model, stored.trace.run.tokens
@@ -379,9 +386,7 @@ async def sweep(body: SweepRequest, run_id: str = RunId, state: ServerState = De
         try:
             reference = None
             if body.method == "mean":
-                if "mean-reference" not in state.model_extras:
-                    state.model_extras["mean-reference"] = reference_runs(model)
-                reference = state.model_extras["mean-reference"]
+                reference = _mean_reference(state)
             elif body.method == "resample":
                 reference = reference_tokens(model, len(sequence))
             result = ablation_sweep(model, sequence, metric, method=body.method, reference=reference, batch_size=batch_size)
