@@ -372,8 +372,7 @@ def stream_generate(
     events: "queue.Queue[tuple[str, object]]" = queue.Queue()
     cancelled = threading.Event()
     raw, processed = _Recorder(), _Recorder()
-    generated: list[int] = []
-    text = _TextDeltas(tokenizer)
+    text = _TextDeltas(tokenizer)  # also holds the ids decoded so far
 
     def token_event(token_id: int, scheduled: "_ScheduledTemperature | None") -> TokenEvent:
         logits = raw.latest
@@ -382,8 +381,7 @@ def stream_generate(
         entropy = -(probs * log_probs).sum()
         varentropy = (probs * (-log_probs - entropy) ** 2).sum()
         top = probs.topk(max(top_n, 2))
-        step = len(generated)
-        generated.append(token_id)
+        step = len(text.ids)
         probability = 1.0 if settings.greedy else float(processed.latest.softmax(-1)[token_id])
         return TokenEvent(
             step=step,
