@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from transformer_lens import ActivationCache
 
 import mechvis
-from mechvis.analysis import attention_to_spans, find_token_spans, head_entropy, pattern_hook, rollout, row_entropy
+from mechvis.analysis import attention_to_spans, find_token_spans, head_entropy, pattern_hook, rollout, rollout_rows, row_entropy
 from mechvis.errors import InvalidArgumentError
 from mechvis.running import Span
 from tests.reference import entropy_rows, hf_attentions, rollout_loop
@@ -163,6 +163,26 @@ def test_rollout_key_span_and_bad_input(tiny):
         rollout(result.cache, model, layers=[0, 3])
     with pytest.raises(InvalidArgumentError, match="outside"):
         rollout(result.cache, model, key_span=Span("keyword", 0, 500))
+
+
+def test_rollout_rows_equal_the_rows_of_the_hf_rollout(tiny):
+    model, reference = tiny("llama")
+    result = mechvis.run(model, PROMPT)
+    n = len(result.tokens)
+    for weight, fusion in ((0.5, "mean"), (0.2, "mean")):
+        expected = rollout_loop(hf_attentions(reference, result.tokens.tolist()), weight)  # numpy, from HF eager
+        got = rollout_rows(result.cache, model, [0, n // 2, -1], residual_weight=weight, head_fusion=fusion)
+        assert got.queries == [0, n // 2, n - 1]
+        np.testing.assert_allclose(got.rows.numpy(), expected[[0, n // 2, n - 1]], atol=1e-5)
+    for fusion in ("max", "min"):
+        full = rollout(result.cache, model, head_fusion=fusion, layers=[1, 0], key_span=Span("keyword", 2, 6))
+        rows = rollout_rows(result.cache, model, [5, 7, -1], head_fusion=fusion, layers=[1, 0], key_span=Span("keyword", 2, 6))
+        torch.testing.assert_close(rows.rows, full.matrix[[5, 7, n - 1]], atol=1e-6, rtol=0)
+        torch.testing.assert_close(rows.span_mass, full.span_mass[[5, 7, n - 1]], atol=1e-6, rtol=0)
+    with pytest.raises(InvalidArgumentError, match="out of range"):
+        rollout_rows(result.cache, model, [n])
+    with pytest.raises(InvalidArgumentError, match="at least one"):
+        rollout_rows(result.cache, model, [])
 
 
 def test_keyword_spans_find_every_occurrence_of_multi_token_words(tiny):

@@ -18,6 +18,7 @@ from mechvis.analysis.activations import (
 from mechvis.analysis.attention import (
     HeadEntropy,
     Rollout,
+    RolloutRows,
     SpanAttention,
     attention_patterns,
     attention_to_spans,
@@ -25,6 +26,7 @@ from mechvis.analysis.attention import (
     head_entropy,
     pattern_hook,
     rollout,
+    rollout_rows,
     row_entropy,
     visible_keys,
 )
@@ -95,7 +97,7 @@ __all__ = [
     "attention_to_spans", "decompose_residual", "direct_logit_attribution", "embedding_projection",
     "find_token_spans", "gradient_x_input", "head_entropy", "head_results", "hidden_state_projection",
     "high_entropy_positions", "hooks_for", "layer_similarity", "logit_lens", "occlusion", "pca", "rollout",
-    "row_entropy", "token_signals", "unembed_logits", "visible_keys",
+    "RolloutRows", "rollout_rows", "row_entropy", "token_signals", "unembed_logits", "visible_keys",
     "CrossModal", "ImageDynamics", "KeywordDynamics", "NAMED_REGIONS", "attention_gradient_relevancy", "compare_geometry",
     "cross_modal", "discrete_mutual_information", "earth_movers_distance", "grid_regions", "hausdorff_distance",
     "hull_area", "image_dynamics", "instruction_attention_check", "integrated_gradients", "keyword_dynamics",

@@ -242,6 +242,77 @@ def rollout(
     return Rollout(result.float(), head_fusion, residual_weight, chosen, key_span, None if span_mass is None else span_mass.float())
 
 
+@dataclass
+class RolloutRows:
+    """Attention rollout for chosen query rows only: `rows[i, k]` equals `Rollout.matrix[queries[i], k]`.
+
+    The full matrix costs N² memory and an N³ product; k rows cost k·N per layer to hold and
+    k·N² to propagate, which is what long contexts and reports need.
+    """
+
+    rows: Float[Tensor, "query key"]
+    queries: list[int]
+    head_fusion: str
+    residual_weight: float
+    layers: list[int]
+    key_span: Span | None = None
+    span_mass: Float[Tensor, " query"] | None = None
+
+
+def propagate_rollout_rows(
+    rows: Float[Tensor, "query key"], augmented: Float[Tensor, "position key"]
+) -> Float[Tensor, "query key"]:
+    """One step of rollout from the output side: rows ← rows · Â_ℓ (float64).
+
+    Rollout is R = Â_L ⋯ Â_1, so the rows e_qᵀR come from multiplying e_qᵀ by Â_L first and Â_1
+    last: walk the layers from the top down.
+    """
+    return rows @ augmented
+
+
+def rollout_rows(
+    cache: "ActivationCache",
+    model: "TransformerBridge",
+    queries: Sequence[int],
+    *,
+    head_fusion: Literal["mean", "max", "min"] = "mean",
+    residual_weight: float = 0.5,
+    layers: Sequence[int] | None = None,
+    key_span: Span | None = None,
+) -> RolloutRows:
+    """Rows of attention rollout (Abnar & Zuidema 2020) for the chosen query positions.
+
+    Equal to `rollout(...).matrix[queries]` (same Â_ℓ, same key-span renormalisation) at
+    O(k·N²) per layer instead of the N³ product; float64 throughout, returned as float32.
+
+    Args:
+        queries: query positions (negative counts from the end), at least one.
+        head_fusion, residual_weight, layers, key_span: as in `rollout`.
+
+    Raises:
+        InvalidArgumentError: no query, a query outside the sequence, a bad span, fusion or weight.
+    """
+    chosen = check_layers(model, layers)
+    n_positions = activation(cache, pattern_hook(chosen[0])).shape[-1]
+    if len(queries) == 0:
+        raise InvalidArgumentError("rollout_rows needs at least one query position.")
+    query_list = check_positions(n_positions, queries)
+    rows = torch.zeros(len(query_list), n_positions, dtype=torch.float64)
+    rows[torch.arange(len(query_list)), torch.tensor(query_list)] = 1.0
+    for layer in reversed(chosen):  # e_qᵀ Â_L ⋯ Â_1: the top layer's factor first
+        pattern = activation(cache, pattern_hook(layer))
+        rows = propagate_rollout_rows(rows, augmented_attention(pattern, head_fusion, residual_weight).to(rows.device))
+    span_mass = None
+    if key_span is not None:
+        if not 0 <= key_span.start < key_span.stop <= n_positions:
+            raise InvalidArgumentError(f"key_span {key_span} is outside the sequence of {n_positions} tokens.")
+        columns = rows[:, key_span.start : key_span.stop]
+        span_mass = columns.sum(-1)
+        rows = columns / span_mass.clamp_min(1e-300)[:, None]
+    return RolloutRows(rows.float(), query_list, head_fusion, residual_weight, chosen, key_span,
+                       None if span_mass is None else span_mass.float())
+
+
 def find_token_spans(
     run: "Run", keyword: str, *, case_sensitive: bool = False, whole_word: bool = True,
     match: str = "spelling", model: "TransformerBridge | None" = None, layer: int | None = None, threshold: float = 0.5,
