@@ -125,3 +125,18 @@ def test_shipped_weights_give_sklearns_probabilities():
     model.intercept_ = np.array([monitor.bias])
     expected = model.predict_proba(((values.double() - torch.tensor(monitor.mean, dtype=torch.float64)) / torch.tensor(monitor.std, dtype=torch.float64)).numpy())[:, 1]
     np.testing.assert_allclose(monitor.probability(values).numpy(), expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("heads", [5, 200])  # 200 heads: rows shared among threads
+def test_head_distances_equal_scipy_jensenshannon_on_every_pair(heads):
+    rng = np.random.default_rng(heads)
+    maps = rng.dirichlet(np.full(49, 0.5), size=heads)
+    maps[1] = maps[0]  # identical maps: distance 0
+    maps[2, :20] = 0.0  # zero cells, alone and shared with row 3
+    maps[3, 10:30] = 0.0
+    maps[4] = np.eye(49)[7]  # one cell
+    distance = head_distances(torch.from_numpy(maps * rng.uniform(0.5, 2.0, (heads, 1)))).numpy()  # renormalised
+    p = maps / maps.sum(-1, keepdims=True)
+    expected = jensenshannon(p[:, None], p[None], base=2, axis=-1)
+    np.testing.assert_allclose(distance, np.nan_to_num(expected), atol=1e-6, rtol=0)
+    assert distance[0, 1] == pytest.approx(0.0, abs=1e-6) and np.allclose(distance, distance.T)
