@@ -138,6 +138,7 @@ class ArchitectureSummary:
     n_params: int
     attention_chunk_size: int | None = None  # chunked attention (Llama 4), None if no layer is chunked
     local_layers: tuple[int, ...] = ()  # layers with a sliding window or chunks; the others are full
+    dtype: str = "float32"  # the weights' floating-point dtype (torch name without "torch."), e.g. "bfloat16"
 
     def __str__(self) -> str:
         rows = [
@@ -155,6 +156,7 @@ class ArchitectureSummary:
             ("sliding window", self._local_text(self.sliding_window, "sliding")),
             *([("chunked attention", self._local_text(self.attention_chunk_size, "chunked"))] if self.attention_chunk_size else []),
             ("parameters", f"{self.n_params:,}"),
+            ("dtype", self.dtype),
         ]
         width = max(len(key) for key, _ in rows)
         return "\n".join(f"{key:<{width}}  {value}" for key, value in rows)
@@ -232,7 +234,17 @@ def inspect_model(model: "TransformerBridge") -> ArchitectureSummary:
         n_params=_count_parameters(model.original_model),
         attention_chunk_size=chunk,
         local_layers=local,
+        dtype=_weights_dtype(model.original_model),
     )
+
+
+def _weights_dtype(module: nn.Module) -> str:
+    """The dtype of the floating-point weights ("float32", "bfloat16", ...); mixed dtypes are
+    joined with "+" (most parameters first)."""
+    from collections import Counter
+
+    counts = Counter(str(p.dtype).removeprefix("torch.") for p in module.parameters() if p.is_floating_point())
+    return "+".join(name for name, _ in counts.most_common()) or "float32"
 
 
 def _bridge_children(module: nn.Module) -> list[tuple[str, nn.Module]]:

@@ -202,10 +202,12 @@ def test_cli_report_and_inspect_take_a_dtype(tokenizer, tmp_path, capsys, dtype)
     tiny_hf_model("llama").save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     assert main(["inspect", "--model", str(directory), "--dtype", dtype]) == 0
+    assert [line.split()[1] for line in capsys.readouterr().out.splitlines() if line.startswith("dtype ")] == [dtype]
     output = tmp_path / "report.html"
     assert main(["report", "--model", str(directory), "--dtype", dtype, "--prompt", "One, two,", "--max-new-tokens", "4",
                  "-o", str(output), "--json", str(tmp_path / "report.json")]) == 0
     assert output.exists() and "Wrote" in capsys.readouterr().out
+    assert json.loads((tmp_path / "report.json").read_text())["model"]["dtype"] == dtype  # the report records its dtype
 
 
 @pytest.mark.parametrize("dtype", HALF, ids=str)
