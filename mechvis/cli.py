@@ -48,10 +48,61 @@ def _demo(arguments: argparse.Namespace) -> None:
     run_demo(model_name=arguments.model, dtype=arguments.dtype, max_new_tokens=arguments.max_new_tokens, output=arguments.output)
 
 
+def _layer_count(model: str | None) -> int | None:
+    """The language model's layer count read from config.json alone (the embedded model's converted
+    cache, or a local model directory), without loading weights; None when not known cheaply (a hub
+    name: the model load checks it)."""
+    import json
+    from pathlib import Path
+
+    if model is None:
+        from mechvis.models.embedded import cache_dir
+
+        path = cache_dir() / "smollm2-135m-instruct" / "config.json"
+    else:
+        path = Path(model) / "config.json"
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    count = (config.get("text_config") or {}).get("num_hidden_layers", config.get("num_hidden_layers"))
+    return count if isinstance(count, int) and count > 0 else None
+
+
+def _check_report_arguments(arguments: argparse.Namespace) -> None:
+    """Everything about `mechvis report`'s arguments that can be checked without the model, checked
+    before it loads (a bad option fails in well under a second)."""
+    import math
+    from pathlib import Path
+
+    if not arguments.prompt.strip():
+        raise InvalidArgumentError("--prompt is empty; give the text to generate from.")
+    if arguments.max_new_tokens < 1:
+        raise InvalidArgumentError(f"--max-new-tokens must be a positive integer; got {arguments.max_new_tokens}.")
+    if not (math.isfinite(arguments.temperature) and arguments.temperature >= 0):
+        raise InvalidArgumentError(f"--temperature must be ≥ 0 (0 = greedy); got {arguments.temperature}.")
+    for option, path in (("-o/--output", arguments.output), ("--json", arguments.json)):
+        if path is not None and Path(path).is_dir():
+            raise InvalidArgumentError(f"{option} {path} is a directory; give a file name such as report.html.")
+        _refuse_to_replace(path, None, arguments.force)
+    if arguments.json is not None and Path(arguments.json).resolve() == Path(arguments.output).resolve():
+        raise InvalidArgumentError("--json and -o/--output name the same file; give two different files.")
+    if arguments.layers:
+        n_layers = _layer_count(arguments.model)
+        bad = [layer for layer in arguments.layers if n_layers is not None and not -n_layers <= layer < n_layers]
+        if bad:
+            raise InvalidArgumentError(f"--layers {bad[0]} is out of range: this model has layers 0..{n_layers - 1}.")
+    if arguments.image is not None:
+        from mechvis.running import load_image
+
+        load_image(arguments.image)  # an unreadable image fails here, not after the model loads
+
+
 def _report(arguments: argparse.Namespace) -> None:
     from mechvis.models import load_model
     from mechvis.report import write_report
 
+    _check_report_arguments(arguments)
     write_report(
         load_model(arguments.model, dtype=arguments.dtype),
         arguments.prompt,

@@ -36,3 +36,31 @@ def test_a_named_existing_output_is_never_replaced_without_force(tmp_path, no_mo
     assert cli.main(["sweep-report", str(tmp_path), "-o", str(mine)]) == 2
     assert capsys.readouterr().err.count("already exists; pass --force") == 2
     assert mine.read_text() == "my notes"
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--max-new-tokens", "0"], "--max-new-tokens must be a positive integer"),
+    (["--temperature", "-1"], "--temperature must be ≥ 0"),
+    (["--temperature", "nan"], "--temperature must be ≥ 0"),
+    (["--layers", "0", "99"], "--layers 99 is out of range: this model has layers 0..1"),
+    (["--image", "/nonexistent/picture.png"], "Could not read the image"),
+    (["--json", "SAME"], "name the same file"),
+    (["-o", "DIR"], "is a directory"),
+    (["-o", "MINE"], "already exists; pass --force"),
+])
+def test_report_refuses_bad_arguments_before_loading(extra, message, tmp_path, no_model, capsys):
+    """`mechvis report` checks its arguments before any model loads, in well under a second
+    (measured here: the model loader is replaced by one that fails the test)."""
+    import time
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text('{"num_hidden_layers": 2}')  # only the config: nothing to load
+    (tmp_path / "mine.html").write_text("my report")
+    replace = {"SAME": str(tmp_path / "out.html"), "DIR": str(tmp_path), "MINE": str(tmp_path / "mine.html")}
+    argv = ["report", "--model", str(model), "--prompt", "Hello", "-o", str(tmp_path / "out.html"), *extra]
+    start = time.perf_counter()
+    assert cli.main([replace.get(a, a) for a in argv]) == 2
+    assert time.perf_counter() - start < 1.0
+    assert message in capsys.readouterr().err
+    assert (tmp_path / "mine.html").read_text() == "my report"
