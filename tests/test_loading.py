@@ -190,3 +190,25 @@ def test_local_directory_loads_like_the_object(tmp_path, tokenizer):
     tokens = torch.randint(0, VOCAB, (1, 16), generator=torch.Generator().manual_seed(2))
     assert _max_logprob_diff(bridge, reference, tokens) <= MAX_LOGPROB_DIFF
     assert bridge.hf_tokenizer.chat_template
+
+
+@pytest.mark.parametrize("offline", [True, False])
+def test_unknown_model_advice_matches_hf_hub_offline(offline, monkeypatch):
+    """The not-found error advises setting HF_HUB_OFFLINE only when it is not already set."""
+    import huggingface_hub.constants
+    import transformers
+
+    def not_found(*args, **kwargs):
+        raise OSError("no such repository")  # as the hub lookup fails, without touching the network
+
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", not_found)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", offline)
+    if offline:
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    else:
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    with pytest.raises(ModelNotFoundError) as caught:
+        mechvis.load_model("no-such-org/no-such-model-xyz")
+    message = str(caught.value)
+    assert ("set HF_HUB_OFFLINE=1" in message) is not offline
+    assert ("HF_HUB_OFFLINE is set" in message) is offline

@@ -102,9 +102,20 @@ def _load_config(name: str) -> object:
             f"Could not find model {name!r}: it is not a local model directory and it could not be "
             f"fetched from the Hugging Face hub (offline, or no such repository). Pass a local "
             f"directory with config.json and weights, check the {where}, or call "
-            f"load_model() with no name for the embedded {EMBEDDED_MODEL_NAME}. Offline, set "
-            f"HF_HUB_OFFLINE=1 to skip the hub's retries. ({error})"
+            f"load_model() with no name for the embedded {EMBEDDED_MODEL_NAME}. {_offline_advice()} ({error})"
         ) from error
+
+
+def _offline_advice() -> str:
+    """What to do about the hub, matching the environment: HF_HUB_OFFLINE already on (in the
+    environment or as huggingface_hub read it at import) means the hub was never asked."""
+    from huggingface_hub import constants
+
+    value = os.environ.get("HF_HUB_OFFLINE", "").strip().lower()
+    if value in ("1", "true", "yes", "on") or constants.is_offline_mode():
+        return ("HF_HUB_OFFLINE is set, so only local files and the hub cache were searched: fetch the model "
+                "on a connected machine (or unset HF_HUB_OFFLINE) to use a hub name.")
+    return "Offline, set HF_HUB_OFFLINE=1 to skip the hub's retries."
 
 
 def load_model(
