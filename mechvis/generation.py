@@ -184,6 +184,14 @@ class Trace:
     def generated_positions(self) -> range:
         return range(self.prompt_length, self.prompt_length + len(self.generated_ids))
 
+    def __repr__(self) -> str:
+        from mechvis.running import cache_summary, text_preview
+
+        how = "greedy" if self.settings.greedy else f"temperature {self.settings.temperature}"
+        stop = f", stopped by {self.stop_reason}" if self.stop_reason else ""
+        return (f"Trace({self.prompt_length} prompt + {len(self.generated_ids)} generated tokens ({how}{stop}), "
+                f"generated={text_preview(self.generated_text)}, cache {cache_summary(self.run.cache)})")
+
     @property
     def sampled_not_argmax(self) -> Int[Tensor, " step"]:
         """1 where the sampled token was not the raw logits' argmax."""

@@ -136,6 +136,24 @@ class Run:
     cache: "ActivationCache"
     segments: Segments
 
+    def __repr__(self) -> str:
+        grid = self.segments.image_grid
+        image = f", image grid {grid.rows}×{grid.cols}" if grid is not None else ""
+        return f"Run({len(self.tokens)} tokens, text={text_preview(self.text)}, cache {cache_summary(self.cache)}{image})"
+
+
+def text_preview(text: str, limit: int = 60) -> str:
+    """`text` quoted, cut in the middle with "…" beyond `limit` characters (for reprs)."""
+    shown = text if len(text) <= limit else text[: limit // 2] + "…" + text[-(limit // 2 - 1):]
+    return repr(shown)
+
+
+def cache_summary(cache: object) -> str:
+    """"N activations, X MB" of an ActivationCache (or any mapping of tensors), for reprs."""
+    values = list(getattr(cache, "cache_dict", cache).values()) if hasattr(cache, "cache_dict") or isinstance(cache, dict) else []
+    size = sum(v.numel() * v.element_size() for v in values if isinstance(v, torch.Tensor))
+    return f"{len(values)} activations, {size / 2**20:.1f} MB"
+
 
 def _token_kinds(
     offsets: Sequence[tuple[int, int]], labelled: Sequence[tuple[str, int, int]], default: str

@@ -357,3 +357,18 @@ def test_stream_generate_bad_input(tiny):
         next(mechvis.stream_generate(model, "Once", top_n=0))
     with pytest.raises(InvalidArgumentError, match="max_new_tokens"):
         next(mechvis.stream_generate(model, "Once", max_new_tokens=10_000))
+
+
+def test_trace_and_run_reprs_are_short_summaries(tiny_llama):
+    """repr(Trace) / repr(Run): token counts, a text preview and the cache's size — not every
+    cache key (a full cache has hundreds)."""
+    trace = mechvis.generate(tiny_llama, "Hello there, this is a long prompt " * 4, max_new_tokens=5)
+    cache = trace.run.cache
+    megabytes = sum(value.numel() * value.element_size() for value in cache.values()) / 2**20
+    summary = f"cache {len(list(cache.keys()))} activations, {megabytes:.1f} MB"
+    text = repr(trace)
+    assert text.startswith(f"Trace({trace.prompt_length} prompt + 5 generated tokens (greedy")
+    assert summary in text and "hook_" not in text and len(text) < 300
+    run_text = repr(trace.run)
+    assert run_text.startswith(f"Run({trace.prompt_length + 5} tokens, text='") and summary in run_text
+    assert "…" in run_text and len(run_text) < 300  # the long text is cut
