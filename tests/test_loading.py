@@ -212,3 +212,25 @@ def test_unknown_model_advice_matches_hf_hub_offline(offline, monkeypatch):
     message = str(caught.value)
     assert ("set HF_HUB_OFFLINE=1" in message) is not offline
     assert ("HF_HUB_OFFLINE is set" in message) is offline
+
+
+def test_vaultgemma_is_refused_with_the_reason(tmp_path, tokenizer):
+    """transformer-lens' VaultGemma adapter refuses compatibility mode (a raw RuntimeError deep in
+    the bridge); mechvis names the reason before booting, for a model object and a directory."""
+    from transformers import VaultGemmaConfig, VaultGemmaForCausalLM
+
+    config = VaultGemmaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                              num_attention_heads=2, num_key_value_heads=1, head_dim=16)
+    model = VaultGemmaForCausalLM(config)
+    model.save_pretrained(tmp_path)
+    for source in (model, tmp_path):
+        with pytest.raises(UnsupportedArchitectureError, match="VaultGemmaForCausalLM.*compatibility mode") as caught:
+            mechvis.load_model(source, tokenizer=tokenizer)
+        assert "LlamaForCausalLM" in str(caught.value)
+    assert "VaultGemmaForCausalLM" not in mechvis.models.supported_architectures()
+    # The refusal is transformer-lens' own: its bridge raises when asked for compatibility mode.
+    from transformer_lens.model_bridge import TransformerBridge
+
+    bridge = TransformerBridge.boot_transformers("vaultgemma-tiny", hf_model=model, tokenizer=tokenizer, device="cpu")
+    with pytest.raises(RuntimeError, match="does not support compatibility mode"):
+        bridge.enable_compatibility_mode(disable_warnings=True)

@@ -31,7 +31,13 @@ def supported_architectures() -> list[str]:
     from mechvis.models.qwen2_vl import register
 
     register()
-    return sorted(SUPPORTED_ARCHITECTURES)
+    return sorted(name for name, adapter in SUPPORTED_ARCHITECTURES.items() if _has_compatibility_mode(adapter))
+
+
+def _has_compatibility_mode(adapter: type) -> bool:
+    """Whether transformer-lens' adapter can run in compatibility mode, which mechvis needs (its
+    VaultGemma adapter declares that it cannot: processed weights diverge from the reference)."""
+    return bool(getattr(adapter, "supports_compatibility_mode", True))
 
 
 def _resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
@@ -77,11 +83,20 @@ def architecture_of(config: object) -> str:
     """
     from transformer_lens.model_bridge.sources._hf_format import determine_architecture_from_hf_config
 
+    from transformer_lens.factories.architecture_adapter_factory import SUPPORTED_ARCHITECTURES
+
     supported = supported_architectures()
     try:
         architecture = determine_architecture_from_hf_config(config)
     except ValueError:
         architecture = None
+    if architecture in SUPPORTED_ARCHITECTURES and not _has_compatibility_mode(SUPPORTED_ARCHITECTURES[architecture]):
+        raise UnsupportedArchitectureError(
+            f"mechvis cannot hook architecture {architecture!r}: transformer-lens' adapter for it does not support "
+            f"compatibility mode (its processed weights are known to diverge from the reference model), and mechvis's "
+            f"analyses need HookedTransformer-compatible hooks and weights. Use a model of a supported architecture: "
+            f"{', '.join(supported)}."
+        )
     if architecture not in supported:
         declared = getattr(config, "architectures", None) or getattr(config, "model_type", "unknown")
         raise UnsupportedArchitectureError(
