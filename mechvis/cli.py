@@ -218,6 +218,7 @@ def _sweep(arguments: argparse.Namespace) -> None:
         dataset, arguments.output, analyses or ["lens"], params=_sweep_params(arguments.param), model=arguments.model,
         dtype=arguments.dtype, shard_size=arguments.shard_size, backend=arguments.backend, address=arguments.address,
         workers=arguments.workers, threads_per_worker=arguments.threads_per_worker, overwrite=arguments.overwrite,
+        batch=not arguments.no_batch,
     )
     done = len(result.shards_run)
     print(f"{result.n_items} items in {result.n_shards} shards: {done} run, {result.shards_skipped} already complete "
@@ -246,6 +247,8 @@ def _add_sweep_commands(commands) -> None:
     sweep.add_argument("--threads-per-worker", type=int, default=None,
                        help="torch threads (and Ray CPUs) per Ray actor (default 1); locally: torch threads (default: unchanged)")
     sweep.add_argument("--overwrite", action="store_true", help="delete the directory's sweep files and start over")
+    sweep.add_argument("--no-batch", action="store_true",
+                       help="one forward per item (default: a shard's text items of equal token length share one forward)")
     sweep.add_argument("--example", action="store_true",
                        help="build the real example dataset (sentences of the Python docs) and sweep it on the embedded model")
     sweep.add_argument("--example-items", type=int, default=60, help="sentences in the --example dataset")

@@ -446,3 +446,65 @@ def test_image_sweep_on_real_photos_against_hf_attentions(tokenizer_dir, tmp_pat
         got = rows[rows["item_id"] == item.id]
         np.testing.assert_allclose(got["image_mass"], to_image.sum(-1).mean(-1), atol=1e-5)
         np.testing.assert_allclose(got["entropy"], stats.entropy(to_image.sum(1), axis=-1), atol=1e-5)
+
+
+def test_equal_length_items_share_a_forward_and_rows_still_equal_the_analyses(tiny_dir, tiny_model, tmp_path, monkeypatch):
+    """Batching: text items of equal token length (plain prompts; prompt + continuation) run in
+    one forward per shard; every row still equals calling the analysis on the item alone (≤ 1e-6)
+    and the unbatched sweep's row."""
+    from mechvis.analysis import head_entropy, logit_lens, token_signals
+    from mechvis.sweep import analyses as sweep_analyses
+
+    items = prompts(6) + [{"id": f"c{i}", "prompt": f"The {word} is", "continuation": " very old"}
+                          for i, word in enumerate(["river", "city", "garden"])]
+    dataset = write_jsonl(tmp_path / "d.jsonl", items)
+    forwards = []
+    real = type(tiny_model).run_with_cache
+
+    def counting(self, tokens, *args, **kwargs):
+        forwards.append(tuple(tokens.shape))
+        return real(self, tokens, *args, **kwargs)
+
+    monkeypatch.setattr(type(tiny_model), "run_with_cache", counting)
+    batches = []
+    original_init = sweep_analyses.BatchedForwards.__init__
+
+    def recording_init(self, *args, **kwargs):
+        original_init(self, *args, **kwargs)
+        batches.extend(len(batch) for batch in self.batches)
+
+    monkeypatch.setattr(sweep_analyses.BatchedForwards, "__init__", recording_init)
+    analyses = ["lens", "heads", "tokens"]
+    run_sweep(dataset, tmp_path / "batched", analyses, loaded_model=tiny_model, model=str(tiny_dir), shard_size=9,
+              progress=False, summary=False)
+    assert sorted(batches) == [3, 6] and sorted(shape[0] for shape in forwards) == [3, 6]  # 9 items, 2 forwards
+    forwards.clear()
+    run_sweep(dataset, tmp_path / "single", analyses, loaded_model=tiny_model, model=str(tiny_dir), shard_size=9,
+              progress=False, summary=False, batch=False)
+    assert [shape[0] for shape in forwards] == [1] * 9
+    for name in analyses:
+        batched, single = (read_sweep(tmp_path / out, name).to_pandas() for out in ("batched", "single"))
+        assert batched.columns.tolist() == single.columns.tolist() and len(batched) == len(single)
+        for column in batched.columns:
+            if batched[column].dtype.kind == "f":  # float32 rounding of the batched matrix products: ≤ 1e-6 relative
+                np.testing.assert_allclose(batched[column], single[column], rtol=1e-6, atol=1e-6)
+            elif batched[column].dtype.kind != "O" or isinstance(batched[column].iloc[0], str):
+                assert batched[column].tolist() == single[column].tolist()
+    monkeypatch.undo()
+    lens, heads, tokens = (read_sweep(tmp_path / "batched", name).to_pandas() for name in analyses)
+    for item in items:  # the known answer, as in test_rows_equal_the_analyses_and_a_plain_hf_forward
+        if "continuation" in item:
+            trace = mechvis.teacher_force(tiny_model, item["prompt"], item["continuation"])
+            run, position, target = trace.run, trace.prompt_length - 1, trace.generated_ids[0]
+        else:
+            run = mechvis.run(tiny_model, item["prompt"])
+            position, target = len(run.tokens) - 1, None
+        direct = logit_lens(run.cache, tiny_model, positions=[position], target=target, k=3)
+        rows = lens[lens["item_id"] == item["id"]]
+        np.testing.assert_allclose(np.stack(rows["top_probs"]), direct.top_probs[:, 0].numpy(), atol=1e-6)
+        np.testing.assert_allclose(rows["kl_from_final"], direct.kl_from_final[:, 0].numpy(), atol=1e-6)
+        assert rows["top1_token"].tolist() == [row[0][0] for row in direct.top_tokens]
+        np.testing.assert_allclose(heads[heads["item_id"] == item["id"]]["sink_mass"],
+                                   head_entropy(run.cache, tiny_model).mean_sink_mass.flatten().numpy(), atol=1e-6)
+        np.testing.assert_allclose(tokens[tokens["item_id"] == item["id"]]["entropy"],  # ~10.8 nats: 1e-6 relative
+                                   token_signals(run.logits, run.tokens).entropy.numpy(), rtol=1e-6, atol=1e-6)

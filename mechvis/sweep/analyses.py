@@ -375,9 +375,83 @@ def forward_pass(model: "TransformerBridge", item: Item, hooks: list[str]) -> Fo
     return Forward(run, len(run.tokens) - 1)
 
 
+def sweep_hooks(model: "TransformerBridge", analyses: dict[str, dict]) -> list[str]:
+    """The union of the hooks the chosen analyses read (what each item's forward pass caches)."""
+    return sorted({hook for name, params in analyses.items() for hook in ANALYSES[name].hooks(model, params)})
+
+
+def _forward_ids(model: "TransformerBridge", item: Item) -> list[int] | None:
+    """The token ids `forward_pass` feeds the model for a text item (prompt, plus a teacher-forced
+    continuation); None for items that generate or carry an image (never batched)."""
+    from mechvis.running import encode
+
+    if item.generates or item.image is not None:
+        return None
+    ids = list(encode(model, item.model_prompt, chat=item.chat).token_ids)
+    if item.continuation is not None:
+        ids += model.hf_tokenizer.encode(item.continuation, add_special_tokens=False)
+    return ids
+
+
+class BatchedForwards:
+    """Items of equal token length share one batched forward pass; each item then runs its usual
+    single-item code (`mechvis.run` / `teacher_force`), whose `run_with_cache` call is answered
+    from the batch: that item's row of the logits and of every cached activation.
+
+    Exact by construction for decoder-only text models: equal lengths need no padding, so no
+    attention mask or position ids change; each row of a batched forward is the same arithmetic
+    as the single forward (float reductions may differ in the last bits, ~1e-7). A call whose
+    tokens or hooks differ from the batch's (or that passes extra inputs) runs the model as usual.
+    Groups of one item are not batched. `max_batch` bounds the activations held at once.
+    """
+
+    def __init__(self, model: "TransformerBridge", items: "list[Item]", hooks: list[str], *, max_batch: int = 8):
+        self.model, self.hooks, self.answers = model, sorted(set(hooks)), {}
+        groups: dict[int, list[tuple[int, ...]]] = {}
+        for item in items:
+            ids = _forward_ids(model, item)
+            if ids is not None and 0 < len(ids) <= model.cfg.n_ctx:
+                groups.setdefault(len(ids), []).append(tuple(ids))
+        self.batches = [group[i : i + max_batch] for group in groups.values() if len(group) > 1
+                        for i in range(0, len(group), max_batch) if len(group[i : i + max_batch]) > 1]
+
+    def __enter__(self) -> "BatchedForwards":
+        model, real = self.model, self.model.run_with_cache
+        names_filter = self.hooks if self.hooks else (lambda name: False)
+        pending = {ids for batch in self.batches for ids in batch}
+
+        def compute(ids: tuple[int, ...]) -> None:
+            batch = next(batch for batch in self.batches if ids in batch)
+            tokens = torch.tensor(batch, dtype=torch.long, device=model.cfg.device)
+            with torch.no_grad():
+                logits, cache = real(tokens, names_filter=names_filter)
+            for row, row_ids in enumerate(batch):
+                if row_ids in pending:  # a duplicate prompt is answered once, then runs as usual
+                    pending.discard(row_ids)
+                    values = {name: value[row : row + 1] for name, value in cache.cache_dict.items()}
+                    self.answers[row_ids] = (logits[row : row + 1], type(cache)(values, cache.model, has_batch_dim=True))
+
+        def replay(tokens, *args, names_filter=None, **kwargs):
+            key = tuple(tokens[0].tolist()) if isinstance(tokens, torch.Tensor) and tokens.ndim == 2 and tokens.shape[0] == 1 else None
+            same_hooks = isinstance(names_filter, (list, tuple)) and sorted(set(names_filter)) == self.hooks or (
+                not self.hooks and callable(names_filter) and not isinstance(names_filter, (list, tuple)))
+            if key is not None and not args and not kwargs and same_hooks and (key in self.answers or key in pending):
+                if key not in self.answers:
+                    compute(key)
+                return self.answers.pop(key)
+            return real(tokens, *args, names_filter=names_filter, **kwargs)
+
+        model.run_with_cache = replay  # an instance attribute shadowing the bound method
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.model.__dict__.pop("run_with_cache", None)
+        self.answers.clear()
+
+
 def analyse_item(context: Context, item: Item, analyses: dict[str, dict]) -> dict[str, dict[str, list]]:
     """{analysis: columns} of one item, from one shared forward pass."""
-    hooks = [hook for name, params in analyses.items() for hook in ANALYSES[name].hooks(context.model, params)]
+    hooks = sweep_hooks(context.model, analyses)
     forward = forward_pass(context.model, item, hooks)
     tables = {}
     for name, params in analyses.items():

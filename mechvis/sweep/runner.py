@@ -18,6 +18,7 @@ import os
 import time
 import uuid
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -26,7 +27,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from mechvis.errors import InvalidArgumentError, SweepMismatchError
-from mechvis.sweep.analyses import ANALYSES, Context, analyse_item, resolve
+from mechvis.sweep.analyses import ANALYSES, BatchedForwards, Context, analyse_item, resolve, sweep_hooks
 from mechvis.sweep.dataset import Item, dataset_hash, read_dataset
 
 if TYPE_CHECKING:
@@ -84,6 +85,7 @@ class SweepSpec:
     shard_size: int
     model: str | None = None  # None: the embedded model
     dtype: str = "float32"
+    batch: bool = True  # text items of equal token length share one forward pass (BatchedForwards)
 
     @property
     def n_shards(self) -> int:
@@ -108,6 +110,7 @@ class SweepSpec:
             "dataset_sha256": dataset_hash(self.items),
             "n_items": len(self.items),
             "shard_size": self.shard_size,
+            "batch_equal_lengths": self.batch,
         }
 
 
@@ -160,11 +163,15 @@ class ShardWorker:
     def run_shard(self, index: int, on_item: Callable[[], None] | None = None) -> int:
         """Analyse shard `index` and write its files; returns the number of rows written."""
         parts: dict[str, list[dict[str, list]]] = {name: [] for name in self.spec.analyses}
-        for item in self.spec.shard_items(index):
-            for name, columns in analyse_item(self.context, item, self.spec.analyses).items():
-                parts[name].append(columns)
-            if on_item is not None:
-                on_item()
+        items = list(self.spec.shard_items(index))
+        model = self.context.model
+        batching = BatchedForwards(model, items, sweep_hooks(model, self.spec.analyses)) if self.spec.batch else nullcontext()
+        with batching:
+            for item in items:
+                for name, columns in analyse_item(self.context, item, self.spec.analyses).items():
+                    parts[name].append(columns)
+                if on_item is not None:
+                    on_item()
         rows = 0
         for name, columns in parts.items():
             schema = ANALYSES[name].schema
@@ -263,6 +270,7 @@ def plan_sweep(
     model: str | None = None,
     dtype: str = "float32",
     shard_size: int = 8,
+    batch: bool = True,
 ) -> SweepSpec:
     """Read and validate everything (dataset, analyses, parameters) without touching a model."""
     if shard_size < 1:
@@ -275,7 +283,7 @@ def plan_sweep(
         ANALYSES[name].check(items, analysis_params)
     if model is not None and Path(model).is_dir():
         model = Path(model).resolve()  # one directory, however it was spelled
-    return SweepSpec(tuple(items), chosen, str(Path(out_dir)), shard_size, str(model) if model is not None else None, dtype)
+    return SweepSpec(tuple(items), chosen, str(Path(out_dir)), shard_size, str(model) if model is not None else None, dtype, batch)
 
 
 def run_sweep(
@@ -295,6 +303,7 @@ def run_sweep(
     progress: bool = True,
     summary: bool = True,
     loaded_model: "TransformerBridge | None" = None,
+    batch: bool = True,
 ) -> SweepResult:
     """Run `analyses` over every item of `dataset`, writing Parquet shards to `out_dir`.
 
@@ -312,6 +321,9 @@ def run_sweep(
             bitwise equal across back-ends at equal thread counts; other counts change float
             reductions in the last bits (~1e-7 relative).
         loaded_model: a model already loaded from `model` (local back-end; skips loading).
+        batch: text items of a shard with equal token lengths (prompt + continuation) share one
+            batched forward pass (`BatchedForwards`; no padding, so rows equal the unbatched
+            analysis to float rounding); False runs one forward per item.
 
     Raises:
         DatasetError, InvalidArgumentError: before any model work.
@@ -319,7 +331,7 @@ def run_sweep(
     """
     if backend not in ("local", "ray"):
         raise InvalidArgumentError(f"backend must be 'local' or 'ray'; got {backend!r}.")
-    spec = plan_sweep(dataset, out_dir, analyses, params=params, model=model, dtype=dtype, shard_size=shard_size)
+    spec = plan_sweep(dataset, out_dir, analyses, params=params, model=model, dtype=dtype, shard_size=shard_size, batch=batch)
     prepare_output(spec, overwrite=overwrite)
     pending = [index for index in range(spec.n_shards) if not spec.complete(index)]
     result = SweepResult(Path(out_dir), len(spec.items), spec.n_shards, pending, spec.n_shards - len(pending), backend=backend)
