@@ -1,7 +1,9 @@
 """`mechvis sweep` throughput: the `lens` sweep of the real example sentences on the embedded model,
 local (one process) versus Ray with 2 single-thread workers, and the sweep machinery's per-item
 overhead versus calling the same analysis in a plain loop (target: ≤ 10 %). Loop and sweep
-alternate and the best of 3 rounds counts, so load from other processes affects both alike."""
+alternate and the best of 3 rounds counts, so load from other processes affects both alike.
+Batching: the `lens` sweep of equal-length prefixes of the same real sentences (16 tokens each),
+batched (8 items per forward) versus one forward per item, alternating, best of 2 rounds."""
 
 from __future__ import annotations
 
@@ -30,6 +32,39 @@ def _plain_loop(model, items) -> float:
     return time.perf_counter() - start
 
 
+N_BATCH = 16
+PREFIX_TOKENS = 16
+
+
+def _batching(model, directory: Path) -> None:
+    """items/s of the lens sweep over equal-length sentence prefixes, batched vs unbatched."""
+    import json
+
+    from mechvis.sweep.example import real_sentences
+
+    prefixes = []
+    for _, sentence in real_sentences():
+        ids = model.hf_tokenizer.encode(sentence, add_special_tokens=False)
+        text = model.hf_tokenizer.decode(ids[:PREFIX_TOKENS])
+        if len(ids) > PREFIX_TOKENS and len(model.hf_tokenizer.encode(text, add_special_tokens=False)) == PREFIX_TOKENS:
+            prefixes.append(text)
+        if len(prefixes) == N_BATCH:
+            break
+    dataset = directory / "prefixes.jsonl"
+    dataset.write_text("".join(json.dumps({"id": f"p{i}", "prompt": text}) + "\n" for i, text in enumerate(prefixes)))
+    times = {True: [], False: []}
+    for round_ in range(2):
+        for batch in (True, False):
+            result = run_sweep(dataset, directory / f"batch{batch}{round_}", ["lens"], loaded_model=model, shard_size=8,
+                               progress=False, summary=False, batch=batch)
+            times[batch].append(result.seconds)
+            print(f"  round {round_}, {'batched' if batch else 'unbatched'}: {result.seconds:.1f} s", flush=True)
+    batched, single = min(times[True]), min(times[False])
+    print(f"sweep batching, lens on {len(prefixes)} real sentence prefixes of {PREFIX_TOKENS} tokens (embedded model, "
+          f"shards of 8 = one forward each): batched {len(prefixes) / batched:.2f} items/s, unbatched "
+          f"{len(prefixes) / single:.2f} items/s, {single / batched:.2f}× (best of 2 alternating rounds)")
+
+
 def main() -> None:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # no ~/.ray/auth_token for a local cluster
     with tempfile.TemporaryDirectory() as directory:
@@ -50,6 +85,7 @@ def main() -> None:
             sweeps.append(result.seconds)
             print(f"  round {round_}: loop {loops[-1]:.1f} s, sweep {sweeps[-1]:.1f} s", flush=True)
         loop, local = min(loops), min(sweeps)
+        _batching(model, directory)
 
         import ray
 
