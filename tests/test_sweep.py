@@ -446,6 +446,17 @@ def test_image_sweep_on_real_photos_against_hf_attentions(tokenizer_dir, tmp_pat
         got = rows[rows["item_id"] == item.id]
         np.testing.assert_allclose(got["image_mass"], to_image.sum(-1).mean(-1), atol=1e-5)
         np.testing.assert_allclose(got["entropy"], stats.entropy(to_image.sum(1), axis=-1), atol=1e-5)
+        # the rollout summary: vision_rollout called directly on the item's full cache, summarised with numpy/scipy
+        from mechvis.analysis.vision import vision_rollout
+
+        run = mechvis.run(bridge, item.model_prompt, chat=item.chat, image=item.image)
+        rolled = vision_rollout(run.cache, bridge, run.segments.image_grid, query_positions=[len(run.tokens) - 1])
+        patch_map = rolled.maps[0].double().numpy()
+        peak_row, peak_col = np.unravel_index(patch_map.argmax(), rolled.patch_shape)
+        assert set(got["rollout_peak_row"]) == {peak_row} and set(got["rollout_peak_col"]) == {peak_col}
+        np.testing.assert_allclose(got["rollout_image_mass"], rolled.image_mass[0].item(), atol=1e-6)
+        np.testing.assert_allclose(got["rollout_peak_mass"], patch_map.max(), atol=1e-6)
+        np.testing.assert_allclose(got["rollout_entropy"], stats.entropy(patch_map), atol=1e-6)
 
 
 def test_equal_length_items_share_a_forward_and_rows_still_equal_the_analyses(tiny_dir, tiny_model, tmp_path, monkeypatch):

@@ -288,20 +288,53 @@ def repetition_rows(context: Context, item: Item, forward: Forward, params: dict
 
 # --- image --------------------------------------------------------------------------------------
 
+def _image_hooks(model, params):
+    """The language model's attention patterns, plus what `vision_rollout` reads from the vision
+    tower: LLaVA's encoder attention patterns, Qwen-VL's cached pixels (its patterns are recomputed)."""
+    from mechvis.analysis import hooks_for
+
+    vision = [name for name in model.hook_dict if name == "vision_encoder.hook_in"
+              or (name.startswith("vision_encoder.encoder_layers.") and name.endswith(".attn.hook_pattern"))]
+    return sorted(set(hooks_for(model, "attention")) | set(vision))
+
+
+def _rollout_summary(context: Context, forward: Forward, grid) -> dict[str, float | int | None]:
+    """The answer position's vision rollout (`vision_rollout`, mean head fusion, residual weight
+    0.5): the share of its language-model rollout on the image block, and over the patch grid the
+    peak patch (row, col, mass) and the entropy (nats) of the rollout map; None where the model's
+    layout is not mapped."""
+    from mechvis.analysis.vision import vision_rollout
+
+    try:
+        rolled = vision_rollout(forward.run.cache, context.model, grid, query_positions=[forward.answer_position])
+    except InvalidArgumentError:  # a layout vision_rollout does not map (e.g. tiled LLaVA-NeXT)
+        return dict.fromkeys(("rollout_image_mass", "rollout_peak_row", "rollout_peak_col", "rollout_peak_mass", "rollout_entropy"))
+    patch_map = rolled.maps[0].double()
+    peak = int(patch_map.argmax())
+    return {
+        "rollout_image_mass": float(rolled.image_mass[0]), "rollout_peak_row": peak // rolled.patch_shape[1],
+        "rollout_peak_col": peak % rolled.patch_shape[1], "rollout_peak_mass": float(patch_map[peak]),
+        "rollout_entropy": float(torch.special.entr(patch_map).sum()),
+    }
+
+
 @register(
     "image",
     schema=[("layer", pa.int16()), ("image_mass", pa.float32()), ("entropy", pa.float32()),
             ("normalised_entropy", pa.float32()), ("gini", pa.float32()), ("k90_fraction", pa.float32()),
             ("peak_to_mean", pa.float32()), ("centre_row", pa.float32()), ("centre_col", pa.float32()),
-            ("spatial_variance", pa.float32())],
-    hooks=_attention_hooks,
+            ("spatial_variance", pa.float32()),
+            ("rollout_image_mass", pa.float32()), ("rollout_peak_row", pa.int32()), ("rollout_peak_col", pa.int32()),
+            ("rollout_peak_mass", pa.float32()), ("rollout_entropy", pa.float32())],
+    hooks=_image_hooks,
     check=lambda items, params: require(items, "image", lambda item: item.image is not None, "needs an 'image'."),
     defaults={},
 )
 def image_rows(context: Context, item: Item, forward: Forward, params: dict) -> dict[str, list]:
     """Per layer, attention from the answer position to the image tokens: the mass on the image
     (mean over heads) and the region metrics (nats, cells; see `region_metrics`) of the
-    head-averaged map renormalised over the image."""
+    head-averaged map renormalised over the image. Every row of the item also carries its rollout
+    summary (`_rollout_summary`, one value per item; null where the layout is not mapped)."""
     from mechvis.analysis.vision import image_attention, region_metrics
 
     grid = forward.run.segments.image_grid
@@ -317,6 +350,7 @@ def image_rows(context: Context, item: Item, forward: Forward, params: dict) -> 
         "k90_fraction": metrics.k90_fraction.tolist(), "peak_to_mean": metrics.peak_to_mean.tolist(),
         "centre_row": metrics.centre[:, 0].tolist(), "centre_col": metrics.centre[:, 1].tolist(),
         "spatial_variance": metrics.spatial_variance.tolist(),
+        **{name: [value] * len(attention.layers) for name, value in _rollout_summary(context, forward, grid).items()},
     }
 
 
