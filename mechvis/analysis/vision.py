@@ -237,7 +237,7 @@ def head_distances(maps: Float[Tensor, "head cell"], metric: str = "jensenshanno
     JS is computed from JSD(p, q) = ln 2 + ½ Σ p ln p + ½ Σ q ln q − ½ Σ (p + q) ln (p + q) (nats;
     Lin 1991), float64: the per-head terms once, the pair term as one logarithm per pair and cell
     over the upper triangle (heads² / 2 × cells logarithms; 1,024 heads × 576 cells ≈ 3 · 10⁸,
-    1.5–2.0 s at load 7–8 on this project's 2-core machine). scipy's pdist(x, "jensenshannon") measured
+    1.5–2.3 s at load 7–13 on this project's 2-core machine). scipy's pdist(x, "jensenshannon") measured
     3.5–11 s there (load 1–11) on the same 1,024 × 576 maps. Equal to scipy's jensenshannon to
     ≤ 1e-8 (tests/test_libraries.py).
 
