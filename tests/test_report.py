@@ -105,16 +105,18 @@ def test_rollout_rows_match_the_plain_loop_and_the_full_matrix_is_on_request(tin
     np.testing.assert_allclose(np.array(exported["rollout"]["matrix"]), expected, atol=1e-3)
     with pytest.raises(InvalidArgumentError, match="position"):
         write_report(model, "One two", tmp_path / "bad.html", max_new_tokens=2, rollout_queries=[99])
-    with pytest.raises(InvalidArgumentError, match="at least 1"):
-        write_report(model, "One two", tmp_path / "bad.html", max_new_tokens=2, rollout_queries=0)
+    with pytest.raises(InvalidArgumentError, match="at least 0"):
+        write_report(model, "One two", tmp_path / "bad.html", max_new_tokens=2, rollout_queries=-1)
 
 
 def test_default_rollout_queries():
     assert default_rollout_queries(5, 9) == [4, 5, 6, 7, 8]
     assert default_rollout_queries(5, 5) == [4]  # nothing generated: the last token
-    capped = default_rollout_queries(10, 1010, cap=5)
-    assert capped == [9, 10, 343, 676, 1009]  # evenly spaced over the generated tokens, first and last kept
-    assert default_rollout_queries(10, 1010, cap=1) == [1009]
+    assert default_rollout_queries(10, 74) == list(range(9, 74))  # the demo: 64 generated, all kept
+    assert default_rollout_queries(10, 1010, cap=4) == [9, 10, 343, 676, 1009]  # evenly spaced, first and last kept
+    assert default_rollout_queries(10, 1010, cap=0) == [9]
+    with pytest.raises(InvalidArgumentError, match="at least 0"):
+        default_rollout_queries(10, 20, cap=-1)
 
 
 def test_existing_files_are_not_replaced_without_asking(tiny, tmp_path):
@@ -212,6 +214,15 @@ def test_report_in_headless_chromium(embedded, tmp_path):
         page.on("pageerror", lambda error: problems.append(str(error)))
         page.on("dialog", lambda dialog: (dialogs.append(dialog.message), dialog.dismiss()))
         page.goto(path.as_uri(), wait_until="load", timeout=300_000)  # generous: two slow cores
+        # Views below the fold wait until they come near the viewport; a reader scrolls to each.
+        last = page.locator(".circuitsvis-view").last
+        assert last.get_attribute("data-rendered") is None and last.evaluate("e => e.childElementCount") == 0
+        page.evaluate("""async () => {
+            for (const view of document.querySelectorAll('.circuitsvis-view')) {
+                view.scrollIntoView({block: 'center'});
+                await new Promise(done => (function check() { view.childElementCount ? done() : setTimeout(check, 20); })());
+            }
+        }""")
         page.wait_for_function(
             "Array.from(document.querySelectorAll('.circuitsvis-view')).every(e => e.childElementCount > 0 && e.innerText.length > 0)",
             timeout=300_000,
@@ -219,6 +230,12 @@ def test_report_in_headless_chromium(embedded, tmp_path):
         page.screenshot(path=str(ARTIFACTS / "report.png"), full_page=False)
         page.locator("#attention").screenshot(path=str(ARTIFACTS / "report-attention.png"))
         views = page.evaluate("document.querySelectorAll('.circuitsvis-view').length")
+        # The head selector redraws a layer's view with one head.
+        selector = page.locator("select.mechvis-head").first
+        view_id = selector.get_attribute("data-view")
+        selector.select_option("0")
+        head_name = f"L{data.attention_layers[0]}H0"
+        page.wait_for_function(f"document.getElementById('{view_id}').innerText.includes('{head_name}')", timeout=120_000)
         injected = page.evaluate("document.querySelectorAll('img[src=\"x\"]').length")
         summary = page.locator("header").inner_text()
         browser.close()

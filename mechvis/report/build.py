@@ -49,7 +49,7 @@ if TYPE_CHECKING:
     from transformer_lens.model_bridge import TransformerBridge
 
 SCHEMA = "mechvis.report/2"  # /2: rollout as rows for chosen queries; the N × N matrix only on request
-ROLLOUT_QUERIES = 64  # default cap on the rollout rows a report keeps (the last prompt token + generated ones)
+ROLLOUT_QUERIES = 64  # default cap on the generated tokens' rollout rows (plus the last prompt token's)
 
 
 @dataclass
@@ -107,19 +107,20 @@ class ReportData:
 
 
 def default_rollout_queries(prompt_length: int, n_tokens: int, cap: int = ROLLOUT_QUERIES) -> list[int]:
-    """The query rows a report's rollout keeps: the last prompt token and every generated token,
-    at most `cap` rows (beyond that, evenly spaced over the generated tokens, the last one kept).
+    """The query rows a report's rollout keeps: the last prompt token and the generated tokens, at
+    most `cap` of these (beyond that, evenly spaced over them, the first and last kept).
 
     Rows instead of the N × N matrix keep the report's size linear in N (at 8,192 tokens the
-    matrix alone is 67 M numbers)."""
-    if cap < 1:
-        raise InvalidArgumentError(f"rollout_queries must be at least 1; got {cap}.")
+    matrix alone is 67 M numbers).
+
+    Raises:
+        InvalidArgumentError: a negative cap."""
+    if cap < 0:
+        raise InvalidArgumentError(f"rollout_queries must be at least 0 (generated rows); got {cap}.")
     last_prompt = max(0, min(prompt_length, n_tokens) - 1)
     generated = list(range(last_prompt + 1, n_tokens))
-    if len(generated) > cap - 1:
-        if cap == 1:
-            return [n_tokens - 1]
-        picks = torch.linspace(0, len(generated) - 1, cap - 1).round().long().unique().tolist()
+    if len(generated) > cap:
+        picks = torch.linspace(0, len(generated) - 1, cap).round().long().unique().tolist() if cap else []
         generated = [generated[i] for i in picks]
     return [last_prompt] + generated
 
@@ -148,7 +149,7 @@ def build_report_data(
     the report on the trace.
 
     The rollout is kept as rows: `rollout_queries` is either the query positions (negative counts
-    from the end) or a cap on `default_rollout_queries`; `full_rollout` also computes the N × N
+    from the end) or the cap of `default_rollout_queries`; `full_rollout` also computes the N × N
     matrix (`ReportData.rollout_matrix`, exported as `rollout.matrix`).
 
     Raises:

@@ -38,7 +38,7 @@ h1 { font-size: 1.5rem; } h2 { border-bottom: 1px solid #ddd; padding-bottom: .2
 .tokens { white-space: pre-wrap; font-family: ui-monospace, monospace; line-height: 1.7; }
 .tokens span { border-radius: 3px; }
 .prompt { color: #666; }
-figure { margin: 1rem 0; } figure img { max-width: 100%; }
+figure { margin: 1rem 0; } figure img { max-width: 100%; height: auto; }
 table { border-collapse: collapse; font-size: .9rem; } td, th { padding: .2rem .6rem; border-bottom: 1px solid #eee; text-align: left; }
 .note { color: #555; font-size: .9rem; }
 .circuitsvis-view:empty { min-height: 12rem; background: #fafafa; }
@@ -112,8 +112,10 @@ def figure_html(figure: Figure, caption: str) -> str:
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=90)
     plt.close(figure)
-    encoded = base64.b64encode(buffer.getvalue()).decode("ascii")
-    return f'<figure><img alt="{html.escape(caption)}" src="data:image/png;base64,{encoded}"><figcaption>{html.escape(caption)}</figcaption></figure>'
+    png = buffer.getvalue()
+    width, height = int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")  # IHDR: the layout is known before decoding
+    encoded = base64.b64encode(png).decode("ascii")
+    return f'<figure><img alt="{html.escape(caption)}" width="{width}" height="{height}" src="data:image/png;base64,{encoded}"><figcaption>{html.escape(caption)}</figcaption></figure>'
 
 
 def _entropy_colour(value: float, maximum: float) -> str:
@@ -239,7 +241,7 @@ def render_report(data: ReportData, model) -> str:
     sections.append(_section("Attention rollout", "rollout", [
         figure_html(figures.rollout_figure(data.rollout, tokens), f"attention rollout of {len(queries)} query positions "
                     f"({queries[0]}{'' if len(queries) == 1 else f' … {queries[-1]}'})"),
-    ], "Rows for the last prompt token and the generated tokens (at most 64, evenly spaced); the full matrix is in the "
+    ], "Rows for the last prompt token and the generated tokens (at most 64 of these, evenly spaced); the full matrix is in the "
        "JSON with --full-rollout."))
     progress.update()
     residual_parts = [figure_html(figures.layer_similarity_figure(data.similarity), "residual-stream similarity between layers")]
