@@ -37,15 +37,15 @@ ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--d
 # Resolves with performance.now() once every view matched by `selector` is rendered (see module doc).
 WAIT_RENDERED = """
 (selector) => new Promise(resolve => {
-  function done() {
-    const views = Array.from(document.querySelectorAll(selector));
-    return views.every(v => v.childElementCount > 0 && v.innerText.length > 0
-                            && Array.from(v.querySelectorAll('canvas')).every(c => c.width > 0 && c.height > 0))
-      && Array.from(document.images).every(i => i.complete);
-  }
+  const views = Array.from(document.querySelectorAll(selector));
+  // Cheap test first: innerText forces a layout, which would slow the page it measures if polled.
+  const populated = () => views.every(v => v.childElementCount > 0);
+  const drawn = () => views.every(v => v.innerText.length > 0
+      && Array.from(v.querySelectorAll('canvas')).every(c => c.width > 0 && c.height > 0))
+    && Array.from(document.images).every(i => i.complete);
   function check() {
-    if (done()) requestAnimationFrame(() => requestAnimationFrame(() => resolve(performance.now())));
-    else setTimeout(check, 10);
+    if (populated() && drawn()) requestAnimationFrame(() => requestAnimationFrame(() => resolve(performance.now())));
+    else setTimeout(check, 25);
   }
   check();
 })
@@ -64,7 +64,7 @@ async () => {
     await new Promise(resolve => {
       (function check() {
         const v = document.getElementById(id);
-        if (v.childElementCount > 0 && v.innerText.length > 0) resolve(); else setTimeout(check, 10);
+        if (v.childElementCount > 0 && v.innerText.length > 0) resolve(); else setTimeout(check, 25);
       })();
     });
   }
