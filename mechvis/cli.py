@@ -116,6 +116,7 @@ def _report(arguments: argparse.Namespace) -> None:
         ablation=arguments.ablation,
         image=arguments.image,
         overwrite=arguments.force,
+        full_rollout=arguments.full_rollout,
     )
     print(f"Wrote {arguments.output}" + (f" and {arguments.json}" if arguments.json else ""))
 
@@ -312,6 +313,8 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--json", default=None, help="also write the results as JSON (schema in the README)")
     report.add_argument("--image", default=None, help="an image file, for a vision-language model")
     report.add_argument("--ablation", action="store_true", help="add a head-ablation sweep of the last generated token")
+    report.add_argument("--full-rollout", action="store_true",
+                        help="also export the N × N rollout matrix in the JSON (default: rows for the last prompt token and generated tokens)")
     report.add_argument("--force", action="store_true", help="replace existing output files")
     report.set_defaults(handler=_report)
 

@@ -18,8 +18,10 @@ from mechvis.analysis import token_signals
 from mechvis.cli import main
 from mechvis.errors import InvalidArgumentError
 from mechvis.report import SCHEMA, report_json, write_report
+from mechvis.report.build import default_rollout_queries
 from mechvis.viz import figures
 from mechvis.viz.views import View, circuitsvis_bundle, colored_tokens_view, token_colour_values
+from tests.reference import hf_attentions, rollout_loop
 
 XSS_PROMPT = "Repeat <script>alert(1)</script> and </script><img src=x onerror=alert(2)> & count."
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
@@ -78,7 +80,9 @@ def test_json_schema(tiny_report):
     assert len(lens["layers"]) == n_layers + 1 and np.array(lens["top1_probs"]).shape == (n_layers + 1, len(lens["positions"]))
     assert np.array(exported["head_entropy"]["mean_normalised"]).shape == (n_layers, n_heads)
     assert len(exported["head_entropy"]["classification"]) == n_layers * n_heads
-    assert np.array(exported["rollout"]["matrix"]).shape == (n, n)
+    rolled = exported["rollout"]
+    assert rolled["queries"] == list(range(exported["prompt_length"] - 1, n))  # last prompt token + generated
+    assert np.array(rolled["rows"]).shape == (len(rolled["queries"]), n) and rolled["matrix"] is None  # no N × N by default
     assert np.array(exported["activation_norms"]["norms"]).shape == (n_layers, n)
     assert np.array(exported["layer_similarity"]["cosine"]).shape == (n_layers + 1, n_layers + 1)
     repetition = exported["repetition"]
@@ -87,6 +91,32 @@ def test_json_schema(tiny_report):
     assert set(repetition["features"]) == set(mechvis.analysis.repetition.FEATURES)
     assert exported["token_signals"]["surprisal"][-1] is None  # NaN is written as null
     assert report_json(data)["generated_text"] == data.trace.generated_text
+
+
+def test_rollout_rows_match_the_plain_loop_and_the_full_matrix_is_on_request(tiny, tmp_path):
+    model, reference = tiny("llama")
+    data = write_report(model, "One two three four", tmp_path / "r.html", json_path=tmp_path / "r.json", max_new_tokens=6,
+                        layers=[0], rollout_queries=[-1, 2, 0], full_rollout=True)
+    exported = json.loads((tmp_path / "r.json").read_text())
+    n = len(data.trace.run.tokens)
+    expected = rollout_loop(hf_attentions(reference, data.trace.run.tokens.tolist()), 0.5)  # numpy, from HF's attentions
+    assert exported["rollout"]["queries"] == [n - 1, 2, 0]
+    np.testing.assert_allclose(np.array(exported["rollout"]["rows"]), expected[[n - 1, 2, 0]], atol=1e-4)
+    np.testing.assert_allclose(np.array(exported["rollout"]["matrix"]), expected, atol=1e-3)
+    with pytest.raises(InvalidArgumentError, match="position"):
+        write_report(model, "One two", tmp_path / "bad.html", max_new_tokens=2, rollout_queries=[99])
+    with pytest.raises(InvalidArgumentError, match="at least 0"):
+        write_report(model, "One two", tmp_path / "bad.html", max_new_tokens=2, rollout_queries=-1)
+
+
+def test_default_rollout_queries():
+    assert default_rollout_queries(5, 9) == [4, 5, 6, 7, 8]
+    assert default_rollout_queries(5, 5) == [4]  # nothing generated: the last token
+    assert default_rollout_queries(10, 74) == list(range(9, 74))  # the demo: 64 generated, all kept
+    assert default_rollout_queries(10, 1010, cap=4) == [9, 10, 343, 676, 1009]  # evenly spaced, first and last kept
+    assert default_rollout_queries(10, 1010, cap=0) == [9]
+    with pytest.raises(InvalidArgumentError, match="at least 0"):
+        default_rollout_queries(10, 20, cap=-1)
 
 
 def test_existing_files_are_not_replaced_without_asking(tiny, tmp_path):
@@ -184,6 +214,15 @@ def test_report_in_headless_chromium(embedded, tmp_path):
         page.on("pageerror", lambda error: problems.append(str(error)))
         page.on("dialog", lambda dialog: (dialogs.append(dialog.message), dialog.dismiss()))
         page.goto(path.as_uri(), wait_until="load", timeout=300_000)  # generous: two slow cores
+        # Views below the fold wait until they come near the viewport; a reader scrolls to each.
+        last = page.locator(".circuitsvis-view").last
+        assert last.get_attribute("data-rendered") is None and last.evaluate("e => e.childElementCount") == 0
+        page.evaluate("""async () => {
+            for (const view of document.querySelectorAll('.circuitsvis-view')) {
+                view.scrollIntoView({block: 'center'});
+                await new Promise(done => (function check() { view.childElementCount ? done() : setTimeout(check, 20); })());
+            }
+        }""")
         page.wait_for_function(
             "Array.from(document.querySelectorAll('.circuitsvis-view')).every(e => e.childElementCount > 0 && e.innerText.length > 0)",
             timeout=300_000,
@@ -191,6 +230,12 @@ def test_report_in_headless_chromium(embedded, tmp_path):
         page.screenshot(path=str(ARTIFACTS / "report.png"), full_page=False)
         page.locator("#attention").screenshot(path=str(ARTIFACTS / "report-attention.png"))
         views = page.evaluate("document.querySelectorAll('.circuitsvis-view').length")
+        # The head selector redraws a layer's view with one head.
+        selector = page.locator("select.mechvis-head").first
+        view_id = selector.get_attribute("data-view")
+        selector.select_option("0")
+        head_name = f"L{data.attention_layers[0]}H0"
+        page.wait_for_function(f"document.getElementById('{view_id}').innerText.includes('{head_name}')", timeout=120_000)
         injected = page.evaluate("document.querySelectorAll('img[src=\"x\"]').length")
         summary = page.locator("header").inner_text()
         browser.close()

@@ -380,6 +380,7 @@ def test_export_report_renders_offline(ui, tmp_path):
     requests = []
     offline.on("request", lambda request: requests.append(request.url))
     offline.goto(path.as_uri(), wait_until="load")
+    offline.evaluate("window.mechvisReport.renderAll()")  # views below the fold render lazily otherwise
     wait(offline, "Array.from(document.querySelectorAll('.circuitsvis-view')).every(e => e.childElementCount > 0)", timeout=120)
     assert offline.locator(".circuitsvis-view").count() > 0
     assert [url for url in requests if not url.startswith(("file://", "data:"))] == []

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from mechvis.errors import InvalidArgumentError
-from mechvis.report.build import SCHEMA, ReportData, build_report_data, report_json
+from mechvis.report.build import ROLLOUT_QUERIES, SCHEMA, ReportData, build_report_data, report_json
 from mechvis.report.html import render_report, write_json
 
 if TYPE_CHECKING:
@@ -38,17 +38,21 @@ def write_report(
     ablation: bool = False,
     image: object | None = None,
     overwrite: bool = False,
+    rollout_queries: Sequence[int] | int = ROLLOUT_QUERIES,
+    full_rollout: bool = False,
 ) -> ReportData:
     """Generate from `prompt`, analyse, and write the HTML report (and the JSON if asked); with
     `ablation`, add a sweep of every head's ablation on the last generated token's probability;
     with `image` (a vision-language model), add where the generated tokens look in it.
-    Existing files are not replaced unless `overwrite`."""
+    The rollout is kept as rows for `rollout_queries` (see `build_report_data`); `full_rollout`
+    adds the N × N matrix to the JSON. Existing files are not replaced unless `overwrite`."""
     html_path = Path(path)
     _check_writable(html_path, overwrite)
     if json_path is not None:
         _check_writable(Path(json_path), overwrite)
     data = build_report_data(model, prompt, chat=chat, max_new_tokens=max_new_tokens, layers=layers,
-                             temperature=temperature, seed=seed, ablation=ablation, image=image)
+                             temperature=temperature, seed=seed, ablation=ablation, image=image,
+                             rollout_queries=rollout_queries, full_rollout=full_rollout)
     html_path.write_text(render_report(data, model), encoding="utf-8")
     if json_path is not None:
         write_json(data, Path(json_path))

@@ -18,11 +18,12 @@ from mechvis.analysis import (
     layer_similarity,
     logit_lens,
     rollout,
+    rollout_rows,
     token_signals,
 )
 from mechvis.analysis._checks import check_layers
 from mechvis.analysis.activations import ActivationNorms
-from mechvis.analysis.attention import HeadEntropy, Rollout
+from mechvis.analysis.attention import HeadEntropy, Rollout, RolloutRows
 from mechvis.analysis.lens import LogitLens
 from mechvis.analysis.projection import Projection
 from mechvis.analysis.repetition import (
@@ -38,6 +39,7 @@ from mechvis.analysis.repetition import (
 from mechvis.analysis.residual import LayerSimilarity, LogitAttribution
 from mechvis.analysis.tokens import HighEntropyPositions, TokenSignals
 from mechvis.architecture import ArchitectureSummary, inspect_model
+from mechvis.errors import InvalidArgumentError
 from mechvis.analysis.vision import HeadClusters, ImageAttention, VisionRollout, cluster_heads, hotspots, image_attention, vision_rollout
 from mechvis.generation import Trace, generate
 from mechvis.interventions import AblationSweep, ablation_sweep, target_probability
@@ -46,7 +48,8 @@ from mechvis.viz.views import rounded
 if TYPE_CHECKING:
     from transformer_lens.model_bridge import TransformerBridge
 
-SCHEMA = "mechvis.report/1"
+SCHEMA = "mechvis.report/2"  # /2: rollout as rows for chosen queries; the N × N matrix only on request
+ROLLOUT_QUERIES = 64  # default cap on the generated tokens' rollout rows (plus the last prompt token's)
 
 
 @dataclass
@@ -91,7 +94,7 @@ class ReportData:
     high_entropy: HighEntropyPositions
     lens: LogitLens
     entropy: HeadEntropy
-    rollout: Rollout
+    rollout: RolloutRows  # rows for the queries `default_rollout_queries` chose (or the caller's)
     norms: ActivationNorms
     similarity: LayerSimilarity
     attribution: LogitAttribution | None
@@ -100,6 +103,26 @@ class ReportData:
     ablation: AblationSweep | None = None
     ablation_target: str = ""
     vision: VisionResult | None = None
+    rollout_matrix: Rollout | None = None  # the full N × N rollout, only with `full_rollout=True`
+
+
+def default_rollout_queries(prompt_length: int, n_tokens: int, cap: int = ROLLOUT_QUERIES) -> list[int]:
+    """The query rows a report's rollout keeps: the last prompt token and the generated tokens, at
+    most `cap` of these (beyond that, evenly spaced over them, the first and last kept).
+
+    Rows instead of the N × N matrix keep the report's size linear in N (at 8,192 tokens the
+    matrix alone is 67 M numbers).
+
+    Raises:
+        InvalidArgumentError: a negative cap."""
+    if cap < 0:
+        raise InvalidArgumentError(f"rollout_queries must be at least 0 (generated rows); got {cap}.")
+    last_prompt = max(0, min(prompt_length, n_tokens) - 1)
+    generated = list(range(last_prompt + 1, n_tokens))
+    if len(generated) > cap:
+        picks = torch.linspace(0, len(generated) - 1, cap).round().long().unique().tolist() if cap else []
+        generated = [generated[i] for i in picks]
+    return [last_prompt] + generated
 
 
 def default_attention_layers(n_layers: int) -> list[int]:
@@ -119,9 +142,18 @@ def build_report_data(
     lens_positions: int = 16,
     ablation: bool = False,
     image: object | None = None,
+    rollout_queries: Sequence[int] | int = ROLLOUT_QUERIES,
+    full_rollout: bool = False,
 ) -> ReportData:
     """Generate from `prompt` (with `image` for a vision-language model) and run every analysis of
-    the report on the trace."""
+    the report on the trace.
+
+    The rollout is kept as rows: `rollout_queries` is either the query positions (negative counts
+    from the end) or the cap of `default_rollout_queries`; `full_rollout` also computes the N × N
+    matrix (`ReportData.rollout_matrix`, exported as `rollout.matrix`).
+
+    Raises:
+        InvalidArgumentError: a layer, query position or cap out of range."""
     attention_layers = check_layers(model, layers) if layers else default_attention_layers(model.cfg.n_layers)
     stages = tqdm(total=4, desc="report", unit="stage")
     stages.set_postfix_str("generating")
@@ -137,7 +169,12 @@ def build_report_data(
     stages.update()
     stages.set_postfix_str("attention, residual and activation analyses")
     entropy = head_entropy(run.cache, model, sink_positions=run.segments.sink_positions)
-    rolled = rollout(run.cache, model)
+    if isinstance(rollout_queries, int):
+        queries = default_rollout_queries(trace.prompt_length, n, rollout_queries)
+    else:
+        queries = list(rollout_queries)
+    rolled = rollout_rows(run.cache, model, queries)
+    rollout_matrix = rollout(run.cache, model) if full_rollout else None
     norms = activation_norms(run.cache, model, "resid_post")
     similarity = layer_similarity(run.cache, model)
     attribution = None
@@ -169,7 +206,7 @@ def build_report_data(
         sweep = ablation_sweep(model, run.tokens[: last + 1], target_probability(model, trace.generated_ids[-1], position=last - 1))
     vision = _vision_result(model, trace, image) if trace.run.segments.image_grid is not None else None
     return ReportData(inspect_model(model), prompt, chat, trace, attention_layers, signals, high, lens, entropy, rolled,
-                      norms, similarity, attribution, repetition, projection, sweep, target_label, vision)
+                      norms, similarity, attribution, repetition, projection, sweep, target_label, vision, rollout_matrix)
 
 
 def _vision_result(model: "TransformerBridge", trace: Trace, image: object) -> VisionResult:
@@ -240,7 +277,8 @@ def report_json(data: ReportData) -> dict:
             "classification": [{"layer": l, "head": h, "kind": k} for l, h, k in data.entropy.classify()],
         },
         "rollout": {"head_fusion": data.rollout.head_fusion, "residual_weight": data.rollout.residual_weight,
-                    "matrix": rounded(data.rollout.matrix, 3)},
+                    "queries": data.rollout.queries, "rows": rounded(data.rollout.rows, 4),
+                    "matrix": None if data.rollout_matrix is None else rounded(data.rollout_matrix.matrix, 3)},
         "activation_norms": {"kind": data.norms.kind, "norms": rounded(data.norms.norms, 3)},
         "layer_similarity": {"layers": data.similarity.layer_labels, "cosine": rounded(data.similarity.cosine)},
         "attention_layers": data.attention_layers,

@@ -1,5 +1,11 @@
 """Assemble one self-contained, offline HTML file: circuitsvis' bundle inlined exactly once, every
-view rendered from it, figures inline as PNG, every token string HTML-escaped."""
+view rendered from it, figures inline as PNG, every token string HTML-escaped.
+
+Views render lazily: each view's `<script>` only registers it (LAZY_VIEWS, in the bundle's
+element, swaps `CircuitsVis.render` for a scheduler); a view renders when it comes within
+VIEW_MARGIN of the viewport, one view per task, so the page is readable at once and stays
+responsive. `mechvisReport.renderAll()` (also run before printing, and on load with `#render-all`
+in the address) renders every view."""
 
 from __future__ import annotations
 
@@ -19,7 +25,7 @@ from mechvis.viz import figures
 from mechvis.viz.views import (
     COLOUR_MODES,
     View,
-    attention_heads_view,
+    attention_layer_view,
     circuitsvis_bundle,
     colored_tokens_view,
     json_safe,
@@ -32,10 +38,73 @@ h1 { font-size: 1.5rem; } h2 { border-bottom: 1px solid #ddd; padding-bottom: .2
 .tokens { white-space: pre-wrap; font-family: ui-monospace, monospace; line-height: 1.7; }
 .tokens span { border-radius: 3px; }
 .prompt { color: #666; }
-figure { margin: 1rem 0; } figure img { max-width: 100%; }
+figure { margin: 1rem 0; } figure img { max-width: 100%; height: auto; }
 table { border-collapse: collapse; font-size: .9rem; } td, th { padding: .2rem .6rem; border-bottom: 1px solid #eee; text-align: left; }
 .note { color: #555; font-size: .9rem; }
+.circuitsvis-view:empty { min-height: 12rem; background: #fafafa; }
 """
+
+VIEW_MARGIN = "800px"
+
+# Runs right after circuitsvis' bundle, in the same <script> element (the bundle defines the global
+# `CircuitsVis`; its `render` is copied aside and replaced by the lazy scheduler below).
+LAZY_VIEWS = """
+(function () {
+  "use strict";
+  var draw = CircuitsVis.render, views = new Map(), waiting = new Map(), queue = [], busy = false;
+  var everything = /(^|[#&?])render-all\\b/.test(location.hash + location.search);
+  var observer = ("IntersectionObserver" in window && !everything) ? new IntersectionObserver(function (entries) {
+    entries.forEach(function (entry) { if (entry.isIntersecting) enqueue(entry.target.id); });
+  }, {rootMargin: "MARGIN 0px"}) : null;
+  function renderNow(id) {
+    if (!waiting.has(id)) return;
+    waiting.delete(id);
+    var element = document.getElementById(id), view = views.get(id);
+    if (observer) observer.unobserve(element);
+    draw(id, view.component, view.props);
+    element.dataset.rendered = "true";
+  }
+  function pump() {
+    busy = false;
+    if (queue.length) renderNow(queue.shift());
+    if (queue.length) schedule();
+  }
+  function schedule() { if (!busy) { busy = true; setTimeout(pump, 0); } }
+  function enqueue(id) { if (waiting.has(id) && queue.indexOf(id) < 0) { queue.push(id); schedule(); } }
+  function register(id, component, props) {
+    views.set(id, {component: component, props: props});
+    waiting.set(id, true);
+    if (observer) observer.observe(document.getElementById(id)); else enqueue(id);
+  }
+  function showHead(id, head) {  // the layer views' head selector: -1 = mean of heads
+    var view = views.get(id);
+    if (!view.mean) { view.mean = view.props.attention; view.meanName = view.props.attentionHeadNames; }
+    var props = Object.assign({}, view.props);
+    if (head >= 0) { props.attention = [props.heads[head]]; props.attentionHeadNames = [props.headNames[head]]; }
+    else { props.attention = view.mean; props.attentionHeadNames = view.meanName; }
+    view.props = props;
+    var old = document.getElementById(id);
+    if (!waiting.has(id)) {  // drawn already: a fresh container for a fresh React root
+      var fresh = document.createElement("div");
+      fresh.className = old.className; fresh.id = id;
+      old.replaceWith(fresh);
+      waiting.set(id, true);
+    }
+    renderNow(id);
+  }
+  document.addEventListener("change", function (event) {
+    var target = event.target;
+    if (target.matches && target.matches("select.mechvis-head")) showHead(target.dataset.view, Number(target.value));
+  });
+  CircuitsVis = Object.assign({}, CircuitsVis, {render: register});
+  window.mechvisReport = {
+    renderAll: function () { Array.from(waiting.keys()).forEach(renderNow); },
+    waiting: function () { return waiting.size; },
+    showHead: showHead
+  };
+  window.addEventListener("beforeprint", window.mechvisReport.renderAll);
+})();
+""".replace("MARGIN", VIEW_MARGIN)
 
 
 def figure_html(figure: Figure, caption: str) -> str:
@@ -43,8 +112,10 @@ def figure_html(figure: Figure, caption: str) -> str:
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=90)
     plt.close(figure)
-    encoded = base64.b64encode(buffer.getvalue()).decode("ascii")
-    return f'<figure><img alt="{html.escape(caption)}" src="data:image/png;base64,{encoded}"><figcaption>{html.escape(caption)}</figcaption></figure>'
+    png = buffer.getvalue()
+    width, height = int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")  # IHDR: the layout is known before decoding
+    encoded = base64.b64encode(png).decode("ascii")
+    return f'<figure><img alt="{html.escape(caption)}" width="{width}" height="{height}" src="data:image/png;base64,{encoded}"><figcaption>{html.escape(caption)}</figcaption></figure>'
 
 
 def _entropy_colour(value: float, maximum: float) -> str:
@@ -125,7 +196,13 @@ def _section(title: str, anchor: str, parts: list[str], note: str = "") -> str:
 
 
 def _view_html(view: View, index: int) -> str:
-    return f"<h3>{html.escape(view.title)}</h3>\n{view.render_call(f'cv-{index}')}"
+    element_id = f"cv-{index}"
+    selector = ""
+    if "heads" in view.props:  # attention_layer_view: choose the head it draws
+        options = "".join(f'<option value="{head}">{html.escape(name)}</option>' for head, name in enumerate(view.props["headNames"]))
+        selector = (f' <label class="note">show <select class="mechvis-head" data-view="{element_id}">'
+                    f'<option value="-1">mean of heads</option>{options}</select></label>')
+    return f"<h3>{html.escape(view.title)}{selector}</h3>\n{view.render_call(element_id)}"
 
 
 def render_report(data: ReportData, model) -> str:
@@ -157,10 +234,15 @@ def render_report(data: ReportData, model) -> str:
     for layer in data.attention_layers:
         pattern = run.cache[f"blocks.{layer}.attn.hook_pattern"][0]
         attention_parts.append(figure_html(figures.layer_heads_grid_figure(pattern, tokens, layer), f"all heads of layer {layer} and their mean"))
-    attention_parts += add_views([attention_heads_view(run, layer) for layer in data.attention_layers])
+    attention_parts += add_views([attention_layer_view(run, layer) for layer in data.attention_layers])
     sections.append(_section("Attention", "attention", attention_parts, "Entropy of each head's rows divided by log(visible keys); sinks are reported separately."))
     progress.update()
-    sections.append(_section("Attention rollout", "rollout", [figure_html(figures.rollout_figure(data.rollout, tokens), "attention rollout")]))
+    queries = data.rollout.queries
+    sections.append(_section("Attention rollout", "rollout", [
+        figure_html(figures.rollout_figure(data.rollout, tokens), f"attention rollout of {len(queries)} query positions "
+                    f"({queries[0]}{'' if len(queries) == 1 else f' … {queries[-1]}'})"),
+    ], "Rows for the last prompt token and the generated tokens (at most 64 of these, evenly spaced); the full matrix is in the "
+       "JSON with --full-rollout."))
     progress.update()
     residual_parts = [figure_html(figures.layer_similarity_figure(data.similarity), "residual-stream similarity between layers")]
     if data.attribution is not None:
@@ -211,7 +293,7 @@ def render_report(data: ReportData, model) -> str:
         '<html lang="en"><head><meta charset="utf-8">',
         "<title>mechvis report</title>",
         f"<style>{STYLE}</style></head><body>",
-        f"<script>{circuitsvis_bundle()}</script>",
+        f"<script>{circuitsvis_bundle()}\n{LAZY_VIEWS}</script>",
         *sections,
         "</body></html>",
     ])

@@ -15,7 +15,7 @@ import torch  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 from mechvis.analysis.activations import ActivationNorms  # noqa: E402
-from mechvis.analysis.attention import HeadEntropy, Rollout  # noqa: E402
+from mechvis.analysis.attention import HeadEntropy, Rollout, RolloutRows  # noqa: E402
 from mechvis.analysis.lens import LogitLens  # noqa: E402
 from mechvis.analysis.projection import Projection  # noqa: E402
 from mechvis.analysis.residual import LayerSimilarity, LogitAttribution  # noqa: E402
@@ -148,15 +148,17 @@ def head_entropy_figure(entropy: HeadEntropy) -> Figure:
     return figure
 
 
-def rollout_figure(rollout: Rollout, tokens: Sequence[str]) -> Figure:
-    """The rollout matrix: how much each query traces back to each input token."""
+def rollout_figure(rollout: "Rollout | RolloutRows", tokens: Sequence[str]) -> Figure:
+    """The rollout matrix (or the rows of `RolloutRows`, one per chosen query): how much each
+    query traces back to each input token."""
     with _plain_text():
-        figure, axis = plt.subplots(figsize=(8, 7))
+        rows = getattr(rollout, "rows", None)
+        figure, axis = plt.subplots(figsize=(8, 7 if rows is None else min(7.0, 1.5 + 0.12 * len(rows))))
         keys = tokens[rollout.key_span.start : rollout.key_span.stop] if rollout.key_span else tokens
-        image = axis.imshow(_np(rollout.matrix), cmap="viridis", aspect="auto")
+        image = axis.imshow(_np(rollout.matrix if rows is None else rows), cmap="viridis", aspect="auto")
         figure.colorbar(image, ax=axis, label="rollout")
         _tick_labels(axis, list(keys))
-        _tick_labels(axis, list(tokens), which="y")
+        _tick_labels(axis, list(tokens) if rows is None else [tokens[q] for q in rollout.queries], which="y")
         axis.set_title(f"attention rollout ({rollout.head_fusion} over heads, residual weight {rollout.residual_weight})")
         figure.tight_layout()
     return figure

@@ -99,6 +99,37 @@ def attention_heads_view(run: "Run", layer: int, *, decimals: int = 3) -> View:
     )
 
 
+def _lower_triangle(rows: list[list[float]]) -> list[list[float]]:
+    return [row[: query + 1] for query, row in enumerate(rows)]
+
+
+def attention_layer_view(run: "Run", layer: int, *, decimals: int = 3) -> View:
+    """One layer's attention as a light AttentionHeads view: it draws the mean over heads (two
+    charts: the selector thumbnail and the zoomed pattern, where `attention_heads_view` draws one
+    per head plus the zoomed one); every head's pattern rides along in the props (`heads`, which
+    circuitsvis ignores) so a page can swap the shown pattern (the report's head selector).
+
+    Rows are sent as the causal lower triangle only (query q holds keys 0 … q): circuitsvis makes
+    one chart element per value, so this halves the drawing work and the size; the masked upper
+    triangle is left blank instead of grey. Causal models only (the report's models are)."""
+    name = f"blocks.{layer}.attn.hook_pattern"
+    if name not in run.cache:
+        raise InvalidArgumentError(f"The run's cache has no attention pattern for layer {layer}.")
+    pattern = run.cache[name][0].float()
+    return View(
+        "AttentionHeads",
+        {
+            "attention": [_lower_triangle(rounded(pattern.mean(0), decimals))],
+            "attentionHeadNames": [f"L{layer} mean of heads"],
+            "tokens": run.str_tokens,
+            "maskUpperTri": True,
+            "heads": [_lower_triangle(head) for head in rounded(pattern, decimals)],
+            "headNames": [f"L{layer}H{head}" for head in range(pattern.shape[0])],
+        },
+        f"Attention of layer {layer}",
+    )
+
+
 ColourMode = Literal["entropy", "probability", "logit_gap", "not_argmax"]
 COLOUR_MODES: tuple[str, ...] = ("entropy", "probability", "logit_gap", "not_argmax")
 
