@@ -65,6 +65,26 @@ def test_foreign_host_is_refused_on_every_route(client, method, path):
     assert client.get("/api/state", headers={"host": "[::1]:5050"}).status_code == 200
 
 
+def test_host_must_name_the_bound_port(client, model):
+    """A loopback name with another port (another local service's page, or a rebinding page
+    served on :8080) is refused like a foreign name; no port means HTTP's 80."""
+    for host in ("127.0.0.1:8080", "localhost:5051", "[::1]:80", "127.0.0.1", "localhost", "localhost:05050x",
+                 "localhost:", "[::1]"):
+        assert client.get("/api/state", headers={"host": host}).status_code == 400, host
+    assert client.get("/api/state", headers={"host": "127.0.0.1:5050"}).status_code == 200
+    # Without the ASGI server's report, the configured port decides.
+    from mechvis.serve.security import SecurityMiddleware
+
+    middleware = SecurityMiddleware(None, allowed_hosts=["127.0.0.1"], token=None, port=6060)
+    scope = {"type": "http", "method": "GET", "path": "/api/state"}
+    assert middleware._check(scope, {"host": "127.0.0.1:6060"}) is None
+    assert middleware._check(scope, {"host": "127.0.0.1:6061"})[0] == 400
+    assert middleware._check({**scope, "server": ("127.0.0.1", 6061)}, {"host": "127.0.0.1:6061"}) is None
+    app = create_app(model, token=TOKEN, port=80)
+    with TestClient(app, base_url="http://localhost") as on_80:
+        assert on_80.get("/api/state").status_code == 200
+
+
 def test_state_changing_requests_need_origin_site_token_and_json(client):
     ok = {**AUTH, "origin": BASE, "sec-fetch-site": "same-origin"}
     assert client.post("/api/stop", json={}, headers=ok).status_code == 200
