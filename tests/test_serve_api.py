@@ -491,3 +491,70 @@ def test_mean_ablation_equals_the_library(client, model):
     positions = torch.arange(1, len(ids))
     expected = (ablated[positions - 1, ids[1:]] - clean[positions - 1, ids[1:]]).tolist()
     assert max(abs(a - b) for a, b in zip(delta[1:], expected)) <= 1e-4
+
+
+def test_a_full_context_stops_with_reason_context(tokenizer):
+    """Asked for more tokens than the context holds after the prompt: decoding runs until the
+    context is full and `stopped` says "context"; the tokens equal `mechvis.generate` with the
+    room left as max_new_tokens. Asking for exactly the room is an ordinary max_new_tokens stop."""
+    small = mechvis.load_model(tiny_hf_model("llama", max_position_embeddings=24), tokenizer=tokenizer, device="cpu")
+    assert small.cfg.n_ctx == 24
+    prompt_length = len(mechvis.encode(small, "Once upon a time").token_ids)
+    room = 24 - prompt_length
+    app = create_app(small, token=TOKEN)
+    with TestClient(app, base_url=BASE) as client:
+        events = sse(generate(client, max_new_tokens=200))
+        assert events[0][1]["max_new_tokens"] == room
+        stopped = [data for kind, data in events if kind == "stopped"]
+        assert stopped and stopped[0]["reason"] == "context", events[-2:]
+        tokens = [data["id"] for kind, data in events if kind == "token"]
+        reference = mechvis.generate(small, "Once upon a time", max_new_tokens=room)
+        assert reference.stop_reason == "max_new_tokens" and tokens == reference.generated_ids
+        run = client.get(f"/api/runs/{events[-1][1]['run']}").json()
+        assert len(run["tokens"]) == 24
+        exact = sse(generate(client, max_new_tokens=room))
+        assert [data["reason"] for kind, data in exact if kind == "stopped"] == ["max_new_tokens"]
+        too_long = sse(client.post("/api/generate", json={"prompt": "word " * 30, "max_new_tokens": 4}, headers=AUTH))
+        assert too_long[-1][0] == "error" and "context" in too_long[-1][1]["message"]
+
+
+def _report_tokens(page: str) -> tuple[str, list[tuple[int, float, str]]]:
+    """The offline report's prompt text and its generated tokens (position, entropy, text), as written."""
+    import re
+
+    prompt = re.search(r'<div class="tokens prompt">(.*?)</div>', page, re.S).group(1)
+    spans = re.findall(r'<span title="position (\d+), entropy ([0-9.]+) nats" style="[^"]*">(.*?)</span>', page, re.S)
+    return prompt, [(int(p), float(e), text) for p, e, text in spans]
+
+
+@pytest.mark.parametrize("mode", ["chat", "completion"])
+def test_export_of_chat_and_sampled_runs_reports_the_run_shown(client, model, mode):
+    """The offline report of a run is made from that run's tokens (a chat with a system prompt and
+    history, sampled with top-k / top-p: nothing is sampled again; a regeneration at the
+    report's temperature and seed alone gives other tokens and fails this), with the entropies
+    the page shows; the JSON export carries the run and the view."""
+    import html as html_module
+
+    body = dict(temperature=1.4, top_k=40, top_p=0.9, seed=5, max_new_tokens=6)
+    if mode == "chat":
+        body.update(mode="chat", system="Be <brief>.", messages=[{"role": "user", "content": "Hi & bye"},
+                                                               {"role": "assistant", "content": "Hello."}],
+                    prompt="Name a <colour>.")
+    events = sse(generate(client, **body))
+    assert events[-1][0] == "analysis", events[-1]
+    run_id = events[-1][1]["run"]
+    run = client.get(f"/api/runs/{run_id}").json()
+    response = client.get(f"/api/runs/{run_id}/export.html", params={"layer": 1})
+    assert response.status_code == 200, response.text
+    prompt_text, spans = _report_tokens(response.text)
+    P, tokens = run["prompt_length"], run["tokens"]
+    assert html_module.unescape(prompt_text) == "".join(t["text"] for t in tokens[:P])
+    assert [(p, html_module.unescape(text)) for p, _, text in spans] == [(p, tokens[p]["text"]) for p in range(P, len(tokens))]
+    # The entropy of each position's distribution, as the tab shows it (the stored run's signals).
+    assert [e for _, e, _ in spans] == pytest.approx([run["signals"]["entropy"][p - 1] for p in range(P, len(tokens))], abs=0.006)
+    exported = client.get(f"/api/runs/{run_id}/export.json", params={"pos": 3, "layer": 2, "head": "mean", "tab": "lens"})
+    data = exported.json()
+    assert data["id"] == run_id and data["request"]["mode"] == mode and data["tokens"] == tokens
+    assert data["view"] == {"pos": 3, "layer": 2, "head": "mean", "tab": "lens"}
+    assert client.get(f"/api/runs/{run_id}/export.json", params={"tab": "<script>"}).status_code == 422
+    assert client.get(f"/api/runs/{run_id}/export.html", params={"layer": 3}).status_code == 422  # 3 layers

@@ -364,18 +364,29 @@ def test_esc_stops_within_a_second_and_the_server_takes_the_next_request(ui, mon
     ui.generate(PROMPT, tokens=3)
 
 
-def test_export_report_renders_offline(ui, tmp_path):
+@pytest.mark.parametrize("mode", ["completion", "chat"])
+def test_export_report_renders_offline(ui, tmp_path, mode):
+    """Export → the offline report (of the run shown, chat too) renders from file:// with nothing
+    fetched; the JSON holds the run and the view (selected token, layer, tab)."""
     page = ui.page
+    if mode == "chat":
+        page.check("input[name='mode'][value='chat']")
+        page.fill("#system", "Be brief.")
     ui.generate(PROMPT, tokens=4)
+    page.click("#transcript .tok[data-pos='3']")
+    page.keyboard.press("]")
     with page.expect_download(timeout=120_000) as download_info:
         page.click("#export summary")
         page.click("#export-html")
     path = tmp_path / "report.html"
     download_info.value.save_as(path)
     with page.expect_download() as json_info:
+        page.click("#export summary")  # the menu closed after the first export
         page.click("#export-json")
     exported = json.loads(open(json_info.value.path(), encoding="utf-8").read())
     assert exported["id"] == page.evaluate("document.body.dataset.analysis")
+    assert exported["request"]["mode"] == mode and exported["view"] == {"pos": 3, "layer": 1, "head": "mean", "tab": "attention"}
+    assert page.inner_text("#error") == ""
     offline = ui.context.new_page()
     requests = []
     offline.on("request", lambda request: requests.append(request.url))

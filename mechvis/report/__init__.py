@@ -13,6 +13,8 @@ from mechvis.report.html import render_report, write_json
 if TYPE_CHECKING:
     from transformer_lens.model_bridge import TransformerBridge
 
+    from mechvis.generation import Trace
+
 __all__ = ["SCHEMA", "ReportData", "build_report_data", "render_report", "report_json", "write_json", "write_report"]
 
 
@@ -38,17 +40,19 @@ def write_report(
     ablation: bool = False,
     image: object | None = None,
     overwrite: bool = False,
+    trace: "Trace | None" = None,
 ) -> ReportData:
     """Generate from `prompt`, analyse, and write the HTML report (and the JSON if asked); with
     `ablation`, add a sweep of every head's ablation on the last generated token's probability;
-    with `image` (a vision-language model), add where the generated tokens look in it.
+    with `image` (a vision-language model), add where the generated tokens look in it. With
+    `trace`, report on that trace instead of generating (see `build_report_data`).
     Existing files are not replaced unless `overwrite`."""
     html_path = Path(path)
     _check_writable(html_path, overwrite)
     if json_path is not None:
         _check_writable(Path(json_path), overwrite)
     data = build_report_data(model, prompt, chat=chat, max_new_tokens=max_new_tokens, layers=layers,
-                             temperature=temperature, seed=seed, ablation=ablation, image=image)
+                             temperature=temperature, seed=seed, ablation=ablation, image=image, trace=trace)
     html_path.write_text(render_report(data, model), encoding="utf-8")
     if json_path is not None:
         write_json(data, Path(json_path))

@@ -119,13 +119,18 @@ def build_report_data(
     lens_positions: int = 16,
     ablation: bool = False,
     image: object | None = None,
+    trace: Trace | None = None,
 ) -> ReportData:
     """Generate from `prompt` (with `image` for a vision-language model) and run every analysis of
-    the report on the trace."""
+    the report on the trace. With `trace` (full-vocabulary `run.logits` and a cache of every
+    hook, e.g. `mechvis serve`'s teacher-forced pass over a run's tokens), analyse it instead of
+    generating: `prompt` and `chat` are then only recorded, `max_new_tokens`, `temperature` and
+    `seed` unused."""
     attention_layers = check_layers(model, layers) if layers else default_attention_layers(model.cfg.n_layers)
     stages = tqdm(total=4, desc="report", unit="stage")
     stages.set_postfix_str("generating")
-    trace = generate(model, prompt, chat=chat, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, image=image)
+    if trace is None:
+        trace = generate(model, prompt, chat=chat, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, image=image)
     run = trace.run
     stages.update()
     stages.set_postfix_str("token and lens analyses")

@@ -13,6 +13,24 @@ TOP_N = 10
 STEP_TOP = 50  # entries of each step's raw and sampled distribution kept for the distribution tab
 
 
+def mean_reference(state: ServerState):
+    """The reference runs of mean ablation, computed once per loaded model."""
+    from mechvis.interventions import reference_runs
+
+    if "mean-reference" not in state.model_extras:
+        state.model_extras["mean-reference"] = reference_runs(state.model)
+    return state.model_extras["mean-reference"]
+
+
+def ablated(state: ServerState, heads, method: str):
+    """A context in which the model runs with `heads` ((layer, head) pairs) ablated by `method`
+    ("zero" or "mean"): how a run B is generated, analysed and exported."""
+    from mechvis.interventions import ablate_heads, intervene
+
+    reference = mean_reference(state) if method == "mean" else None
+    return intervene(state.model, ablate_heads(state.model, [tuple(h) for h in heads], method=method, reference=reference))
+
+
 def tab_hooks(model) -> list[str]:
     """The hooks the tabs read (passed to the analysis pass as `names_filter`)."""
     from mechvis.analysis import activation_hook_names, hooks_for, lens_hook_names

@@ -12,6 +12,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from mechvis.errors import MechvisError
+from mechvis.serve.runs import mean_reference as _mean_reference
 from mechvis.serve.state import ServerState, get_state
 from mechvis.serve.store import StoredRun
 
@@ -29,15 +30,6 @@ def _run(run_id: str, state: ServerState) -> StoredRun:
 def _clean(values) -> list:
     """Floats for JSON: NaN/inf become None."""
     return [None if (isinstance(v, float) and not math.isfinite(v)) else v for v in values]
-
-
-def _mean_reference(state: ServerState):
-    """The reference runs of mean ablation, computed once per loaded model."""
-    from mechvis.interventions import reference_runs
-
-    if "mean-reference" not in state.model_extras:
-        state.model_extras["mean-reference"] = reference_runs(state.model)
-    return state.model_extras["mean-reference"]
 
 
 def _memo(stored: StoredRun, key, compute):

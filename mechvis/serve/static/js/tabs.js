@@ -1,6 +1,6 @@
 // The 16 tabs. Each reads the server's results of mechvis.analysis functions and draws them;
 // none computes a metric. Token strings reach plotly escaped (its text is HTML-like).
-import { attentionLayer, getJSON, postJSON, streamGenerate, streamPost } from "./api.js";
+import { attentionLayer, getJSON, postJSON, streamGenerate, streamPost, token } from "./api.js";
 import { combineHeads, drawHeatmap, scatter3d } from "./canvas.js";
 import { greenRed } from "./colour.js";
 import { select, selection } from "./state.js";
@@ -395,7 +395,7 @@ async function vision(body, run) {
 }
 
 async function imageBitmap(path) {
-  const response = await fetch(path, { headers: { "X-Mechvis-Token": document.querySelector('meta[name="mechvis-token"]').content || sessionStorage.getItem("mechvis-token") || "" } });
+  const response = await fetch(path, { headers: { "X-Mechvis-Token": token() } });
   if (!response.ok) throw new Error(`image ${response.status}`);
   return createImageBitmap(await response.blob());
 }
