@@ -126,18 +126,18 @@ def main() -> None:
 
     chromium = shutil.which("chromium")
     if chromium:
-        _browser(chromium, url, run_id)
+        _browser(chromium, url, run_id, n_tokens)
     server.should_exit = True
     thread.join(30)
 
 
-def _browser(chromium: str, url: str, run_id: str) -> None:
+def _browser(chromium: str, url: str, run_id: str, n_tokens: int) -> None:
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as session:
         browser = session.chromium.launch(executable_path=chromium, args=["--no-sandbox", "--disable-gpu", "--proxy-server=127.0.0.1:9"])
         page = browser.new_page(viewport={"width": 1440, "height": 900})
-        page.goto(f"{url}/#run={run_id}&tab=attention&layer=15&pos=300", wait_until="load")
+        page.goto(f"{url}/#run={run_id}&tab=attention&layer=15&pos={min(300, n_tokens - 1)}", wait_until="load")
         paint = page.evaluate("performance.getEntriesByType('paint').map(e => [e.name, e.startTime])")
 
         def ready(tab: str) -> None:
@@ -171,7 +171,7 @@ def _browser(chromium: str, url: str, run_id: str) -> None:
         ready("attention")
         fetched = (time.perf_counter() - start) * 1000
         start = time.perf_counter()
-        page.click("#transcript .tok[data-pos='200']")
+        page.click(f"#transcript .tok[data-pos='{min(200, n_tokens - 2)}']")
         page.wait_for_selector("#inspector-distribution")
         click = (time.perf_counter() - start) * 1000
         heap = page.evaluate("performance.memory ? performance.memory.usedJSHeapSize : 0")

@@ -558,3 +558,56 @@ def test_export_of_chat_and_sampled_runs_reports_the_run_shown(client, model, mo
     assert data["view"] == {"pos": 3, "layer": 2, "head": "mean", "tab": "lens"}
     assert client.get(f"/api/runs/{run_id}/export.json", params={"tab": "<script>"}).status_code == 422
     assert client.get(f"/api/runs/{run_id}/export.html", params={"layer": 3}).status_code == 422  # 3 layers
+
+
+def test_vision_rollout_overlay_equals_the_library_and_hf_attentions(tiny_llava):
+    """Tab 15's vision-rollout overlay: the route's map for a token equals `vision_rollout` on a
+    full-precision run of the same tokens, and, independently, the rollout written out in numpy
+    over HF's own language and vision-tower attentions (image token i ↔ vision position i + 1,
+    CLS dropped, renormalised), within the float16 storage of the run's patterns."""
+    import numpy as np
+
+    from mechvis.analysis.vision import vision_rollout, vision_rollout_hooks
+    from tests.reference import rollout_loop
+
+    bridge, reference, processor = tiny_llava
+    assert vision_rollout_hooks(bridge) == ["vision_encoder.encoder_layers.0.attn.hook_pattern"]
+    picture = _picture()
+    app = create_app(bridge, token=TOKEN)
+    with TestClient(app, base_url=BASE) as client:
+        buffer = io.BytesIO()
+        picture.save(buffer, format="PNG")
+        uploaded = client.post("/api/images", content=buffer.getvalue(), headers={**AUTH, "content-type": "image/png"}).json()
+        events = sse(client.post("/api/generate", json={"prompt": "Where is it?", "max_new_tokens": 3, "image_id": uploaded["id"]}, headers=AUTH))
+        assert events[0][1]["prompt_ids"] is not None  # the start event has the prompt with the image tokens
+        run_id = events[-1][1]["run"]
+        run = client.get(f"/api/runs/{run_id}").json()
+        n = len(run["tokens"])
+        prompt_end = run["prompt_length"] - 1
+        image_token = [p for p, t in enumerate(run["tokens"]) if t["segment"] == "image"][5]
+        positions = (image_token, prompt_end, n - 1)  # the text rows differ by ~1e-3 on this model; image rows by ~0.1
+        served = {p: client.get(f"/api/runs/{run_id}/vision-rollout", params={"position": p}).json() for p in positions}
+        assert client.get(f"/api/runs/{run_id}/vision-rollout", params={"position": n}).status_code == 422
+        text_only = sse(client.post("/api/generate", json={"prompt": "No image", "max_new_tokens": 2}, headers=AUTH))
+        assert client.get(f"/api/runs/{text_only[-1][1]['run']}/vision-rollout", params={"position": 1}).status_code == 422
+    assert served[prompt_end]["patch_rows"] == 4 and served[prompt_end]["patch_cols"] == 4 and served[prompt_end]["vision_layers"] == [0]
+    ids = torch.tensor([t["id"] for t in run["tokens"]])
+    full = mechvis.run(bridge, "Where is it?", image=picture)  # the prompt, fp32, every hook
+    assert full.tokens.tolist() == ids[: run["prompt_length"]].tolist()
+    library = vision_rollout(full.cache, bridge, full.segments.image_grid, query_positions=[image_token, prompt_end])
+    for row, position in enumerate((image_token, prompt_end)):
+        np.testing.assert_allclose(served[position]["map"], library.maps[row].numpy(), atol=1e-4)
+        assert served[position]["image_mass"] == pytest.approx(library.image_mass[row].item(), abs=1e-4)
+    # Independent: HF eager attentions over the whole run (prompt + generated), rollout in numpy.
+    inputs = processor(text="<image>\nWhere is it?", images=picture, return_tensors="pt")
+    assert inputs["input_ids"][0].tolist() == ids[: run["prompt_length"]].tolist()
+    with torch.no_grad():
+        language = torch.stack(reference(input_ids=ids[None], pixel_values=inputs["pixel_values"], output_attentions=True).attentions)[:, 0]
+        vision = torch.stack(reference.model.vision_tower(inputs["pixel_values"], output_attentions=True).attentions)[:, 0]
+    grid_positions = [p for p, t in enumerate(run["tokens"]) if t["segment"] == "image"]
+    assert len(grid_positions) == 16
+    for position in positions:
+        to_image = rollout_loop(language.double().numpy())[[position]][:, grid_positions]
+        combined = (to_image @ rollout_loop(vision[:1].double().numpy())[1:])[:, 1:]
+        np.testing.assert_allclose(served[position]["map"], (combined / combined.sum(-1, keepdims=True))[0], atol=1e-4)
+        assert served[position]["image_mass"] == pytest.approx(float(to_image.sum()), abs=1e-4)

@@ -34,9 +34,11 @@ def ablated(state: ServerState, heads, method: str):
 def tab_hooks(model) -> list[str]:
     """The hooks the tabs read (passed to the analysis pass as `names_filter`)."""
     from mechvis.analysis import activation_hook_names, hooks_for, lens_hook_names
+    from mechvis.analysis.vision import vision_rollout_hooks
 
     return sorted(set(hooks_for(model, "residual", "similarity", "attention", "norms", "statistics"))
-                  | set(lens_hook_names(model)) | set(activation_hook_names(model, "resid_post")))
+                  | set(lens_hook_names(model)) | set(activation_hook_names(model, "resid_post"))
+                  | set(vision_rollout_hooks(model)))  # tab 15's vision-rollout overlay
 
 
 def _repetition(state: ServerState, model, trace) -> dict:

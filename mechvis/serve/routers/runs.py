@@ -324,6 +324,29 @@ def vision(run_id: str = RunId, position: int = Query(ge=0, le=1_000_000), layer
     }
 
 
+@router.get("/{run_id}/vision-rollout")
+def vision_rollout_row(run_id: str = RunId, position: int = Query(ge=0, le=1_000_000),
+                       state: ServerState = Depends(get_state)) -> dict:
+    """Vision rollout (`mechvis.analysis.vision.vision_rollout`) of the token at `position`: its
+    language-model rollout into the image tokens, carried through the vision encoder onto the
+    image patches (`map`, row-major over `patch_rows` × `patch_cols`, sums to 1), and the share of
+    its rollout on the image block (`image_mass`). Computed once per run for every position."""
+    from mechvis.analysis.vision import vision_rollout
+
+    stored = _run(run_id, state)
+    run = stored.trace.run
+    grid = run.segments.image_grid
+    if grid is None:
+        raise HTTPException(422, "This run has no image grid.")
+    if position >= len(run.tokens):
+        raise HTTPException(422, f"position must be < {len(run.tokens)}.")
+    result = _memo(stored, "vision-rollout", lambda: vision_rollout(
+        run.cache, state.model, grid, query_positions=list(range(len(run.tokens)))))
+    rows, cols = result.patch_shape
+    return {"patch_rows": rows, "patch_cols": cols, "map": result.maps[position].tolist(),
+            "image_mass": float(result.image_mass[position]), "vision_layers": result.vision_layers}
+
+
 class SweepRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     position: int = Field(ge=1, le=1_000_000)

@@ -358,38 +358,61 @@ async function interventions(body, run) {
   };
 }
 
-async function vision(body, run) {
-  if (!run.image_grid) { body.append(el("p", "This run has no image (vision tabs need a vision-language model and an uploaded image).", "muted")); return; }
-  if (selection.pos === null) { body.append(el("p", "Select a token: the overlay shows where it looks in the image.", "muted")); return; }
-  const layer = Math.min(selection.layer, run.n_layers - 1);
-  const [data, picture] = await Promise.all([
-    memo(`${run.id}/vision/${selection.pos}/${layer}`, () => getJSON(`/api/runs/${run.id}/vision`, { position: selection.pos, layer })),
-    memo(`${run.id}/image`, () => imageBitmap(`/api/runs/${run.id}/image`)),
-  ]);
-  const head = typeof selection.head === "number" ? selection.head : "mean";
-  controls(body, layerSelect(run), selectBox("head", [["mean", "mean"], ...data.maps.map((_, h) => [h, `head ${h}`])], head,
-    (v) => select({ head: v === "mean" ? "mean" : Number(v) })));
-  const map = head === "mean" ? data.mean_map : data.maps[head];
-  const canvas = el("canvas"); canvas.id = "vision-overlay";
+/** `picture` scaled into a canvas with `map` (rows × cols cells, row-major) as a red overlay
+ * (alpha ∝ value / max), the cell grid, and yellow squares on the hotspots' centres. */
+function overlay(picture, map, rows, cols, spots = []) {
+  const canvas = el("canvas");
   const scale = Math.min(4, 420 / Math.max(picture.width, picture.height)) || 1;
   canvas.width = Math.round(picture.width * scale); canvas.height = Math.round(picture.height * scale);
   const ctx = canvas.getContext("2d");
   ctx.drawImage(picture, 0, 0, canvas.width, canvas.height);
   const peak = Math.max(1e-12, ...map);
-  const cw = canvas.width / data.cols, ch = canvas.height / data.rows;
+  const cw = canvas.width / cols, ch = canvas.height / rows;
   map.forEach((v, cell) => {
     ctx.fillStyle = `rgba(230, 40, 40, ${(0.75 * v) / peak})`;
-    ctx.fillRect((cell % data.cols) * cw, Math.floor(cell / data.cols) * ch, cw, ch);
+    ctx.fillRect((cell % cols) * cw, Math.floor(cell / cols) * ch, cw, ch);
   });
   ctx.strokeStyle = "rgba(255,255,255,0.5)";
-  for (let r = 1; r < data.rows; r++) { ctx.beginPath(); ctx.moveTo(0, r * ch); ctx.lineTo(canvas.width, r * ch); ctx.stroke(); }
-  for (let c = 1; c < data.cols; c++) { ctx.beginPath(); ctx.moveTo(c * cw, 0); ctx.lineTo(c * cw, canvas.height); ctx.stroke(); }
-  for (const spot of data.hotspots) {
+  for (let r = 1; r < rows; r++) { ctx.beginPath(); ctx.moveTo(0, r * ch); ctx.lineTo(canvas.width, r * ch); ctx.stroke(); }
+  for (let c = 1; c < cols; c++) { ctx.beginPath(); ctx.moveTo(c * cw, 0); ctx.lineTo(c * cw, canvas.height); ctx.stroke(); }
+  for (const spot of spots) {
     ctx.strokeStyle = "#ff0"; ctx.lineWidth = 2;
     ctx.strokeRect((spot.centre[1] + 0.5) * cw - 6, (spot.centre[0] + 0.5) * ch - 6, 12, 12);
   }
-  body.append(canvas, el("div", `grid ${data.rows}×${data.cols}; ${tokLabel(run, selection.pos)} at layer ${layer}; red = attention renormalised over the image; yellow squares = hotspots`, "muted"));
+  return canvas;
+}
+
+async function vision(body, run) {
+  if (!run.image_grid) { body.append(el("p", "This run has no image (vision tabs need a vision-language model and an uploaded image).", "muted")); return; }
+  if (selection.pos === null) { body.append(el("p", "Select a token: the overlay shows where it looks in the image.", "muted")); return; }
+  const layer = Math.min(selection.layer, run.n_layers - 1);
+  const mode = localStorage.getItem("mv-vision") === "rollout" ? "rollout" : "attention";
+  const [data, picture] = await Promise.all([
+    memo(`${run.id}/vision/${selection.pos}/${layer}`, () => getJSON(`/api/runs/${run.id}/vision`, { position: selection.pos, layer })),
+    memo(`${run.id}/image`, () => imageBitmap(`/api/runs/${run.id}/image`)),
+  ]);
+  const head = typeof selection.head === "number" ? selection.head : "mean";
+  controls(body,
+    selectBox("overlay", [["attention", "attention at a layer"], ["rollout", "vision rollout (all layers + vision encoder)"]], mode,
+      (v) => { localStorage.setItem("mv-vision", v); select({}); }),
+    layerSelect(run), selectBox("head", [["mean", "mean"], ...data.maps.map((_, h) => [h, `head ${h}`])], head,
+      (v) => select({ head: v === "mean" ? "mean" : Number(v) })));
+  if (mode === "rollout") {
+    let rolled;
+    try {
+      rolled = await memo(`${run.id}/vision-rollout/${selection.pos}`, () => getJSON(`/api/runs/${run.id}/vision-rollout`, { position: selection.pos }));
+    } catch (error) { body.append(el("p", `vision rollout unavailable: ${error.message}`, "muted")); return; }
+    const canvas = overlay(picture, rolled.map, rolled.patch_rows, rolled.patch_cols);
+    canvas.id = "vision-rollout-overlay";
+    body.append(canvas, el("div", `vision rollout of ${tokLabel(run, selection.pos)}: its language-model rollout into the image tokens (${(100 * rolled.image_mass).toFixed(1)} % of it), carried through vision layers ${rolled.vision_layers.join(", ")} onto ${rolled.patch_rows}×${rolled.patch_cols} patches; red = share of the image's part`, "muted"));
+  } else {
+    const map = head === "mean" ? data.mean_map : data.maps[head];
+    const canvas = overlay(picture, map, data.rows, data.cols, data.hotspots);
+    canvas.id = "vision-overlay";
+    body.append(canvas, el("div", `grid ${data.rows}×${data.cols}; ${tokLabel(run, selection.pos)} at layer ${layer}; red = attention renormalised over the image; yellow squares = hotspots`, "muted"));
+  }
   const rows = data.maps.map((_, h) => [h, data.image_mass[h], ...["normalised_entropy", "gini", "k90_fraction", "peak_to_mean", "spatial_variance"].map((k) => data.metrics[k][h])]);
+  body.append(el("div", `region metrics of each head's attention at layer ${layer}`, "muted"));
   body.append(sortableTable([{ name: "head", digits: 0 }, { name: "image mass" }, { name: "entropy (norm.)" }, { name: "gini" }, { name: "k90 share" }, { name: "peak/mean" }, { name: "spatial var." }], rows,
     (r) => select({ head: r[0] })));
 }
