@@ -611,3 +611,43 @@ def test_vision_rollout_overlay_equals_the_library_and_hf_attentions(tiny_llava)
         combined = (to_image @ rollout_loop(vision[:1].double().numpy())[1:])[:, 1:]
         np.testing.assert_allclose(served[position]["map"], (combined / combined.sum(-1, keepdims=True))[0], atol=1e-4)
         assert served[position]["image_mass"] == pytest.approx(float(to_image.sum()), abs=1e-4)
+
+
+def test_circuitsvis_views_carry_the_models_numbers(client, model, monkeypatch):
+    """The circuitsvis views (built by mechvis.viz.views, drawn by circuitsvis' bundle from its
+    wheel): TokenLogProbs' top-10 and ranks equal a plain forward pass's log-softmax; AttentionHeads'
+    patterns equal the model's own at that layer (3 decimals; float16 storage); more than 256
+    tokens is refused with a reason."""
+    import mechvis.serve.routers.runs as runs_module
+
+    events = sse(generate(client, max_new_tokens=5))
+    run_id = events[-1][1]["run"]
+    ids = torch.tensor([t["id"] for t in client.get(f"/api/runs/{run_id}").json()["tokens"]])
+    topk = client.get(f"/api/runs/{run_id}/views/topk-tokens")
+    assert topk.status_code == 200 and topk.json()["component"] == "TokenLogProbs"
+    props = topk.json()["props"]
+    with torch.no_grad():
+        log_probs = model(ids[None])[0, :-1].double().log_softmax(-1)
+        _, cache = model.run_with_cache(ids[None], names_filter="blocks.2.attn.hook_pattern")
+    values, top = log_probs.topk(10, dim=-1)
+    assert torch.allclose(torch.tensor(props["topKLogProbs"], dtype=torch.float64), values, atol=2e-3)
+    actual = log_probs.gather(-1, ids[1:, None])[:, 0]
+    assert props["correctTokenRank"] == (log_probs > actual[:, None]).sum(-1).tolist()
+    assert props["topKTokens"][3] == [model.hf_tokenizer.decode([int(i)]) for i in top[3]]
+    heads = client.get(f"/api/runs/{run_id}/views/attention-heads", params={"layer": 2}).json()
+    assert heads["component"] == "AttentionHeads" and heads["props"]["attentionHeadNames"][1] == "L2H1"
+    assert torch.allclose(torch.tensor(heads["props"]["attention"]), cache["blocks.2.attn.hook_pattern"][0], atol=2e-3)
+    assert client.get(f"/api/runs/{run_id}/views/attention-heads", params={"layer": 3}).status_code == 422
+    assert client.get(f"/api/runs/{run_id}/views/unknown").status_code == 422
+    monkeypatch.setattr(runs_module, "CIRCUITSVIS_MAX_TOKENS", len(ids) - 1)
+    refused = client.get(f"/api/runs/{run_id}/views/attention-heads", params={"layer": 0})
+    assert refused.status_code == 422 and "256" not in refused.text and str(len(ids)) in refused.text
+
+
+def test_circuitsvis_bundle_is_served_from_its_wheel(client):
+    from importlib import resources
+
+    served = client.get("/vendor/circuitsvis.js")
+    assert served.status_code == 200 and served.headers["content-type"].startswith("text/javascript")
+    assert served.content == resources.files("circuitsvis").joinpath("dist/cdn/iife.js").read_bytes()
+    assert "script-src 'self'" in served.headers["content-security-policy"]

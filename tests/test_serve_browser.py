@@ -194,6 +194,28 @@ def test_head_table_sorts_and_jumps_to_attention(ui):
     assert float(page.get_attribute("#attention-canvas", "data-draw-ms")) < 100
 
 
+def test_circuitsvis_views_render_under_the_csp(ui):
+    """Tab 2's interactive AttentionHeads and tab 11's TokenLogProbs: circuitsvis' bundle loads
+    from the server (its wheel) on demand and draws under the strict CSP (a violation would be a
+    console error, which every browser test asserts against)."""
+    page = ui.page
+    ui.generate(PROMPT, tokens=4)
+    assert page.evaluate("typeof window.CircuitsVis") == "undefined"  # not loaded until asked for
+    page.click("#transcript .tok[data-pos='5']")
+    page.click("#tabs button[data-tab='heads']")
+    wait(page, "document.getElementById('tab-body').dataset.ready === 'heads'")
+    page.check("#tab-body .tab-controls input[type='checkbox']")
+    wait(page, "document.getElementById('cv-attention-heads')?.querySelectorAll('canvas, svg, div').length > 3", timeout=60)
+    page.click("#tabs button[data-tab='confidence']")
+    wait(page, "document.getElementById('tab-body').dataset.ready === 'confidence'")
+    page.check("#tab-body .tab-controls input[type='checkbox']")
+    wait(page, "document.getElementById('cv-topk-tokens')?.innerText.length > 0", timeout=60)
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "serve-circuitsvis-topk.png"))
+    assert any(url.endswith("/vendor/circuitsvis.js") for url in ui.requests)
+    page.evaluate("localStorage.removeItem('mv-heads-cv'); localStorage.removeItem('mv-topk-cv')")
+
+
 def test_projection_toggle_and_point_click(ui):
     page = ui.page
     ui.generate(PROMPT, tokens=4)

@@ -93,13 +93,17 @@ def store_trace(state: ServerState, run_id: str, trace, request: dict, events: l
         step_top = {"raw_ids": raw_ids, "raw_probs": raw_probs, "sampled_ids": sampled_ids,
                     "sampled_probs": sampled_probs, "support": (trace.step_distributions > 0).sum(-1)}
     repetition = _repetition(state, model, trace)
+    from mechvis.viz.views import topk_tokens_view
+
+    topk_view = topk_tokens_view(model, run, k=TOP_N)  # tab 11's circuitsvis view reads the full logits: built now
     for name in list(run.cache.cache_dict):
         if name.endswith("hook_pattern"):
             run.cache.cache_dict[name] = run.cache.cache_dict[name].to(torch.float16)
     run.logits = run.logits[:0]  # dropped: the signals and step top-N keep what the tabs show
     trace.step_logits = trace.step_logits[:, :0]
     trace.step_distributions = trace.step_distributions[:, :0]
-    stored = StoredRun(run_id, trace, request, events, signals, step_top, timing, extras={"repetition": repetition, "image": image})
+    stored = StoredRun(run_id, trace, request, events, signals, step_top, timing, extras={"repetition": repetition, "image": image,
+                                                                                            "topk-view": topk_view})
     stored.nbytes = tensor_bytes(dict(run.cache.cache_dict)) + tensor_bytes(step_top) + (1 << 20)
     state.store.add(stored)
     return stored

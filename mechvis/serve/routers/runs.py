@@ -3,6 +3,7 @@ attention travels one layer at a time as binary uint8."""
 
 from __future__ import annotations
 
+import json
 import math
 from typing import Literal
 
@@ -345,6 +346,33 @@ def vision_rollout_row(run_id: str = RunId, position: int = Query(ge=0, le=1_000
     rows, cols = result.patch_shape
     return {"patch_rows": rows, "patch_cols": cols, "map": result.maps[position].tolist(),
             "image_mass": float(result.image_mass[position]), "vision_layers": result.vision_layers}
+
+
+CIRCUITSVIS_MAX_TOKENS = 256  # circuitsvis takes seconds for one 8-head 256² view (WEBAPP.md)
+
+
+@router.get("/{run_id}/views/{name}", response_class=Response, responses={200: {"content": {"application/json": {}}}})
+def circuitsvis_view(run_id: str = RunId, name: Literal["attention-heads", "topk-tokens"] = Path(),
+                     layer: int = Query(0, ge=0, le=1023), state: ServerState = Depends(get_state)) -> Response:
+    """A circuitsvis view of the run, as `mechvis.viz.views` builds it for the report
+    ({"component", "title", "props"}; the page renders it with circuitsvis' bundle served from its
+    wheel): "attention-heads", every head of `layer` (AttentionHeads; at most 256 tokens), or
+    "topk-tokens", each position's top-10 next tokens and the actual token's rank (TokenLogProbs)."""
+    from mechvis.viz.views import attention_heads_view
+
+    stored = _run(run_id, state)
+    run = stored.trace.run
+    if name == "topk-tokens":
+        view = stored.extras["topk-view"]
+    else:
+        if layer >= state.model.cfg.n_layers:
+            raise HTTPException(422, f"layer must be < {state.model.cfg.n_layers}.")
+        if len(run.tokens) > CIRCUITSVIS_MAX_TOKENS:
+            raise HTTPException(422, f"circuitsvis draws at most {CIRCUITSVIS_MAX_TOKENS} tokens in reasonable time; "
+                                     f"this run has {len(run.tokens)} (tabs 1 and 2 draw any length).")
+        view = attention_heads_view(run, layer)
+    body = f'{{"component":{json.dumps(view.component)},"title":{json.dumps(view.title)},"props":{view.props_json()}}}'
+    return Response(body, media_type="application/json")
 
 
 class SweepRequest(BaseModel):

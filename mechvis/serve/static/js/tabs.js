@@ -13,6 +13,37 @@ const margin = { l: 50, r: 10, t: 30, b: 40 };
 const cache = new Map();
 const memo = (key, load) => { if (!cache.has(key)) cache.set(key, load().catch((e) => { cache.delete(key); throw e; })); return cache.get(key); };
 const tokLabel = (run, p) => `${p}:${visible(run.tokens[p].text)}`;
+const afterAttach = [];  // callbacks a tab queues for when its content is in the document
+
+let circuitsvis = null;
+/** circuitsvis' bundle (served from its installed wheel at /vendor/circuitsvis.js), loaded once, on demand. */
+function loadCircuitsvis() {
+  if (!circuitsvis) {
+    circuitsvis = new Promise((resolve, reject) => {
+      const script = document.createElement("script");
+      script.src = "/vendor/circuitsvis.js";
+      script.onload = () => resolve(window.CircuitsVis);
+      script.onerror = () => { circuitsvis = null; reject(new Error("circuitsvis' bundle did not load")); };
+      document.head.append(script);
+    });
+  }
+  return circuitsvis;
+}
+
+/** A circuitsvis view the server built with mechvis.viz.views (component, title, props), drawn into `body`. */
+async function circuitsvisView(body, path, params, id) {
+  const [view, library] = await Promise.all([getJSON(path, params), loadCircuitsvis()]);
+  body.append(el("div", `${view.title} (circuitsvis ${view.component})`, "muted"));
+  const host = el("div", undefined, "circuitsvis-view"); host.id = id;
+  body.append(host);
+  // circuitsvis renders by element id: only once this tab's content is in the document (a stale render's host never is)
+  afterAttach.push(() => { if (document.getElementById(id) === host) library.render(id, library[view.component], view.props); });
+}
+
+function circuitsvisToggle(key, label) {
+  const on = localStorage.getItem(key) === "1";
+  return [on, checkbox(label, on, (v) => { localStorage.setItem(key, v ? "1" : "0"); select({}); })];
+}
 
 function plot(body, traces, layout) {
   const div = el("div", undefined, "plot");
@@ -106,8 +137,13 @@ async function allHeads(body, run) {
   const [{ shape, data }, stats] = await Promise.all([attentionLayer(run.id, layer), memo(`${run.id}/heads`, () => getJSON(`/api/runs/${run.id}/heads`))]);
   const [heads, n] = shape;
   let sortBy = localStorage.getItem("mv-heads-sort") || "head";
+  const [interactive, toggle] = circuitsvisToggle("mv-heads-cv", "interactive (circuitsvis, ≤ 256 tokens)");
   controls(body, layerSelect(run), selectBox("sort by", [["head", "head"], ["entropy", "entropy"], ["sink", "sink mass"]], sortBy,
-    (v) => { localStorage.setItem("mv-heads-sort", v); select({}); }));
+    (v) => { localStorage.setItem("mv-heads-sort", v); select({}); }), toggle);
+  if (interactive) {
+    if (n > 256) body.append(el("p", `circuitsvis needs seconds per view above 256 tokens; this run has ${n}. The grid below draws any length.`, "muted"));
+    else { await circuitsvisView(body, `/api/runs/${run.id}/views/attention-heads`, { layer }, "cv-attention-heads"); return; }
+  }
   const order = Array.from({ length: heads }, (_, h) => h);
   if (sortBy === "entropy") order.sort((a, b) => stats.entropy[layer][a] - stats.entropy[layer][b]);
   if (sortBy === "sink") order.sort((a, b) => stats.sink_mass[layer][b] - stats.sink_mass[layer][a]);
@@ -253,6 +289,9 @@ async function confidence(body, run) {
     { type: "scatter", mode: "lines", name: "margin p₁−p₂", x, y: x.map((q) => s.margin[q - 1]), line: { dash: "dot" } },
   ], { title: { text: "confidence per token" }, height: 300, yaxis: { range: [0, 1] } });
   div.on("plotly_click", (e) => select({ pos: e.points[0].x, positions: [] }));
+  const [interactive, toggle] = circuitsvisToggle("mv-topk-cv", "top-10 next tokens at every position (circuitsvis)");
+  controls(body, toggle);
+  if (interactive) await circuitsvisView(body, `/api/runs/${run.id}/views/topk-tokens`, undefined, "cv-topk-tokens");
 }
 
 async function attribution(body, run) {
@@ -447,11 +486,19 @@ export async function renderTab(run) {
   for (const button of document.querySelectorAll("#tabs button")) button.setAttribute("aria-selected", String(button.dataset.tab === selection.tab));
   const entry = TABS.find((t) => t[0] === selection.tab) || TABS[0];
   const fresh = el("div"); fresh.dataset.tab = entry[0];
+  afterAttach.length = 0;
   if (!run) { body.replaceChildren(el("p", "Generate something; the tabs fill in when the analysis is ready.", "muted")); return; }
   try {
     await entry[2](fresh, run);
   } catch (error) {
     fresh.append(el("p", `Could not draw this tab: ${error.message}`, "error"));
   }
-  if (ticket === rendering) { body.replaceChildren(fresh); for (const div of fresh.querySelectorAll(".plot")) window.Plotly.Plots.resize(div); body.dataset.ready = entry[0]; }
+  if (ticket === rendering) {
+    body.replaceChildren(fresh);
+    for (const div of fresh.querySelectorAll(".plot")) window.Plotly.Plots.resize(div);
+    for (const callback of afterAttach.splice(0)) {
+      try { callback(); } catch (error) { fresh.append(el("p", `Could not draw this view: ${error.message}`, "error")); }
+    }
+    body.dataset.ready = entry[0];
+  }
 }
