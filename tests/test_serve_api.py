@@ -270,11 +270,42 @@ def test_tabs_data(client, model):
     projection = client.get(f"/api/runs/{run_id}/projection", params={"layer": 1, "dims": 3}).json()
     assert len(projection["coordinates"]) == n and len(projection["coordinates"][0]) == 3
     assert len(client.get(f"/api/runs/{run_id}/activations").json()["resid_norms"]) == 3
-    assert len(client.get(f"/api/runs/{run_id}/rollout", params={"position": n - 1}).json()["row"]) == n
+    row = client.get(f"/api/runs/{run_id}/lens", params={"position": n - 2}).json()  # the inspector's
+    assert row["positions"] == [n - 2] and len(row["top_tokens"][0]) == 1
+    assert row["top_tokens"] == [[layer[n - 2]] for layer in lens["top_tokens"]]
+    assert row["top_probs"] == [[layer[n - 2]] for layer in lens["top_probs"]]
+    assert row["kl"] == [[layer[n - 2]] for layer in lens["kl"]]
+    assert client.get(f"/api/runs/{run_id}/lens", params={"position": n}).status_code == 422
     attribution = client.post(f"/api/runs/{run_id}/attribution", json={"position": n - 1}, headers=AUTH).json()
     assert len(attribution["scores"]) == n - 1
     exported = client.get(f"/api/runs/{run_id}/export.json")
     assert exported.json()["id"] == run_id
+
+
+def test_rollout_row_equals_a_numpy_rollout(client, model):
+    """Tab 16's row (rollout_rows on the stored float16 patterns) equals Abnar & Zuidema's rollout
+    written out in numpy over the model's own patterns, and the inspector's lens row computed
+    alone equals the same row of the whole run's lens."""
+    import numpy as np
+
+    from tests.reference import rollout_loop
+
+    events = sse(generate(client))
+    run_id = events[-1][1]["run"]
+    ids = torch.tensor([t["id"] for t in client.get(f"/api/runs/{run_id}").json()["tokens"]])
+    n = len(ids)
+    alone = client.get(f"/api/runs/{run_id}/lens", params={"position": 3}).json()
+    served = {q: client.get(f"/api/runs/{run_id}/rollout", params={"position": q}).json()["row"] for q in (3, n - 1)}
+    assert client.get(f"/api/runs/{run_id}/rollout", params={"position": n}).status_code == 422
+    with torch.no_grad():
+        _, cache = model.run_with_cache(ids[None], names_filter=lambda name: name.endswith("hook_pattern"))
+    patterns = np.stack([cache[f"blocks.{layer}.attn.hook_pattern"][0].double().numpy() for layer in range(3)])
+    expected = rollout_loop(patterns)
+    for q, row in served.items():
+        np.testing.assert_allclose(row, expected[q], atol=2e-3)
+    whole = client.get(f"/api/runs/{run_id}/lens").json()
+    assert alone["top_tokens"] == [[layer[3]] for layer in whole["top_tokens"]]
+    np.testing.assert_allclose(alone["top_probs"], [[layer[3]] for layer in whole["top_probs"]], atol=1e-4)
 
 
 def test_ablation_equals_the_library(client, model):

@@ -124,19 +124,40 @@ def similarity(run_id: str = RunId, state: ServerState = Depends(get_state)) -> 
 
 
 @router.get("/{run_id}/lens")
-def lens(run_id: str = RunId, state: ServerState = Depends(get_state)) -> dict:
-    """Logit lens at every position: top-1 token and its probability per layer, the top-3,
-    KL from the final layer (nats)."""
+def lens(run_id: str = RunId, position: int | None = Query(None, ge=0, le=1_000_000),
+         state: ServerState = Depends(get_state)) -> dict:
+    """Logit lens at every position (or only at `position`: the inspector's rows, ~N times
+    cheaper than the whole run's): top-1 token and its probability per layer, the top-3, KL from
+    the final layer (nats); arrays are layer × position (× 3)."""
     from mechvis.analysis import logit_lens
 
     stored = _run(run_id, state)
-    result = _memo(stored, "lens", lambda: logit_lens(stored.trace.run.cache, state.model, k=3))
+    cache = stored.trace.run.cache
+    if position is not None:
+        if position >= len(stored.trace.run.tokens):
+            raise HTTPException(422, f"position must be < {len(stored.trace.run.tokens)}.")
+        if "lens" not in stored.extras:  # the whole run's lens, once tab 6 has asked for it, holds this row
+            result = _memo(stored, f"lens/{position}", lambda: logit_lens(cache, state.model, positions=[position], k=3))
+            return _lens_payload(result)
+        return _lens_payload(stored.extras["lens"], position)
+    return _lens_payload(_memo(stored, "lens", lambda: logit_lens(cache, state.model, k=3)))
+
+
+def _lens_payload(result, position: int | None = None) -> dict:
+    """A `LogitLens` as JSON (layer × position arrays), or only its column at `position`."""
+    if position is None:
+        columns, positions = slice(None), result.positions
+    else:
+        index = result.positions.index(position)
+        columns, positions = slice(index, index + 1), [position]
+    rounded = lambda tensor: torch.round(tensor[:, columns].double(), decimals=4).tolist()  # noqa: E731
     return {
         "labels": result.layer_labels,
-        "top_tokens": result.top_tokens,
-        "top_probs": torch.round(result.top_probs.double(), decimals=4).tolist(),
-        "kl": torch.round(result.kl_from_final.double(), decimals=4).tolist(),
-        "entropy": torch.round(result.entropy.double(), decimals=4).tolist(),
+        "positions": positions,
+        "top_tokens": [layer[columns] for layer in result.top_tokens],
+        "top_probs": rounded(result.top_probs),
+        "kl": rounded(result.kl_from_final),
+        "entropy": rounded(result.entropy),
     }
 
 
@@ -212,14 +233,16 @@ def activations(run_id: str = RunId, state: ServerState = Depends(get_state)) ->
 
 @router.get("/{run_id}/rollout")
 def rollout_row(run_id: str = RunId, position: int = Query(ge=0, le=1_000_000), state: ServerState = Depends(get_state)) -> dict:
-    """Attention rollout (Abnar & Zuidema 2020): the row of the query at `position`."""
-    from mechvis.analysis import rollout
+    """Attention rollout (Abnar & Zuidema 2020): the row of the query at `position`
+    (`rollout_rows`: k·N² per layer, not the whole matrix's N³)."""
+    from mechvis.analysis import rollout_rows
 
     stored = _run(run_id, state)
-    result = _memo(stored, "rollout", lambda: rollout(stored.trace.run.cache, state.model))
-    if position >= result.matrix.shape[0]:
-        raise HTTPException(422, f"position must be < {result.matrix.shape[0]}.")
-    return {"row": result.matrix[position].tolist()}
+    n = len(stored.trace.run.tokens)
+    if position >= n:
+        raise HTTPException(422, f"position must be < {n}.")
+    result = _memo(stored, f"rollout/{position}", lambda: rollout_rows(stored.trace.run.cache, state.model, [position]))
+    return {"row": result.rows[0].tolist()}
 
 
 class AttributionRequest(BaseModel):
