@@ -433,3 +433,44 @@ def test_busy_is_shown_and_recovers(ui, server):
     ui.problems = [p for p in ui.problems if "409" not in p]  # the refused request's console line
     ui.generate(PROMPT, tokens=3)
     assert page.inner_text("#error") == ""
+
+
+def test_ablation_and_ab_regeneration_from_the_ui_equal_the_library(ui, server):
+    """Tab 14 from the page: Δp of every token under the ablation (read from the plotted trace)
+    equals the plain model's under `mechvis.interventions` (≤ 1e-4), and "Regenerate as run B"
+    streams exactly `mechvis.generate` under the same intervention."""
+    import torch
+
+    from mechvis.interventions import ablate_heads, intervene
+
+    page = ui.page
+    model = server["model"]
+    run_id = ui.generate(PROMPT, tokens=6)
+    run = page.evaluate(f"fetch('/api/runs/{run_id}').then(r => r.json())")
+    ids = torch.tensor([t["id"] for t in run["tokens"]])
+    heads = [(0, 1), (2, 3)]
+    page.click("#tabs button[data-tab='interventions']")
+    wait(page, "document.getElementById('tab-body').dataset.ready === 'interventions'")
+    page.fill("#ablate-heads", "0.1, 2.3")
+    page.click("#ablate-run")
+    page.wait_for_selector("#ablation-output .plot .main-svg", timeout=60_000)
+    plotted = page.evaluate("document.querySelector('#ablation-output .plot').data[0].y")
+    with torch.no_grad():
+        clean = model(ids[None])[0].double().softmax(-1)
+        with intervene(model, ablate_heads(model, heads)):
+            ablated = model(ids[None])[0].double().softmax(-1)
+    expected = (ablated[:-1].gather(-1, ids[1:, None]) - clean[:-1].gather(-1, ids[1:, None]))[:, 0].tolist()
+    assert plotted[0] is None and max(abs(a - b) for a, b in zip(plotted[1:], expected)) <= 1e-4
+    assert max(abs(v) for v in expected) > 0
+    assert page.input_value("#colour") == "delta"
+    page.click("#ablate-regenerate")
+    page.wait_for_selector("#run-b-text", timeout=120_000)
+    with intervene(model, ablate_heads(model, heads)):
+        reference = mechvis.generate(model, PROMPT, max_new_tokens=6)
+    assert page.inner_text("#run-b-text") == reference.generated_text
+    run_b = page.evaluate("location.hash.match(/b=([0-9a-f]+)/)[1]")
+    b = page.evaluate(f"fetch('/api/runs/{run_b}').then(r => r.json())")
+    assert [t["id"] for t in b["tokens"]][b["prompt_length"]:] == reference.generated_ids
+    assert b["request"]["ablate"] == [list(h) for h in heads]
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "serve-ab.png"))
