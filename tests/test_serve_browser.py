@@ -474,3 +474,75 @@ def test_ablation_and_ab_regeneration_from_the_ui_equal_the_library(ui, server):
     assert b["request"]["ablate"] == [list(h) for h in heads]
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "serve-ab.png"))
+
+
+from tests.test_vlm import _picture, tiny_llava  # noqa: E402,F401  (the tiny LLaVA fixture)
+
+
+@pytest.fixture(scope="module")
+def vlm_server(tiny_llava):
+    import uvicorn
+
+    from mechvis.serve import create_app
+
+    app = create_app(tiny_llava[0], model_name="tiny-llava", token=TOKEN)
+    uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+    thread = threading.Thread(target=uv.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not uv.started and time.time() < deadline:
+        time.sleep(0.05)
+    yield {"url": f"http://127.0.0.1:{uv.servers[0].sockets[0].getsockname()[1]}/", "model": tiny_llava[0], "app": app}
+    uv.should_exit = True
+    thread.join(30)
+
+
+def test_vlm_upload_attention_and_rollout_overlays_and_oversized_files(browser, vlm_server, tmp_path):
+    """A VLM from the page: an oversized file is refused (by the page above 10 MiB, by the server
+    above 16 megapixels) with an inline error; an uploaded image reaches the model (the run's tokens
+    equal `mechvis.generate` with that image); tab 15 overlays the selected token's attention on
+    the image grid and, switched, its vision rollout."""
+    from PIL import Image
+
+    ui = Page(browser, vlm_server)
+    page = ui.page
+    page.goto(vlm_server["url"], wait_until="load")
+    wait(page, "document.body.dataset.ready === '1'")
+    assert page.evaluate("document.body.classList.contains('vlm')") and page.is_visible("#dropzone")
+    huge = tmp_path / "huge.png"
+    huge.write_bytes(b"\x89PNG" + b"\0" * (11 << 20))
+    page.set_input_files("#image-input", str(huge))
+    wait(page, "document.getElementById('error').textContent.includes('10 MiB')")
+    bomb = tmp_path / "bomb.png"
+    Image.new("RGB", (5000, 5000)).save(bomb)
+    page.set_input_files("#image-input", str(bomb))
+    wait(page, "document.getElementById('error').textContent.includes('megapixels')")
+    ui.problems = [p for p in ui.problems if "413" not in p]  # the refused upload's console line
+    picture = _picture()
+    path = tmp_path / "picture.png"
+    picture.save(path)
+    page.set_input_files("#image-input", str(path))
+    wait(page, "document.getElementById('dropzone').textContent.includes('48×40 ready')")
+    run_id = ui.generate("Describe it.", tokens=3)
+    run = page.evaluate(f"fetch('/api/runs/{run_id}').then(r => r.json())")
+    reference = mechvis.generate(vlm_server["model"], "Describe it.", image=picture, max_new_tokens=3)
+    assert [t["id"] for t in run["tokens"]] == reference.run.tokens.tolist()
+    assert run["image_grid"] == {"rows": 4, "cols": 4}
+    assert page.locator("#transcript .tok.image").count() == 1 and "[image 4×4]" in page.inner_text("#transcript")
+    last = len(run["tokens"]) - 1
+    page.click(f"#transcript .tok[data-pos='{last}']")
+    page.click("#tabs button[data-tab='vision']")
+    wait(page, "document.getElementById('tab-body').dataset.ready === 'vision' && !!document.getElementById('vision-overlay')")
+    red = """id => { const c = document.getElementById(id); const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+        let n = 0; for (let i = 0; i < d.length; i += 4) if (d[i] > 200 && d[i + 1] < 120) n++; return [c.width, c.height, n]; }"""
+    width, height, reddish = page.evaluate(red, "vision-overlay")
+    assert width > 100 and height > 100 and reddish > 0
+    page.select_option("#tab-body select >> nth=0", "rollout")
+    wait(page, "document.getElementById('tab-body').dataset.ready === 'vision' && !!document.getElementById('vision-rollout-overlay')", timeout=60)
+    assert page.evaluate(red, "vision-rollout-overlay")[2] > 0
+    assert "4×4 patches" in page.inner_text("#tab-body")
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "serve-vision-rollout.png"))
+    page.evaluate("localStorage.removeItem('mv-vision')")
+    ui.check()
+    ui.context.close()
