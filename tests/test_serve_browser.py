@@ -117,9 +117,13 @@ def test_open_card_tabs_csp_no_remote_script(ui):
 
 def test_completion_streams_equal_ids_and_every_tab_renders(ui, server):
     page = ui.page
-    seen_before_stop = []
-    page.expose_function("noteToken", lambda n: seen_before_stop.append(n))
+    # How many streamed tokens the transcript shows when `stopped` arrives: they appear before it.
+    page.evaluate("""() => { window.seenAtStop = null; new MutationObserver(() => {
+        if (document.body.dataset.stopped && window.seenAtStop === null)
+            window.seenAtStop = document.querySelectorAll('#transcript .tok.streaming').length;
+        }).observe(document.body, { attributes: true, attributeFilter: ['data-stopped'] }); }""")
     run_id = ui.generate(PROMPT, tokens=8)
+    assert page.evaluate("window.seenAtStop") == 8
     reference = mechvis.generate(server["model"], PROMPT, max_new_tokens=8)
     run = page.evaluate(f"fetch('/api/runs/{run_id}').then(r => r.json())")
     assert [t["id"] for t in run["tokens"]][run["prompt_length"]:] == reference.generated_ids
@@ -156,6 +160,50 @@ def test_completion_streams_equal_ids_and_every_tab_renders(ui, server):
     page.click("#tabs button[data-tab='attention']")
     wait(page, "document.getElementById('tab-body').dataset.ready === 'attention'")
     page.screenshot(path=str(ARTIFACTS / "serve.png"))
+
+
+def _green_red(t: float) -> str:
+    """colour.js' scale, written out again: green (0) → yellow (0.5) → red (1)."""
+    import math
+
+    x = min(1.0, max(0.0, t))
+    a, b, u = ((120, 200, 120), (250, 230, 120), x * 2) if x < 0.5 else ((250, 230, 120), (235, 110, 100), (x - 0.5) * 2)
+    return "rgb({}, {}, {})".format(*(math.floor(v + (w - v) * u + 0.5) for v, w in zip(a, b)))
+
+
+def test_seed_colour_modes_follow_the_librarys_trace(ui, server):
+    """The four seed colour modes on a sampled run: yellow tokens are exactly the library's
+    sampled-not-argmax; entropy, probability and gap colour every token by the library's token
+    signals of the same run (the scale written out here; one unit of rounding allowed)."""
+    import re
+
+    from mechvis.analysis import token_signals
+
+    page = ui.page
+    run_id = ui.generate(PROMPT, tokens=12, temperature=1.5, seed=3)
+    reference = mechvis.generate(server["model"], PROMPT, max_new_tokens=12, temperature=1.5, seed=3)
+    run = page.evaluate(f"fetch('/api/runs/{run_id}').then(r => r.json())")
+    assert [t["id"] for t in run["tokens"]][run["prompt_length"]:] == reference.generated_ids
+    P = reference.prompt_length
+    backgrounds = "Array.from(document.querySelectorAll('#transcript .tok'), e => [Number(e.dataset.pos), e.style.background])"
+    yellow = [p for p, bg in page.evaluate(backgrounds) if bg == "rgb(255, 224, 102)"]
+    expected = [P + i for i, flag in enumerate(reference.sampled_not_argmax.tolist()) if flag]
+    assert yellow == expected and expected  # T = 1.5 on a random model: most draws are not the argmax
+    signals = token_signals(reference.run.logits, reference.run.tokens)
+    n = len(reference.run.tokens)
+    entropy = signals.entropy[: n - 1].tolist()
+    values = {"entropy": [e / max(entropy) for e in entropy],
+              "probability": [1 - p for p in (-signals.surprisal[: n - 1]).exp().tolist()],
+              "gap": [1 - g for g in signals.margin[: n - 1].tolist()]}
+    for mode, scaled in values.items():
+        page.select_option("#colour", mode)
+        assert f"colour={mode}" in page.url and page.inner_text("#legend")
+        for position, background in page.evaluate(backgrounds):
+            if position == 0:
+                continue
+            got = [int(v) for v in re.findall(r"\d+", background)]
+            want = [int(v) for v in re.findall(r"\d+", _green_red(scaled[position - 1]))]
+            assert len(got) == 3 and max(abs(g - w) for g, w in zip(got, want)) <= 1, (mode, position, background)
 
 
 def test_selection_moves_every_tab_and_deep_link_restores(ui):
