@@ -147,7 +147,9 @@ async def generate(body: GenerateRequest, state: ServerState = Depends(get_state
             room = model.cfg.n_ctx - len(ids)
             if 1 <= room < options["max_new_tokens"]:
                 options["max_new_tokens"], context_bound = room, True
-            put(("start", {"run": run_id, "prompt_ids": ids, "prompt_tokens": [tokenizer.decode([i]) for i in ids],
+            # With an image, the page shows the prompt once analysed (one chip for the image tokens).
+            texts = None if options["image"] is not None else [tokenizer.decode([i]) for i in ids]
+            put(("start", {"run": run_id, "prompt_ids": ids, "prompt_tokens": texts,
                            "max_new_tokens": options["max_new_tokens"]}))
             if body.ablate:
                 contexts.enter_context(ablated(state, body.ablate, body.ablate_method))
