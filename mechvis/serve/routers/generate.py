@@ -126,7 +126,10 @@ async def generate(body: GenerateRequest, state: ServerState = Depends(get_state
     tokenizer = model.hf_tokenizer
 
     def put(item) -> None:
-        loop.call_soon_threadsafe(queue.put_nowait, item)
+        try:
+            loop.call_soon_threadsafe(queue.put_nowait, item)
+        except RuntimeError:  # the event loop has closed (the server is shutting down): nobody listens
+            pass
 
     def work() -> None:
         contexts = contextlib.ExitStack()

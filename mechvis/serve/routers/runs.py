@@ -436,7 +436,10 @@ async def sweep(body: SweepRequest, run_id: str = RunId, state: ServerState = De
     target = int(tokens[body.position])
 
     def put(item) -> None:
-        loop.call_soon_threadsafe(queue.put_nowait, item)
+        try:
+            loop.call_soon_threadsafe(queue.put_nowait, item)
+        except RuntimeError:  # the event loop has closed (the server is shutting down): nobody listens
+            pass
 
     def work() -> None:
         done = 0
