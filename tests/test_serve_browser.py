@@ -378,7 +378,7 @@ def test_looping_demo_prompt_on_the_embedded_model(browser, embedded_server):
     page.select_option("#colour", "entropy")
     page.click(f"#transcript .tok[data-pos='{run['prompt_length'] + 30}']")
     page.click("#tabs button[data-tab='lens']")
-    wait(page, "document.getElementById('tab-body').dataset.ready === 'lens'")
+    wait(page, "document.getElementById('tab-body').dataset.ready === 'lens'", timeout=300)  # every position's lens: slow under load
     page.click("#tabs button[data-tab='attention']")
     wait(page, "document.getElementById('tab-body').dataset.ready === 'attention'")
     page.select_option("#tab-body select >> nth=0", "5")
