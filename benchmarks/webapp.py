@@ -126,18 +126,22 @@ def main() -> None:
 
     chromium = shutil.which("chromium")
     if chromium:
-        _browser(chromium, url, run_id)
+        _browser(chromium, url, run_id, n_tokens)
+    # uvicorn's shutdown waits for the requests still being computed (a tab's analysis runs in a
+    # worker thread even after the browser has gone). Joining it fully is what lets the process
+    # exit cleanly: a daemon thread still inside torch when the interpreter finalises is ended by
+    # pthread_exit, whose unwinding through torch's C++ frames calls std::terminate (exit 134).
     server.should_exit = True
-    thread.join(30)
+    thread.join()
 
 
-def _browser(chromium: str, url: str, run_id: str) -> None:
+def _browser(chromium: str, url: str, run_id: str, n_tokens: int) -> None:
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as session:
         browser = session.chromium.launch(executable_path=chromium, args=["--no-sandbox", "--disable-gpu", "--proxy-server=127.0.0.1:9"])
         page = browser.new_page(viewport={"width": 1440, "height": 900})
-        page.goto(f"{url}/#run={run_id}&tab=attention&layer=15&pos=300", wait_until="load")
+        page.goto(f"{url}/#run={run_id}&tab=attention&layer=15&pos={min(300, n_tokens - 1)}", wait_until="load")
         paint = page.evaluate("performance.getEntriesByType('paint').map(e => [e.name, e.startTime])")
 
         def ready(tab: str) -> None:
@@ -171,9 +175,12 @@ def _browser(chromium: str, url: str, run_id: str) -> None:
         ready("attention")
         fetched = (time.perf_counter() - start) * 1000
         start = time.perf_counter()
-        page.click("#transcript .tok[data-pos='200']")
+        page.click(f"#transcript .tok[data-pos='{min(200, n_tokens - 2)}']")
         page.wait_for_selector("#inspector-distribution")
         click = (time.perf_counter() - start) * 1000
+        start = time.perf_counter()
+        page.wait_for_selector("#inspector-lens", timeout=300_000)  # the logit lens of every position, computed once per run
+        lens_ready = (time.perf_counter() - start) * 1000 + click
         heap = page.evaluate("performance.memory ? performance.memory.usedJSHeapSize : 0")
         browser.close()
     first_paint = dict(paint).get("first-contentful-paint", float("nan"))
@@ -182,6 +189,7 @@ def _browser(chromium: str, url: str, run_id: str) -> None:
     _row("tab switch, cached", f"{cached:.0f} ms", "≤ 150 ms")
     _row("tab switch + layer fetched", f"{fetched:.0f} ms", "≤ 500 ms")
     _row("token click → inspector", f"{click:.0f} ms", "≤ 100 ms")
+    _row("token click → inspector's logit-lens rows (first click of a run)", f"{lens_ready:.0f} ms", "—")
     _row("browser JS heap", f"{heap / 2**20:.0f} MB", "≤ 300 MB")
 
 

@@ -401,6 +401,22 @@ def vision_rollout(
     return VisionRollout(queries, grid, patch_shape, maps.float(), to_image.sum(-1).float(), vision_layers)
 
 
+def vision_rollout_hooks(model: "TransformerBridge") -> list[str]:
+    """The vision-tower hooks `vision_rollout` reads besides the language model's attention
+    patterns, for `names_filter`: LLaVA's encoder-layer patterns up to its feature layer, or
+    Qwen-VL's cached pixel patches. Empty for a text-only model or a layout it does not map."""
+    config = getattr(model.original_model, "config", None)
+    if getattr(config, "vision_config", None) is None:
+        return []
+    if _qwen_visual(model) is not None:
+        return ["vision_encoder.hook_in"]
+    feature_layer = getattr(config, "vision_feature_layer", None)
+    if not isinstance(feature_layer, int):
+        return []
+    n_vision = config.vision_config.num_hidden_layers
+    return [f"vision_encoder.encoder_layers.{i}.attn.hook_pattern" for i in range(feature_layer % (n_vision + 1))]
+
+
 def _check_llava_layout(model: "TransformerBridge", grid: ImageGrid) -> None:
     config = model.original_model.config
     feature_layer = getattr(config, "vision_feature_layer", None)

@@ -13,6 +13,8 @@ from mechvis.report.html import render_report, write_json
 if TYPE_CHECKING:
     from transformer_lens.model_bridge import TransformerBridge
 
+    from mechvis.generation import Trace
+
 __all__ = ["SCHEMA", "ReportData", "build_report_data", "render_report", "report_json", "write_json", "write_report"]
 
 
@@ -40,10 +42,12 @@ def write_report(
     overwrite: bool = False,
     rollout_queries: Sequence[int] | int = ROLLOUT_QUERIES,
     full_rollout: bool = False,
+    trace: "Trace | None" = None,
 ) -> ReportData:
     """Generate from `prompt`, analyse, and write the HTML report (and the JSON if asked); with
     `ablation`, add a sweep of every head's ablation on the last generated token's probability;
-    with `image` (a vision-language model), add where the generated tokens look in it.
+    with `image` (a vision-language model), add where the generated tokens look in it. With
+    `trace`, report on that trace instead of generating (see `build_report_data`).
     The rollout is kept as rows for `rollout_queries` (see `build_report_data`); `full_rollout`
     adds the N × N matrix to the JSON. Existing files are not replaced unless `overwrite`."""
     html_path = Path(path)
@@ -52,7 +56,7 @@ def write_report(
         _check_writable(Path(json_path), overwrite)
     data = build_report_data(model, prompt, chat=chat, max_new_tokens=max_new_tokens, layers=layers,
                              temperature=temperature, seed=seed, ablation=ablation, image=image,
-                             rollout_queries=rollout_queries, full_rollout=full_rollout)
+                             rollout_queries=rollout_queries, full_rollout=full_rollout, trace=trace)
     html_path.write_text(render_report(data, model), encoding="utf-8")
     if json_path is not None:
         write_json(data, Path(json_path))

@@ -144,9 +144,13 @@ def build_report_data(
     image: object | None = None,
     rollout_queries: Sequence[int] | int = ROLLOUT_QUERIES,
     full_rollout: bool = False,
+    trace: Trace | None = None,
 ) -> ReportData:
     """Generate from `prompt` (with `image` for a vision-language model) and run every analysis of
-    the report on the trace.
+    the report on the trace. With `trace` (full-vocabulary `run.logits` and a cache of every
+    hook, e.g. `mechvis serve`'s teacher-forced pass over a run's tokens), analyse it instead of
+    generating: `prompt` and `chat` are then only recorded, `max_new_tokens`, `temperature` and
+    `seed` unused.
 
     The rollout is kept as rows: `rollout_queries` is either the query positions (negative counts
     from the end) or the cap of `default_rollout_queries`; `full_rollout` also computes the N × N
@@ -157,7 +161,8 @@ def build_report_data(
     attention_layers = check_layers(model, layers) if layers else default_attention_layers(model.cfg.n_layers)
     stages = tqdm(total=4, desc="report", unit="stage")
     stages.set_postfix_str("generating")
-    trace = generate(model, prompt, chat=chat, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, image=image)
+    if trace is None:
+        trace = generate(model, prompt, chat=chat, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, image=image)
     run = trace.run
     stages.update()
     stages.set_postfix_str("token and lens analyses")

@@ -40,7 +40,8 @@ def create_app(
     """The app. `model`: a loaded hooked model (or None: load one from `model_roots` in the page).
     `token`: the per-process token every state-changing request must carry (None: none needed,
     loopback only). `host`: the bound address; a non-loopback one requires a token and also
-    accepts its own name in the Host header."""
+    accepts its own name in the Host header. `port`: the bound port, which the Host header must
+    name (the ASGI server's own report of its port wins; 0 or None: only that report)."""
     loopback = is_loopback(host)
     if not loopback and not token:
         raise InvalidArgumentError("Binding a non-loopback address needs a token (--token auto or a value).")
@@ -52,7 +53,8 @@ def create_app(
     allowed = set(LOOPBACK_NAMES) | ({host} if not loopback and host not in ("0.0.0.0", "::") else set())
     if not loopback and host in ("0.0.0.0", "::"):
         allowed |= {socket.gethostname(), socket.getfqdn()}
-    app.add_middleware(SecurityMiddleware, allowed_hosts=allowed, token=token, token_for_reads=not loopback)
+    app.add_middleware(SecurityMiddleware, allowed_hosts=allowed, token=token, token_for_reads=not loopback,
+                       port=port or None)
 
     from mechvis.serve.routers import export, generate, model as model_router, runs
 
@@ -130,7 +132,7 @@ def serve(
         from mechvis import load_model
 
         model = load_model(model_name, dtype=dtype)
-    app = create_app(model, model_name=model_name or "embedded", model_roots=model_roots, token=value, host=host)
+    app = create_app(model, model_name=model_name or "embedded", model_roots=model_roots, token=value, host=host, port=port)
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", server_header=False,
                             date_header=False, access_log=False)
     server = uvicorn.Server(config)

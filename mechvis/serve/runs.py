@@ -13,12 +13,32 @@ TOP_N = 10
 STEP_TOP = 50  # entries of each step's raw and sampled distribution kept for the distribution tab
 
 
+def mean_reference(state: ServerState):
+    """The reference runs of mean ablation, computed once per loaded model."""
+    from mechvis.interventions import reference_runs
+
+    if "mean-reference" not in state.model_extras:
+        state.model_extras["mean-reference"] = reference_runs(state.model)
+    return state.model_extras["mean-reference"]
+
+
+def ablated(state: ServerState, heads, method: str):
+    """A context in which the model runs with `heads` ((layer, head) pairs) ablated by `method`
+    ("zero" or "mean"): how a run B is generated, analysed and exported."""
+    from mechvis.interventions import ablate_heads, intervene
+
+    reference = mean_reference(state) if method == "mean" else None
+    return intervene(state.model, ablate_heads(state.model, [tuple(h) for h in heads], method=method, reference=reference))
+
+
 def tab_hooks(model) -> list[str]:
     """The hooks the tabs read (passed to the analysis pass as `names_filter`)."""
     from mechvis.analysis import activation_hook_names, hooks_for, lens_hook_names
+    from mechvis.analysis.vision import vision_rollout_hooks
 
     return sorted(set(hooks_for(model, "residual", "similarity", "attention", "norms", "statistics"))
-                  | set(lens_hook_names(model)) | set(activation_hook_names(model, "resid_post")))
+                  | set(lens_hook_names(model)) | set(activation_hook_names(model, "resid_post"))
+                  | set(vision_rollout_hooks(model)))  # tab 15's vision-rollout overlay
 
 
 def _repetition(state: ServerState, model, trace) -> dict:
@@ -73,13 +93,17 @@ def store_trace(state: ServerState, run_id: str, trace, request: dict, events: l
         step_top = {"raw_ids": raw_ids, "raw_probs": raw_probs, "sampled_ids": sampled_ids,
                     "sampled_probs": sampled_probs, "support": (trace.step_distributions > 0).sum(-1)}
     repetition = _repetition(state, model, trace)
+    from mechvis.viz.views import topk_tokens_view
+
+    topk_view = topk_tokens_view(model, run, k=TOP_N)  # tab 11's circuitsvis view reads the full logits: built now
     for name in list(run.cache.cache_dict):
         if name.endswith("hook_pattern"):
             run.cache.cache_dict[name] = run.cache.cache_dict[name].to(torch.float16)
     run.logits = run.logits[:0]  # dropped: the signals and step top-N keep what the tabs show
     trace.step_logits = trace.step_logits[:, :0]
     trace.step_distributions = trace.step_distributions[:, :0]
-    stored = StoredRun(run_id, trace, request, events, signals, step_top, timing, extras={"repetition": repetition, "image": image})
+    stored = StoredRun(run_id, trace, request, events, signals, step_top, timing, extras={"repetition": repetition, "image": image,
+                                                                                            "topk-view": topk_view})
     stored.nbytes = tensor_bytes(dict(run.cache.cache_dict)) + tensor_bytes(step_top) + (1 << 20)
     state.store.add(stored)
     return stored

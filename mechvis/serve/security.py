@@ -3,7 +3,9 @@
 A local server is reachable from every page the user's browser opens, so each request passes:
 
 - **Host allow-list** on every route: a page on evil.example that resolves its name to 127.0.0.1
-  (DNS rebinding) sends `Host: evil.example` and gets 400.
+  (DNS rebinding) sends `Host: evil.example` and gets 400. The Host's port must be the port the
+  server is bound to (the ASGI scope's `server`, else the configured one; no port means 80), so
+  another local service's page (`localhost:8080`) cannot pass as this one.
 - On state-changing methods (POST, PUT, PATCH, DELETE): an `Origin` (when sent) equal to the
   server's own origin, `Sec-Fetch-Site` (when sent) same-origin, the per-process token in the
   `X-Mechvis-Token` header (403 otherwise) and a JSON body (or an image on the upload route;
@@ -52,18 +54,39 @@ def is_loopback(host: str) -> bool:
 
 def _split_host(value: str) -> str:
     """The host name of a Host header value ('[::1]:5050' → '::1', 'a:1' → 'a')."""
+    return _host_and_port(value)[0]
+
+
+def _host_and_port(value: str) -> tuple[str, int | None]:
+    """A Host header value as (name, port): '[::1]:5050' → ('::1', 5050), 'a' → ('a', 80) (HTTP's
+    default), 'a:x' → ('a', None) (no valid port: never matches)."""
     value = value.strip().lower()
     if value.startswith("["):
-        return value[1 : value.find("]")] if "]" in value else value
-    return value.rsplit(":", 1)[0] if value.count(":") == 1 else value
+        end = value.find("]")
+        if end < 0:
+            return value, None
+        name, rest = value[1:end], value[end + 1 :]
+    elif value.count(":") == 1:
+        name, rest = value.split(":")
+        rest = ":" + rest
+    else:
+        name, rest = value, ""
+    if not rest:
+        return name, 80
+    digits = rest[1:]
+    if not rest.startswith(":") or not digits.isdigit() or len(digits) > 5:
+        return name, None
+    return name, int(digits)
 
 
 class SecurityMiddleware:
     """Pure ASGI middleware (it sees the body as it streams, so limits hold for chunked uploads)."""
 
-    def __init__(self, app, *, allowed_hosts: Iterable[str], token: str | None, token_for_reads: bool = False) -> None:
+    def __init__(self, app, *, allowed_hosts: Iterable[str], token: str | None, token_for_reads: bool = False,
+                 port: int | None = None) -> None:
         self.app = app
         self.allowed_hosts = {_split_host(host) for host in allowed_hosts}
+        self.port = port  # used when the ASGI server does not say which port it listens on
         self.token = token
         self.token_for_reads = token_for_reads
 
@@ -117,7 +140,10 @@ class SecurityMiddleware:
 
     def _check(self, scope, headers: dict[str, str]) -> tuple[int, str] | None:
         host = headers.get("host", "")
-        if _split_host(host) not in self.allowed_hosts:
+        name, port = _host_and_port(host)
+        server = scope.get("server")
+        bound = server[1] if server and server[1] is not None else self.port
+        if name not in self.allowed_hosts or (bound is not None and port != int(bound)):
             return 400, "Unknown Host header; open the app at the address `mechvis serve` printed."
         method = scope["method"]
         if method not in UNSAFE_METHODS:

@@ -16,7 +16,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from mechvis.errors import MechvisError
-from mechvis.serve.runs import store_trace, tab_hooks
+from mechvis.serve.runs import ablated, store_trace, tab_hooks
 from mechvis.serve.state import ServerState, get_state
 from mechvis.serve.streaming import token_stream
 
@@ -54,18 +54,23 @@ class StopResponse(BaseModel):
     stopping: bool
 
 
-def _prompt_and_options(body: GenerateRequest, state: ServerState) -> tuple[object, dict]:
-    from mechvis import generation
-
+def request_prompt(body: GenerateRequest) -> object:
+    """The prompt a request names: its text (completion), or the system prompt, the messages and
+    the new user turn (chat)."""
     if body.mode == "chat":
         messages = ([{"role": "system", "content": body.system}] if body.system else []) + [
             message.model_dump() for message in body.messages
         ]
         if body.prompt:
             messages.append({"role": "user", "content": body.prompt})
-        prompt: object = messages
-    else:
-        prompt = body.prompt
+        return messages
+    return body.prompt
+
+
+def _prompt_and_options(body: GenerateRequest, state: ServerState) -> tuple[object, dict]:
+    from mechvis import generation
+
+    prompt = request_prompt(body)
     schedules = {"entropy": generation.EntropyTemperature, "repetition": generation.RepetitionTemperature,
                  "monitor": generation.MonitorTemperature}
     image = None
@@ -103,6 +108,9 @@ def _token_payload(event, decode) -> dict:
              responses={200: {"content": {"text/event-stream": {}}}, 409: {"description": "busy"}})
 async def generate(body: GenerateRequest, state: ServerState = Depends(get_state)):
     """Stream `start`, one `token` per decoded token, `stopped`, then `analysis` (or `error`).
+    `stopped.reason`: eos, max_new_tokens, cancelled, or context (the model's context is full:
+    a request for more tokens than fit after the prompt decodes until it is, and `start` says
+    how many that is).
     One generation at a time: a second request gets 409 while one runs. A client that goes
     away cancels its generation, which releases the lock."""
     model = state.require_model()
@@ -118,33 +126,36 @@ async def generate(body: GenerateRequest, state: ServerState = Depends(get_state
     tokenizer = model.hf_tokenizer
 
     def put(item) -> None:
-        loop.call_soon_threadsafe(queue.put_nowait, item)
+        try:
+            loop.call_soon_threadsafe(queue.put_nowait, item)
+        except RuntimeError:  # the event loop has closed (the server is shutting down): nobody listens
+            pass
 
     def work() -> None:
         contexts = contextlib.ExitStack()
         started = time.perf_counter()
         token_times: list[float] = []
         finals: list = []
+        context_bound = False
         try:
+            import mechvis
+            from mechvis.running import encode_with_image
+
             if options["image"] is None:
-                import mechvis
-
-                encoded = mechvis.encode(model, prompt, chat=options["chat"])
-                ids = encoded.token_ids
-                put(("start", {"run": run_id, "prompt_ids": ids,
-                               "prompt_tokens": [tokenizer.decode([i]) for i in ids]}))
+                ids = mechvis.encode(model, prompt, chat=options["chat"]).token_ids
             else:
-                put(("start", {"run": run_id, "prompt_ids": None, "prompt_tokens": None}))
+                ids = encode_with_image(model, prompt, options["image"], chat=options["chat"])[0].token_ids
+            # Asked for more than the context holds: decode until it is full, then stop with
+            # reason "context" (a prompt that leaves no room is refused by stream_generate).
+            room = model.cfg.n_ctx - len(ids)
+            if 1 <= room < options["max_new_tokens"]:
+                options["max_new_tokens"], context_bound = room, True
+            # With an image, the page shows the prompt once analysed (one chip for the image tokens).
+            texts = None if options["image"] is not None else [tokenizer.decode([i]) for i in ids]
+            put(("start", {"run": run_id, "prompt_ids": ids, "prompt_tokens": texts,
+                           "max_new_tokens": options["max_new_tokens"]}))
             if body.ablate:
-                from mechvis.interventions import ablate_heads, intervene, reference_runs
-
-                reference = None
-                if body.ablate_method == "mean":
-                    if "mean-reference" not in state.model_extras:
-                        state.model_extras["mean-reference"] = reference_runs(model)
-                    reference = state.model_extras["mean-reference"]
-                intervention = ablate_heads(model, body.ablate, method=body.ablate_method, reference=reference)
-                contexts.enter_context(intervene(model, intervention))
+                contexts.enter_context(ablated(state, body.ablate, body.ablate_method))
             stream = token_stream(model, prompt, names_filter=tab_hooks(model), **options)
             events: list[dict] = []
             trace = None
@@ -171,6 +182,8 @@ async def generate(body: GenerateRequest, state: ServerState = Depends(get_state
                 return
             reason = getattr(trace, "stop_reason", None) or (
                 "max_new_tokens" if len(trace.generated_ids) >= options["max_new_tokens"] else "eos")
+            if reason == "max_new_tokens" and context_bound:
+                reason = "context"  # the context is full (the request asked for more)
             put(("stopped", {"reason": reason, **timing}))
             state.status = "analysing"
             analysed = time.perf_counter()

@@ -3,6 +3,7 @@ attention travels one layer at a time as binary uint8."""
 
 from __future__ import annotations
 
+import json
 import math
 from typing import Literal
 
@@ -12,6 +13,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from mechvis.errors import MechvisError
+from mechvis.serve.runs import mean_reference as _mean_reference
 from mechvis.serve.state import ServerState, get_state
 from mechvis.serve.store import StoredRun
 
@@ -29,15 +31,6 @@ def _run(run_id: str, state: ServerState) -> StoredRun:
 def _clean(values) -> list:
     """Floats for JSON: NaN/inf become None."""
     return [None if (isinstance(v, float) and not math.isfinite(v)) else v for v in values]
-
-
-def _mean_reference(state: ServerState):
-    """The reference runs of mean ablation, computed once per loaded model."""
-    from mechvis.interventions import reference_runs
-
-    if "mean-reference" not in state.model_extras:
-        state.model_extras["mean-reference"] = reference_runs(state.model)
-    return state.model_extras["mean-reference"]
 
 
 def _memo(stored: StoredRun, key, compute):
@@ -131,19 +124,40 @@ def similarity(run_id: str = RunId, state: ServerState = Depends(get_state)) -> 
 
 
 @router.get("/{run_id}/lens")
-def lens(run_id: str = RunId, state: ServerState = Depends(get_state)) -> dict:
-    """Logit lens at every position: top-1 token and its probability per layer, the top-3,
-    KL from the final layer (nats)."""
+def lens(run_id: str = RunId, position: int | None = Query(None, ge=0, le=1_000_000),
+         state: ServerState = Depends(get_state)) -> dict:
+    """Logit lens at every position (or only at `position`: the inspector's rows, ~N times
+    cheaper than the whole run's): top-1 token and its probability per layer, the top-3, KL from
+    the final layer (nats); arrays are layer × position (× 3)."""
     from mechvis.analysis import logit_lens
 
     stored = _run(run_id, state)
-    result = _memo(stored, "lens", lambda: logit_lens(stored.trace.run.cache, state.model, k=3))
+    cache = stored.trace.run.cache
+    if position is not None:
+        if position >= len(stored.trace.run.tokens):
+            raise HTTPException(422, f"position must be < {len(stored.trace.run.tokens)}.")
+        if "lens" not in stored.extras:  # the whole run's lens, once tab 6 has asked for it, holds this row
+            result = _memo(stored, f"lens/{position}", lambda: logit_lens(cache, state.model, positions=[position], k=3))
+            return _lens_payload(result)
+        return _lens_payload(stored.extras["lens"], position)
+    return _lens_payload(_memo(stored, "lens", lambda: logit_lens(cache, state.model, k=3)))
+
+
+def _lens_payload(result, position: int | None = None) -> dict:
+    """A `LogitLens` as JSON (layer × position arrays), or only its column at `position`."""
+    if position is None:
+        columns, positions = slice(None), result.positions
+    else:
+        index = result.positions.index(position)
+        columns, positions = slice(index, index + 1), [position]
+    rounded = lambda tensor: torch.round(tensor[:, columns].double(), decimals=4).tolist()  # noqa: E731
     return {
         "labels": result.layer_labels,
-        "top_tokens": result.top_tokens,
-        "top_probs": torch.round(result.top_probs.double(), decimals=4).tolist(),
-        "kl": torch.round(result.kl_from_final.double(), decimals=4).tolist(),
-        "entropy": torch.round(result.entropy.double(), decimals=4).tolist(),
+        "positions": positions,
+        "top_tokens": [layer[columns] for layer in result.top_tokens],
+        "top_probs": rounded(result.top_probs),
+        "kl": rounded(result.kl_from_final),
+        "entropy": rounded(result.entropy),
     }
 
 
@@ -219,14 +233,16 @@ def activations(run_id: str = RunId, state: ServerState = Depends(get_state)) ->
 
 @router.get("/{run_id}/rollout")
 def rollout_row(run_id: str = RunId, position: int = Query(ge=0, le=1_000_000), state: ServerState = Depends(get_state)) -> dict:
-    """Attention rollout (Abnar & Zuidema 2020): the row of the query at `position`."""
-    from mechvis.analysis import rollout
+    """Attention rollout (Abnar & Zuidema 2020): the row of the query at `position`
+    (`rollout_rows`: k·N² per layer, not the whole matrix's N³)."""
+    from mechvis.analysis import rollout_rows
 
     stored = _run(run_id, state)
-    result = _memo(stored, "rollout", lambda: rollout(stored.trace.run.cache, state.model))
-    if position >= result.matrix.shape[0]:
-        raise HTTPException(422, f"position must be < {result.matrix.shape[0]}.")
-    return {"row": result.matrix[position].tolist()}
+    n = len(stored.trace.run.tokens)
+    if position >= n:
+        raise HTTPException(422, f"position must be < {n}.")
+    result = _memo(stored, f"rollout/{position}", lambda: rollout_rows(stored.trace.run.cache, state.model, [position]))
+    return {"row": result.rows[0].tolist()}
 
 
 class AttributionRequest(BaseModel):
@@ -332,6 +348,56 @@ def vision(run_id: str = RunId, position: int = Query(ge=0, le=1_000_000), layer
     }
 
 
+@router.get("/{run_id}/vision-rollout")
+def vision_rollout_row(run_id: str = RunId, position: int = Query(ge=0, le=1_000_000),
+                       state: ServerState = Depends(get_state)) -> dict:
+    """Vision rollout (`mechvis.analysis.vision.vision_rollout`) of the token at `position`: its
+    language-model rollout into the image tokens, carried through the vision encoder onto the
+    image patches (`map`, row-major over `patch_rows` × `patch_cols`, sums to 1), and the share of
+    its rollout on the image block (`image_mass`). Computed once per run for every position."""
+    from mechvis.analysis.vision import vision_rollout
+
+    stored = _run(run_id, state)
+    run = stored.trace.run
+    grid = run.segments.image_grid
+    if grid is None:
+        raise HTTPException(422, "This run has no image grid.")
+    if position >= len(run.tokens):
+        raise HTTPException(422, f"position must be < {len(run.tokens)}.")
+    result = _memo(stored, "vision-rollout", lambda: vision_rollout(
+        run.cache, state.model, grid, query_positions=list(range(len(run.tokens)))))
+    rows, cols = result.patch_shape
+    return {"patch_rows": rows, "patch_cols": cols, "map": result.maps[position].tolist(),
+            "image_mass": float(result.image_mass[position]), "vision_layers": result.vision_layers}
+
+
+CIRCUITSVIS_MAX_TOKENS = 256  # circuitsvis takes seconds for one 8-head 256² view (WEBAPP.md)
+
+
+@router.get("/{run_id}/views/{name}", response_class=Response, responses={200: {"content": {"application/json": {}}}})
+def circuitsvis_view(run_id: str = RunId, name: Literal["attention-heads", "topk-tokens"] = Path(),
+                     layer: int = Query(0, ge=0, le=1023), state: ServerState = Depends(get_state)) -> Response:
+    """A circuitsvis view of the run, as `mechvis.viz.views` builds it for the report
+    ({"component", "title", "props"}; the page renders it with circuitsvis' bundle served from its
+    wheel): "attention-heads", every head of `layer` (AttentionHeads; at most 256 tokens), or
+    "topk-tokens", each position's top-10 next tokens and the actual token's rank (TokenLogProbs)."""
+    from mechvis.viz.views import attention_heads_view
+
+    stored = _run(run_id, state)
+    run = stored.trace.run
+    if name == "topk-tokens":
+        view = stored.extras["topk-view"]
+    else:
+        if layer >= state.model.cfg.n_layers:
+            raise HTTPException(422, f"layer must be < {state.model.cfg.n_layers}.")
+        if len(run.tokens) > CIRCUITSVIS_MAX_TOKENS:
+            raise HTTPException(422, f"circuitsvis draws at most {CIRCUITSVIS_MAX_TOKENS} tokens in reasonable time; "
+                                     f"this run has {len(run.tokens)} (tabs 1 and 2 draw any length).")
+        view = attention_heads_view(run, layer)
+    body = f'{{"component":{json.dumps(view.component)},"title":{json.dumps(view.title)},"props":{view.props_json()}}}'
+    return Response(body, media_type="application/json")
+
+
 class SweepRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     position: int = Field(ge=1, le=1_000_000)
@@ -370,7 +436,10 @@ async def sweep(body: SweepRequest, run_id: str = RunId, state: ServerState = De
     target = int(tokens[body.position])
 
     def put(item) -> None:
-        loop.call_soon_threadsafe(queue.put_nowait, item)
+        try:
+            loop.call_soon_threadsafe(queue.put_nowait, item)
+        except RuntimeError:  # the event loop has closed (the server is shutting down): nobody listens
+            pass
 
     def work() -> None:
         done = 0

@@ -1,14 +1,16 @@
 // Talking to the server: JSON, binary attention layers, and the generation stream (POST + reader).
-let token = document.querySelector('meta[name="mechvis-token"]').content;
-if (!token) {  // a non-loopback server: the token comes in the printed URL, then leaves the address bar
+let secret = document.querySelector('meta[name="mechvis-token"]').content;
+if (!secret) {  // a non-loopback server: the token comes in the printed URL, then leaves the address bar
   const params = new URLSearchParams(location.search);
-  token = params.get("token") || sessionStorage.getItem("mechvis-token") || "";
+  secret = params.get("token") || sessionStorage.getItem("mechvis-token") || "";
   if (params.has("token")) {
-    sessionStorage.setItem("mechvis-token", token);
+    sessionStorage.setItem("mechvis-token", secret);
     history.replaceState(null, "", location.pathname + location.hash);
   }
 }
-const headers = () => ({ "X-Mechvis-Token": token });
+/** The per-process token (for requests made outside these helpers: downloads, images). */
+export const token = () => secret;
+const headers = () => ({ "X-Mechvis-Token": secret });
 
 export class ApiError extends Error {
   constructor(status, detail) { super(typeof detail === "string" ? detail : JSON.stringify(detail)); this.status = status; }

@@ -80,16 +80,33 @@ export async function inspect(pos) {
     parts[parts.length - 1].id = "inspector-distribution";
   }
   box.replaceChildren(...parts);
+  box.dataset.pos = String(pos);
   if (run && pos > 0) {
-    const lens = await lensFor(run.id);
+    const lens = await lensRow(run.id, pos - 1);  // one position: the whole run's lens is tab 6's
+    if (view.run !== run || box.dataset.pos !== String(pos)) return;  // another token was clicked meanwhile
     const list = el("div"); list.id = "inspector-lens";
     list.append(el("div", "logit lens (top-3 predicting this token, per layer)", "muted"));
     lens.labels.forEach((label, layer) => {
-      const tops = lens.top_tokens[layer][pos - 1].map((t, k) => `${visible(t)} ${fmt(lens.top_probs[layer][pos - 1][k], 2)}`);
+      const tops = lens.top_tokens[layer][0].map((t, k) => `${visible(t)} ${fmt(lens.top_probs[layer][0][k], 2)}`);
       list.append(el("div", `${label.padEnd(6)} ${tops.join(" | ")}`, "dist-row"));
     });
     box.append(list);
   }
+}
+
+const rowCache = new Map();
+/** The logit lens at one position (cached; the whole run's, when tab 6 fetched it, is sliced instead). */
+function lensRow(runId, position) {
+  if (lensCache.has(runId)) {
+    return lensCache.get(runId).then((lens) => {
+      const index = lens.positions.indexOf(position);
+      return { labels: lens.labels, top_tokens: lens.top_tokens.map((layer) => [layer[index]]), top_probs: lens.top_probs.map((layer) => [layer[index]]) };
+    });
+  }
+  const key = `${runId}/${position}`;
+  if (!rowCache.has(key)) rowCache.set(key, getJSON(`/api/runs/${runId}/lens`, { position }).catch((e) => { rowCache.delete(key); throw e; }));
+  if (rowCache.size > 256) rowCache.delete(rowCache.keys().next().value);
+  return rowCache.get(key);
 }
 
 const lensCache = new Map();

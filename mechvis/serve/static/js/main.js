@@ -1,5 +1,5 @@
 // Wiring: the prompt box, generation stream, selection, keyboard, splitter, tabs, export.
-import { ApiError, getJSON, postImage, stop, streamGenerate } from "./api.js";
+import { ApiError, getJSON, postImage, stop, streamGenerate, token } from "./api.js";
 import { inspect } from "./inspector.js";
 import { onChange, readHash, select, selection } from "./state.js";
 import { TABS, renderTab } from "./tabs.js";
@@ -76,7 +76,7 @@ async function send() {
     await streamGenerate(body, (kind, data) => {
       if (kind === "start") { runId = data.run; view.prompt = data.prompt_tokens || []; render(); }
       else if (kind === "token") { appendToken(data); generated += data.text; }
-      else if (kind === "stopped") { setStatus("analysing"); $("run-info").textContent = `stopped: ${data.reason}${data.ms_per_token ? ` · ${data.ms_per_token.toFixed(1)} ms/token` : ""}`; document.body.dataset.stopped = data.reason; }
+      else if (kind === "stopped") { setStatus("analysing"); $("run-info").textContent = `stopped: ${data.reason === "context" ? "the context is full" : data.reason}${data.ms_per_token ? ` · ${data.ms_per_token.toFixed(1)} ms/token` : ""}`; document.body.dataset.stopped = data.reason; }
       else if (kind === "analysis") { runId = data.run; analysed = true; }
       else if (kind === "error") { showError(data.message); }
     }, controller.signal);
@@ -202,8 +202,14 @@ function setupImage() {
 function setupExport() {
   const download = async (suffix) => {
     if (!view.run) { showError("Nothing to export yet."); return; }
-    const response = await fetch(`/api/runs/${view.run.id}/export.${suffix}`, { headers: { "X-Mechvis-Token": document.querySelector('meta[name="mechvis-token"]').content } });
-    if (!response.ok) { showError((await response.json()).detail); return; }
+    // the current view: the selected layer joins the report's attention layers; the JSON records the selection
+    const params = suffix === "html" ? { layer: selection.layer }
+      : Object.fromEntries(Object.entries({ pos: selection.pos, layer: selection.layer, head: selection.head, tab: selection.tab }).filter(([, v]) => v !== null && v !== undefined));
+    $("export").open = false; setStatus("exporting", "analysing");
+    let response;
+    try { response = await fetch(`/api/runs/${view.run.id}/export.${suffix}?${new URLSearchParams(params)}`, { headers: { "X-Mechvis-Token": token() } }); }
+    finally { setStatus("idle"); }
+    if (!response.ok) { showError(await response.json().then((b) => (typeof b.detail === "string" ? b.detail : JSON.stringify(b.detail)), () => response.statusText)); return; }
     const url = URL.createObjectURL(await response.blob());
     const link = document.createElement("a"); link.href = url; link.download = `mechvis-${view.run.id}.${suffix}`; link.click();
     setTimeout(() => URL.revokeObjectURL(url), 1000);

@@ -1,6 +1,6 @@
 // The 16 tabs. Each reads the server's results of mechvis.analysis functions and draws them;
 // none computes a metric. Token strings reach plotly escaped (its text is HTML-like).
-import { attentionLayer, getJSON, postJSON, streamGenerate, streamPost } from "./api.js";
+import { attentionLayer, getJSON, postJSON, streamGenerate, streamPost, token } from "./api.js";
 import { combineHeads, drawHeatmap, scatter3d } from "./canvas.js";
 import { greenRed } from "./colour.js";
 import { select, selection } from "./state.js";
@@ -13,6 +13,37 @@ const margin = { l: 50, r: 10, t: 30, b: 40 };
 const cache = new Map();
 const memo = (key, load) => { if (!cache.has(key)) cache.set(key, load().catch((e) => { cache.delete(key); throw e; })); return cache.get(key); };
 const tokLabel = (run, p) => `${p}:${visible(run.tokens[p].text)}`;
+const afterAttach = [];  // callbacks a tab queues for when its content is in the document
+
+let circuitsvis = null;
+/** circuitsvis' bundle (served from its installed wheel at /vendor/circuitsvis.js), loaded once, on demand. */
+function loadCircuitsvis() {
+  if (!circuitsvis) {
+    circuitsvis = new Promise((resolve, reject) => {
+      const script = document.createElement("script");
+      script.src = "/vendor/circuitsvis.js";
+      script.onload = () => resolve(window.CircuitsVis);
+      script.onerror = () => { circuitsvis = null; reject(new Error("circuitsvis' bundle did not load")); };
+      document.head.append(script);
+    });
+  }
+  return circuitsvis;
+}
+
+/** A circuitsvis view the server built with mechvis.viz.views (component, title, props), drawn into `body`. */
+async function circuitsvisView(body, path, params, id) {
+  const [view, library] = await Promise.all([getJSON(path, params), loadCircuitsvis()]);
+  body.append(el("div", `${view.title} (circuitsvis ${view.component})`, "muted"));
+  const host = el("div", undefined, "circuitsvis-view"); host.id = id;
+  body.append(host);
+  // circuitsvis renders by element id: only once this tab's content is in the document (a stale render's host never is)
+  afterAttach.push(() => { if (document.getElementById(id) === host) library.render(id, library[view.component], view.props); });
+}
+
+function circuitsvisToggle(key, label) {
+  const on = localStorage.getItem(key) === "1";
+  return [on, checkbox(label, on, (v) => { localStorage.setItem(key, v ? "1" : "0"); select({}); })];
+}
 
 function plot(body, traces, layout) {
   const div = el("div", undefined, "plot");
@@ -106,8 +137,13 @@ async function allHeads(body, run) {
   const [{ shape, data }, stats] = await Promise.all([attentionLayer(run.id, layer), memo(`${run.id}/heads`, () => getJSON(`/api/runs/${run.id}/heads`))]);
   const [heads, n] = shape;
   let sortBy = localStorage.getItem("mv-heads-sort") || "head";
+  const [interactive, toggle] = circuitsvisToggle("mv-heads-cv", "interactive (circuitsvis, ≤ 256 tokens)");
   controls(body, layerSelect(run), selectBox("sort by", [["head", "head"], ["entropy", "entropy"], ["sink", "sink mass"]], sortBy,
-    (v) => { localStorage.setItem("mv-heads-sort", v); select({}); }));
+    (v) => { localStorage.setItem("mv-heads-sort", v); select({}); }), toggle);
+  if (interactive) {
+    if (n > 256) body.append(el("p", `circuitsvis needs seconds per view above 256 tokens; this run has ${n}. The grid below draws any length.`, "muted"));
+    else { await circuitsvisView(body, `/api/runs/${run.id}/views/attention-heads`, { layer }, "cv-attention-heads"); return; }
+  }
   const order = Array.from({ length: heads }, (_, h) => h);
   if (sortBy === "entropy") order.sort((a, b) => stats.entropy[layer][a] - stats.entropy[layer][b]);
   if (sortBy === "sink") order.sort((a, b) => stats.sink_mass[layer][b] - stats.sink_mass[layer][a]);
@@ -253,6 +289,9 @@ async function confidence(body, run) {
     { type: "scatter", mode: "lines", name: "margin p₁−p₂", x, y: x.map((q) => s.margin[q - 1]), line: { dash: "dot" } },
   ], { title: { text: "confidence per token" }, height: 300, yaxis: { range: [0, 1] } });
   div.on("plotly_click", (e) => select({ pos: e.points[0].x, positions: [] }));
+  const [interactive, toggle] = circuitsvisToggle("mv-topk-cv", "top-10 next tokens at every position (circuitsvis)");
+  controls(body, toggle);
+  if (interactive) await circuitsvisView(body, `/api/runs/${run.id}/views/topk-tokens`, undefined, "cv-topk-tokens");
 }
 
 async function attribution(body, run) {
@@ -358,44 +397,67 @@ async function interventions(body, run) {
   };
 }
 
-async function vision(body, run) {
-  if (!run.image_grid) { body.append(el("p", "This run has no image (vision tabs need a vision-language model and an uploaded image).", "muted")); return; }
-  if (selection.pos === null) { body.append(el("p", "Select a token: the overlay shows where it looks in the image.", "muted")); return; }
-  const layer = Math.min(selection.layer, run.n_layers - 1);
-  const [data, picture] = await Promise.all([
-    memo(`${run.id}/vision/${selection.pos}/${layer}`, () => getJSON(`/api/runs/${run.id}/vision`, { position: selection.pos, layer })),
-    memo(`${run.id}/image`, () => imageBitmap(`/api/runs/${run.id}/image`)),
-  ]);
-  const head = typeof selection.head === "number" ? selection.head : "mean";
-  controls(body, layerSelect(run), selectBox("head", [["mean", "mean"], ...data.maps.map((_, h) => [h, `head ${h}`])], head,
-    (v) => select({ head: v === "mean" ? "mean" : Number(v) })));
-  const map = head === "mean" ? data.mean_map : data.maps[head];
-  const canvas = el("canvas"); canvas.id = "vision-overlay";
+/** `picture` scaled into a canvas with `map` (rows × cols cells, row-major) as a red overlay
+ * (alpha ∝ value / max), the cell grid, and yellow squares on the hotspots' centres. */
+function overlay(picture, map, rows, cols, spots = []) {
+  const canvas = el("canvas");
   const scale = Math.min(4, 420 / Math.max(picture.width, picture.height)) || 1;
   canvas.width = Math.round(picture.width * scale); canvas.height = Math.round(picture.height * scale);
   const ctx = canvas.getContext("2d");
   ctx.drawImage(picture, 0, 0, canvas.width, canvas.height);
   const peak = Math.max(1e-12, ...map);
-  const cw = canvas.width / data.cols, ch = canvas.height / data.rows;
+  const cw = canvas.width / cols, ch = canvas.height / rows;
   map.forEach((v, cell) => {
     ctx.fillStyle = `rgba(230, 40, 40, ${(0.75 * v) / peak})`;
-    ctx.fillRect((cell % data.cols) * cw, Math.floor(cell / data.cols) * ch, cw, ch);
+    ctx.fillRect((cell % cols) * cw, Math.floor(cell / cols) * ch, cw, ch);
   });
   ctx.strokeStyle = "rgba(255,255,255,0.5)";
-  for (let r = 1; r < data.rows; r++) { ctx.beginPath(); ctx.moveTo(0, r * ch); ctx.lineTo(canvas.width, r * ch); ctx.stroke(); }
-  for (let c = 1; c < data.cols; c++) { ctx.beginPath(); ctx.moveTo(c * cw, 0); ctx.lineTo(c * cw, canvas.height); ctx.stroke(); }
-  for (const spot of data.hotspots) {
+  for (let r = 1; r < rows; r++) { ctx.beginPath(); ctx.moveTo(0, r * ch); ctx.lineTo(canvas.width, r * ch); ctx.stroke(); }
+  for (let c = 1; c < cols; c++) { ctx.beginPath(); ctx.moveTo(c * cw, 0); ctx.lineTo(c * cw, canvas.height); ctx.stroke(); }
+  for (const spot of spots) {
     ctx.strokeStyle = "#ff0"; ctx.lineWidth = 2;
     ctx.strokeRect((spot.centre[1] + 0.5) * cw - 6, (spot.centre[0] + 0.5) * ch - 6, 12, 12);
   }
-  body.append(canvas, el("div", `grid ${data.rows}×${data.cols}; ${tokLabel(run, selection.pos)} at layer ${layer}; red = attention renormalised over the image; yellow squares = hotspots`, "muted"));
+  return canvas;
+}
+
+async function vision(body, run) {
+  if (!run.image_grid) { body.append(el("p", "This run has no image (vision tabs need a vision-language model and an uploaded image).", "muted")); return; }
+  if (selection.pos === null) { body.append(el("p", "Select a token: the overlay shows where it looks in the image.", "muted")); return; }
+  const layer = Math.min(selection.layer, run.n_layers - 1);
+  const mode = localStorage.getItem("mv-vision") === "rollout" ? "rollout" : "attention";
+  const [data, picture] = await Promise.all([
+    memo(`${run.id}/vision/${selection.pos}/${layer}`, () => getJSON(`/api/runs/${run.id}/vision`, { position: selection.pos, layer })),
+    memo(`${run.id}/image`, () => imageBitmap(`/api/runs/${run.id}/image`)),
+  ]);
+  const head = typeof selection.head === "number" ? selection.head : "mean";
+  controls(body,
+    selectBox("overlay", [["attention", "attention at a layer"], ["rollout", "vision rollout (all layers + vision encoder)"]], mode,
+      (v) => { localStorage.setItem("mv-vision", v); select({}); }),
+    layerSelect(run), selectBox("head", [["mean", "mean"], ...data.maps.map((_, h) => [h, `head ${h}`])], head,
+      (v) => select({ head: v === "mean" ? "mean" : Number(v) })));
+  if (mode === "rollout") {
+    let rolled;
+    try {
+      rolled = await memo(`${run.id}/vision-rollout/${selection.pos}`, () => getJSON(`/api/runs/${run.id}/vision-rollout`, { position: selection.pos }));
+    } catch (error) { body.append(el("p", `vision rollout unavailable: ${error.message}`, "muted")); return; }
+    const canvas = overlay(picture, rolled.map, rolled.patch_rows, rolled.patch_cols);
+    canvas.id = "vision-rollout-overlay";
+    body.append(canvas, el("div", `vision rollout of ${tokLabel(run, selection.pos)}: its language-model rollout into the image tokens (${(100 * rolled.image_mass).toFixed(1)} % of it), carried through vision layers ${rolled.vision_layers.join(", ")} onto ${rolled.patch_rows}×${rolled.patch_cols} patches; red = share of the image's part`, "muted"));
+  } else {
+    const map = head === "mean" ? data.mean_map : data.maps[head];
+    const canvas = overlay(picture, map, data.rows, data.cols, data.hotspots);
+    canvas.id = "vision-overlay";
+    body.append(canvas, el("div", `grid ${data.rows}×${data.cols}; ${tokLabel(run, selection.pos)} at layer ${layer}; red = attention renormalised over the image; yellow squares = hotspots`, "muted"));
+  }
   const rows = data.maps.map((_, h) => [h, data.image_mass[h], ...["normalised_entropy", "gini", "k90_fraction", "peak_to_mean", "spatial_variance"].map((k) => data.metrics[k][h])]);
+  body.append(el("div", `region metrics of each head's attention at layer ${layer}`, "muted"));
   body.append(sortableTable([{ name: "head", digits: 0 }, { name: "image mass" }, { name: "entropy (norm.)" }, { name: "gini" }, { name: "k90 share" }, { name: "peak/mean" }, { name: "spatial var." }], rows,
     (r) => select({ head: r[0] })));
 }
 
 async function imageBitmap(path) {
-  const response = await fetch(path, { headers: { "X-Mechvis-Token": document.querySelector('meta[name="mechvis-token"]').content || sessionStorage.getItem("mechvis-token") || "" } });
+  const response = await fetch(path, { headers: { "X-Mechvis-Token": token() } });
   if (!response.ok) throw new Error(`image ${response.status}`);
   return createImageBitmap(await response.blob());
 }
@@ -424,11 +486,19 @@ export async function renderTab(run) {
   for (const button of document.querySelectorAll("#tabs button")) button.setAttribute("aria-selected", String(button.dataset.tab === selection.tab));
   const entry = TABS.find((t) => t[0] === selection.tab) || TABS[0];
   const fresh = el("div"); fresh.dataset.tab = entry[0];
+  afterAttach.length = 0;
   if (!run) { body.replaceChildren(el("p", "Generate something; the tabs fill in when the analysis is ready.", "muted")); return; }
   try {
     await entry[2](fresh, run);
   } catch (error) {
     fresh.append(el("p", `Could not draw this tab: ${error.message}`, "error"));
   }
-  if (ticket === rendering) { body.replaceChildren(fresh); for (const div of fresh.querySelectorAll(".plot")) window.Plotly.Plots.resize(div); body.dataset.ready = entry[0]; }
+  if (ticket === rendering) {
+    body.replaceChildren(fresh);
+    for (const div of fresh.querySelectorAll(".plot")) window.Plotly.Plots.resize(div);
+    for (const callback of afterAttach.splice(0)) {
+      try { callback(); } catch (error) { fresh.append(el("p", `Could not draw this view: ${error.message}`, "error")); }
+    }
+    body.dataset.ready = entry[0];
+  }
 }
