@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import sys
 
-from benchmarks import ablation, bridge_memory, clustering, generation, loading, metrics, sweep, vision_memory, webapp
+from benchmarks import ablation, bridge_memory, clustering, generation, limits, loading, metrics, sweep, vision_memory, webapp
 
-BENCHMARKS = {"loading": loading.main, "metrics": metrics.main, "generation": generation.main, "ablation": ablation.main, "bridge_memory": bridge_memory.main,
+BENCHMARKS = {"loading": loading.main, "metrics": metrics.main, "generation": generation.main, "ablation": ablation.main, "limits": limits.main, "bridge_memory": bridge_memory.main,
               "vision_memory": vision_memory.main, "clustering": clustering.main, "sweep": sweep.main, "webapp": webapp.main}
 
 if __name__ == "__main__":
