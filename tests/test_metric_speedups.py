@@ -50,9 +50,36 @@ def test_token_signals_equal_the_previous_implementation():
     _assert_signals_equal(token_signals(wide, torch.arange(7)), previous_metrics.token_signals(wide, torch.arange(7)))
 
 
+@pytest.mark.parametrize("architecture", ["llama", "gemma2"])
+def test_visible_row_entropy_equals_the_previous_implementation(tiny, architecture):
+    """Bit-identical per layer, on causal and sliding-window (Gemma 2, window 8) layers, and on a
+    pattern with mass outside the mask (the fallback to every key)."""
+    from mechvis.analysis.attention import _visible_row_entropy
+    from mechvis.architecture import attention_layout
+
+    model, _ = tiny(architecture)
+    result = mechvis.run(model, PROMPT, names_filter=hooks_for(model, "attention"))
+    layout = attention_layout(model)
+    for layer in range(model.cfg.n_layers):
+        pattern = result.cache[f"blocks.{layer}.attn.hook_pattern"][0]
+        uniform = torch.full_like(pattern, 1.0 / pattern.shape[-1])  # attends outside any mask
+        for case in (pattern, uniform):
+            new = _visible_row_entropy(case, layout[layer], scratch=torch.empty_like(case))
+            old = previous_metrics._visible_row_entropy(case, layout[layer], scratch=torch.empty_like(case))
+            assert torch.equal(new, old)
+
+
 @pytest.mark.integration
 def test_embedded_metrics_equal_the_previous_implementations(embedded):
     result = mechvis.run(embedded, PROMPT, names_filter=hooks_for(embedded, "lens", "attention"))
     _assert_lens_equal(logit_lens(result.cache, embedded), previous_metrics.logit_lens(result.cache, embedded))
     _assert_signals_equal(token_signals(result.logits, result.tokens),
                           previous_metrics.token_signals(result.logits, result.tokens))
+    layers = head_entropy(result.cache, embedded)
+    from mechvis.architecture import attention_layout
+
+    layout = attention_layout(embedded)
+    for layer in range(embedded.cfg.n_layers):
+        pattern = result.cache[f"blocks.{layer}.attn.hook_pattern"][0]
+        expected = previous_metrics._visible_row_entropy(pattern, layout[layer], scratch=torch.empty_like(pattern))
+        assert torch.equal(layers.entropy[layer], expected)
