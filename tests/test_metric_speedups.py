@@ -35,8 +35,8 @@ def test_logit_lens_equals_the_previous_implementation(tiny, architecture):
 
 def _assert_signals_equal(new, old) -> None:
     for field in ("entropy", "varentropy", "top1_prob", "margin", "surprisal", "top_probs"):
-        torch.testing.assert_close(getattr(new, field), getattr(old, field), atol=1e-6, rtol=1e-6,
-                                   equal_nan=True, msg=field)
+        torch.testing.assert_close(getattr(new, field), getattr(old, field), atol=0, rtol=0,
+                                   equal_nan=True, msg=field)  # bit-identical
     assert torch.equal(new.top_ids, old.top_ids)
 
 
