@@ -63,7 +63,7 @@ def recording_unembedding_mean(bridge: "TransformerBridge") -> Iterator[None]:
             before_bias = state_dict[bias_key].detach().float().clone() if bias_key in state_dict else None
         except Exception:  # noqa: BLE001 - an unexpected state dict: what was removed stays unknown
             return original.__func__(state_dict, cfg=cfg, adapter=adapter)
-        processed = original.__func__(state_dict, cfg=cfg, adapter=adapter)
+        processed = _center_unembedding_only(original.__func__, state_dict, (weight_key, bias_key), cfg, adapter)
         try:
             difference = before_weight - processed[weight_key].detach().float()  # constant along the vocabulary
             vocab_dim = 0 if difference.shape[0] == d_vocab and difference.shape[-1] != d_vocab else -1
@@ -88,6 +88,22 @@ def recording_unembedding_mean(bridge: "TransformerBridge") -> Iterator[None]:
         centred = bool(weight.mean(-1).abs().max() <= 1e-6 * weight.abs().max())
         kept = None if centred else UnembeddingMean(torch.zeros(d_model), 0.0)
     setattr(bridge, ATTRIBUTE, kept)
+
+
+def _center_unembedding_only(center_unembed, state_dict: dict, keys: tuple[str, str], cfg, adapter) -> dict:
+    """transformer-lens' `center_unembed` applied to the unembedding's weight and bias alone, the
+    rest of `state_dict` passed through as it is. The function clones every tensor of the dict it
+    gets (a whole model's weights, at the peak of loading) and changes only these two; given just
+    them it computes the same values. Any failure on the reduced dict (a transformer-lens whose
+    centring reads other entries) falls back to the whole dict."""
+    reduced = {key: state_dict[key] for key in keys if key in state_dict}
+    try:
+        centred = center_unembed(reduced, cfg=cfg, adapter=adapter)
+    except Exception:  # noqa: BLE001 - same weights, the original call
+        return center_unembed(state_dict, cfg=cfg, adapter=adapter)
+    if set(centred) != set(reduced):  # it added or dropped entries: only the whole dict is safe
+        return center_unembed(state_dict, cfg=cfg, adapter=adapter)
+    return {**state_dict, **centred}
 
 
 def centring_offset(model: "TransformerBridge", unembed_input: Float[Tensor, "... d_model"]) -> Float[Tensor, "..."]:

@@ -21,6 +21,9 @@ if TYPE_CHECKING:
     from transformer_lens.model_bridge import TransformerBridge
 
 
+_BLOCK_ELEMENTS = 1 << 18  # float64 numbers per row block: 2 MB, small enough to stay in cache
+
+
 def unembed_logits(model: "TransformerBridge", residual: Float[Tensor, "... d_model"]) -> Float[Tensor, "... vocab"]:
     """Logits the model would output if `residual` were its final residual stream: the final
     norm recomputed on `residual`, the unembedding, and the model's logit soft-cap if any."""
@@ -96,28 +99,46 @@ def logit_lens(
     first = activation(cache, names[0])
     chosen = check_positions(first.shape[0], positions)
     index = torch.tensor(chosen, device=first.device)
-    final_log_probs = unembed_logits(model, activation(cache, names[-1])[index]).double().log_softmax(-1)
-    final_probs = final_log_probs.exp()
+    # In float64 (KL at early layers reaches ~100 nats, where float32 loses the fourth decimal),
+    # one layer at a time (layers × positions × vocab would not fit for long inputs), and within a
+    # layer in blocks of rows small enough that every pass after the matmul runs in cache: over a
+    # whole (pos, vocab) float64 array each pass would stream it from memory.
+    final_logits = unembed_logits(model, activation(cache, names[-1])[index])
+    rows_per_block = max(1, _BLOCK_ELEMENTS // final_logits.shape[-1])
+    final_blocks = [block.double().log_softmax(-1) for block in final_logits.split(rows_per_block)]
+    del final_logits
     if target is None:
-        target_ids = final_log_probs.argmax(-1)
+        target_ids = torch.cat([block.argmax(-1) for block in final_blocks])
     else:
         target_ids = torch.full((len(chosen),), single_token_id(model, target), device=first.device)
+    final_blocks = [(log_probs.exp(), log_probs) for log_probs in final_blocks]
+    # Σ p_final ln p_final per row; KL(p_final ‖ p_layer) = that − Σ p_final ln p_layer
+    final_terms = [(probs * log_probs).sum(-1) for probs, log_probs in final_blocks]
+    final_probs_blocks = [probs for probs, _ in final_blocks]
+    del final_blocks
+    target_blocks = target_ids.split(rows_per_block)
 
     rows: dict[str, list[Tensor]] = {key: [] for key in ("top_p", "top_i", "tp", "tr", "h", "kl", "mx")}
-    # One layer at a time (layers × positions × vocab would not fit for long inputs), in float64:
-    # KL at early layers reaches ~100 nats, where float32 loses the fourth decimal.
     for name in names:
-        log_probs = unembed_logits(model, activation(cache, name)[index]).double().log_softmax(-1)
-        probs = log_probs.exp()
-        top_probs, top_ids = probs.topk(k, dim=-1)
-        target_log_probs = log_probs.gather(-1, target_ids[:, None])[:, 0]
-        rows["top_p"].append(top_probs)
-        rows["top_i"].append(top_ids)
-        rows["tp"].append(target_log_probs.exp())
-        rows["tr"].append((log_probs > target_log_probs[:, None]).sum(-1))
-        rows["h"].append(-(probs * log_probs).sum(-1))
-        rows["kl"].append((final_probs * (final_log_probs - log_probs)).sum(-1))
-        rows["mx"].append(top_probs[:, 0])
+        logits = unembed_logits(model, activation(cache, name)[index])
+        parts: dict[str, list[Tensor]] = {key: [] for key in rows}
+        for block, block_targets, final_probs, final_term in zip(
+            logits.split(rows_per_block), target_blocks, final_probs_blocks, final_terms
+        ):
+            log_probs = block.double().log_softmax(-1)
+            probs = log_probs.exp()
+            top_probs, top_ids = probs.topk(k, dim=-1)
+            target_log_probs = log_probs.gather(-1, block_targets[:, None])[:, 0]
+            parts["top_p"].append(top_probs)
+            parts["top_i"].append(top_ids)
+            parts["tp"].append(target_log_probs.exp())
+            parts["tr"].append((log_probs > target_log_probs[:, None]).sum(-1))
+            parts["h"].append(-(probs.mul_(log_probs)).sum(-1))
+            parts["kl"].append(final_term - (log_probs.mul_(final_probs)).sum(-1))
+            parts["mx"].append(top_probs[:, 0])
+        del logits
+        for key, values in parts.items():
+            rows[key].append(torch.cat(values))
     top_ids = torch.stack(rows["top_i"])
     vocabulary_strings = decode_nested(model, top_ids)
     return LogitLens(

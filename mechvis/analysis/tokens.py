@@ -45,12 +45,15 @@ _BLOCK_ELEMENTS = 1 << 18  # logits per row block: 1 MB of float32, small enough
 
 
 def _block_signals(
-    logits: Float[Tensor, "rows vocab"], next_ids: Int[Tensor, " rows"], k: int
+    logits: Float[Tensor, "rows vocab"], next_ids: Int[Tensor, " rows"], k: int, scratch: Float[Tensor, "rows vocab"]
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """One row block's signals. `scratch` (the block's shape, float32) is overwritten: the
+    products of the entropy and varentropy sums are written there rather than into fresh arrays
+    (the same numbers: −Σ p ln p, then Σ (ln p + H)² p)."""
     log_probs = logits.log_softmax(-1)
     probs = log_probs.exp()
-    entropy = -(probs * log_probs).sum(-1)
-    varentropy = (probs * (log_probs + entropy[:, None]).square()).sum(-1)
+    entropy = torch.mul(probs, log_probs, out=scratch).sum(-1).neg_()
+    varentropy = torch.add(log_probs, entropy[:, None], out=scratch).square_().mul_(probs).sum(-1)
     top_probs, top_ids = probs.topk(k, dim=-1)
     surprisal = -log_probs.gather(-1, next_ids[:, None])[:, 0]
     return entropy, varentropy, top_probs, top_ids, surprisal
@@ -72,8 +75,9 @@ def token_signals(
     next_ids = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
     if tokens is not None:
         next_ids[:-1] = tokens[1:].to(logits.device)
+    scratch = torch.empty(min(rows_per_block, logits.shape[0]), logits.shape[-1], device=logits.device)
     blocks = [
-        _block_signals(block.float(), block_next, max(k, 2))
+        _block_signals(block.float(), block_next, max(k, 2), scratch[: block.shape[0]])
         for block, block_next in zip(logits.split(rows_per_block), next_ids.split(rows_per_block))
     ]
     entropy, varentropy, top_probs, top_ids, surprisal = (torch.cat(parts) for parts in zip(*blocks))
