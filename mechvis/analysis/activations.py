@@ -79,10 +79,18 @@ def activation_statistics(
     cache: "ActivationCache", model: "TransformerBridge", kind: ActivationKind = "mlp_post"
 ) -> ActivationStatistics:
     """Mean, standard deviation (population), percentiles and excess kurtosis of `kind` per layer."""
-    values = stacked(cache, activation_hook_names(model, kind)).double().flatten(1)
+    return ActivationStatistics(kind, *layer_statistics(stacked(cache, activation_hook_names(model, kind)).flatten(1)))
+
+
+def layer_statistics(
+    values: Float[Tensor, "layer n"],
+) -> tuple[Float[Tensor, " layer"], Float[Tensor, " layer"], Float[Tensor, "layer percentile"], Float[Tensor, " layer"]]:
+    """(mean, population std, PERCENTILES, excess kurtosis) of each row, computed in float64 and
+    returned as float32 (one layer at a time by `mechvis.analysis.longcontext`)."""
+    values = values.double()
     mean = values.mean(-1)
     centred = values - mean[:, None]
     variance = centred.pow(2).mean(-1)
     kurtosis = centred.pow(4).mean(-1) / variance.pow(2).clamp_min(1e-300) - 3.0
     percentiles = _percentiles(values, PERCENTILES)
-    return ActivationStatistics(kind, mean.float(), variance.sqrt().float(), percentiles.float(), kurtosis.float())
+    return mean.float(), variance.sqrt().float(), percentiles.float(), kurtosis.float()
