@@ -98,7 +98,7 @@ def _check_attention(model: "TransformerBridge") -> None:
         if any(getattr(config, flag, False) for flag in ("gated_q_proj", "use_attn_result", "use_split_qkv_input",
                                                           "use_attn_in", "qk_norm_after_rope")):
             reasons.append("it gates, splits or post-normalises its attention")
-        if attention._modules.get("gate") is not None or type(attention)._pre_output_projection is not (
+        if attention._modules.get("gate") is not None or getattr(type(attention), "_pre_output_projection", None) is not (
             PositionEmbeddingsAttentionBridge._pre_output_projection
         ):
             reasons.append("it transforms the attention output before the output projection")
@@ -583,3 +583,33 @@ def analyse_long(
         handle.remove()
     return LongContextAnalysis(tokens, signals, lens, head_entropy_result, norms, statistics, similarity, rollout, dla,
                                repetition, block_size, seconds)
+
+
+def real_text_tokens(model: "TransformerBridge", n_tokens: int) -> Int[Tensor, " pos"]:
+    """`n_tokens` tokens of real English prose: the Python Language Reference shipped with the
+    interpreter (`pydoc_data.topics`, PSF licence), its topics concatenated in order and repeated
+    if needed, tokenised by the model's tokenizer (BOS first if the tokenizer adds one)."""
+    from pydoc_data.topics import topics
+
+    if not 1 <= n_tokens <= model.cfg.n_ctx:
+        raise InvalidArgumentError(f"n_tokens must be in 1..{model.cfg.n_ctx}; got {n_tokens}.")
+    text = "\n\n".join(topics[key] for key in sorted(topics))
+    ids = model.hf_tokenizer(text, add_special_tokens=True)["input_ids"]
+    while len(ids) < n_tokens:
+        ids = ids + ids
+    return torch.tensor(ids[:n_tokens], dtype=torch.long)
+
+
+def peak_rss_bytes() -> int:
+    """The process's peak resident set size so far, as the kernel counts it (VmHWM of
+    /proc/self/status; `resource.getrusage` where /proc is absent)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
