@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
+import numpy as np
 import torch
 from jaxtyping import Float
 from torch import Tensor
@@ -55,11 +56,18 @@ PERCENTILES = (1.0, 5.0, 25.0, 50.0, 75.0, 95.0, 99.0)
 def _percentiles(values: Float[Tensor, "row n"], levels: tuple[float, ...]) -> Float[Tensor, "row level"]:
     """Percentiles along the last dimension with linear interpolation (numpy's default);
     torch.quantile refuses inputs over 2**24 elements."""
-    ordered = values.sort(dim=-1).values
     ranks = torch.tensor(levels, dtype=values.dtype, device=values.device) / 100.0 * (values.shape[-1] - 1)
     low, high = ranks.floor().long(), ranks.ceil().long()
     weight = ranks - low
-    return ordered[:, low] * (1 - weight) + ordered[:, high] * weight
+    # The order statistics at those ranks by introselect (numpy.partition), not a full sort: the
+    # same values at O(n) instead of O(n log n) (a sort of 12 M values per layer at 8,192 tokens).
+    needed = sorted(set(low.tolist()) | set(high.tolist()))
+    selected = np.partition(values.detach().cpu().numpy(), needed, axis=-1)
+    ordered = torch.from_numpy(selected[:, needed]).to(values.device)
+    column = {rank: i for i, rank in enumerate(needed)}
+    low_at = torch.tensor([column[r] for r in low.tolist()], device=values.device)
+    high_at = torch.tensor([column[r] for r in high.tolist()], device=values.device)
+    return ordered[:, low_at] * (1 - weight) + ordered[:, high_at] * weight
 
 
 @dataclass

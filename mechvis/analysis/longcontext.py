@@ -254,8 +254,11 @@ class _Recorder:
         result = torch.zeros_like(rows)
         for start, stop, first, key_stop in _query_blocks(self.n, self.block_size, self.layout[layer]):
             pattern = _block_pattern(grouped[:, :, start:stop], key[:, first:key_stop], scaling, softcap,
-                                     self.layout[layer], start, first).double()
-            fused = {"mean": pattern.mean(0), "max": pattern.amax(0), "min": pattern.amin(0)}[head_fusion]
+                                     self.layout[layer], start, first)
+            if head_fusion == "mean":  # summed in float64 without a float64 copy of every head
+                fused = pattern.sum(0, dtype=torch.float64) / pattern.shape[0]
+            else:
+                fused = (pattern.amax(0) if head_fusion == "max" else pattern.amin(0)).double()
             augmented = (1.0 - residual_weight) * fused
             diagonal = torch.arange(start, stop)
             augmented[diagonal - start, diagonal - first] += residual_weight  # w·I (the diagonal is visible)
