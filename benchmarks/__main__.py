@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import sys
 
-from benchmarks import ablation, clustering, generation, loading, metrics, sweep, vision_memory, webapp
+from benchmarks import ablation, clustering, generation, loading, longcontext, metrics, sweep, vision_memory, webapp
 
 BENCHMARKS = {"loading": loading.main, "metrics": metrics.main, "generation": generation.main, "ablation": ablation.main,
-              "vision_memory": vision_memory.main, "clustering": clustering.main, "sweep": sweep.main, "webapp": webapp.main}
+              "vision_memory": vision_memory.main, "clustering": clustering.main, "sweep": sweep.main, "webapp": webapp.main,
+              "longcontext": longcontext.main}
 
 if __name__ == "__main__":
     chosen = sys.argv[1:] or list(BENCHMARKS)

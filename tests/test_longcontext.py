@@ -276,3 +276,34 @@ def test_4096_tokens_of_the_embedded_model_in_bounded_memory():
     # which the bridge-overhead work (issue 18, item 2) reduces; until it lands this may not hold.
     if measured["loaded"] < 1.6 * gib:
         assert measured["peak"] <= 2.5e9
+
+
+def test_report_takes_the_long_context_path_when_the_cache_would_not_fit(tiny, monkeypatch, capsys):
+    """`build_report_data` switches to `analyse_long` by itself, says so, and its results equal the
+    cache-based report's."""
+    from mechvis.analysis import longcontext
+    from mechvis.report.build import build_report_data
+
+    model, _ = tiny("llama")
+    prompt = "The tide came in over the sand, and the moon rose over the sea while the tide"
+    cached = build_report_data(model, prompt, max_new_tokens=6)
+    assert cached.notes == []
+    monkeypatch.setattr(longcontext, "needs_long_context", lambda model, n, **kwargs: True)
+    long = build_report_data(model, prompt, max_new_tokens=6)
+    printed = capsys.readouterr()
+    assert long.notes and "Long context" in long.notes[0] and "Long context" in printed.out + printed.err
+    assert long.trace.generated_ids == cached.trace.generated_ids
+    _close(long.signals.entropy, cached.signals.entropy, "signals")
+    _close(long.entropy.entropy, cached.entropy.entropy, "head entropy")
+    _close(long.lens.kl_from_final, cached.lens.kl_from_final, "lens")
+    _close(long.norms.norms, cached.norms.norms, "norms")
+    _close(long.similarity.cosine, cached.similarity.cosine, "similarity")
+    _close(long.attribution.contributions, cached.attribution.contributions, "DLA")
+    assert long.high_entropy.positions == cached.high_entropy.positions
+    _close(long.high_entropy.top_logits, cached.high_entropy.top_logits, "high-entropy logits")
+    _close(long.projection.coordinates, cached.projection.coordinates, "projection")
+    _close(long.repetition.features.values, cached.repetition.features.values, "repetition features")
+    _close(long.repetition.monitor_probability, cached.repetition.monitor_probability, "monitor")
+    n = len(cached.trace.run.tokens)
+    assert long.rollout.queries == [cached.trace.prompt_length - 1, n - 1]
+    _close(long.rollout.rows, cached.rollout.matrix[long.rollout.queries], "rollout rows")

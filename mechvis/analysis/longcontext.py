@@ -38,12 +38,12 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from mechvis.analysis._checks import check_positions, single_token_id
+from mechvis.analysis._checks import check_layers, check_positions, single_token_id
 from mechvis.analysis.activations import ActivationNorms, ActivationStatistics, layer_statistics
-from mechvis.analysis.attention import HeadEntropy, RolloutRows, row_entropy
+from mechvis.analysis.attention import HeadEntropy, RolloutRows
 from mechvis.analysis.lens import LogitLens, lens_hook_names, logit_lens, unembed_logits
 from mechvis.analysis.residual import LayerSimilarity, LogitAttribution, direct_logit_attribution
-from mechvis.analysis.tokens import TokenSignals, _block_signals
+from mechvis.analysis.tokens import HighEntropyPositions, TokenSignals, _block_signals, high_entropy_positions
 from mechvis.architecture import LayerAttention, attention_layout
 from mechvis.errors import InvalidArgumentError, UnsupportedArchitectureError
 
@@ -72,6 +72,8 @@ class LongContextAnalysis:
     attribution: LogitAttribution | None
     repetition: "RepetitionFeatures | None"
     block_size: int
+    high_entropy: HighEntropyPositions | None = None  # the report's: highest-entropy positions but the last
+    residuals: dict[int, Tensor] = field(default_factory=dict)  # layer -> hook_resid_post (pos, d_model), `keep_residuals`
     seconds: dict[str, float] = field(default_factory=dict)  # wall time per stage
 
 
@@ -126,14 +128,21 @@ def _block_pattern(
 ) -> Float[Tensor, "head q k"]:
     """softmax(q kᵀ · scaling [soft-capped], masked) of one block, as the bridge computes it
     (float32 softmax); GQA by grouping query heads over their shared key head, not copying keys."""
-    scores = torch.matmul(query, key[:, None].transpose(-1, -2)) * scaling  # (kv, group, q, k)
-    scores = scores.flatten(0, 1)
+    scores = torch.matmul(query, key[:, None].transpose(-1, -2)).mul_(scaling).flatten(0, 1)  # (head, q, k)
     if softcap is not None:
-        scores = torch.tanh(scores / softcap) * softcap
-    queries = torch.arange(query_start, query_start + scores.shape[-2])[:, None]
-    keys = torch.arange(key_start, key_start + scores.shape[-1])[None, :]
-    visible = (keys >= layer.first_visible(queries)) & (keys <= layer.last_visible(queries, 1 << 62))
-    scores = scores.masked_fill(~visible, float("-inf"))
+        scores = scores.div_(softcap).tanh_().mul_(softcap)
+    n_queries, n_keys = scores.shape[-2:]
+    # Only the columns some query of the block cannot see need the mask: before the last query's
+    # first visible key (windows, chunks) and after the first query's last visible key (causal).
+    last_query = torch.tensor([query_start + n_queries - 1])
+    all_from = int(layer.first_visible(last_query)) - key_start
+    all_to = int(layer.last_visible(torch.tensor([query_start]), 1 << 62)) - key_start + 1
+    for low, high in ((0, min(all_from, n_keys)), (max(all_to, 0), n_keys)):
+        if high > low:
+            queries = torch.arange(query_start, query_start + n_queries)[:, None]
+            keys = torch.arange(key_start + low, key_start + high)[None, :]
+            visible = (keys >= layer.first_visible(queries)) & (keys <= layer.last_visible(queries, 1 << 62))
+            scores[..., low:high].masked_fill_(~visible, float("-inf"))
     return torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
 
 
@@ -223,7 +232,7 @@ class _Recorder:
             mixed = torch.matmul(pattern.view(n_kv, group, stop - start, -1), value[:, None, first:key_stop])
             output[start:stop] = mixed.flatten(0, 1).transpose(0, 1)
             float_pattern = pattern.float()
-            entropy[:, start:stop] = row_entropy(float_pattern)
+            entropy[:, start:stop] = torch.special.entr(float_pattern).sum(-1)  # −Σ p ln p, 0 ln 0 = 0
             in_block = sinks[(sinks >= first) & (sinks < key_stop)]
             if len(in_block):
                 sink_mass[:, start:stop] = float_pattern[..., in_block - first].sum(-1)
@@ -391,6 +400,8 @@ def analyse_long(
     residual_weight: float = 0.5,
     block_size: int | None = None,
     k: int = 5,
+    high_entropy: int = 10,
+    keep_residuals: Sequence[int] = (),
     progress: bool = True,
 ) -> LongContextAnalysis:
     """Every report metric of one long sequence, in memory that grows with N (never N²) apart
@@ -410,6 +421,10 @@ def analyse_long(
         head_fusion, residual_weight: as in `rollout_rows`.
         block_size: queries per attention block (default: `default_block_size`).
         k: top tokens kept by the token signals and the lens.
+        high_entropy: how many highest-entropy positions (all but the last, as the report) get
+            `high_entropy_positions`' top-k tokens and own logits (0: none).
+        keep_residuals: layers whose `hook_resid_post` (pos, d_model) the result keeps (e.g. for
+            `hidden_state_projection` on a cache-like {name: tensor[None]} dict).
 
     Returns:
         `LongContextAnalysis`, whose fields equal the cache-based functions' results on the same
@@ -453,6 +468,7 @@ def analyse_long(
         block_size = default_block_size(model, n)
     elif isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
         raise InvalidArgumentError(f"block_size must be a positive integer; got {block_size!r}.")
+    kept_layers = check_layers(model, keep_residuals) if keep_residuals else []
     _check_attention(model)
 
     recorder = _Recorder(model, n, block_size, sinks, states, induction.heads, lens_list, include_resid_mid, dla_position)
@@ -523,6 +539,16 @@ def analyse_long(
     surprisal[-1] = torch.nan
     signals = TokenSignals(entropy_t, varentropy, top_probs[:, 0], top_probs[:, 0] - top_probs[:, 1], surprisal,
                            top_ids[:, :k], top_probs[:, :k])
+    high = None
+    if high_entropy > 0:
+        considered = signals.entropy[:-1] if n > 1 else signals.entropy
+        chosen = considered.argsort(descending=True)[: min(high_entropy, considered.numel())].sort().values
+        with torch.no_grad():
+            rows = final[chosen].to(model.cfg.device)
+            chosen_logits = unembed_logits(model, rows).float()
+            unembed_input = {"unembed.hook_in": model.ln_final(rows)[None]}
+        high = high_entropy_positions(model, chosen_logits, n=len(chosen), k=k, cache=unembed_input)
+        high = dataclasses.replace(high, positions=[int(chosen[i]) for i in high.positions])
     seconds["token_signals"] = time.perf_counter() - started - sum(seconds.values())
 
     # --- logit lens: the cache-based function on the chosen rows ------------------------------------
@@ -584,8 +610,9 @@ def analyse_long(
         seconds["rollout"] = time.perf_counter() - started - sum(seconds.values())
     for handle in handles:
         handle.remove()
+    kept = {layer: recorder.residuals[layer + 1] for layer in kept_layers}
     return LongContextAnalysis(tokens, signals, lens, head_entropy_result, norms, statistics, similarity, rollout, dla,
-                               repetition, block_size, seconds)
+                               repetition, block_size, high, kept, seconds)
 
 
 def real_text_tokens(model: "TransformerBridge", n_tokens: int) -> Int[Tensor, " pos"]:
@@ -616,3 +643,25 @@ def peak_rss_bytes() -> int:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def estimated_cache_bytes(model: "TransformerBridge", n_tokens: int) -> int:
+    """Bytes of a full `run_with_cache` of `n_tokens` tokens (every hook, as the report caches):
+    per layer the attention scores and pattern (2 × heads × N² float32) and about 16 residual-sized
+    and 3 MLP-sized activations, plus the logits (N × vocab). An estimate, within a few per cent
+    of the cache's tensors for the embedded model."""
+    cfg = model.cfg
+    d_mlp = getattr(cfg, "d_mlp", None) or 4 * cfg.d_model
+    per_layer = 2 * cfg.n_heads * n_tokens**2 + n_tokens * (16 * cfg.d_model + 3 * d_mlp)
+    return 4 * (cfg.n_layers * per_layer + n_tokens * cfg.d_vocab)
+
+
+def needs_long_context(model: "TransformerBridge", n_tokens: int, *, available_bytes: int | None = None) -> bool:
+    """Whether a full cache of `n_tokens` tokens would not fit: more than half of the memory
+    available now (`psutil.virtual_memory().available` unless given), leaving the other half for
+    the forward pass and the analyses."""
+    if available_bytes is None:
+        import psutil
+
+        available_bytes = psutil.virtual_memory().available
+    return estimated_cache_bytes(model, n_tokens) > available_bytes // 2
