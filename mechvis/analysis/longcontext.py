@@ -264,15 +264,14 @@ class _Recorder:
         for start, stop, first, key_stop in _query_blocks(self.n, self.block_size, self.layout[layer]):
             pattern = _block_pattern(grouped[:, :, start:stop], key[:, first:key_stop], scaling, softcap,
                                      self.layout[layer], start, first)
-            if head_fusion == "mean":  # summed in float64 without a float64 copy of every head
-                fused = pattern.sum(0, dtype=torch.float64) / pattern.shape[0]
-            else:
-                fused = (pattern.amax(0) if head_fusion == "max" else pattern.amin(0)).double()
-            augmented = (1.0 - residual_weight) * fused
-            diagonal = torch.arange(start, stop)
-            augmented[diagonal - start, diagonal - first] += residual_weight  # w·I (the diagonal is visible)
-            augmented = augmented / augmented.sum(-1, keepdim=True)
-            result[:, first:key_stop] += rows[:, start:stop] @ augmented
+            # Â rows = ((1 − w)·fuse_h(A) + w·I) / their sum, applied without building Â: the
+            # fused heads (float32, one block) times the rows' weights scaled per query, plus w on
+            # the diagonal; float64 from the fused block on.
+            fused = {"mean": pattern.mean(0), "max": pattern.amax(0), "min": pattern.amin(0)}[head_fusion].double()
+            row_sums = (1.0 - residual_weight) * fused.sum(-1) + residual_weight  # (block,)
+            weights = rows[:, start:stop] / row_sums  # (query rows, block)
+            result[:, first:key_stop] += ((1.0 - residual_weight) * weights) @ fused
+            result[:, start:stop] += residual_weight * weights  # the diagonal key q of each query q
         return result
 
     # --- hooks ---------------------------------------------------------------------------------
