@@ -5,11 +5,6 @@ attention against HF's own eager attention, bad input refused before the forward
 from __future__ import annotations
 
 import copy
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -249,61 +244,18 @@ def test_embedded_model_equals_the_cache_based_analyses(embedded):
     _close(long.attribution.contributions, attribution.contributions, "DLA")
 
 
-_RSS_SCRIPT = """
-import json, sys, torch
-import mechvis
-from mechvis.analysis.longcontext import analyse_long, real_text_tokens, peak_rss_bytes
-torch.set_num_threads(2)
-model = mechvis.load_model(device="cpu")
-loaded = peak_rss_bytes()
-tokens = real_text_tokens(model, int(sys.argv[1]))
-analyse_long(model, tokens, queries=[-1], attribution=(int(tokens[-1]), None), progress=False)
-print(json.dumps({"loaded": loaded, "peak": peak_rss_bytes()}))
-"""
-
-
 @pytest.mark.integration
 def test_4096_tokens_of_the_embedded_model_in_bounded_memory():
-    root = Path(__file__).resolve().parents[1]
-    result = subprocess.run([sys.executable, "-c", _RSS_SCRIPT, "4096"], capture_output=True, text=True,
-                            env={**os.environ, "PYTHONPATH": str(root)}, timeout=1800, check=True)
-    measured = json.loads(result.stdout.strip().splitlines()[-1])
-    gib = 1 << 30
-    print(f"peak RSS after loading {measured['loaded'] / gib:.2f} GiB, whole run {measured['peak'] / gib:.2f} GiB")
-    # What the analysis adds over the loaded model stays well under the target's headroom.
-    assert measured["peak"] - measured["loaded"] <= 1.0 * gib
-    # The issue's target, 2.5 GB for the whole process, counts the bridge's own ~2 GB after loading,
-    # which the bridge-overhead work (issue 18, item 2) reduces; until it lands this may not hold.
-    if measured["loaded"] < 1.6 * gib:
-        assert measured["peak"] <= 2.5e9
+    """In a fresh process (the benchmark's): the whole report's metrics at 4,096 tokens. What the
+    analysis adds over the loaded model is bounded; the issue's 2.5 GB for the process counts the
+    bridge's own footprint, which the bridge-overhead work (issue 18, item 2) reduces."""
+    from benchmarks.longcontext import measure
 
-
-def test_report_takes_the_long_context_path_when_the_cache_would_not_fit(tiny, monkeypatch, capsys):
-    """`build_report_data` switches to `analyse_long` by itself, says so, and its results equal the
-    cache-based report's."""
-    from mechvis.analysis import longcontext
-    from mechvis.report.build import build_report_data
-
-    model, _ = tiny("llama")
-    prompt = "The tide came in over the sand, and the moon rose over the sea while the tide"
-    cached = build_report_data(model, prompt, max_new_tokens=6)
-    assert cached.notes == []
-    monkeypatch.setattr(longcontext, "needs_long_context", lambda model, n, **kwargs: True)
-    long = build_report_data(model, prompt, max_new_tokens=6)
-    printed = capsys.readouterr()
-    assert long.notes and "Long context" in long.notes[0] and "Long context" in printed.out + printed.err
-    assert long.trace.generated_ids == cached.trace.generated_ids
-    _close(long.signals.entropy, cached.signals.entropy, "signals")
-    _close(long.entropy.entropy, cached.entropy.entropy, "head entropy")
-    _close(long.lens.kl_from_final, cached.lens.kl_from_final, "lens")
-    _close(long.norms.norms, cached.norms.norms, "norms")
-    _close(long.similarity.cosine, cached.similarity.cosine, "similarity")
-    _close(long.attribution.contributions, cached.attribution.contributions, "DLA")
-    assert long.high_entropy.positions == cached.high_entropy.positions
-    _close(long.high_entropy.top_logits, cached.high_entropy.top_logits, "high-entropy logits")
-    _close(long.projection.coordinates, cached.projection.coordinates, "projection")
-    _close(long.repetition.features.values, cached.repetition.features.values, "repetition features")
-    _close(long.repetition.monitor_probability, cached.repetition.monitor_probability, "monitor")
-    n = len(cached.trace.run.tokens)
-    assert long.rollout.queries == [cached.trace.prompt_length - 1, n - 1]
-    _close(long.rollout.rows, cached.rollout.matrix[long.rollout.queries], "rollout rows")
+    measured = measure(4096)
+    print({key: value for key, value in measured.items() if key != "stages"})
+    added = measured["analysis_peak"] - measured["loaded"]
+    assert added <= 0.8e9, f"the analysis added {added / 1e9:.2f} GB over the loaded model"
+    # The process peak while analysing (loading's own transient peak excluded): the issue's target.
+    assert measured["analysis_peak"] <= 2.5e9, (
+        f"peak {measured['analysis_peak'] / 1e9:.2f} GB with the model resident at {measured['loaded'] / 1e9:.2f} GB: "
+        "the bridge's footprint after loading (issue 18, item 2) must shrink for 2.5 GB to hold")
