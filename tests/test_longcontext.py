@@ -259,3 +259,21 @@ def test_4096_tokens_of_the_embedded_model_in_bounded_memory():
     assert measured["analysis_peak"] <= 2.5e9, (
         f"peak {measured['analysis_peak'] / 1e9:.2f} GB with the model resident at {measured['loaded'] / 1e9:.2f} GB: "
         "the bridge's footprint after loading (issue 18, item 2) must shrink for 2.5 GB to hold")
+
+
+def test_an_error_mid_forward_leaves_the_bridge_as_it_was(tiny, monkeypatch):
+    from mechvis.analysis import longcontext
+
+    bridge, _ = tiny("llama")
+    tokens = _tokens(24)
+    with torch.no_grad():
+        before = bridge(tokens[None])
+
+    def fail(self, *args, **kwargs):
+        raise RuntimeError("interrupted")
+
+    monkeypatch.setattr(longcontext._Recorder, "_blocked_attention", fail)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        analyse_long(bridge, tokens, progress=False)
+    with torch.no_grad():
+        torch.testing.assert_close(bridge(tokens[None]), before)

@@ -482,15 +482,15 @@ def analyse_long(
                 model.run_with_hooks(tokens[None].to(model.cfg.device), fwd_hooks=recorder.hooks(), return_type=None)
             except _StopForward:
                 pass
-    finally:
+    finally:  # the bridge as it was, whatever happened
         for attention in attentions:
             attention.__dict__.pop("forward", None)
+        for handle in handles:
+            handle.remove()
         recorder.progress.close()
         recorder.progress = None
     seconds["forward"] = time.perf_counter() - started
     if any(residual is None for residual in recorder.residuals):
-        for handle in handles:
-            handle.remove()
         raise UnsupportedArchitectureError("The forward pass did not reach every layer's residual stream hook.")
 
     # --- attention reductions -> HeadEntropy --------------------------------------------------------
@@ -597,6 +597,7 @@ def analyse_long(
     if query_list:
         rows = torch.zeros(len(query_list), n, dtype=torch.float64)
         rows[torch.arange(len(query_list)), torch.tensor(query_list)] = 1.0
+        handles = recorder.raw_hooks()
         try:
             with torch.no_grad():
                 for layer in tqdm(list(reversed(layers)), desc="rollout rows", unit="layer", disable=not progress):
@@ -604,11 +605,8 @@ def analyse_long(
         finally:
             for handle in handles:
                 handle.remove()
-            handles = []
         rollout = RolloutRows(rows.float(), query_list, head_fusion, residual_weight, layers)
         seconds["rollout"] = time.perf_counter() - started - sum(seconds.values())
-    for handle in handles:
-        handle.remove()
     kept = {layer: recorder.residuals[layer + 1] for layer in kept_layers}
     return LongContextAnalysis(tokens, signals, lens, head_entropy_result, norms, statistics, similarity, rollout, dla,
                                repetition, block_size, high, kept, seconds)
