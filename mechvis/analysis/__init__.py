@@ -2,6 +2,8 @@
 
 Analyses never run the model (input attribution, which must, is the exception) and never draw.
 `hooks_for` names the hooks an analysis reads, for `run(..., names_filter=...)`.
+`analyse_long` is the exception for long inputs: it runs the model once itself and computes the
+report's metrics without a cache (mechvis.analysis.longcontext).
 """
 
 from __future__ import annotations

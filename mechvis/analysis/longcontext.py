@@ -476,6 +476,14 @@ def analyse_long(
     for layer, attention in enumerate(attentions):
         object.__setattr__(attention, "forward", recorder._attention_forward(layer))  # the bridge's __setattr__ would pass it to the HF module
     recorder.progress = tqdm(total=n_layers, desc=f"long context ({n} tokens)", unit="layer", disable=not progress)
+    # The blocked attention reads each layer's mask from its layout, never the mask tensor HF builds
+    # for the layers: with eager attention that is an N × N float32 tensor (268 MB at 8,192 tokens),
+    # with SDPA none for a causal unpadded sequence. Only the mask HF builds changes, for this forward.
+    hf_config = model.original_model.config
+    configs = [hf_config] + [getattr(hf_config, name) for name in ("text_config",) if getattr(hf_config, name, None) is not None]
+    implementations = [config._attn_implementation for config in configs]
+    for config in configs:
+        config._attn_implementation = "sdpa"
     try:
         with torch.no_grad():
             try:
@@ -483,6 +491,8 @@ def analyse_long(
             except _StopForward:
                 pass
     finally:  # the bridge as it was, whatever happened
+        for config, implementation in zip(configs, implementations):
+            config._attn_implementation = implementation
         for attention in attentions:
             attention.__dict__.pop("forward", None)
         for handle in handles:
