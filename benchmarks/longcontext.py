@@ -109,7 +109,9 @@ def main(sizes: tuple[int, ...] = SIZES) -> list[dict]:
     for n in sizes:
         rows.append(measure(n))
         row = rows[-1]
-        print(f"  measured {n:>5} tokens: {row['seconds']:.0f} s, process peak {row['process_peak'] / 1e9:.2f} GB", flush=True)
+        print(f"  measured {n:>5} tokens: {row['seconds']:.0f} s, process peak {row['process_peak'] / 1e9:.2f} GB "
+              f"(loading {row['load_peak'] / 1e9:.2f}, analysis {row['analysis_peak'] / 1e9:.2f} with "
+              f"{row['loaded'] / 1e9:.2f} resident after loading); stages {json.dumps(row['stages'])}", flush=True)
     time_growth = growth(rows, lambda row: row["seconds"])
     memory_growth = growth(rows, lambda row: row["analysis_peak"] - row["loaded"])
     print(f"long context: analyse_long on the embedded model ({os.cpu_count()} cores, load {os.getloadavg()[0]:.1f})")
