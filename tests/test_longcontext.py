@@ -277,3 +277,47 @@ def test_an_error_mid_forward_leaves_the_bridge_as_it_was(tiny, monkeypatch):
         analyse_long(bridge, tokens, progress=False)
     with torch.no_grad():
         torch.testing.assert_close(bridge(tokens[None]), before)
+
+
+@pytest.mark.parametrize("architecture", ["llama", "gemma2"])
+def test_the_cache_estimate_is_the_cache_s_size(tiny, architecture):
+    from mechvis.analysis.longcontext import estimated_cache_bytes, needs_long_context
+
+    bridge, _ = tiny(architecture)
+    n = 70
+    with torch.no_grad():
+        logits, cache = bridge.run_with_cache(_tokens(n)[None])
+    actual = logits.numel() * logits.element_size() + sum(t.numel() * t.element_size() for t in cache.values())
+    assert estimated_cache_bytes(bridge, n) == pytest.approx(actual, rel=0.01)
+    assert needs_long_context(bridge, n, available_bytes=actual) and not needs_long_context(bridge, n, available_bytes=3 * actual)
+
+
+def test_report_takes_the_long_context_path_when_the_cache_would_not_fit(tiny, monkeypatch, capsys):
+    """`build_report_data` switches to `analyse_long` by itself, says so, and its results equal the
+    cache-based report's."""
+    from mechvis.analysis import longcontext
+    from mechvis.report.build import build_report_data
+
+    model, _ = tiny("llama")
+    prompt = "The tide came in over the sand, and the moon rose over the sea while the tide"
+    cached = build_report_data(model, prompt, max_new_tokens=6)
+    assert cached.notes == []
+    monkeypatch.setattr(longcontext, "needs_long_context", lambda model, n, **kwargs: True)
+    long = build_report_data(model, prompt, max_new_tokens=6)
+    printed = capsys.readouterr()
+    assert long.notes and "Long context" in long.notes[0] and "Long context" in printed.out + printed.err
+    assert long.trace.generated_ids == cached.trace.generated_ids
+    _close(long.signals.entropy, cached.signals.entropy, "signals")
+    _close(long.entropy.entropy, cached.entropy.entropy, "head entropy")
+    _close(long.lens.kl_from_final, cached.lens.kl_from_final, "lens")
+    _close(long.norms.norms, cached.norms.norms, "norms")
+    _close(long.similarity.cosine, cached.similarity.cosine, "similarity")
+    _close(long.attribution.contributions, cached.attribution.contributions, "DLA")
+    assert long.high_entropy.positions == cached.high_entropy.positions
+    _close(long.high_entropy.top_logits, cached.high_entropy.top_logits, "high-entropy logits")
+    _close(long.projection.coordinates, cached.projection.coordinates, "projection")
+    _close(long.repetition.features.values, cached.repetition.features.values, "repetition features")
+    _close(long.repetition.monitor_probability, cached.repetition.monitor_probability, "monitor")
+    n = len(cached.trace.run.tokens)
+    assert long.rollout.queries == [cached.trace.prompt_length - 1, n - 1]
+    _close(long.rollout.rows, cached.rollout.matrix[long.rollout.queries], "rollout rows")

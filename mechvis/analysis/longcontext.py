@@ -652,15 +652,22 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+_PROBE = 13  # probe length: a size no dimension of a supported model has, so position axes are recognisable
+
+
 def estimated_cache_bytes(model: "TransformerBridge", n_tokens: int) -> int:
-    """Bytes of a full `run_with_cache` of `n_tokens` tokens (every hook, as the report caches):
-    per layer the attention scores and pattern (2 × heads × N² float32) and about 16 residual-sized
-    and 3 MLP-sized activations, plus the logits (N × vocab). An estimate, within a few per cent
-    of the cache's tensors for the embedded model."""
-    cfg = model.cfg
-    d_mlp = getattr(cfg, "d_mlp", None) or 4 * cfg.d_model
-    per_layer = 2 * cfg.n_heads * n_tokens**2 + n_tokens * (16 * cfg.d_model + 3 * d_mlp)
-    return 4 * (cfg.n_layers * per_layer + n_tokens * cfg.d_vocab)
+    """Bytes of a full `run_with_cache` of `n_tokens` tokens (every hook, as the report caches) and
+    its logits, from one cached forward of 13 tokens: each tensor's axes of length 13 are position
+    axes, so its size at N is its size at 13 × (N / 13)^(position axes) (exact for every hook whose
+    shape is positions × fixed sizes, e.g. patterns N², residuals N, logits N)."""
+    probe = torch.arange(_PROBE, dtype=torch.long)[None] % model.cfg.d_vocab
+    with torch.no_grad():
+        logits, cache = model.run_with_cache(probe.to(model.cfg.device))
+    total = 0.0
+    for tensor in [logits, *cache.values()]:
+        axes = sum(1 for size in tensor.shape if size == _PROBE)
+        total += tensor.numel() * tensor.element_size() * (n_tokens / _PROBE) ** axes
+    return int(total)
 
 
 def needs_long_context(model: "TransformerBridge", n_tokens: int, *, available_bytes: int | None = None) -> bool:
