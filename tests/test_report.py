@@ -70,10 +70,10 @@ def test_json_schema(tiny_report):
     n = len(data.trace.run.tokens)
     n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
     assert exported["schema"] == SCHEMA
-    assert set(exported) == {"schema", "model", "prompt", "chat", "sampling", "prompt_length", "generated_text", "tokens",
+    assert set(exported) == {"schema", "notes", "model", "prompt", "chat", "sampling", "prompt_length", "generated_text", "tokens",
                              "token_signals", "logit_lens", "head_entropy", "rollout", "activation_norms",
                              "layer_similarity", "attention_layers", "direct_logit_attribution", "repetition", "ablation", "vision"}
-    assert exported["prompt"] == XSS_PROMPT and len(exported["tokens"]) == n
+    assert exported["notes"] == [] and exported["prompt"] == XSS_PROMPT and len(exported["tokens"]) == n
     assert set(exported["tokens"][0]) == {"position", "id", "text", "segment"}
     assert all(len(values) == n for values in exported["token_signals"].values())
     lens = exported["logit_lens"]

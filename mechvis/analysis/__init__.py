@@ -2,6 +2,8 @@
 
 Analyses never run the model (input attribution, which must, is the exception) and never draw.
 `hooks_for` names the hooks an analysis reads, for `run(..., names_filter=...)`.
+`analyse_long` is the exception for long inputs: it runs the model once itself and computes the
+report's metrics without a cache (mechvis.analysis.longcontext).
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ from mechvis.analysis.gradients import attention_gradient_relevancy, integrated_
 from mechvis.analysis.information import discrete_mutual_information, grid_regions, region_token_information
 from mechvis.analysis.instructions import instruction_attention_check, semantic_token_spans
 from mechvis.analysis.regions import NAMED_REGIONS, named_region_masses, region_mass
+from mechvis.analysis.longcontext import LongContextAnalysis, analyse_long
 from mechvis.analysis.lens import LogitLens, lens_hook_names, logit_lens, unembed_logits
 from mechvis.analysis.projection import Projection, embedding_projection, hidden_state_projection, pca
 from mechvis.analysis.residual import (
@@ -103,4 +106,5 @@ __all__ = [
     "hull_area", "image_dynamics", "instruction_attention_check", "integrated_gradients", "keyword_dynamics",
     "map_geometry", "mass_contour", "named_region_masses", "pixel_integrated_gradients", "region_mass",
     "region_token_information", "semantic_token_spans", "stream_image_dynamics",
+    "LongContextAnalysis", "analyse_long",
 ]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
@@ -104,6 +104,7 @@ class ReportData:
     ablation_target: str = ""
     vision: VisionResult | None = None
     rollout_matrix: Rollout | None = None  # the full N × N rollout, only with `full_rollout=True`
+    notes: list[str] = field(default_factory=list)  # e.g. that the long-context path computed the results
 
 
 def default_rollout_queries(prompt_length: int, n_tokens: int, cap: int = ROLLOUT_QUERIES) -> list[int]:
@@ -161,10 +162,21 @@ def build_report_data(
     attention_layers = check_layers(model, layers) if layers else default_attention_layers(model.cfg.n_layers)
     stages = tqdm(total=4, desc="report", unit="stage")
     stages.set_postfix_str("generating")
+    long_context = trace is None and image is None and _needs_long_context(model, prompt, chat, max_new_tokens)
+    if long_context and full_rollout:
+        raise InvalidArgumentError(
+            "full_rollout needs the whole cache, which would not fit in memory for this input (the long-context "
+            "path keeps rollout rows only); leave full_rollout off or shorten the input."
+        )
     if trace is None:
-        trace = generate(model, prompt, chat=chat, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, image=image)
+        trace = generate(model, prompt, chat=chat, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, image=image,
+                         names_filter=(lambda name: False) if long_context else None)
     run = trace.run
     stages.update()
+    if long_context:
+        stages.close()
+        return _long_context_report_data(model, trace, prompt, chat, attention_layers, lens_positions,
+                                         _rollout_queries(rollout_queries, trace.prompt_length, len(run.tokens)))
     stages.set_postfix_str("token and lens analyses")
     n = len(run.tokens)
     signals = token_signals(run.logits, run.tokens)
@@ -174,11 +186,7 @@ def build_report_data(
     stages.update()
     stages.set_postfix_str("attention, residual and activation analyses")
     entropy = head_entropy(run.cache, model, sink_positions=run.segments.sink_positions)
-    if isinstance(rollout_queries, int):
-        queries = default_rollout_queries(trace.prompt_length, n, rollout_queries)
-    else:
-        queries = list(rollout_queries)
-    rolled = rollout_rows(run.cache, model, queries)
+    rolled = rollout_rows(run.cache, model, _rollout_queries(rollout_queries, trace.prompt_length, n))
     rollout_matrix = rollout(run.cache, model) if full_rollout else None
     norms = activation_norms(run.cache, model, "resid_post")
     similarity = layer_similarity(run.cache, model)
@@ -212,6 +220,67 @@ def build_report_data(
     vision = _vision_result(model, trace, image) if trace.run.segments.image_grid is not None else None
     return ReportData(inspect_model(model), prompt, chat, trace, attention_layers, signals, high, lens, entropy, rolled,
                       norms, similarity, attribution, repetition, projection, sweep, target_label, vision, rollout_matrix)
+
+
+def _rollout_queries(rollout_queries: Sequence[int] | int, prompt_length: int, n_tokens: int) -> list[int]:
+    """The rollout rows a report keeps: the caller's positions, or `default_rollout_queries` capped."""
+    if isinstance(rollout_queries, int):
+        return default_rollout_queries(prompt_length, n_tokens, rollout_queries)
+    return list(rollout_queries)
+
+
+def _needs_long_context(model: "TransformerBridge", prompt: str, chat: bool, max_new_tokens: int) -> bool:
+    """Whether the full cache of prompt + generated tokens would not fit in memory (see
+    `mechvis.analysis.longcontext.needs_long_context`)."""
+    from mechvis.analysis.longcontext import needs_long_context
+    from mechvis.running import encode
+
+    return needs_long_context(model, len(encode(model, prompt, chat=chat).token_ids) + max_new_tokens)
+
+
+def _long_context_report_data(
+    model: "TransformerBridge", trace: Trace, prompt: str, chat: bool, attention_layers: list[int], lens_positions: int,
+    queries: list[int],
+) -> ReportData:
+    """The report's analyses by `analyse_long` (no cache): rollout as rows for `queries` (as the
+    cached path keeps them), no ablation sweep."""
+    import logging
+
+    from mechvis.analysis.longcontext import analyse_long, estimated_cache_bytes
+
+    run = trace.run
+    n = len(run.tokens)
+    note = (f"Long context: a full cache of {n} tokens would take ~{estimated_cache_bytes(model, n) / 1e9:.1f} GB, more "
+            "than half the memory available, so every metric was computed by mechvis.analysis.analyse_long (blocked "
+            "attention, no cache); rollout is given as rows for chosen queries.")
+    logging.getLogger("mechvis.report").warning(note)
+    tqdm.write(note)
+    attribution, repetition_args = None, {}
+    if trace.generated_ids:
+        last = trace.prompt_length + len(trace.generated_ids) - 1
+        runner_up = run.logits[last - 1].topk(2).indices.tolist()
+        answer = trace.generated_ids[-1]
+        attribution = (answer, runner_up[1] if runner_up[0] == answer else runner_up[0])
+    if len(trace.generated_ids) >= 2:
+        repetition_args = dict(prompt_length=trace.prompt_length, induction=find_induction_heads(model))
+    middle = model.cfg.n_layers // 2
+    result = analyse_long(model, run.tokens, queries=queries,
+                          lens_positions=list(range(max(0, n - lens_positions), n)), sink_positions=run.segments.sink_positions,
+                          attribution=attribution, attribution_position=n - 2 if trace.generated_ids else -1,
+                          high_entropy=min(10, max(1, n - 1)), keep_residuals=[middle], **repetition_args)
+    projection = hidden_state_projection({f"blocks.{middle}.hook_resid_post": result.residuals[middle][None]}, model, run.str_tokens,
+                                         layer=middle, positions=list(range(1, n)) if n > 2 else None)
+    repetition = None
+    if result.repetition is not None:
+        monitor = RepetitionMonitor.load()
+        probability = monitor.score(result.repetition)
+        labels = rep_labels(trace.generated_ids)
+        repetition = RepetitionResult(labels, loop_onset(labels), monitor.first_alarm(probability), seq_rep_n(trace.generated_ids),
+                                      probability, torch.full((len(trace.generated_ids),), torch.nan), result.repetition)
+        note += " The seed's loop score (which reads full attention rows of the last layer) is not computed (NaN)."
+    return ReportData(inspect_model(model), prompt, chat, trace, attention_layers, result.signals, result.high_entropy, result.lens,
+                      result.entropy, result.rollout, result.norms["resid_post"], result.similarity, result.attribution,
+                      repetition, projection, notes=[note])
 
 
 def _vision_result(model: "TransformerBridge", trace: Trace, image: object) -> VisionResult:
@@ -256,6 +325,7 @@ def report_json(data: ReportData) -> dict:
     kinds = [run.segments.kind_at(p) for p in range(len(run.tokens))]
     result = {
         "schema": SCHEMA,
+        "notes": list(data.notes),
         "model": asdict(data.model_summary),
         "prompt": data.prompt,
         "chat": data.chat,

@@ -142,6 +142,7 @@ def _summary(data: ReportData) -> str:
         "<p><b>Generated</b> (background: entropy of the distribution each token was drawn from; hover for values):</p>",
         f'<div class="tokens">{"".join(spans) or "<i>nothing was generated</i>"}</div>',
     ]
+    lines += [f'<p class="note"><b>Note</b>: {html.escape(note)}</p>' for note in data.notes]
     if data.repetition is not None:
         rep = data.repetition
         onset = "no loop detected" if rep.loop_onset is None else f"loop visible in the text from generated token {rep.loop_onset} (position {trace.prompt_length + rep.loop_onset})"
@@ -231,10 +232,12 @@ def render_report(data: ReportData, model) -> str:
     ], "The final norm is recomputed for each layer's residual stream."))
     progress.update()
     attention_parts = [figure_html(figures.head_entropy_figure(data.entropy), "head entropy and sink mass")]
-    for layer in data.attention_layers:
+    # Whole patterns only where the cache holds them: the long-context path keeps none (N × N each).
+    pattern_layers = [layer for layer in data.attention_layers if f"blocks.{layer}.attn.hook_pattern" in run.cache]
+    for layer in pattern_layers:
         pattern = run.cache[f"blocks.{layer}.attn.hook_pattern"][0]
         attention_parts.append(figure_html(figures.layer_heads_grid_figure(pattern, tokens, layer), f"all heads of layer {layer} and their mean"))
-    attention_parts += add_views([attention_layer_view(run, layer) for layer in data.attention_layers])
+    attention_parts += add_views([attention_layer_view(run, layer) for layer in pattern_layers])
     sections.append(_section("Attention", "attention", attention_parts, "Entropy of each head's rows divided by log(visible keys); sinks are reported separately."))
     progress.update()
     queries = data.rollout.queries
