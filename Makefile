@@ -14,6 +14,11 @@ EXTRAS := --extra web --extra ray --extra dev
 # the lock holds this pair, test-latest resolves the newest pair pyproject allows.
 TORCH_PAIR := torch==2.14.1 torchvision==0.29.1
 UV := uv==0.13.9
+# Threads that wait passively: on a machine other processes share, torch's OpenMP threads spinning
+# at every parallel region's barrier made 2-thread decoding 5–10× slower (32 tokens: 35–73 s vs 7 s
+# at load average 7); on an idle machine the generation benchmark is unchanged. A user's own
+# setting wins.
+export OMP_WAIT_POLICY ?= PASSIVE
 
 .PHONY: install browser demo serve test test-latest lock benchmark clean
 
