@@ -12,41 +12,10 @@ import subprocess
 import sys
 import tempfile
 
-from benchmarks.vision_memory import _reset_peak, _status_kb
+from benchmarks.vision_memory import _reset_peak, _status_kb, _tiny_llava
 
 NEW_TOKENS = 128
 LAYERS, HEADS = 8, 8
-
-
-def _tiny_llava_576():
-    import numpy as np
-    import torch
-    from PIL import Image
-    from transformers import (AutoTokenizer, CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
-                              LlavaForConditionalGeneration, LlavaProcessor)
-
-    import mechvis
-    from mechvis.models import embedded_model_dir
-
-    tokenizer = AutoTokenizer.from_pretrained(embedded_model_dir())
-    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
-    config = LlavaConfig(
-        vision_config=CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
-                                       image_size=336, patch_size=14),  # 24 × 24 = 576 image tokens
-        text_config=LlamaConfig(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=LAYERS,
-                                num_attention_heads=HEADS, num_key_value_heads=HEADS // 2, max_position_embeddings=2048),
-        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
-    )
-    torch.manual_seed(0)
-    model = LlavaForConditionalGeneration(config).eval()
-    processor = LlavaProcessor(
-        image_processor=CLIPImageProcessor(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336}),
-        tokenizer=tokenizer, patch_size=14, vision_feature_select_strategy="default", image_token="<image>",
-        num_additional_image_tokens=1,
-    )
-    bridge = mechvis.load_model(model, tokenizer=tokenizer, processor=processor, device="cpu")
-    image = Image.fromarray((np.random.default_rng(0).random((336, 336, 3)) * 255).astype("uint8"))
-    return bridge, image
 
 
 def _worker(mode: str) -> None:
@@ -54,7 +23,7 @@ def _worker(mode: str) -> None:
     from mechvis.analysis import hooks_for
     from mechvis.analysis.dynamics import image_dynamics, stream_image_dynamics
 
-    bridge, image = _tiny_llava_576()
+    bridge, image = _tiny_llava(image_size=336, patch_size=14, layers=LAYERS, heads=HEADS)  # 24 × 24 = 576 image tokens
     prompt = "Describe this picture in detail."
     before = _reset_peak()
     if mode == "stream":

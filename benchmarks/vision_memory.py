@@ -14,7 +14,9 @@ import sys
 import tempfile
 
 
-def _tiny_llava():
+def _tiny_llava(image_size: int = 256, patch_size: int = 8, layers: int = 6, heads: int = 4):
+    """A tiny random LLaVA on the embedded model's tokenizer with (image_size / patch_size)² image
+    tokens (default 32 × 32 = 1,024), and a random image of that size."""
     import numpy as np
     import torch
     from PIL import Image
@@ -28,20 +30,20 @@ def _tiny_llava():
     tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
     config = LlavaConfig(
         vision_config=CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
-                                       image_size=256, patch_size=8),  # 32 × 32 = 1,024 image tokens
-        text_config=LlamaConfig(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=6,
-                                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048),
+                                       image_size=image_size, patch_size=patch_size),
+        text_config=LlamaConfig(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=layers,
+                                num_attention_heads=heads, num_key_value_heads=heads // 2, max_position_embeddings=2048),
         image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
     )
     torch.manual_seed(0)
     model = LlavaForConditionalGeneration(config).eval()
     processor = LlavaProcessor(
-        image_processor=CLIPImageProcessor(size={"shortest_edge": 256}, crop_size={"height": 256, "width": 256}),
-        tokenizer=tokenizer, patch_size=8, vision_feature_select_strategy="default", image_token="<image>",
+        image_processor=CLIPImageProcessor(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}),
+        tokenizer=tokenizer, patch_size=patch_size, vision_feature_select_strategy="default", image_token="<image>",
         num_additional_image_tokens=1,
     )
     bridge = mechvis.load_model(model, tokenizer=tokenizer, processor=processor, device="cpu")
-    image = Image.fromarray((np.random.default_rng(0).random((256, 256, 3)) * 255).astype("uint8"))
+    image = Image.fromarray((np.random.default_rng(0).random((image_size, image_size, 3)) * 255).astype("uint8"))
     return bridge, image
 
 

@@ -236,14 +236,22 @@ def rollout(
     """
     chosen = check_layers(model, layers)
     result = rollout_matrix(attention_patterns(cache, model, chosen), head_fusion, residual_weight)
-    span_mass = None
-    if key_span is not None:
-        if not 0 <= key_span.start < key_span.stop <= result.shape[-1]:
-            raise InvalidArgumentError(f"key_span {key_span} is outside the sequence of {result.shape[-1]} tokens.")
-        columns = result[:, key_span.start : key_span.stop]
-        span_mass = columns.sum(-1)
-        result = columns / span_mass.clamp_min(1e-300)[:, None]
-    return Rollout(result.float(), head_fusion, residual_weight, chosen, key_span, None if span_mass is None else span_mass.float())
+    result, span_mass = _restricted_to_span(result, key_span)
+    return Rollout(result.float(), head_fusion, residual_weight, chosen, key_span, span_mass)
+
+
+def _restricted_to_span(
+    rows: Float[Tensor, "query key"], key_span: Span | None
+) -> tuple[Float[Tensor, "query key"], Float[Tensor, " query"] | None]:
+    """Rollout rows restricted to `key_span`'s columns and renormalised over them, with the mass
+    the span held before (float32); unchanged rows and None without a span."""
+    if key_span is None:
+        return rows, None
+    if not 0 <= key_span.start < key_span.stop <= rows.shape[-1]:
+        raise InvalidArgumentError(f"key_span {key_span} is outside the sequence of {rows.shape[-1]} tokens.")
+    columns = rows[:, key_span.start : key_span.stop]
+    span_mass = columns.sum(-1)
+    return columns / span_mass.clamp_min(1e-300)[:, None], span_mass.float()
 
 
 @dataclass
@@ -306,15 +314,8 @@ def rollout_rows(
     for layer in reversed(chosen):  # e_qᵀ Â_L ⋯ Â_1: the top layer's factor first
         pattern = activation(cache, pattern_hook(layer))
         rows = propagate_rollout_rows(rows, augmented_attention(pattern, head_fusion, residual_weight).to(rows.device))
-    span_mass = None
-    if key_span is not None:
-        if not 0 <= key_span.start < key_span.stop <= n_positions:
-            raise InvalidArgumentError(f"key_span {key_span} is outside the sequence of {n_positions} tokens.")
-        columns = rows[:, key_span.start : key_span.stop]
-        span_mass = columns.sum(-1)
-        rows = columns / span_mass.clamp_min(1e-300)[:, None]
-    return RolloutRows(rows.float(), query_list, head_fusion, residual_weight, chosen, key_span,
-                       None if span_mass is None else span_mass.float())
+    rows, span_mass = _restricted_to_span(rows, key_span)
+    return RolloutRows(rows.float(), query_list, head_fusion, residual_weight, chosen, key_span, span_mass)
 
 
 def find_token_spans(
