@@ -48,10 +48,10 @@ def _demo(arguments: argparse.Namespace) -> None:
     run_demo(model_name=arguments.model, dtype=arguments.dtype, max_new_tokens=arguments.max_new_tokens, output=arguments.output)
 
 
-def _layer_count(model: str | None) -> int | None:
-    """The language model's layer count read from config.json alone (the embedded model's converted
-    cache, or a local model directory), without loading weights; None when not known cheaply (a hub
-    name: the model load checks it)."""
+def _config_count(model: str | None, key: str) -> int | None:
+    """A count (`num_hidden_layers`, `max_position_embeddings`) of the language model read from
+    config.json alone (the embedded model's converted cache, or a local model directory), without
+    loading weights; None when not known cheaply (a hub name: the model load checks it)."""
     import json
     from pathlib import Path
 
@@ -65,8 +65,19 @@ def _layer_count(model: str | None) -> int | None:
         config = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    count = (config.get("text_config") or {}).get("num_hidden_layers", config.get("num_hidden_layers"))
+    count = (config.get("text_config") or {}).get(key, config.get(key))
     return count if isinstance(count, int) and count > 0 else None
+
+
+def _check_output_path(option: str, path: str | None) -> None:
+    """An output file's place must be a directory or missing (made when the file is written)."""
+    from pathlib import Path
+
+    if path is None:
+        return
+    blocking = next((parent for parent in Path(path).parents if parent.exists() and not parent.is_dir()), None)
+    if blocking is not None:
+        raise InvalidArgumentError(f"{option} {path} cannot be written: {blocking} is a file, not a directory.")
 
 
 def _check_report_arguments(arguments: argparse.Namespace) -> None:
@@ -79,16 +90,23 @@ def _check_report_arguments(arguments: argparse.Namespace) -> None:
         raise InvalidArgumentError("--prompt is empty; give the text to generate from.")
     if arguments.max_new_tokens < 1:
         raise InvalidArgumentError(f"--max-new-tokens must be a positive integer; got {arguments.max_new_tokens}.")
+    context = _config_count(arguments.model, "max_position_embeddings")
+    if context is not None and arguments.max_new_tokens >= context:
+        raise InvalidArgumentError(
+            f"--max-new-tokens {arguments.max_new_tokens} does not fit this model's context of {context} tokens "
+            "together with the prompt; ask for fewer."
+        )
     if not (math.isfinite(arguments.temperature) and arguments.temperature >= 0):
         raise InvalidArgumentError(f"--temperature must be ≥ 0 (0 = greedy); got {arguments.temperature}.")
     for option, path in (("-o/--output", arguments.output), ("--json", arguments.json)):
         if path is not None and Path(path).is_dir():
             raise InvalidArgumentError(f"{option} {path} is a directory; give a file name such as report.html.")
+        _check_output_path(option, path)
         _refuse_to_replace(path, None, arguments.force)
     if arguments.json is not None and Path(arguments.json).resolve() == Path(arguments.output).resolve():
         raise InvalidArgumentError("--json and -o/--output name the same file; give two different files.")
     if arguments.layers:
-        n_layers = _layer_count(arguments.model)
+        n_layers = _config_count(arguments.model, "num_hidden_layers")
         bad = [layer for layer in arguments.layers if n_layers is not None and not -n_layers <= layer < n_layers]
         if bad:
             raise InvalidArgumentError(f"--layers {bad[0]} is out of range: this model has layers 0..{n_layers - 1}.")

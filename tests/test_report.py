@@ -253,3 +253,16 @@ def test_demo_writes_the_report_and_prints_its_path(tmp_path, capsys):
     assert f"Report: {output.resolve()}" in printed and "Generated text:" in printed
     document = output.read_text(encoding="utf-8")
     assert document.count(circuitsvis_bundle()) == 1 and "List the days of the week" in document
+
+
+def test_emoji_and_cjk_tokens_draw_without_a_warning_per_glyph(tiny, tmp_path):
+    """matplotlib's font has no emoji / CJK glyphs: the figures draw boxes, silently; the text is
+    in the report's HTML (escaped) all the same."""
+    import warnings
+
+    model, _ = tiny("llama")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        write_report(model, "🎉東京 is a city", tmp_path / "report.html", max_new_tokens=4, layers=[0])
+    assert not [warning for warning in caught if "missing from font" in str(warning.message)]
+    assert "東京" in (tmp_path / "report.html").read_text(encoding="utf-8")

@@ -94,6 +94,19 @@ def test_bad_datasets_fail_before_model_work_naming_the_line(case, tmp_path, no_
     assert not (tmp_path / "out").exists()
 
 
+def test_bad_output_and_worker_counts_fail_before_anything_is_written(tmp_path, no_model_work):
+    dataset = write_jsonl(tmp_path / "data.jsonl", [{"id": "a", "prompt": "x"}])
+    (tmp_path / "existing.html").write_text("mine")
+    for out in (tmp_path / "existing.html", tmp_path / "existing.html" / "sub"):
+        with pytest.raises(InvalidArgumentError, match="existing.html is a file, not a directory"):
+            run_sweep(dataset, out, ["lens"])
+    assert (tmp_path / "existing.html").read_text() == "mine"
+    for options in ({"workers": 0}, {"workers": -2}, {"threads_per_worker": 0}):
+        with pytest.raises(InvalidArgumentError, match="must be at least 1"):
+            run_sweep(dataset, tmp_path / "out", ["lens"], backend="ray", **options)
+    assert not (tmp_path / "out").exists()
+
+
 def test_bad_parquet_row_and_analysis_checks(tmp_path, no_model_work):
     table = pa.table({"id": ["a", "b", "a"], "prompt": ["x", "y", "z"]})
     pq.write_table(table, tmp_path / "data.parquet")

@@ -23,7 +23,9 @@ def _check_writable(path: Path, overwrite: bool) -> None:
         raise InvalidArgumentError(f"{path} already exists; choose another path or pass overwrite=True (--force).")
     if path.exists() and path.is_dir():
         raise InvalidArgumentError(f"{path} is a directory; give a file name such as report.html.")
-    path.parent.mkdir(parents=True, exist_ok=True)
+    blocking = next((parent for parent in path.parents if parent.exists() and not parent.is_dir()), None)
+    if blocking is not None:
+        raise InvalidArgumentError(f"{path} cannot be written: {blocking} is a file, not a directory.")
 
 
 def write_report(
@@ -57,7 +59,11 @@ def write_report(
     data = build_report_data(model, prompt, chat=chat, max_new_tokens=max_new_tokens, layers=layers,
                              temperature=temperature, seed=seed, ablation=ablation, image=image,
                              rollout_queries=rollout_queries, full_rollout=full_rollout, trace=trace)
-    html_path.write_text(render_report(data, model), encoding="utf-8")
+    page = render_report(data, model)
+    for target in (html_path, None if json_path is None else Path(json_path)):
+        if target is not None:
+            target.parent.mkdir(parents=True, exist_ok=True)  # only now: a failed run leaves no directories behind
+    html_path.write_text(page, encoding="utf-8")
     if json_path is not None:
         write_json(data, Path(json_path))
     return data

@@ -207,7 +207,16 @@ def _view_html(view: View, index: int) -> str:
 
 
 def render_report(data: ReportData, model) -> str:
-    """The whole report as one HTML string."""
+    """The whole report as one HTML string. Token text outside matplotlib's font (emoji, CJK) is
+    drawn as boxes in the figures, without one warning per glyph (the HTML views show it)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"Glyph \d+ .* missing from font", category=UserWarning)
+        return _render_report(data, model)
+
+
+def _render_report(data: ReportData, model) -> str:
     trace, run = data.trace, data.trace.run
     tokens = run.str_tokens
     progress = tqdm(total=8, desc="rendering", unit="section")

@@ -217,6 +217,9 @@ def prepare_output(spec: SweepSpec, *, overwrite: bool) -> dict:
             or parts without a fingerprint; pass overwrite=True or choose another directory.
     """
     out_dir = Path(spec.out_dir)
+    blocking = next((parent for parent in (out_dir, *out_dir.parents) if parent.exists() and not parent.is_dir()), None)
+    if blocking is not None:
+        raise InvalidArgumentError(f"The output directory {out_dir} cannot be made: {blocking} is a file, not a directory.")
     fingerprint = spec.fingerprint()
     if overwrite:
         for path in _our_files(out_dir):
@@ -331,6 +334,9 @@ def run_sweep(
     """
     if backend not in ("local", "ray"):
         raise InvalidArgumentError(f"backend must be 'local' or 'ray'; got {backend!r}.")
+    for name, value in (("workers", workers), ("threads_per_worker", threads_per_worker)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise InvalidArgumentError(f"{name} must be at least 1; got {value!r}.")
     spec = plan_sweep(dataset, out_dir, analyses, params=params, model=model, dtype=dtype, shard_size=shard_size, batch=batch)
     prepare_output(spec, overwrite=overwrite)
     pending = [index for index in range(spec.n_shards) if not spec.complete(index)]
