@@ -194,6 +194,13 @@ def _png(width: int, height: int) -> bytes:
     return buffer.getvalue()
 
 
+def _upload(client, picture) -> dict:
+    """POST a PIL image as PNG; the server's answer (its id)."""
+    buffer = io.BytesIO()
+    picture.save(buffer, format="PNG")
+    return client.post("/api/images", content=buffer.getvalue(), headers={**AUTH, "content-type": "image/png"}).json()
+
+
 def test_images_are_checked(client):
     ok = client.post("/api/images", content=_png(32, 32), headers={**AUTH, "content-type": "image/png"})
     assert ok.status_code == 200 and ok.json()["width"] == 32
@@ -456,9 +463,7 @@ def test_vlm_upload_generate_and_image_attention(tiny_llava):
     app = create_app(bridge, token=TOKEN)
     with TestClient(app, base_url=BASE) as client:
         assert client.get("/api/state").json()["vlm"] is True
-        buffer = io.BytesIO()
-        picture.save(buffer, format="PNG")
-        uploaded = client.post("/api/images", content=buffer.getvalue(), headers={**AUTH, "content-type": "image/png"}).json()
+        uploaded = _upload(client, picture)
         events = sse(client.post("/api/generate", json={"prompt": "Describe it.", "max_new_tokens": 3, "image_id": uploaded["id"]}, headers=AUTH))
         assert events[-1][0] == "analysis", events[-1]
         run_id = events[-1][1]["run"]
@@ -606,9 +611,7 @@ def test_vision_rollout_overlay_equals_the_library_and_hf_attentions(tiny_llava)
     picture = _picture()
     app = create_app(bridge, token=TOKEN)
     with TestClient(app, base_url=BASE) as client:
-        buffer = io.BytesIO()
-        picture.save(buffer, format="PNG")
-        uploaded = client.post("/api/images", content=buffer.getvalue(), headers={**AUTH, "content-type": "image/png"}).json()
+        uploaded = _upload(client, picture)
         events = sse(client.post("/api/generate", json={"prompt": "Where is it?", "max_new_tokens": 3, "image_id": uploaded["id"]}, headers=AUTH))
         assert events[0][1]["prompt_ids"] is not None  # the start event has the prompt with the image tokens
         run_id = events[-1][1]["run"]
@@ -695,9 +698,7 @@ def test_export_of_an_image_run_under_an_ablation(tiny_llava):
     picture = _picture()
     app = create_app(bridge, token=TOKEN)
     with TestClient(app, base_url=BASE) as client:
-        buffer = io.BytesIO()
-        picture.save(buffer, format="PNG")
-        uploaded = client.post("/api/images", content=buffer.getvalue(), headers={**AUTH, "content-type": "image/png"}).json()
+        uploaded = _upload(client, picture)
         events = sse(client.post("/api/generate", json={"prompt": "Describe it.", "max_new_tokens": 3, "image_id": uploaded["id"],
                                                         "ablate": [[0, 1], [1, 0]]}, headers=AUTH))
         run_id = events[-1][1]["run"]
