@@ -67,7 +67,7 @@ def test_single_row_linear_matches_a_float64_product(shape, bias, monkeypatch):
     import mechvis.generation
     from mechvis.generation import _SingleRowLinear, _unwrapped
 
-    monkeypatch.setattr(mechvis.generation, "_batched_kernel_wins", lambda linear: True)  # whatever this machine measures
+    monkeypatch.setattr(mechvis.generation, "_halves_win", lambda root: True)  # whatever this machine measures
     torch.manual_seed(0)
     linear = torch.nn.Linear(96, 200, bias=bias)
     decoding = _unwrapped(torch.nn.Sequential(linear))[0]
@@ -86,15 +86,21 @@ def test_single_row_linear_matches_a_float64_product(shape, bias, monkeypatch):
 
 def test_the_batched_kernel_is_kept_only_where_it_is_equal_and_faster(monkeypatch):
     import mechvis.generation
-    from mechvis.generation import _SingleRowLinear, _batched_kernel_wins, _unwrapped
+    from mechvis.generation import _SingleRowLinear, _halves_win, _unwrapped
 
-    linear = torch.nn.Linear(64, 128)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.Linear(128, 64))
     monkeypatch.setattr(mechvis.generation, "_KERNEL_CHOICE", {})
     monkeypatch.setattr(mechvis.generation, "_halves_product", lambda weight, x, bias: torch.nn.functional.linear(x, weight) + 1.0)
-    assert not _batched_kernel_wins(linear)  # not equal: never chosen, however fast
-    assert type(_unwrapped(torch.nn.Sequential(linear))[0]) is torch.nn.Linear
-    monkeypatch.setattr(mechvis.generation, "_KERNEL_CHOICE", {(128, 64, torch.get_num_threads()): True})
-    assert type(_unwrapped(torch.nn.Sequential(linear))[0]) is _SingleRowLinear  # measured once, remembered
+    assert not _halves_win(model)  # not equal: never chosen, however fast
+    assert all(type(layer) is torch.nn.Linear for layer in _unwrapped(model))
+    key = (((64, 128), 1), ((128, 64), 1)), torch.get_num_threads()
+    monkeypatch.setattr(mechvis.generation, "_KERNEL_CHOICE", {key: True})
+    assert all(type(layer) is _SingleRowLinear for layer in _unwrapped(model))  # measured once per model's shapes, remembered
+    slow = []
+    monkeypatch.setattr(mechvis.generation, "_KERNEL_CHOICE", {})
+    monkeypatch.setattr(mechvis.generation, "_halves_product", lambda weight, x, bias: slow.append(1) or torch.nn.functional.linear(x, weight))
+    assert not _halves_win(model)  # equal but never faster (it does the same product and more)
+    assert len(slow) >= 2 * 3  # every weight, in every timed pass
 
 
 def test_sampling_follows_the_settings_and_the_seed(tiny):
