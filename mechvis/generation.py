@@ -18,6 +18,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from mechvis.analysis._checks import integer
 from mechvis.analysis.repetition import (
     InductionHeads,
     RepetitionMonitor,
@@ -357,16 +358,18 @@ def stream_generate(
         temperature = 1.0  # the schedule sets each step's temperature
     settings = SamplingSettings(temperature, top_k, top_p, min_p, seed, temperature_schedule)
     settings.validate()
-    if not isinstance(top_n, int) or not 1 <= top_n <= 1000:
+    if integer(top_n) is None or not 1 <= integer(top_n) <= 1000:
         raise InvalidArgumentError(f"top_n must be an integer in [1, 1000]; got {top_n!r}.")
+    top_n = integer(top_n)
     extra: dict = {}
     if image is not None:
         encoded, extra = encode_with_image(model, prompt, image, chat=chat)
     else:
         encoded = encode(model, prompt, chat=chat)
     n_ctx = model.cfg.n_ctx
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+    if integer(max_new_tokens) is None or integer(max_new_tokens) < 1:
         raise InvalidArgumentError(f"max_new_tokens must be a positive integer; got {max_new_tokens!r}.")
+    max_new_tokens = integer(max_new_tokens)
     if len(encoded.token_ids) + max_new_tokens > n_ctx:
         raise InvalidArgumentError(
             f"The prompt ({len(encoded.token_ids)} tokens) plus max_new_tokens ({max_new_tokens}) exceeds "

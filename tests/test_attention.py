@@ -183,6 +183,15 @@ def test_rollout_rows_equal_the_rows_of_the_hf_rollout(tiny):
         rollout_rows(result.cache, model, [n])
     with pytest.raises(InvalidArgumentError, match="at least one"):
         rollout_rows(result.cache, model, [])
+    for query in (1.5, True, "2", torch.tensor(True)):
+        with pytest.raises(InvalidArgumentError, match="is not an integer"):
+            rollout_rows(result.cache, model, [query])
+    with pytest.raises(InvalidArgumentError, match="must be a list of integers"):
+        rollout_rows(result.cache, model, 3)
+    # integer-likes are integers: numpy integers, integer tensors (a position taken from `tokens`)
+    expected = rollout_rows(result.cache, model, [2, n - 1]).rows
+    for queries in ([np.int64(2), np.int32(-1)], torch.tensor([2, -1]), np.array([2, n - 1])):
+        torch.testing.assert_close(rollout_rows(result.cache, model, queries).rows, expected, atol=0, rtol=0)
 
 
 def test_keyword_spans_find_every_occurrence_of_multi_token_words(tiny):

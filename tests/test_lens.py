@@ -94,3 +94,22 @@ def test_embedded_model_lens_matches_hf(embedded, embedded_reference):
     # The answer emerges in late layers: its final-position rank falls to 0 only at the end.
     paris = logit_lens(result.cache, embedded, positions=[-1], target=" Paris")
     assert paris.target_ranks[0, 0] > 100 and paris.target_ranks[-1, 0] == 0
+
+
+def test_a_target_id_may_be_any_integer_like(tiny):
+    """A target taken from the run's own tokens (a 0-d tensor, a numpy integer) is an id; bools,
+    floats and multi-token strings are refused."""
+    import torch
+
+    model, _ = tiny("llama")
+    result = mechvis.run(model, "The cat sat on the mat", names_filter=hooks_for(model, "lens"))
+    token = int(result.tokens[-1])
+    expected = logit_lens(result.cache, model, target=token).target_probs
+    for like in (result.tokens[-1], np.int64(token), torch.tensor([token])[0]):
+        assert torch.equal(logit_lens(result.cache, model, target=like).target_probs, expected)
+    for bad in (True, float(token), torch.tensor(True)):
+        with pytest.raises(InvalidArgumentError, match="A token is an id or a string"):
+            logit_lens(result.cache, model, target=bad)
+    assert len(mechvis.generate(model, "Hello", max_new_tokens=np.int64(3)).generated_ids) <= 3
+    with pytest.raises(InvalidArgumentError, match="max_new_tokens must be a positive integer"):
+        mechvis.generate(model, "Hello", max_new_tokens=True)

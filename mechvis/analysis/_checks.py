@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
 
@@ -47,13 +48,31 @@ def require_hooks(cache: "ActivationCache", names: Iterable[str]) -> None:
         )
 
 
+def integer(value: object) -> int | None:
+    """`value` as an int if it is an integer (numpy integers and one-element integer tensors
+    included), else None: bools, floats and strings are not integers."""
+    if isinstance(value, (bool, float, str, bytes)) or getattr(value, "dtype", None) == torch.bool:
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
+
+
 def _indices(values: Iterable[int], count: int, what: str, owner: str) -> list[int]:
-    """Indices in -count..count-1 (negative counts from the end), normalised to 0..count-1."""
+    """Indices in -count..count-1 (negative counts from the end), normalised to 0..count-1.
+    Integer-likes (numpy integers, one-element integer tensors) count as integers; bools,
+    floats and strings do not."""
+    if isinstance(values, (str, bytes)) or not isinstance(values, Iterable) or (isinstance(values, torch.Tensor) and values.ndim == 0):
+        raise InvalidArgumentError(f"{what}s must be a list of integers; got {values!r} (for one {what}, pass [{what}]).")
     checked = []
     for value in values:
-        if isinstance(value, bool) or not isinstance(value, int) or not -count <= value < count:
-            raise InvalidArgumentError(f"{what} {value!r} is out of range: {owner} has {what}s 0..{count - 1}.")
-        checked.append(value % count)
+        index = integer(value)
+        if index is None:
+            raise InvalidArgumentError(f"{what} {value!r} is not an integer: {owner} has {what}s 0..{count - 1}.")
+        if not -count <= index < count:
+            raise InvalidArgumentError(f"{what} {index} is out of range: {owner} has {what}s 0..{count - 1}.")
+        checked.append(index % count)
     return checked
 
 
@@ -81,12 +100,13 @@ def check_positions(n_positions: int, positions: Iterable[int] | None) -> list[i
 def single_token_id(model: "TransformerBridge", token: int | str) -> int:
     """A token id from an id or a string that must be exactly one token (e.g. ' Paris')."""
     vocab = model.cfg.d_vocab
-    if isinstance(token, bool) or not isinstance(token, (int, str)):
-        raise InvalidArgumentError(f"A token is an id or a string; got {token!r}.")
-    if isinstance(token, int):
-        if not 0 <= token < vocab:
-            raise InvalidArgumentError(f"token id {token} is outside the vocabulary (0..{vocab - 1}).")
-        return token
+    if not isinstance(token, str):
+        token_id = integer(token)
+        if token_id is None:
+            raise InvalidArgumentError(f"A token is an id or a string; got {token!r}.")
+        if not 0 <= token_id < vocab:
+            raise InvalidArgumentError(f"token id {token_id} is outside the vocabulary (0..{vocab - 1}).")
+        return token_id
     ids = model.hf_tokenizer.encode(token, add_special_tokens=False)
     if len(ids) != 1:
         pieces = str_tokens_of(model, ids)  # decoded whole: a character split into bytes is not U+FFFD

@@ -306,8 +306,8 @@ def rollout_rows(
     """
     chosen = check_layers(model, layers)
     n_positions = activation(cache, pattern_hook(chosen[0])).shape[-1]
-    if len(queries) == 0:
-        raise InvalidArgumentError("rollout_rows needs at least one query position.")
+    if queries is None:
+        raise InvalidArgumentError("rollout_rows needs at least one query position (rollout gives every row).")
     query_list = check_positions(n_positions, queries)
     rows = torch.zeros(len(query_list), n_positions, dtype=torch.float64)
     rows[torch.arange(len(query_list)), torch.tensor(query_list)] = 1.0
