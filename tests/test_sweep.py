@@ -313,6 +313,14 @@ def test_a_changed_sweep_refuses_to_mix_and_overwrite_starts_over(tiny_dir, tmp_
     assert read_sweep(out, "lens").column("item_id").unique().to_pylist() == ["q0", "q1", "q2", "q3"]
     fingerprint = json.loads((out / "fingerprint.json").read_text())
     assert set(fingerprint) >= {"mechvis_version", "analyses", "model", "weights_sha256", "dtype", "dataset_sha256"}
+    # overwriting with other analyses leaves no empty folder of the old ones; a user's file there stays
+    (out / "notes.txt").write_text("mine")
+    switched = run_sweep(dataset, out, ["tokens"], model=str(tiny_dir), shard_size=2, overwrite=True, progress=False)
+    assert switched.shards_run == [0, 1]
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["tokens"]
+    (out / "tokens" / "mine.txt").write_text("mine")
+    run_sweep(dataset, out, ["lens"], model=str(tiny_dir), shard_size=2, overwrite=True, progress=False)
+    assert sorted(p.name for p in (out / "tokens").iterdir()) == ["mine.txt"] and (out / "notes.txt").read_text() == "mine"
 
 
 def _sweep_command(dataset, out, model):

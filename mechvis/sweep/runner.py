@@ -224,6 +224,10 @@ def prepare_output(spec: SweepSpec, *, overwrite: bool) -> dict:
     if overwrite:
         for path in _our_files(out_dir):
             path.unlink()
+        for name in ANALYSES:  # an analysis folder the sweep emptied goes too; one holding anything else stays
+            folder = out_dir / name
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
     existing = out_dir / FINGERPRINT
     holds_results = any(path.name != FINGERPRINT for path in _our_files(out_dir))
     if existing.exists():
