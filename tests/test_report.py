@@ -266,3 +266,28 @@ def test_emoji_and_cjk_tokens_draw_without_a_warning_per_glyph(tiny, tmp_path):
         write_report(model, "🎉東京 is a city", tmp_path / "report.html", max_new_tokens=4, layers=[0])
     assert not [warning for warning in caught if "missing from font" in str(warning.message)]
     assert "東京" in (tmp_path / "report.html").read_text(encoding="utf-8")
+
+
+def test_the_progress_bar_is_closed_when_the_report_fails(tiny, monkeypatch):
+    """An error during generation closes the stage bar first, so the message starts on its own line."""
+    from tqdm.auto import tqdm
+
+    import mechvis.report.build as build
+
+    model, _ = tiny("llama")
+    bars = []
+
+    class Recorded(tqdm):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            bars.append(self)
+
+    def failing(*args, **kwargs):
+        assert not bars[0].disable  # the stage bar is open while generating
+        raise InvalidArgumentError("generation failed")
+
+    monkeypatch.setattr(build, "tqdm", Recorded)
+    monkeypatch.setattr(build, "generate", failing)
+    with pytest.raises(InvalidArgumentError, match="generation failed"):
+        build.build_report_data(model, "Hello")
+    assert len(bars) == 1 and bars[0].disable  # closed

@@ -159,8 +159,12 @@ def build_report_data(
 
     Raises:
         InvalidArgumentError: a layer, query position or cap out of range."""
+    with tqdm(total=4, desc="report", unit="stage") as stages:  # closed on errors too: a message never shares its line
+        return _build_report_data(stages, model, prompt, chat, max_new_tokens, layers, temperature, seed, lens_positions, ablation, image, rollout_queries, full_rollout, trace)
+
+
+def _build_report_data(stages, model, prompt, chat, max_new_tokens, layers, temperature, seed, lens_positions, ablation, image, rollout_queries, full_rollout, trace) -> ReportData:
     attention_layers = check_layers(model, layers) if layers else default_attention_layers(model.cfg.n_layers)
-    stages = tqdm(total=4, desc="report", unit="stage")
     stages.set_postfix_str("generating")
     long_context = trace is None and image is None and _needs_long_context(model, prompt, chat, max_new_tokens)
     if long_context and full_rollout:

@@ -217,9 +217,13 @@ def render_report(data: ReportData, model) -> str:
 
 
 def _render_report(data: ReportData, model) -> str:
+    with tqdm(total=8, desc="rendering", unit="section") as progress:  # closed on errors too
+        return _render_sections(progress, data, model)
+
+
+def _render_sections(progress, data: ReportData, model) -> str:
     trace, run = data.trace, data.trace.run
     tokens = run.str_tokens
-    progress = tqdm(total=8, desc="rendering", unit="section")
     sections = [f"<header><h1>mechvis report</h1>{_summary(data)}</header>"]
     views: list[View] = []
 
