@@ -130,8 +130,10 @@ def serve(
     model = None
     if load:
         from mechvis import load_model
+        from mechvis.generation import prepare_decoding
 
         model = load_model(model_name, dtype=dtype)
+        prepare_decoding(model)
     app = create_app(model, model_name=model_name or "embedded", model_roots=model_roots, token=value, host=host, port=port)
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", server_header=False,
                             date_header=False, access_log=False)

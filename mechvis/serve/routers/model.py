@@ -10,6 +10,7 @@ from fastapi import APIRouter, Depends, HTTPException, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from mechvis.errors import MechvisError
+from mechvis.generation import prepare_decoding
 from mechvis.serve.state import ServerState, get_state, list_model_dirs, load_from_root, resolve_model_dir
 
 router = APIRouter(prefix="/api", tags=["model"])
@@ -70,6 +71,7 @@ def load(body: LoadRequest, state: ServerState = Depends(get_state)) -> ServerSt
     try:
         state.status = "loading"
         state.model = load_from_root(directory)
+        prepare_decoding(state.model)
         state.model_name, state.card = body.name, None
         state.model_extras.clear()
     except MechvisError as error:
