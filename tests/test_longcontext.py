@@ -338,3 +338,131 @@ def test_report_takes_the_long_context_path_when_the_cache_would_not_fit(tiny, m
     assert exported["rollout"]["queries"] == long.rollout.queries and exported["notes"] == long.notes
     with pytest.raises(InvalidArgumentError, match="full_rollout"):
         build_report_data(model, prompt, max_new_tokens=6, full_rollout=True)
+
+
+from tests.test_vlm import _picture, tiny_llava  # noqa: E402,F401  (the tiny LLaVA fixture)
+
+
+def _long_image_analysis(bridge, trace, image, prompt, **kwargs):
+    from mechvis.analysis.vision import vision_rollout_hooks
+    from mechvis.generation import with_text_appended
+    from mechvis.running import encode_with_image
+
+    run = trace.run
+    _, extra = encode_with_image(bridge, prompt, image)
+    extra = with_text_appended(extra, len(trace.generated_ids))
+    generated = list(trace.generated_positions)
+    image_queries = sorted(set(generated) | {position - 1 for position in generated})
+    return analyse_long(bridge, run.tokens, forward_inputs=extra, image_queries=image_queries,
+                        image_positions=list(run.segments.image_grid.positions), queries=generated,
+                        capture=vision_rollout_hooks(bridge), keep_residuals=range(bridge.cfg.n_layers), progress=False, **kwargs)
+
+
+@pytest.mark.parametrize("block_size", [None, 7])
+def test_image_metrics_from_the_long_path_equal_the_cache_based_ones(tiny_llava, block_size):
+    """A tiny LLaVA with an image, 5 generated tokens: the image attention of the generated tokens,
+    their image dynamics, the vision rollout and the cross-modal alignment from analyse_long (image
+    rows kept per query block; blocks of 7 queries split the image span) equal the cache-based
+    functions on the trace's full cache (≤ 1e-5), as do the text metrics."""
+    from mechvis.analysis.crossmodal import cross_modal
+    from mechvis.analysis.dynamics import image_dynamics
+    from mechvis.analysis.longcontext import long_image_attention, long_image_dynamics, long_vision_rollout
+    from mechvis.analysis.vision import image_attention, vision_rollout
+
+    bridge, _, _ = tiny_llava
+    prompt = "Describe the picture in detail, please."
+    picture = _picture(2)
+    trace = mechvis.generate(bridge, prompt, image=picture, max_new_tokens=5)
+    run, grid = trace.run, trace.run.segments.image_grid
+    result = _long_image_analysis(bridge, trace, picture, prompt, block_size=block_size)
+    generated = list(trace.generated_positions)
+    long, cached = long_image_attention(result, grid, query_positions=generated), image_attention(run.cache, bridge, grid, query_positions=generated)
+    assert long.query_positions == cached.query_positions and long.layers == cached.layers
+    _close(long.image_mass, cached.image_mass, "image mass")
+    _close(long.maps, cached.maps, "image maps")
+    for name in ("entropy", "normalised_entropy", "gini", "k90", "peak_to_mean", "centre", "spatial_variance"):
+        _close(getattr(long.metrics, name), getattr(cached.metrics, name), name)
+    assert float(cached.image_mass.max()) > 0.01  # the rows do hold image mass
+    long_dynamics, cached_dynamics = long_image_dynamics(result, trace), image_dynamics(bridge, trace)
+    assert long_dynamics.query_positions == cached_dynamics.query_positions
+    for name in ("image_mass", "normalised_entropy", "peak_to_mean", "centre", "maps"):
+        _close(getattr(long_dynamics, name), getattr(cached_dynamics, name), name)
+    for region, mass in cached_dynamics.region_mass.items():
+        _close(long_dynamics.region_mass[region], mass, region)
+    long_rollout, cached_rollout = (long_vision_rollout(result, bridge, grid, query_positions=generated),
+                                    vision_rollout(run.cache, bridge, grid, query_positions=generated))
+    assert long_rollout.patch_shape == cached_rollout.patch_shape and long_rollout.vision_layers == cached_rollout.vision_layers
+    _close(long_rollout.maps, cached_rollout.maps, "vision rollout maps")
+    _close(long_rollout.image_mass, cached_rollout.image_mass, "rollout image mass")
+    states = {f"blocks.{layer}.hook_resid_post": residual[None] for layer, residual in result.residuals.items()}
+    long_crossing, cached_crossing = cross_modal(states, bridge, grid), cross_modal(run.cache, bridge, grid)
+    _close(long_crossing.alignment, cached_crossing.alignment, "alignment")
+    _close(long_crossing.modality_gap, cached_crossing.modality_gap, "modality gap")
+    _close(result.entropy.entropy, head_entropy(run.cache, bridge).entropy, "head entropy")
+    with pytest.raises(InvalidArgumentError, match="image_queries"):
+        long_image_attention(result, grid, query_positions=[3])
+
+
+def test_report_with_an_image_takes_the_long_path_with_its_image_metrics(tiny_llava, monkeypatch):
+    """`build_report_data` with an image whose full cache would not fit: the long-context path,
+    and every image metric of the report equals the cached path's (≤ 1e-5)."""
+    from mechvis.analysis import longcontext
+    from mechvis.report import render_report, report_json
+    from mechvis.report.build import build_report_data
+
+    bridge = tiny_llava[0]
+    prompt, picture = "Describe <b>this</b> picture.", _picture(1)
+    cached = build_report_data(bridge, prompt, max_new_tokens=5, image=picture)
+    assert cached.notes == [] and cached.vision is not None
+    monkeypatch.setattr(longcontext, "needs_long_context", lambda model, n, **kwargs: True)
+    long = build_report_data(bridge, prompt, max_new_tokens=5, image=picture)
+    assert long.notes and "Long context" in long.notes[0]
+    assert long.trace.generated_ids == cached.trace.generated_ids
+    a, b = long.vision, cached.vision
+    assert a.attention.query_positions == b.attention.query_positions
+    _close(a.attention.image_mass, b.attention.image_mass, "image mass")
+    _close(a.attention.maps, b.attention.maps, "image maps")
+    _close(a.mean_map, b.mean_map, "mean map")
+    assert [h.cells for h in a.hotspots] == [h.cells for h in b.hotspots]
+    assert a.clusters.labels == b.clusters.labels
+    _close(a.rollout.maps, b.rollout.maps, "vision rollout")
+    _close(a.dynamics.image_mass, b.dynamics.image_mass, "dynamics image mass")
+    _close(a.dynamics.maps, b.dynamics.maps, "dynamics maps")
+    assert a.information.mutual_information == pytest.approx(b.information.mutual_information, abs=1e-5)
+    _close(a.information.joint, b.information.joint, "region-token joint")
+    _close(a.cross_modal.alignment, b.cross_modal.alignment, "cross-modal alignment")
+    _close(a.cross_modal.modality_gap, b.cross_modal.modality_gap, "modality gap")
+    _close(a.clusters.distance, b.clusters.distance, "head distances")
+    assert long.rollout.queries == cached.rollout.queries
+    _close(long.rollout.rows, cached.rollout.rows, "rollout rows")
+    _close(long.entropy.entropy, cached.entropy.entropy, "head entropy")
+    _close(long.signals.entropy, cached.signals.entropy, "signals")
+    page = render_report(long, bridge)
+    assert "Long context" in page and "&lt;b&gt;this" in page
+    assert report_json(long)["vision"]["grid"] == report_json(cached)["vision"]["grid"]
+
+
+def test_qwen_vl_is_refused_by_the_long_path_and_its_report_keeps_the_cache(tokenizer_dir, monkeypatch, caplog):
+    """Qwen2-VL's language attention runs through mechvis's mRoPE shim (a plain attention bridge,
+    no rotary hooks): analyse_long refuses it before any work, and a report whose cache would not
+    fit keeps the cache path and logs why."""
+    from transformers import AutoTokenizer, Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor
+
+    from mechvis.analysis import longcontext
+    from mechvis.report.build import build_report_data
+    from tests.test_vlm import _qwen_vl
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|unused|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]})
+    model, ids, inputs = _qwen_vl("qwen2_vl")
+    image_processor = Qwen2VLImageProcessor(patch_size=14, merge_size=2, temporal_patch_size=2, min_pixels=56 * 56, max_pixels=56 * 84)
+    processor = Qwen2VLProcessor(image_processor=image_processor, tokenizer=tokenizer, video_processor=Qwen2VLVideoProcessor())
+    bridge = mechvis.load_model(model, tokenizer=tokenizer, processor=processor, device="cpu")
+    with pytest.raises(UnsupportedArchitectureError, match="not a rotary attention bridge"):
+        analyse_long(bridge, ids[0], forward_inputs=inputs, progress=False)
+    monkeypatch.setattr(longcontext, "needs_long_context", lambda model, n, **kwargs: True)
+    picture = _picture(3).resize((84, 56))
+    with caplog.at_level("WARNING", logger="mechvis.report"):
+        data = build_report_data(bridge, "Describe it.", max_new_tokens=3, image=picture)
+    assert data.notes == [] and data.vision is not None and data.vision.rollout is not None
+    assert "uses the full cache" in caplog.text and "not a rotary attention bridge" in caplog.text

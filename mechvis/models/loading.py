@@ -25,6 +25,48 @@ if TYPE_CHECKING:
     from transformer_lens.model_bridge import TransformerBridge
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+def _libc():
+    """glibc's C library through ctypes, or None (macOS, Windows, musl: no malloc_trim/mallopt)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.malloc_trim, libc.mallopt  # noqa: B018 - both glibc-only
+    except (OSError, AttributeError):
+        return None
+    return libc
+
+
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter numbers (malloc.h)
+_MMAP_THRESHOLD_MAX = 32 << 20  # DEFAULT_MMAP_THRESHOLD_MAX on 64-bit: where the dynamic threshold ends up with large tensors
+
+
+@contextlib.contextmanager
+def large_allocations_mapped(threshold: int = 1 << 20) -> Iterator[None]:
+    """Within the block, every allocation of `threshold` bytes or more gets its own memory mapping
+    (glibc `mallopt(M_MMAP_THRESHOLD)`), returned to the OS as soon as it is freed; afterwards the
+    threshold is 32 MiB and freed memory is trimmed (`release_freed_memory`).
+
+    glibc serves allocations below a threshold from its heap; the threshold starts at 128 KiB and
+    rises to the size of any larger mapped block freed (up to 32 MiB), which torch's tensors do at
+    once. A computation that allocates and frees many tensors of 1–32 MiB of varying sizes (query
+    blocks over a growing number of keys) then fragments the heap, and how much resident memory
+    stays stranded varies between identical runs. Mapped allocations cannot fragment. No tensor
+    value changes; off glibc this does nothing. (glibc cannot return to its dynamic threshold
+    once one is set: after the block the threshold stays fixed at 32 MiB, the dynamic one's ceiling.)"""
+    libc = _libc()
+    if libc is None:
+        yield
+        return
+    libc.mallopt(_M_MMAP_THRESHOLD, int(threshold))
+    try:
+        yield
+    finally:
+        libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX)
+        release_freed_memory()
+
+
 def release_freed_memory() -> bool:
     """Hand the memory freed while loading back to the operating system (glibc's `malloc_trim`).
 
@@ -34,17 +76,14 @@ def release_freed_memory() -> bool:
     anything was called (False off glibc: macOS, Windows, musl).
     """
     import ctypes
-    import ctypes.util
     import gc
 
     gc.collect()
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        trim = libc.malloc_trim
-    except (OSError, AttributeError):
+    libc = _libc()
+    if libc is None:
         return False
-    trim.argtypes = [ctypes.c_size_t]
-    trim(0)
+    libc.malloc_trim.argtypes = [ctypes.c_size_t]
+    libc.malloc_trim(0)
     return True
 
 
