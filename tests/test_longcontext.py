@@ -327,6 +327,9 @@ def test_report_takes_the_long_context_path_when_the_cache_would_not_fit(tiny, m
     _close(long.projection.coordinates, cached.projection.coordinates, "projection")
     _close(long.repetition.features.values, cached.repetition.features.values, "repetition features")
     _close(long.repetition.monitor_probability, cached.repetition.monitor_probability, "monitor")
+    # The seed's loop score too (its attention term from head-mean row entropies reduced per block).
+    assert not torch.isnan(long.repetition.seed_score).any()
+    _close(long.repetition.seed_score, cached.repetition.seed_score, "seed score")
     assert long.rollout.queries == cached.rollout.queries  # the same rows: last prompt token and generated tokens
     _close(long.rollout.rows, cached.rollout.rows, "rollout rows")
     # It renders (no attention pattern is held, so those views are left out) and says how it was computed.
@@ -466,3 +469,20 @@ def test_qwen_vl_is_refused_by_the_long_path_and_its_report_keeps_the_cache(toke
         data = build_report_data(bridge, "Describe it.", max_new_tokens=3, image=picture)
     assert data.notes == [] and data.vision is not None and data.vision.rollout is not None
     assert "uses the full cache" in caplog.text and "not a rotary attention bridge" in caplog.text
+
+
+@pytest.mark.parametrize("architecture", ["llama", "mistral"])
+def test_seed_score_on_the_long_path_equals_the_cache_based_one(tokenizer, architecture):
+    """Every term of `seed_score` from analyse_long (blocks of 5 queries; Mistral's sliding window
+    makes n_t the window) equals the cache-based function on a teacher-forced trace."""
+    from mechvis.analysis.repetition import seed_score
+    from mechvis.generation import teacher_force
+
+    bridge = mechvis.load_model(ARCHITECTURES[architecture](), tokenizer=tokenizer, device="cpu")
+    trace = teacher_force(bridge, "The tide came in over the sand, and the moon rose over the sea",
+                          " while the tide went out and the tide came in over the sand again and again.")
+    expected = seed_score(bridge, trace)
+    result = analyse_long(bridge, trace.run.tokens, prompt_length=trace.prompt_length, block_size=5, queries=None, progress=False)
+    assert result.seed.positions == expected.positions
+    for name in ("entropy_term", "activation_rise", "uniformity", "attention_focus", "score"):
+        _close(getattr(result.seed, name), getattr(expected, name), name)

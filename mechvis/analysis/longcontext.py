@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 
 from mechvis.analysis._checks import check_layers, check_positions, single_token_id
 from mechvis.analysis.activations import ActivationNorms, ActivationStatistics, layer_statistics
-from mechvis.analysis.attention import HeadEntropy, RolloutRows
+from mechvis.analysis.attention import HeadEntropy, RolloutRows, row_entropy
 from mechvis.analysis.lens import LogitLens, lens_hook_names, logit_lens, unembed_logits
 from mechvis.analysis.residual import LayerSimilarity, LogitAttribution, direct_logit_attribution
 from mechvis.analysis.tokens import HighEntropyPositions, TokenSignals, _block_signals, high_entropy_positions
@@ -52,7 +52,7 @@ if TYPE_CHECKING:
     from transformer_lens.model_bridge import TransformerBridge
 
     from mechvis.analysis.dynamics import ImageDynamics
-    from mechvis.analysis.repetition import InductionHeads, RepetitionFeatures
+    from mechvis.analysis.repetition import InductionHeads, RepetitionFeatures, SeedScore
     from mechvis.analysis.vision import ImageAttention, VisionRollout
     from mechvis.generation import Trace
     from mechvis.running import ImageGrid
@@ -85,6 +85,7 @@ class LongContextAnalysis:
     image_queries: list[int] = field(default_factory=list)
     image_positions: list[int] = field(default_factory=list)
     captured: dict[str, Tensor] = field(default_factory=dict)  # `capture`'s hooks, whole (batch dimension kept)
+    seed: "SeedScore | None" = None  # the seed's loop score of the generated tokens (with `prompt_length`)
 
 
 class _Intercepted(Exception):
@@ -163,6 +164,7 @@ class _LayerState:
     sink_rows: Tensor | None = None  # (head, state, sinks): repetition's sink columns
     induction_rows: dict[int, Tensor] = field(default_factory=dict)  # head -> (state, pos)
     image_rows: Tensor | None = None  # (head, image query, image cell)
+    mean_row_entropy: Tensor | None = None  # (state,): entropy of the head-mean row (the seed score's F_t), float64
 
 
 class _Recorder:
@@ -240,6 +242,8 @@ class _Recorder:
         sinks = torch.tensor(self.sinks, dtype=torch.long)
         if len(self.states):
             state.sink_rows = torch.zeros(n_heads, len(self.states), len(self.sinks))
+            if layer == self.model.cfg.n_layers - 1:
+                state.mean_row_entropy = torch.zeros(len(self.states), dtype=torch.float64)
             state.induction_rows = {head: torch.zeros(len(self.states), self.n) for head in self.induction.get(layer, [])}
         image_queries, cells = self.image_queries, self.image_positions
         if len(image_queries):
@@ -262,6 +266,8 @@ class _Recorder:
                         state.sink_rows[:, chosen, column] = rows[..., sink - first]
                 for head, stored in state.induction_rows.items():
                     stored[chosen, first:key_stop] = rows[head]
+                if state.mean_row_entropy is not None:  # keys outside the block's span hold 0: nothing to add
+                    state.mean_row_entropy[chosen] = row_entropy(rows.double().mean(0))
             # image rows: the chosen queries' mass on each image token (the cells this block's keys hold;
             # a cell no key of the block covers is one the query cannot see: 0)
             chosen = ((image_queries >= start) & (image_queries < stop)).nonzero()[:, 0]
@@ -472,7 +478,9 @@ def analyse_long(
         `LongContextAnalysis`, whose fields equal the cache-based functions' results on the same
         sequence (`token_signals`, `logit_lens`, `head_entropy`, `activation_norms`,
         `activation_statistics`, `layer_similarity` over positions 1.., `rollout_rows`,
-        `direct_logit_attribution`, `repetition_features`).
+        `direct_logit_attribution`, `repetition_features`, and with `prompt_length` `seed_score`,
+        whose attention term reads the last layer's head-mean rows, reduced to their entropy per
+        query block).
 
     Raises:
         InvalidArgumentError: an input longer than `model.cfg.n_ctx`, a query, lens, sink or
@@ -647,7 +655,7 @@ def analyse_long(
             dla = dataclasses.replace(dla, position=dla_position)
 
         # --- repetition signals ---------------------------------------------------------------------------
-        repetition = None
+        repetition = seed = None
         if states:
             feature_layer = _feature_layer(model, None)
             n_heads = model.cfg.n_heads
@@ -664,6 +672,7 @@ def analyse_long(
                                      induction=induction, n_layers=n_layers, sinks=sinks, prompt_length=prompt_length,
                                      recurrence_window=64)
             repetition = RepetitionFeatures([s + 1 for s in states], values)
+            seed = _seed_score(torch.cat(state_logits), recorder, states)
 
         # --- rollout rows: top layer first ----------------------------------------------------------------
         rollout = None
@@ -684,7 +693,30 @@ def analyse_long(
         image_rows = torch.stack([state.image_rows for state in recorder.layers]) if image_query_list else None
         return LongContextAnalysis(tokens, signals, lens, head_entropy_result, norms, statistics, similarity, rollout, dla,
                                    repetition, block_size, high, kept, seconds, image_rows, image_query_list,
-                                   image_position_list, recorder.captured_activations)
+                                   image_position_list, recorder.captured_activations, seed)
+
+
+def _seed_score(logits: Float[Tensor, "state vocab"], recorder: _Recorder, states: list[int]) -> "SeedScore":
+    """`mechvis.analysis.repetition.seed_score` (α = β = δ = 1) from the states' logits, the last
+    layer's residual stream and the head-mean rows' entropies the forward reduced per query block."""
+    import math
+
+    from mechvis.analysis.repetition import SeedScore
+
+    vocab = logits.shape[-1]
+    log_probs = logits.double().log_softmax(-1)
+    entropy = -(log_probs.exp() * log_probs).sum(-1)
+    norms = recorder.residuals[-1].double().norm(dim=-1)
+    rise = norms[states] - norms[[q - 1 for q in states]]
+    spread = rise.max() - rise.min()
+    rise = (rise - rise.min()) / spread if spread > 0 else torch.zeros_like(rise)
+    uniformity = (1.0 - (math.log(vocab) - entropy)).clamp(0.0, 1.0)
+    last = len(recorder.layers) - 1
+    n_keys = recorder.layout[last].visible_keys(recorder.n)[states].double()
+    focus = 1.0 - recorder.layers[last].mean_row_entropy / torch.log(n_keys)
+    entropy_term = entropy / math.log(vocab)
+    score = entropy_term + rise + uniformity + focus
+    return SeedScore([q + 1 for q in states], *(t.float() for t in (entropy_term, rise, uniformity, focus, score)))
 
 
 def real_text_tokens(model: "TransformerBridge", n_tokens: int) -> Int[Tensor, " pos"]:

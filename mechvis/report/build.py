@@ -315,8 +315,7 @@ def _long_context_report_data(
         probability = monitor.score(result.repetition)
         labels = rep_labels(trace.generated_ids)
         repetition = RepetitionResult(labels, loop_onset(labels), monitor.first_alarm(probability), seq_rep_n(trace.generated_ids),
-                                      probability, torch.full((len(trace.generated_ids),), torch.nan), result.repetition)
-        note += " The seed's loop score (which reads full attention rows of the last layer) is not computed (NaN)."
+                                      probability, result.seed.score, result.repetition)
     return ReportData(inspect_model(model), prompt, chat, trace, attention_layers, result.signals, result.high_entropy, result.lens,
                       result.entropy, rolled, result.norms["resid_post"], result.similarity, result.attribution,
                       repetition, projection, vision=vision, notes=[note])
