@@ -246,28 +246,21 @@ def test_embedded_model_equals_the_cache_based_analyses(embedded):
 
 @pytest.mark.integration
 def test_4096_tokens_of_the_embedded_model_in_bounded_memory():
-    """In a fresh process (the benchmark's): the whole report's metrics at 4,096 tokens. What the
-    analysis adds over the loaded model is bounded; the issue's 2.5 GB for the process counts the
-    bridge's own loading peak (see below)."""
+    """In a fresh process (the benchmark's): the whole report's metrics at 4,096 tokens in ≤ 2.5 GB
+    for the whole process, loading included (the issue's target)."""
     from benchmarks.longcontext import measure
 
     measured = measure(4096)
-    print({key: value for key, value in measured.items() if key != "stages"})
     added = measured["analysis_peak"] - measured["loaded"]
-    # A full cache at 4,096 tokens holds 30 × 9 × 4,096² float32 attention probabilities alone (18 GB):
-    # the blocked path must stay an order of magnitude below it, whatever glibc's heap does.
-    assert added <= 2.0e9, f"the analysis added {added / 1e9:.2f} GB over the loaded model"
-    # The issue's target, 2.5 GB for the whole process, is not met: loading itself peaks above it
-    # (transformer-lens' compatibility-mode weight processing holds the weights plus two whole-state-
-    # dict clones at once: 2.9–3.0 GB, 2026-11-29), and what runs after loading sits at the bound
-    # (resident 1.69–1.72 GB + analysis 0.73–0.78 GB = 2.44–2.51 GB across runs). The analysis's own
-    # share is asserted above; the process bound is reported as an expected failure with the numbers.
-    # What the analysis adds varies between identical runs with glibc's heap fragmentation
-    # (0.46–1.15 GB measured at 4,096 on 2026-11-29), so its 0.8 GB design bound is reported too.
-    if added > 0.8e9 or measured["process_peak"] > 2.5e9:
-        pytest.xfail(f"whole-process peak {measured['process_peak'] / 1e9:.2f} GB (loading {measured['load_peak'] / 1e9:.2f} GB; "
-                     f"after loading {measured['loaded'] / 1e9:.2f} + analysis {added / 1e9:.2f} GB): the 2.5 GB target (and 0.8 GB for the analysis) not met")
-    assert measured["process_peak"] <= 2.5e9
+    print(f"whole-process peak {measured['process_peak'] / 1e9:.3f} GB: loading's peak {measured['load_peak'] / 1e9:.3f} GB, "
+          f"resident after loading {measured['loaded'] / 1e9:.3f} GB + the analysis's {added / 1e9:.3f} GB "
+          f"= {measured['analysis_peak'] / 1e9:.3f} GB; {measured['seconds']:.0f} s")
+    # Measured 2026-11-29 in 3 consecutive fresh runs: loading 2.21 GB (2.86 before copy-free folding
+    # and copying weights out of their file), resident after loading 1.66 GB, the analysis 0.59–0.60
+    # GB (0.46–1.74 GB between identical runs before large allocations were mapped: glibc's heap
+    # fragmented under the per-block scratch), process peak 2.26 GB.
+    assert added <= 0.8e9, f"the analysis added {added / 1e9:.2f} GB over the loaded model"
+    assert measured["load_peak"] <= 2.5e9 and measured["process_peak"] <= 2.5e9
 
 
 def test_an_error_mid_forward_leaves_the_bridge_as_it_was(tiny, monkeypatch):
