@@ -59,12 +59,18 @@ def recording_unembedding_mean(bridge: "TransformerBridge") -> Iterator[None]:
         try:  # bookkeeping only: whatever happens here, the weights are processed as usual
             weight_key = ProcessWeights._get_param_key("unembed.W_U", adapter)
             bias_key = ProcessWeights._get_param_key("unembed.b_U", adapter)
-            before_weight = state_dict[weight_key].detach().float().clone()
+            # transformer-lens' centring works on a copy, so the float32 input stays as it is: no
+            # clone of the unembedding (113 MB at the peak of loading) unless a cast made a new one.
+            weight = state_dict[weight_key].detach()
+            before_weight = weight.float()
+            version = weight._version
             before_bias = state_dict[bias_key].detach().float().clone() if bias_key in state_dict else None
         except Exception:  # noqa: BLE001 - an unexpected state dict: what was removed stays unknown
             return original.__func__(state_dict, cfg=cfg, adapter=adapter)
         processed = _center_unembedding_only(original.__func__, state_dict, (weight_key, bias_key), cfg, adapter)
         try:
+            if weight._version != version:  # written into after all: what was removed is unknown
+                raise RuntimeError("the unembedding was centred in place")
             difference = before_weight - processed[weight_key].detach().float()  # constant along the vocabulary
             vocab_dim = 0 if difference.shape[0] == d_vocab and difference.shape[-1] != d_vocab else -1
             removed["weight"] = difference.mean(vocab_dim)

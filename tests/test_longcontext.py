@@ -246,28 +246,21 @@ def test_embedded_model_equals_the_cache_based_analyses(embedded):
 
 @pytest.mark.integration
 def test_4096_tokens_of_the_embedded_model_in_bounded_memory():
-    """In a fresh process (the benchmark's): the whole report's metrics at 4,096 tokens. What the
-    analysis adds over the loaded model is bounded; the issue's 2.5 GB for the process counts the
-    bridge's own loading peak (see below)."""
+    """In a fresh process (the benchmark's): the whole report's metrics at 4,096 tokens in ≤ 2.5 GB
+    for the whole process, loading included (the issue's target)."""
     from benchmarks.longcontext import measure
 
     measured = measure(4096)
-    print({key: value for key, value in measured.items() if key != "stages"})
     added = measured["analysis_peak"] - measured["loaded"]
-    # A full cache at 4,096 tokens holds 30 × 9 × 4,096² float32 attention probabilities alone (18 GB):
-    # the blocked path must stay an order of magnitude below it, whatever glibc's heap does.
-    assert added <= 2.0e9, f"the analysis added {added / 1e9:.2f} GB over the loaded model"
-    # The issue's target, 2.5 GB for the whole process, is not met: loading itself peaks above it
-    # (transformer-lens' compatibility-mode weight processing holds the weights plus two whole-state-
-    # dict clones at once: 2.9–3.0 GB, 2026-11-29), and what runs after loading sits at the bound
-    # (resident 1.69–1.72 GB + analysis 0.73–0.78 GB = 2.44–2.51 GB across runs). The analysis's own
-    # share is asserted above; the process bound is reported as an expected failure with the numbers.
-    # What the analysis adds varies between identical runs with glibc's heap fragmentation
-    # (0.46–1.15 GB measured at 4,096 on 2026-11-29), so its 0.8 GB design bound is reported too.
-    if added > 0.8e9 or measured["process_peak"] > 2.5e9:
-        pytest.xfail(f"whole-process peak {measured['process_peak'] / 1e9:.2f} GB (loading {measured['load_peak'] / 1e9:.2f} GB; "
-                     f"after loading {measured['loaded'] / 1e9:.2f} + analysis {added / 1e9:.2f} GB): the 2.5 GB target (and 0.8 GB for the analysis) not met")
-    assert measured["process_peak"] <= 2.5e9
+    print(f"whole-process peak {measured['process_peak'] / 1e9:.3f} GB: loading's peak {measured['load_peak'] / 1e9:.3f} GB, "
+          f"resident after loading {measured['loaded'] / 1e9:.3f} GB + the analysis's {added / 1e9:.3f} GB "
+          f"= {measured['analysis_peak'] / 1e9:.3f} GB; {measured['seconds']:.0f} s")
+    # Measured 2026-11-29 in 3 consecutive fresh runs: loading 2.21 GB (2.86 before copy-free folding
+    # and copying weights out of their file), resident after loading 1.66 GB, the analysis 0.59–0.60
+    # GB (0.46–1.74 GB between identical runs before large allocations were mapped: glibc's heap
+    # fragmented under the per-block scratch), process peak 2.26 GB.
+    assert added <= 0.8e9, f"the analysis added {added / 1e9:.2f} GB over the loaded model"
+    assert measured["load_peak"] <= 2.5e9 and measured["process_peak"] <= 2.5e9
 
 
 def test_an_error_mid_forward_leaves_the_bridge_as_it_was(tiny, monkeypatch):
@@ -327,6 +320,9 @@ def test_report_takes_the_long_context_path_when_the_cache_would_not_fit(tiny, m
     _close(long.projection.coordinates, cached.projection.coordinates, "projection")
     _close(long.repetition.features.values, cached.repetition.features.values, "repetition features")
     _close(long.repetition.monitor_probability, cached.repetition.monitor_probability, "monitor")
+    # The seed's loop score too (its attention term from head-mean row entropies reduced per block).
+    assert not torch.isnan(long.repetition.seed_score).any()
+    _close(long.repetition.seed_score, cached.repetition.seed_score, "seed score")
     assert long.rollout.queries == cached.rollout.queries  # the same rows: last prompt token and generated tokens
     _close(long.rollout.rows, cached.rollout.rows, "rollout rows")
     # It renders (no attention pattern is held, so those views are left out) and says how it was computed.
@@ -338,3 +334,148 @@ def test_report_takes_the_long_context_path_when_the_cache_would_not_fit(tiny, m
     assert exported["rollout"]["queries"] == long.rollout.queries and exported["notes"] == long.notes
     with pytest.raises(InvalidArgumentError, match="full_rollout"):
         build_report_data(model, prompt, max_new_tokens=6, full_rollout=True)
+
+
+from tests.test_vlm import _picture, tiny_llava  # noqa: E402,F401  (the tiny LLaVA fixture)
+
+
+def _long_image_analysis(bridge, trace, image, prompt, **kwargs):
+    from mechvis.analysis.vision import vision_rollout_hooks
+    from mechvis.generation import with_text_appended
+    from mechvis.running import encode_with_image
+
+    run = trace.run
+    _, extra = encode_with_image(bridge, prompt, image)
+    extra = with_text_appended(extra, len(trace.generated_ids))
+    generated = list(trace.generated_positions)
+    image_queries = sorted(set(generated) | {position - 1 for position in generated})
+    return analyse_long(bridge, run.tokens, forward_inputs=extra, image_queries=image_queries,
+                        image_positions=list(run.segments.image_grid.positions), queries=generated,
+                        capture=vision_rollout_hooks(bridge), keep_residuals=range(bridge.cfg.n_layers), progress=False, **kwargs)
+
+
+@pytest.mark.parametrize("block_size", [None, 7])
+def test_image_metrics_from_the_long_path_equal_the_cache_based_ones(tiny_llava, block_size):
+    """A tiny LLaVA with an image, 5 generated tokens: the image attention of the generated tokens,
+    their image dynamics, the vision rollout and the cross-modal alignment from analyse_long (image
+    rows kept per query block; blocks of 7 queries split the image span) equal the cache-based
+    functions on the trace's full cache (≤ 1e-5), as do the text metrics."""
+    from mechvis.analysis.crossmodal import cross_modal
+    from mechvis.analysis.dynamics import image_dynamics
+    from mechvis.analysis.longcontext import long_image_attention, long_image_dynamics, long_vision_rollout
+    from mechvis.analysis.vision import image_attention, vision_rollout
+
+    bridge, _, _ = tiny_llava
+    prompt = "Describe the picture in detail, please."
+    picture = _picture(2)
+    trace = mechvis.generate(bridge, prompt, image=picture, max_new_tokens=5)
+    run, grid = trace.run, trace.run.segments.image_grid
+    result = _long_image_analysis(bridge, trace, picture, prompt, block_size=block_size)
+    generated = list(trace.generated_positions)
+    long, cached = long_image_attention(result, grid, query_positions=generated), image_attention(run.cache, bridge, grid, query_positions=generated)
+    assert long.query_positions == cached.query_positions and long.layers == cached.layers
+    _close(long.image_mass, cached.image_mass, "image mass")
+    _close(long.maps, cached.maps, "image maps")
+    for name in ("entropy", "normalised_entropy", "gini", "k90", "peak_to_mean", "centre", "spatial_variance"):
+        _close(getattr(long.metrics, name), getattr(cached.metrics, name), name)
+    assert float(cached.image_mass.max()) > 0.01  # the rows do hold image mass
+    long_dynamics, cached_dynamics = long_image_dynamics(result, trace), image_dynamics(bridge, trace)
+    assert long_dynamics.query_positions == cached_dynamics.query_positions
+    for name in ("image_mass", "normalised_entropy", "peak_to_mean", "centre", "maps"):
+        _close(getattr(long_dynamics, name), getattr(cached_dynamics, name), name)
+    for region, mass in cached_dynamics.region_mass.items():
+        _close(long_dynamics.region_mass[region], mass, region)
+    long_rollout, cached_rollout = (long_vision_rollout(result, bridge, grid, query_positions=generated),
+                                    vision_rollout(run.cache, bridge, grid, query_positions=generated))
+    assert long_rollout.patch_shape == cached_rollout.patch_shape and long_rollout.vision_layers == cached_rollout.vision_layers
+    _close(long_rollout.maps, cached_rollout.maps, "vision rollout maps")
+    _close(long_rollout.image_mass, cached_rollout.image_mass, "rollout image mass")
+    states = {f"blocks.{layer}.hook_resid_post": residual[None] for layer, residual in result.residuals.items()}
+    long_crossing, cached_crossing = cross_modal(states, bridge, grid), cross_modal(run.cache, bridge, grid)
+    _close(long_crossing.alignment, cached_crossing.alignment, "alignment")
+    _close(long_crossing.modality_gap, cached_crossing.modality_gap, "modality gap")
+    _close(result.entropy.entropy, head_entropy(run.cache, bridge).entropy, "head entropy")
+    with pytest.raises(InvalidArgumentError, match="image_queries"):
+        long_image_attention(result, grid, query_positions=[3])
+
+
+def test_report_with_an_image_takes_the_long_path_with_its_image_metrics(tiny_llava, monkeypatch):
+    """`build_report_data` with an image whose full cache would not fit: the long-context path,
+    and every image metric of the report equals the cached path's (≤ 1e-5)."""
+    from mechvis.analysis import longcontext
+    from mechvis.report import render_report, report_json
+    from mechvis.report.build import build_report_data
+
+    bridge = tiny_llava[0]
+    prompt, picture = "Describe <b>this</b> picture.", _picture(1)
+    cached = build_report_data(bridge, prompt, max_new_tokens=5, image=picture)
+    assert cached.notes == [] and cached.vision is not None
+    monkeypatch.setattr(longcontext, "needs_long_context", lambda model, n, **kwargs: True)
+    long = build_report_data(bridge, prompt, max_new_tokens=5, image=picture)
+    assert long.notes and "Long context" in long.notes[0]
+    assert long.trace.generated_ids == cached.trace.generated_ids
+    a, b = long.vision, cached.vision
+    assert a.attention.query_positions == b.attention.query_positions
+    _close(a.attention.image_mass, b.attention.image_mass, "image mass")
+    _close(a.attention.maps, b.attention.maps, "image maps")
+    _close(a.mean_map, b.mean_map, "mean map")
+    assert [h.cells for h in a.hotspots] == [h.cells for h in b.hotspots]
+    assert a.clusters.labels == b.clusters.labels
+    _close(a.rollout.maps, b.rollout.maps, "vision rollout")
+    _close(a.dynamics.image_mass, b.dynamics.image_mass, "dynamics image mass")
+    _close(a.dynamics.maps, b.dynamics.maps, "dynamics maps")
+    assert a.information.mutual_information == pytest.approx(b.information.mutual_information, abs=1e-5)
+    _close(a.information.joint, b.information.joint, "region-token joint")
+    _close(a.cross_modal.alignment, b.cross_modal.alignment, "cross-modal alignment")
+    _close(a.cross_modal.modality_gap, b.cross_modal.modality_gap, "modality gap")
+    _close(a.clusters.distance, b.clusters.distance, "head distances")
+    assert long.rollout.queries == cached.rollout.queries
+    _close(long.rollout.rows, cached.rollout.rows, "rollout rows")
+    _close(long.entropy.entropy, cached.entropy.entropy, "head entropy")
+    _close(long.signals.entropy, cached.signals.entropy, "signals")
+    page = render_report(long, bridge)
+    assert "Long context" in page and "&lt;b&gt;this" in page
+    assert report_json(long)["vision"]["grid"] == report_json(cached)["vision"]["grid"]
+
+
+def test_qwen_vl_is_refused_by_the_long_path_and_its_report_keeps_the_cache(tokenizer_dir, monkeypatch, caplog):
+    """Qwen2-VL's language attention runs through mechvis's mRoPE shim (a plain attention bridge,
+    no rotary hooks): analyse_long refuses it before any work, and a report whose cache would not
+    fit keeps the cache path and logs why."""
+    from transformers import AutoTokenizer, Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor
+
+    from mechvis.analysis import longcontext
+    from mechvis.report.build import build_report_data
+    from tests.test_vlm import _qwen_vl
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|unused|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]})
+    model, ids, inputs = _qwen_vl("qwen2_vl")
+    image_processor = Qwen2VLImageProcessor(patch_size=14, merge_size=2, temporal_patch_size=2, min_pixels=56 * 56, max_pixels=56 * 84)
+    processor = Qwen2VLProcessor(image_processor=image_processor, tokenizer=tokenizer, video_processor=Qwen2VLVideoProcessor())
+    bridge = mechvis.load_model(model, tokenizer=tokenizer, processor=processor, device="cpu")
+    with pytest.raises(UnsupportedArchitectureError, match="not a rotary attention bridge"):
+        analyse_long(bridge, ids[0], forward_inputs=inputs, progress=False)
+    monkeypatch.setattr(longcontext, "needs_long_context", lambda model, n, **kwargs: True)
+    picture = _picture(3).resize((84, 56))
+    with caplog.at_level("WARNING", logger="mechvis.report"):
+        data = build_report_data(bridge, "Describe it.", max_new_tokens=3, image=picture)
+    assert data.notes == [] and data.vision is not None and data.vision.rollout is not None
+    assert "uses the full cache" in caplog.text and "not a rotary attention bridge" in caplog.text
+
+
+@pytest.mark.parametrize("architecture", ["llama", "mistral"])
+def test_seed_score_on_the_long_path_equals_the_cache_based_one(tokenizer, architecture):
+    """Every term of `seed_score` from analyse_long (blocks of 5 queries; Mistral's sliding window
+    makes n_t the window) equals the cache-based function on a teacher-forced trace."""
+    from mechvis.analysis.repetition import seed_score
+    from mechvis.generation import teacher_force
+
+    bridge = mechvis.load_model(ARCHITECTURES[architecture](), tokenizer=tokenizer, device="cpu")
+    trace = teacher_force(bridge, "The tide came in over the sand, and the moon rose over the sea",
+                          " while the tide went out and the tide came in over the sand again and again.")
+    expected = seed_score(bridge, trace)
+    result = analyse_long(bridge, trace.run.tokens, prompt_length=trace.prompt_length, block_size=5, queries=None, progress=False)
+    assert result.seed.positions == expected.positions
+    for name in ("entropy_term", "activation_rise", "uniformity", "attention_focus", "score"):
+        _close(getattr(result.seed, name), getattr(expected, name), name)

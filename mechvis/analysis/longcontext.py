@@ -40,17 +40,22 @@ from tqdm.auto import tqdm
 
 from mechvis.analysis._checks import check_layers, check_positions, single_token_id
 from mechvis.analysis.activations import ActivationNorms, ActivationStatistics, layer_statistics
-from mechvis.analysis.attention import HeadEntropy, RolloutRows
+from mechvis.analysis.attention import HeadEntropy, RolloutRows, row_entropy
 from mechvis.analysis.lens import LogitLens, lens_hook_names, logit_lens, unembed_logits
 from mechvis.analysis.residual import LayerSimilarity, LogitAttribution, direct_logit_attribution
 from mechvis.analysis.tokens import HighEntropyPositions, TokenSignals, _block_signals, high_entropy_positions
 from mechvis.architecture import LayerAttention, attention_layout
 from mechvis.errors import InvalidArgumentError, UnsupportedArchitectureError
+from mechvis.models.loading import large_allocations_mapped, release_freed_memory
 
 if TYPE_CHECKING:
     from transformer_lens.model_bridge import TransformerBridge
 
-    from mechvis.analysis.repetition import InductionHeads, RepetitionFeatures
+    from mechvis.analysis.dynamics import ImageDynamics
+    from mechvis.analysis.repetition import InductionHeads, RepetitionFeatures, SeedScore
+    from mechvis.analysis.vision import ImageAttention, VisionRollout
+    from mechvis.generation import Trace
+    from mechvis.running import ImageGrid
 
 _SCORE_BYTES = 48 << 20  # one query block's scores (heads × block × keys float32) stay under this
 _LOGIT_ROWS = 256  # rows of logits decoded at once (256 × 49,152 float32 = 50 MB)
@@ -75,6 +80,12 @@ class LongContextAnalysis:
     high_entropy: HighEntropyPositions | None = None  # the report's: highest-entropy positions but the last
     residuals: dict[int, Tensor] = field(default_factory=dict)  # layer -> hook_resid_post (pos, d_model), `keep_residuals`
     seconds: dict[str, float] = field(default_factory=dict)  # wall time per stage
+    # `image_queries` × `image_positions` of every layer's attention (layer, head, query, cell), float32
+    image_rows: Tensor | None = None
+    image_queries: list[int] = field(default_factory=list)
+    image_positions: list[int] = field(default_factory=list)
+    captured: dict[str, Tensor] = field(default_factory=dict)  # `capture`'s hooks, whole (batch dimension kept)
+    seed: "SeedScore | None" = None  # the seed's loop score of the generated tokens (with `prompt_length`)
 
 
 class _Intercepted(Exception):
@@ -152,14 +163,20 @@ class _LayerState:
     sink_mass: Tensor | None = None  # (head, pos)
     sink_rows: Tensor | None = None  # (head, state, sinks): repetition's sink columns
     induction_rows: dict[int, Tensor] = field(default_factory=dict)  # head -> (state, pos)
+    image_rows: Tensor | None = None  # (head, image query, image cell)
+    mean_row_entropy: Tensor | None = None  # (state,): entropy of the head-mean row (the seed score's F_t), float64
 
 
 class _Recorder:
     """The forward's hooks and blocked attention; keeps only reductions and residual streams."""
 
     def __init__(self, model, n_positions, block_size, sinks, states, induction_heads, lens_positions,
-                 include_resid_mid, dla_position):
+                 include_resid_mid, dla_position, image_queries=(), image_positions=(), capture=()):
         self.model = model
+        self.image_queries = torch.tensor(list(image_queries), dtype=torch.long)
+        self.image_positions = torch.tensor(list(image_positions), dtype=torch.long)
+        self.capture = list(capture)
+        self.captured_activations: dict[str, Tensor] = {}
         self.n = n_positions
         self.block_size = block_size
         self.sinks = list(sinks)
@@ -225,7 +242,12 @@ class _Recorder:
         sinks = torch.tensor(self.sinks, dtype=torch.long)
         if len(self.states):
             state.sink_rows = torch.zeros(n_heads, len(self.states), len(self.sinks))
+            if layer == self.model.cfg.n_layers - 1:
+                state.mean_row_entropy = torch.zeros(len(self.states), dtype=torch.float64)
             state.induction_rows = {head: torch.zeros(len(self.states), self.n) for head in self.induction.get(layer, [])}
+        image_queries, cells = self.image_queries, self.image_positions
+        if len(image_queries):
+            state.image_rows = torch.zeros(n_heads, len(image_queries), len(cells))
         for start, stop, first, key_stop in _query_blocks(self.n, self.block_size, self.layout[layer]):
             pattern = _block_pattern(grouped[:, :, start:stop], key[:, first:key_stop], scaling, softcap,
                                      self.layout[layer], start, first)  # (head, q, k)
@@ -244,6 +266,15 @@ class _Recorder:
                         state.sink_rows[:, chosen, column] = rows[..., sink - first]
                 for head, stored in state.induction_rows.items():
                     stored[chosen, first:key_stop] = rows[head]
+                if state.mean_row_entropy is not None:  # keys outside the block's span hold 0: nothing to add
+                    state.mean_row_entropy[chosen] = row_entropy(rows.double().mean(0))
+            # image rows: the chosen queries' mass on each image token (the cells this block's keys hold;
+            # a cell no key of the block covers is one the query cannot see: 0)
+            chosen = ((image_queries >= start) & (image_queries < stop)).nonzero()[:, 0]
+            inside = ((cells >= first) & (cells < key_stop)).nonzero()[:, 0]
+            if len(chosen) and len(inside):
+                rows = float_pattern[:, image_queries[chosen] - start][..., cells[inside] - first]  # (head, chosen, inside)
+                state.image_rows[:, chosen[:, None], inside[None, :]] = rows
         state.entropy, state.sink_mass = entropy, sink_mass
         return output.flatten(1)
 
@@ -297,8 +328,14 @@ class _Recorder:
             names += [f"blocks.{layer}.ln1_post.hook_scale" for layer in range(n_layers)
                       if f"blocks.{layer}.ln1_post.hook_scale" in self.model.hook_dict]
             hooks += [(name, self._rows_of(self.dla_rows, [self.dla_position], name)) for name in names]
+        hooks += [(name, self._keep_whole(name)) for name in self.capture]
         hooks.append(("unembed.hook_in", self._stop))
         return hooks
+
+    def _keep_whole(self, name: str):
+        def hook(tensor, hook):
+            self.captured_activations[name] = tensor.detach().clone()
+        return hook
 
     def _residual(self, index: int):
         def hook(tensor, hook):
@@ -401,6 +438,10 @@ def analyse_long(
     k: int = 5,
     high_entropy: int = 10,
     keep_residuals: Sequence[int] = (),
+    forward_inputs: "dict[str, Any] | None" = None,
+    image_queries: Sequence[int] = (),
+    image_positions: Sequence[int] = (),
+    capture: Sequence[str] = (),
     progress: bool = True,
 ) -> LongContextAnalysis:
     """Every report metric of one long sequence, in memory that grows with N (never N²) apart
@@ -424,12 +465,22 @@ def analyse_long(
             `high_entropy_positions`' top-k tokens and own logits (0: none).
         keep_residuals: layers whose `hook_resid_post` (pos, d_model) the result keeps (e.g. for
             `hidden_state_projection` on a cache-like {name: tensor[None]} dict).
+        forward_inputs: extra inputs of the forward pass, e.g. a vision-language model's image
+            inputs (`pixel_values`, ...: the `extra` of `mechvis.running.encode_with_image`).
+        image_queries, image_positions: query positions and the image tokens' positions whose
+            attention weights every layer keeps (`image_rows`: layer × head × query × cell, the
+            rows `image_attention` and `image_dynamics` read; `long_image_attention`,
+            `long_image_dynamics` and `long_vision_rollout` build their results from them).
+        capture: hook names kept whole (`captured`), e.g. the vision tower's attention patterns
+            `vision_rollout` reads (`mechvis.analysis.vision.vision_rollout_hooks`).
 
     Returns:
         `LongContextAnalysis`, whose fields equal the cache-based functions' results on the same
         sequence (`token_signals`, `logit_lens`, `head_entropy`, `activation_norms`,
         `activation_statistics`, `layer_similarity` over positions 1.., `rollout_rows`,
-        `direct_logit_attribution`, `repetition_features`).
+        `direct_logit_attribution`, `repetition_features`, and with `prompt_length` `seed_score`,
+        whose attention term reads the last layer's head-mean rows, reduced to their entropy per
+        query block).
 
     Raises:
         InvalidArgumentError: an input longer than `model.cfg.n_ctx`, a query, lens, sink or
@@ -468,161 +519,204 @@ def analyse_long(
     elif isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
         raise InvalidArgumentError(f"block_size must be a positive integer; got {block_size!r}.")
     kept_layers = check_layers(model, keep_residuals) if keep_residuals else []
+    image_query_list = check_positions(n, image_queries) if len(image_queries) else []
+    image_position_list = check_positions(n, image_positions) if len(image_positions) else []
+    if bool(image_query_list) != bool(image_position_list):
+        raise InvalidArgumentError("image_queries and image_positions go together: give both or neither.")
+    unknown = [name for name in capture if name not in model.hook_dict]
+    if unknown:
+        raise InvalidArgumentError(f"No hook {unknown[0]!r} in this model to capture.")
     _check_attention(model)
 
-    recorder = _Recorder(model, n, block_size, sinks, states, induction.heads, lens_list, include_resid_mid, dla_position)
-    attentions = [block.attn for block in model.blocks]
-    handles = recorder.raw_hooks()
-    for layer, attention in enumerate(attentions):
-        object.__setattr__(attention, "forward", recorder._attention_forward(layer))  # the bridge's __setattr__ would pass it to the HF module
-    recorder.progress = tqdm(total=n_layers, desc=f"long context ({n} tokens)", unit="layer", disable=not progress)
-    # The blocked attention reads each layer's mask from its layout, never the mask tensor HF builds
-    # for the layers: with eager attention that is an N × N float32 tensor (268 MB at 8,192 tokens),
-    # with SDPA none for a causal unpadded sequence. Only the mask HF builds changes, for this forward.
-    hf_config = model.original_model.config
-    configs = [hf_config] + [getattr(hf_config, name) for name in ("text_config",) if getattr(hf_config, name, None) is not None]
-    implementations = [config._attn_implementation for config in configs]
-    for config in configs:
-        config._attn_implementation = "sdpa"
-    try:
-        with torch.no_grad():
-            try:
-                model.run_with_hooks(tokens[None].to(model.cfg.device), fwd_hooks=recorder.hooks(), return_type=None)
-            except _StopForward:
-                pass
-    finally:  # the bridge as it was, whatever happened
-        for config, implementation in zip(configs, implementations):
-            config._attn_implementation = implementation
-        for attention in attentions:
-            attention.__dict__.pop("forward", None)
-        for handle in handles:
-            handle.remove()
-        recorder.progress.close()
-        recorder.progress = None
-    seconds["forward"] = time.perf_counter() - started
-    if any(residual is None for residual in recorder.residuals):
-        raise UnsupportedArchitectureError("The forward pass did not reach every layer's residual stream hook.")
-
-    # --- attention reductions -> HeadEntropy --------------------------------------------------------
-    layers = list(range(n_layers))
-    entropy = torch.stack([state.entropy for state in recorder.layers])
-    sink_mass = torch.stack([state.sink_mass for state in recorder.layers])
-    log_visible = torch.stack([recorder.layout[layer].visible_keys(n) for layer in layers]).float().log()[:, None, :]
-    normalised = torch.where(log_visible > 0, entropy / log_visible.clamp_min(1e-12), torch.nan)
-    head_entropy_result = HeadEntropy(layers, entropy, normalised, sink_mass, tuple(sinks))
-
-    # --- residual streams -> norms, statistics, similarity ------------------------------------------
-    norms = {}
-    for kind, per_layer in recorder.norms.items():
-        stacked_norms = torch.stack(per_layer)
-        change = (stacked_norms[1:] - stacked_norms[:-1]) / stacked_norms[:-1].clamp_min(torch.finfo(stacked_norms.dtype).tiny)
-        norms[kind] = ActivationNorms(kind, stacked_norms, change)
-    statistics = {}
-    for kind, per_layer in recorder.statistics.items():
-        mean, std, percentiles, kurtosis = (torch.cat(parts) for parts in zip(*per_layer))
-        statistics[kind] = ActivationStatistics(kind, mean, std, percentiles, kurtosis)
-    similarity_positions = list(range(min(1, n - 1), n))
-    gram = torch.zeros(n_layers + 1, n_layers + 1)
-    units = [torch.nn.functional.normalize(residual[similarity_positions], dim=-1) for residual in recorder.residuals]
-    gram = torch.stack([torch.stack([(a * b).sum() for b in units]) for a in units]) / len(similarity_positions)
-    del units
-    similarity = LayerSimilarity(["embed"] + [str(i) for i in layers], gram, similarity_positions)
-    seconds["reductions"] = time.perf_counter() - started - sum(seconds.values())
-
-    # --- logits in row blocks -> token signals -------------------------------------------------------
-    final = recorder.residuals[-1]
-    next_ids = torch.zeros(n, dtype=torch.long)
-    next_ids[:-1] = tokens[1:]
-    blocks = []
-    state_logits = []
-    state_index = torch.tensor(states, dtype=torch.long)
-    scratch = None  # one buffer reused by every block
-    for start in tqdm(range(0, n, _LOGIT_ROWS), desc="token signals", unit="block", disable=not progress or n < 4 * _LOGIT_ROWS):
-        with torch.no_grad():
-            logits = unembed_logits(model, final[start : start + _LOGIT_ROWS].to(model.cfg.device)).float().cpu()
-        if scratch is None:
-            scratch = torch.empty_like(logits)
-        blocks.append(_block_signals(logits, next_ids[start : start + _LOGIT_ROWS], max(k, 2), scratch[: logits.shape[0]]))
-        inside = state_index[(state_index >= start) & (state_index < start + _LOGIT_ROWS)]
-        if len(inside):
-            state_logits.append(logits[inside - start])
-        del logits
-    entropy_t, varentropy, top_probs, top_ids, surprisal = (torch.cat(parts) for parts in zip(*blocks))
-    surprisal[-1] = torch.nan
-    signals = TokenSignals(entropy_t, varentropy, top_probs[:, 0], top_probs[:, 0] - top_probs[:, 1], surprisal,
-                           top_ids[:, :k], top_probs[:, :k])
-    high = None
-    if high_entropy > 0:
-        considered = signals.entropy[:-1] if n > 1 else signals.entropy
-        chosen = considered.argsort(descending=True)[: min(high_entropy, considered.numel())].sort().values
-        with torch.no_grad():
-            rows = final[chosen].to(model.cfg.device)
-            chosen_logits = unembed_logits(model, rows).float()
-            unembed_input = {"unembed.hook_in": model.ln_final(rows)[None]}
-        high = high_entropy_positions(model, chosen_logits, n=len(chosen), k=k, cache=unembed_input)
-        high = dataclasses.replace(high, positions=[int(chosen[i]) for i in high.positions])
-    seconds["token_signals"] = time.perf_counter() - started - sum(seconds.values())
-
-    # --- logit lens: the cache-based function on the chosen rows ------------------------------------
-    index = torch.tensor(lens_list, dtype=torch.long)
-    names = lens_hook_names(model, include_resid_mid)
-    rows_cache: dict[str, Tensor] = {}
-    for name in names:
-        if name == "blocks.0.hook_resid_pre":
-            rows_cache[name] = recorder.residuals[0][index][None]
-        elif name.endswith("hook_resid_post"):
-            rows_cache[name] = recorder.residuals[int(name.split(".")[1]) + 1][index][None]
-        else:
-            rows_cache[name] = recorder.lens_rows[name]
-    lens = logit_lens(rows_cache, model, k=k)
-    lens = dataclasses.replace(lens, positions=lens_list)
-    seconds["logit_lens"] = time.perf_counter() - started - sum(seconds.values())
-
-    # --- DLA on the one position's rows --------------------------------------------------------------
-    dla = None
-    if dla_position is not None:
-        dla_cache = dict(recorder.dla_rows)
-        dla_cache[f"blocks.{n_layers - 1}.hook_resid_post"] = final[[dla_position]][None]
-        dla = direct_logit_attribution(dla_cache, model, answer, counterfactual, position=0)
-        dla = dataclasses.replace(dla, position=dla_position)
-
-    # --- repetition signals ---------------------------------------------------------------------------
-    repetition = None
-    if states:
-        feature_layer = _feature_layer(model, None)
-        n_heads = model.cfg.n_heads
-
-        def pattern_rows(layer: int) -> Tensor:
-            state = recorder.layers[layer]
-            rows = torch.zeros(n_heads, len(states), n)
-            rows[..., sinks] = state.sink_rows
-            for head, stored in state.induction_rows.items():
-                rows[head] = stored
-            return rows
-
-        values = _feature_values(torch.cat(state_logits), recorder.residuals[feature_layer + 1], tokens, pattern_rows, states,
-                                 induction=induction, n_layers=n_layers, sinks=sinks, prompt_length=prompt_length,
-                                 recurrence_window=64)
-        repetition = RepetitionFeatures([s + 1 for s in states], values)
-
-    # --- rollout rows: top layer first ----------------------------------------------------------------
-    rollout = None
-    if query_list:
-        rows = torch.zeros(len(query_list), n, dtype=torch.float64)
-        rows[torch.arange(len(query_list)), torch.tensor(query_list)] = 1.0
+    # Per-block scratch (scores, patterns, logits: 1–48 MB of varying sizes) gets its own mappings, so
+    # glibc's heap cannot fragment under it; freed memory is trimmed between stages.
+    with large_allocations_mapped():
+        recorder = _Recorder(model, n, block_size, sinks, states, induction.heads, lens_list, include_resid_mid, dla_position,
+                             image_query_list, image_position_list, capture)
+        attentions = [block.attn for block in model.blocks]
         handles = recorder.raw_hooks()
+        for layer, attention in enumerate(attentions):
+            object.__setattr__(attention, "forward", recorder._attention_forward(layer))  # the bridge's __setattr__ would pass it to the HF module
+        recorder.progress = tqdm(total=n_layers, desc=f"long context ({n} tokens)", unit="layer", disable=not progress)
+        # The blocked attention reads each layer's mask from its layout, never the mask tensor HF builds
+        # for the layers: with eager attention that is an N × N float32 tensor (268 MB at 8,192 tokens),
+        # with SDPA none for a causal unpadded sequence. Only the mask HF builds changes, for this forward.
+        hf_config = model.original_model.config
+        # (a vision-language model's text config only: its vision tower keeps eager attention, whose
+        # pattern hooks `capture` may read)
+        text_config = getattr(hf_config, "text_config", None)
+        configs = [hf_config] if text_config is None or text_config is hf_config else [text_config]
+        implementations = [config._attn_implementation for config in configs]
+        for config in configs:
+            config._attn_implementation = "sdpa"
         try:
             with torch.no_grad():
-                for layer in tqdm(list(reversed(layers)), desc="rollout rows", unit="layer", disable=not progress):
-                    rows = recorder.rollout_factor_rows(layer, rows, head_fusion, residual_weight)
-        finally:
+                try:
+                    model.run_with_hooks(tokens[None].to(model.cfg.device), fwd_hooks=recorder.hooks(), return_type=None,
+                                         **(forward_inputs or {}))
+                except _StopForward:
+                    pass
+        finally:  # the bridge as it was, whatever happened
+            for config, implementation in zip(configs, implementations):
+                config._attn_implementation = implementation
+            for attention in attentions:
+                attention.__dict__.pop("forward", None)
             for handle in handles:
                 handle.remove()
-        rollout = RolloutRows(rows.float(), query_list, head_fusion, residual_weight, layers)
-        seconds["rollout"] = time.perf_counter() - started - sum(seconds.values())
-    kept = {layer: recorder.residuals[layer + 1] for layer in kept_layers}
-    return LongContextAnalysis(tokens, signals, lens, head_entropy_result, norms, statistics, similarity, rollout, dla,
-                               repetition, block_size, high, kept, seconds)
+            recorder.progress.close()
+            recorder.progress = None
+        seconds["forward"] = time.perf_counter() - started
+        release_freed_memory()
+        if any(residual is None for residual in recorder.residuals):
+            raise UnsupportedArchitectureError("The forward pass did not reach every layer's residual stream hook.")
+
+        # --- attention reductions -> HeadEntropy --------------------------------------------------------
+        layers = list(range(n_layers))
+        entropy = torch.stack([state.entropy for state in recorder.layers])
+        sink_mass = torch.stack([state.sink_mass for state in recorder.layers])
+        log_visible = torch.stack([recorder.layout[layer].visible_keys(n) for layer in layers]).float().log()[:, None, :]
+        normalised = torch.where(log_visible > 0, entropy / log_visible.clamp_min(1e-12), torch.nan)
+        head_entropy_result = HeadEntropy(layers, entropy, normalised, sink_mass, tuple(sinks))
+
+        # --- residual streams -> norms, statistics, similarity ------------------------------------------
+        norms = {}
+        for kind, per_layer in recorder.norms.items():
+            stacked_norms = torch.stack(per_layer)
+            change = (stacked_norms[1:] - stacked_norms[:-1]) / stacked_norms[:-1].clamp_min(torch.finfo(stacked_norms.dtype).tiny)
+            norms[kind] = ActivationNorms(kind, stacked_norms, change)
+        statistics = {}
+        for kind, per_layer in recorder.statistics.items():
+            mean, std, percentiles, kurtosis = (torch.cat(parts) for parts in zip(*per_layer))
+            statistics[kind] = ActivationStatistics(kind, mean, std, percentiles, kurtosis)
+        similarity_positions = list(range(min(1, n - 1), n))
+        gram = torch.zeros(n_layers + 1, n_layers + 1)
+        units = [torch.nn.functional.normalize(residual[similarity_positions], dim=-1) for residual in recorder.residuals]
+        gram = torch.stack([torch.stack([(a * b).sum() for b in units]) for a in units]) / len(similarity_positions)
+        del units
+        similarity = LayerSimilarity(["embed"] + [str(i) for i in layers], gram, similarity_positions)
+        seconds["reductions"] = time.perf_counter() - started - sum(seconds.values())
+
+        # --- logits in row blocks -> token signals -------------------------------------------------------
+        final = recorder.residuals[-1]
+        next_ids = torch.zeros(n, dtype=torch.long)
+        next_ids[:-1] = tokens[1:]
+        blocks = []
+        state_logits = []
+        state_index = torch.tensor(states, dtype=torch.long)
+        scratch = None  # one buffer reused by every block
+        for start in tqdm(range(0, n, _LOGIT_ROWS), desc="token signals", unit="block", disable=not progress or n < 4 * _LOGIT_ROWS):
+            with torch.no_grad():
+                logits = unembed_logits(model, final[start : start + _LOGIT_ROWS].to(model.cfg.device)).float().cpu()
+            if scratch is None:
+                scratch = torch.empty_like(logits)
+            blocks.append(_block_signals(logits, next_ids[start : start + _LOGIT_ROWS], max(k, 2), scratch[: logits.shape[0]]))
+            inside = state_index[(state_index >= start) & (state_index < start + _LOGIT_ROWS)]
+            if len(inside):
+                state_logits.append(logits[inside - start])
+            del logits
+        entropy_t, varentropy, top_probs, top_ids, surprisal = (torch.cat(parts) for parts in zip(*blocks))
+        surprisal[-1] = torch.nan
+        signals = TokenSignals(entropy_t, varentropy, top_probs[:, 0], top_probs[:, 0] - top_probs[:, 1], surprisal,
+                               top_ids[:, :k], top_probs[:, :k])
+        high = None
+        if high_entropy > 0:
+            considered = signals.entropy[:-1] if n > 1 else signals.entropy
+            chosen = considered.argsort(descending=True)[: min(high_entropy, considered.numel())].sort().values
+            with torch.no_grad():
+                rows = final[chosen].to(model.cfg.device)
+                chosen_logits = unembed_logits(model, rows).float()
+                unembed_input = {"unembed.hook_in": model.ln_final(rows)[None]}
+            high = high_entropy_positions(model, chosen_logits, n=len(chosen), k=k, cache=unembed_input)
+            high = dataclasses.replace(high, positions=[int(chosen[i]) for i in high.positions])
+        seconds["token_signals"] = time.perf_counter() - started - sum(seconds.values())
+        release_freed_memory()
+
+        # --- logit lens: the cache-based function on the chosen rows ------------------------------------
+        index = torch.tensor(lens_list, dtype=torch.long)
+        names = lens_hook_names(model, include_resid_mid)
+        rows_cache: dict[str, Tensor] = {}
+        for name in names:
+            if name == "blocks.0.hook_resid_pre":
+                rows_cache[name] = recorder.residuals[0][index][None]
+            elif name.endswith("hook_resid_post"):
+                rows_cache[name] = recorder.residuals[int(name.split(".")[1]) + 1][index][None]
+            else:
+                rows_cache[name] = recorder.lens_rows[name]
+        lens = logit_lens(rows_cache, model, k=k)
+        lens = dataclasses.replace(lens, positions=lens_list)
+        seconds["logit_lens"] = time.perf_counter() - started - sum(seconds.values())
+
+        # --- DLA on the one position's rows --------------------------------------------------------------
+        dla = None
+        if dla_position is not None:
+            dla_cache = dict(recorder.dla_rows)
+            dla_cache[f"blocks.{n_layers - 1}.hook_resid_post"] = final[[dla_position]][None]
+            dla = direct_logit_attribution(dla_cache, model, answer, counterfactual, position=0)
+            dla = dataclasses.replace(dla, position=dla_position)
+
+        # --- repetition signals ---------------------------------------------------------------------------
+        repetition = seed = None
+        if states:
+            feature_layer = _feature_layer(model, None)
+            n_heads = model.cfg.n_heads
+
+            def pattern_rows(layer: int) -> Tensor:
+                state = recorder.layers[layer]
+                rows = torch.zeros(n_heads, len(states), n)
+                rows[..., sinks] = state.sink_rows
+                for head, stored in state.induction_rows.items():
+                    rows[head] = stored
+                return rows
+
+            values = _feature_values(torch.cat(state_logits), recorder.residuals[feature_layer + 1], tokens, pattern_rows, states,
+                                     induction=induction, n_layers=n_layers, sinks=sinks, prompt_length=prompt_length,
+                                     recurrence_window=64)
+            repetition = RepetitionFeatures([s + 1 for s in states], values)
+            seed = _seed_score(torch.cat(state_logits), recorder, states)
+
+        # --- rollout rows: top layer first ----------------------------------------------------------------
+        rollout = None
+        if query_list:
+            rows = torch.zeros(len(query_list), n, dtype=torch.float64)
+            rows[torch.arange(len(query_list)), torch.tensor(query_list)] = 1.0
+            handles = recorder.raw_hooks()
+            try:
+                with torch.no_grad():
+                    for layer in tqdm(list(reversed(layers)), desc="rollout rows", unit="layer", disable=not progress):
+                        rows = recorder.rollout_factor_rows(layer, rows, head_fusion, residual_weight)
+            finally:
+                for handle in handles:
+                    handle.remove()
+            rollout = RolloutRows(rows.float(), query_list, head_fusion, residual_weight, layers)
+            seconds["rollout"] = time.perf_counter() - started - sum(seconds.values())
+        kept = {layer: recorder.residuals[layer + 1] for layer in kept_layers}
+        image_rows = torch.stack([state.image_rows for state in recorder.layers]) if image_query_list else None
+        return LongContextAnalysis(tokens, signals, lens, head_entropy_result, norms, statistics, similarity, rollout, dla,
+                                   repetition, block_size, high, kept, seconds, image_rows, image_query_list,
+                                   image_position_list, recorder.captured_activations, seed)
+
+
+def _seed_score(logits: Float[Tensor, "state vocab"], recorder: _Recorder, states: list[int]) -> "SeedScore":
+    """`mechvis.analysis.repetition.seed_score` (α = β = δ = 1) from the states' logits, the last
+    layer's residual stream and the head-mean rows' entropies the forward reduced per query block."""
+    import math
+
+    from mechvis.analysis.repetition import SeedScore
+
+    vocab = logits.shape[-1]
+    log_probs = logits.double().log_softmax(-1)
+    entropy = -(log_probs.exp() * log_probs).sum(-1)
+    norms = recorder.residuals[-1].double().norm(dim=-1)
+    rise = norms[states] - norms[[q - 1 for q in states]]
+    spread = rise.max() - rise.min()
+    rise = (rise - rise.min()) / spread if spread > 0 else torch.zeros_like(rise)
+    uniformity = (1.0 - (math.log(vocab) - entropy)).clamp(0.0, 1.0)
+    last = len(recorder.layers) - 1
+    n_keys = recorder.layout[last].visible_keys(recorder.n)[states].double()
+    focus = 1.0 - recorder.layers[last].mean_row_entropy / torch.log(n_keys)
+    entropy_term = entropy / math.log(vocab)
+    score = entropy_term + rise + uniformity + focus
+    return SeedScore([q + 1 for q in states], *(t.float() for t in (entropy_term, rise, uniformity, focus, score)))
 
 
 def real_text_tokens(model: "TransformerBridge", n_tokens: int) -> Int[Tensor, " pos"]:
@@ -682,3 +776,98 @@ def needs_long_context(model: "TransformerBridge", n_tokens: int, *, available_b
 
         available_bytes = psutil.virtual_memory().available
     return estimated_cache_bytes(model, n_tokens) > available_bytes // 2
+
+
+# --- image metrics from analyse_long's rows (a vision-language model's long input) -------------------
+
+
+def _image_rows(result: LongContextAnalysis, query_positions: Sequence[int]) -> tuple[Tensor, list[int]]:
+    """The kept image rows (layer, head, query, cell) of `query_positions`, in their order."""
+    if result.image_rows is None:
+        raise InvalidArgumentError(
+            "This analysis kept no image rows: run analyse_long with image_queries= and image_positions= (the image tokens)."
+        )
+    queries = check_positions(result.tokens.numel(), query_positions)
+    missing = [query for query in queries if query not in result.image_queries]
+    if missing:
+        raise InvalidArgumentError(
+            f"Query position {missing[0]} was not among analyse_long's image_queries {result.image_queries}; include it there."
+        )
+    return result.image_rows[:, :, [result.image_queries.index(query) for query in queries]], queries
+
+
+def _check_grid(result: LongContextAnalysis, grid: "ImageGrid") -> None:
+    if list(grid.positions) != result.image_positions:
+        raise InvalidArgumentError("The grid's image positions are not the image_positions analyse_long kept rows for.")
+
+
+def long_image_attention(
+    result: LongContextAnalysis, grid: "ImageGrid", *, query_positions: Sequence[int], sink_cells: Sequence[int] = (),
+) -> "ImageAttention":
+    """`mechvis.analysis.vision.image_attention` (every layer) from `analyse_long`'s image rows:
+    equal to the cache-based result on the same input.
+
+    Raises:
+        InvalidArgumentError: no image rows kept, a query that was not among `image_queries`, a
+            grid whose positions are not the kept `image_positions`, a sink cell outside the grid."""
+    from mechvis.analysis.vision import _from_rows
+
+    _check_grid(result, grid)
+    rows, queries = _image_rows(result, query_positions)
+    return _from_rows(list(range(rows.shape[0])), queries, grid, rows, sink_cells)
+
+
+def long_image_dynamics(
+    result: LongContextAnalysis, trace: "Trace", *, regions: "Sequence[str] | None" = None, sink_cells: Sequence[int] = (),
+) -> "ImageDynamics":
+    """`mechvis.analysis.dynamics.image_dynamics` (every layer) from `analyse_long`'s image rows of
+    the queries that produced the generated tokens (positions P + s − 1), equal to the cache-based
+    result. `regions` default to the dynamics' DEFAULT_REGIONS.
+
+    Raises:
+        InvalidArgumentError: as `long_image_attention`; a trace without an image or generated tokens."""
+    from mechvis.analysis.dynamics import DEFAULT_REGIONS, _assemble, _boxes, _image_grid, _keep, _summarise
+
+    grid = _image_grid(trace)
+    _check_grid(result, grid)
+    boxes = _boxes(DEFAULT_REGIONS if regions is None else regions)
+    rows, queries = _image_rows(result, [position - 1 for position in trace.generated_positions])
+    tokens = trace.run.str_tokens[trace.prompt_length :]
+    return _assemble([_summarise(rows, grid, boxes, _keep(grid, sink_cells))], tokens, list(range(rows.shape[0])), grid,
+                     queries, boxes)
+
+
+def long_vision_rollout(
+    result: LongContextAnalysis, model: "TransformerBridge", grid: "ImageGrid", *, query_positions: Sequence[int],
+) -> "VisionRollout":
+    """`mechvis.analysis.vision.vision_rollout` from `analyse_long`'s rollout rows (the language
+    model's e_qᵀ Â_L ⋯ Â_1, same head fusion and residual weight) restricted to the image tokens,
+    times the vision tower's rollout from the hooks `capture` kept
+    (`mechvis.analysis.vision.vision_rollout_hooks`): equal to the cache-based result.
+
+    Raises:
+        InvalidArgumentError: a query without a rollout row, a layout vision_rollout does not map,
+            a grid whose merge size is not the tower's.
+        MissingActivationsError: the vision tower's hooks were not captured."""
+    from mechvis.analysis.vision import VisionRollout, _check_llava_layout, _llava_onto_patches, _qwen_onto_patches, _qwen_visual
+
+    rolled = result.rollout
+    queries = check_positions(result.tokens.numel(), query_positions)
+    if rolled is None or any(query not in rolled.queries for query in queries):
+        raise InvalidArgumentError(f"analyse_long computed rollout rows for {None if rolled is None else rolled.queries}; "
+                                   f"include the queries {queries} in its queries=.")
+    visual = _qwen_visual(model)
+    if visual is None:
+        _check_llava_layout(model, grid)
+    elif grid.merge_size != visual.spatial_merge_size:
+        raise InvalidArgumentError(f"This grid merges {grid.merge_size} × {grid.merge_size} patches; the vision tower merges {visual.spatial_merge_size}.")
+    rows = rolled.rows[[rolled.queries.index(query) for query in queries]].double()
+    to_image = rows[:, list(grid.positions)]  # (query, image token)
+    if visual is None:
+        onto_patches, vision_layers = _llava_onto_patches(result.captured, model, grid, to_image, rolled.head_fusion, rolled.residual_weight)
+        patch_shape = (grid.rows, grid.cols)
+    else:
+        onto_patches, vision_layers = _qwen_onto_patches(result.captured, visual, grid, to_image, rolled.head_fusion, rolled.residual_weight)
+        patch_shape = (grid.rows * grid.merge_size, grid.cols * grid.merge_size)
+    maps = onto_patches / onto_patches.sum(-1, keepdim=True)
+    return VisionRollout(queries, grid, patch_shape, maps.float(), to_image.sum(-1).float(), vision_layers)

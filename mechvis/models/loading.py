@@ -8,7 +8,9 @@ every log-probability unchanged; raw logits shift by a constant per position.
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -23,6 +25,48 @@ if TYPE_CHECKING:
     from transformer_lens.model_bridge import TransformerBridge
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+def _libc():
+    """glibc's C library through ctypes, or None (macOS, Windows, musl: no malloc_trim/mallopt)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.malloc_trim, libc.mallopt  # noqa: B018 - both glibc-only
+    except (OSError, AttributeError):
+        return None
+    return libc
+
+
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter numbers (malloc.h)
+_MMAP_THRESHOLD_MAX = 32 << 20  # DEFAULT_MMAP_THRESHOLD_MAX on 64-bit: where the dynamic threshold ends up with large tensors
+
+
+@contextlib.contextmanager
+def large_allocations_mapped(threshold: int = 1 << 20) -> Iterator[None]:
+    """Within the block, every allocation of `threshold` bytes or more gets its own memory mapping
+    (glibc `mallopt(M_MMAP_THRESHOLD)`), returned to the OS as soon as it is freed; afterwards the
+    threshold is 32 MiB and freed memory is trimmed (`release_freed_memory`).
+
+    glibc serves allocations below a threshold from its heap; the threshold starts at 128 KiB and
+    rises to the size of any larger mapped block freed (up to 32 MiB), which torch's tensors do at
+    once. A computation that allocates and frees many tensors of 1–32 MiB of varying sizes (query
+    blocks over a growing number of keys) then fragments the heap, and how much resident memory
+    stays stranded varies between identical runs. Mapped allocations cannot fragment. No tensor
+    value changes; off glibc this does nothing. (glibc cannot return to its dynamic threshold
+    once one is set: after the block the threshold stays fixed at 32 MiB, the dynamic one's ceiling.)"""
+    libc = _libc()
+    if libc is None:
+        yield
+        return
+    libc.mallopt(_M_MMAP_THRESHOLD, int(threshold))
+    try:
+        yield
+    finally:
+        libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX)
+        release_freed_memory()
+
+
 def release_freed_memory() -> bool:
     """Hand the memory freed while loading back to the operating system (glibc's `malloc_trim`).
 
@@ -32,18 +76,147 @@ def release_freed_memory() -> bool:
     anything was called (False off glibc: macOS, Windows, musl).
     """
     import ctypes
-    import ctypes.util
     import gc
 
     gc.collect()
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        trim = libc.malloc_trim
-    except (OSError, AttributeError):
+    libc = _libc()
+    if libc is None:
         return False
-    trim.argtypes = [ctypes.c_size_t]
-    trim(0)
+    libc.malloc_trim.argtypes = [ctypes.c_size_t]
+    libc.malloc_trim(0)
     return True
+
+
+def _file_mapped_ranges() -> list[tuple[int, int]]:
+    """Address ranges of this process mapped from files (/proc/self/maps; empty off Linux)."""
+    try:
+        with open("/proc/self/maps") as handle:
+            lines = handle.read().splitlines()
+    except OSError:
+        return []
+    ranges = []
+    for line in lines:
+        fields = line.split()
+        if len(fields) >= 6 and fields[4] != "0" and not fields[5].startswith("["):
+            start, end = (int(address, 16) for address in fields[0].split("-"))
+            ranges.append((start, end))
+    return ranges
+
+
+def copy_weights_out_of_files(module: torch.nn.Module) -> int:
+    """Give every parameter and buffer of `module` that still lives in a memory-mapped weights
+    file (transformers maps safetensors files) its own memory; returns the bytes copied.
+
+    Weight processing replaces most weights with new tensors, but those it leaves as they were
+    (the embedding, W_out of the embedded model: 0.22 GB) keep the whole file's mapping alive,
+    and every page of it that processing read stays resident: 0.54 GB of file pages next to the
+    processed copies. Copying those tensors out (one storage at a time, views and tied weights
+    kept sharing it) lets the mapping go. The copies are exact. Off Linux nothing is copied."""
+    ranges = _file_mapped_ranges()
+    if not ranges:
+        return 0
+    groups: dict[int, list[torch.Tensor]] = {}
+    storages: dict[int, torch.UntypedStorage] = {}
+    for submodule in module.modules():
+        for tensor in (*submodule._parameters.values(), *submodule._buffers.values()):
+            if tensor is None or tensor.device.type != "cpu":
+                continue
+            storage = tensor.untyped_storage()
+            pointer = storage.data_ptr()
+            if any(start <= pointer < end for start, end in ranges):
+                storages[pointer] = storage
+                groups.setdefault(pointer, []).append(tensor)
+    copied = 0
+    with torch.no_grad():
+        for pointer, tensors in groups.items():
+            copy = storages.pop(pointer).clone()
+            for tensor in tensors:
+                tensor.data = torch.empty((), dtype=tensor.dtype).set_(copy, tensor.storage_offset(), tensor.size(), tensor.stride())
+            copied += copy.nbytes()
+            del copy
+    return copied
+
+
+# Every name transformer-lens 4.3's `ProcessWeights.fold_layer_norm` body uses: the lighter version
+# below runs the same steps and is used only while the original still uses exactly these.
+_FOLD_LAYER_NORM_NAMES = frozenset({"items", "getattr", "range", "n_layers", "ProcessWeights", "_fold_layer",
+                                    "_fold_final_rms_bias", "_fold_unembed_layer_norm"})
+
+
+def _fold_layer_norm_without_copy(original):
+    """transformer-lens' `fold_layer_norm` without its opening copy of every weight.
+
+    The original clones the whole state dict ("to avoid modifying the original"), then folds each
+    layer with `_fold_layer` and the final norm with `_fold_final_rms_bias` and
+    `_fold_unembed_layer_norm`, each of which puts NEW tensors into the dict and writes into none.
+    So the clone only costs memory: at the peak of loading it doubles the weights the fold never
+    changes (embedding, W_O, W_out: 0.26 GB of the embedded model's 0.62 GB). This runs the same
+    three steps on a shallow copy of the dict (same arithmetic on the same tensors: bit-identical),
+    and checks with torch's version counters that no input tensor was written into (which would
+    be the model's own weights); if one was, it raises rather than return a silently different
+    model. Falls back to the original when its body calls anything else (another transformer-lens)."""
+    from transformer_lens.weight_processing import ProcessWeights
+
+    if frozenset(original.__code__.co_names) != _FOLD_LAYER_NORM_NAMES:
+        return original
+
+    def fold_layer_norm(state_dict, cfg, fold_biases=True, center_weights=True, adapter=None):
+        versions = {key: value._version for key, value in state_dict.items() if isinstance(value, torch.Tensor)}
+        folded = dict(state_dict)
+        gqa = "" if getattr(cfg, "n_key_value_heads", None) is None else "_"
+        for layer in range(cfg.n_layers):
+            folded = ProcessWeights._fold_layer(folded, cfg, layer, fold_biases, center_weights, adapter, gqa)
+        folded = ProcessWeights._fold_final_rms_bias(folded, cfg, fold_biases, adapter)
+        folded = ProcessWeights._fold_unembed_layer_norm(folded, cfg, fold_biases, center_weights, adapter)
+        written = [key for key, version in versions.items() if state_dict[key]._version != version]
+        if written:
+            raise RuntimeError(
+                f"transformer-lens' layer-norm folding wrote into the model's weights ({', '.join(written[:5])}): "
+                f"mechvis's lighter folding assumes it never does. Report this with your transformer-lens version."
+            )
+        return folded
+
+    return fold_layer_norm
+
+
+def _fold_value_biases_on_attention_only(original):
+    """transformer-lens' `fold_value_biases` given only the attention entries of the state dict.
+
+    The function clones every tensor it gets and reads and writes only attention weights and biases
+    (b_V, W_O, b_O of each layer); given the whole dict it copies all weights once more at the peak
+    of loading, also for models without value biases (Llama: nothing to fold). Given only the keys
+    with ".attn." it computes the same values; its result is merged into the whole dict. If it fails
+    on the reduced dict, or adds or drops entries outside attention, the whole dict is used."""
+
+    def fold_value_biases(state_dict, cfg, adapter=None):
+        reduced = {key: value for key, value in state_dict.items() if ".attn." in key}
+        try:
+            folded = original(reduced, cfg, adapter=adapter)
+        except Exception:  # noqa: BLE001 - same weights, the original call
+            return original(state_dict, cfg, adapter=adapter)
+        if not set(reduced) <= set(folded) or any(".attn." not in key for key in set(folded) - set(reduced)):
+            return original(state_dict, cfg, adapter=adapter)
+        return {**state_dict, **folded}
+
+    return fold_value_biases
+
+
+@contextlib.contextmanager
+def lighter_weight_processing() -> Iterator[None]:
+    """Around `bridge.enable_compatibility_mode()`: transformer-lens' weight processing with fewer
+    whole-model copies alive at once (`_fold_layer_norm_without_copy`,
+    `_fold_value_biases_on_attention_only`). Every processed weight is bit-identical
+    (tests/test_bridge_memory.py); the loading peak of the embedded model falls from 2.8 to ~2.2 GB."""
+    from transformer_lens.weight_processing import ProcessWeights
+
+    originals = {name: ProcessWeights.__dict__[name] for name in ("fold_layer_norm", "fold_value_biases")}
+    ProcessWeights.fold_layer_norm = staticmethod(_fold_layer_norm_without_copy(originals["fold_layer_norm"].__func__))
+    ProcessWeights.fold_value_biases = staticmethod(_fold_value_biases_on_attention_only(originals["fold_value_biases"].__func__))
+    try:
+        yield
+    finally:
+        for name, original in originals.items():
+            setattr(ProcessWeights, name, original)
 
 
 def supported_architectures() -> list[str]:
@@ -222,8 +395,10 @@ def load_model(
     bridge = TransformerBridge.boot_transformers(
         model_name, hf_model=hf_model, tokenizer=tokenizer, device=resolved_device, dtype=resolved_dtype
     )
-    with recording_unembedding_mean(bridge):  # what centring the unembedding removes: the model's own logits
+    # recording: what centring the unembedding removes (the model's own logits)
+    with lighter_weight_processing(), recording_unembedding_mean(bridge):
         bridge.enable_compatibility_mode(disable_warnings=True)
+    copy_weights_out_of_files(bridge)
     release_freed_memory()
     bridge.eval()
     compat.check(bridge)

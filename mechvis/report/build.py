@@ -166,7 +166,7 @@ def build_report_data(
 def _build_report_data(stages, model, prompt, chat, max_new_tokens, layers, temperature, seed, lens_positions, ablation, image, rollout_queries, full_rollout, trace) -> ReportData:
     attention_layers = check_layers(model, layers) if layers else default_attention_layers(model.cfg.n_layers)
     stages.set_postfix_str("generating")
-    long_context = trace is None and image is None and _needs_long_context(model, prompt, chat, max_new_tokens)
+    long_context = trace is None and _needs_long_context(model, prompt, chat, max_new_tokens, image)
     if long_context and full_rollout:
         raise InvalidArgumentError(
             "full_rollout needs the whole cache, which would not fit in memory for this input (the long-context "
@@ -180,7 +180,7 @@ def _build_report_data(stages, model, prompt, chat, max_new_tokens, layers, temp
     if long_context:
         stages.close()
         return _long_context_report_data(model, trace, prompt, chat, attention_layers, lens_positions,
-                                         _rollout_queries(rollout_queries, trace.prompt_length, len(run.tokens)))
+                                         _rollout_queries(rollout_queries, trace.prompt_length, len(run.tokens)), image)
     stages.set_postfix_str("token and lens analyses")
     n = len(run.tokens)
     signals = token_signals(run.logits, run.tokens)
@@ -233,21 +233,36 @@ def _rollout_queries(rollout_queries: Sequence[int] | int, prompt_length: int, n
     return list(rollout_queries)
 
 
-def _needs_long_context(model: "TransformerBridge", prompt: str, chat: bool, max_new_tokens: int) -> bool:
-    """Whether the full cache of prompt + generated tokens would not fit in memory (see
-    `mechvis.analysis.longcontext.needs_long_context`)."""
-    from mechvis.analysis.longcontext import needs_long_context
-    from mechvis.running import encode
+def _needs_long_context(model: "TransformerBridge", prompt: str, chat: bool, max_new_tokens: int, image: object | None = None) -> bool:
+    """Whether the full cache of prompt (image tokens included) + generated tokens would not fit in
+    memory (see `mechvis.analysis.longcontext.needs_long_context`), for a model whose attention
+    `analyse_long` supports. For a model it does not (its `UnsupportedArchitectureError`, e.g.
+    attention without a rotary bridge), the report keeps the cache path and logs why."""
+    import logging
 
-    return needs_long_context(model, len(encode(model, prompt, chat=chat).token_ids) + max_new_tokens)
+    from mechvis.analysis.longcontext import _check_attention, needs_long_context
+    from mechvis.errors import UnsupportedArchitectureError
+    from mechvis.running import encode, encode_with_image
+
+    encoded = encode_with_image(model, prompt, image, chat=chat)[0] if image is not None else encode(model, prompt, chat=chat)
+    if not needs_long_context(model, len(encoded.token_ids) + max_new_tokens):
+        return False
+    try:
+        _check_attention(model)
+    except UnsupportedArchitectureError as error:
+        logging.getLogger("mechvis.report").warning("A full cache of this input may not fit in memory, but %s The report "
+                                                    "uses the full cache.", error)
+        return False
+    return True
 
 
 def _long_context_report_data(
     model: "TransformerBridge", trace: Trace, prompt: str, chat: bool, attention_layers: list[int], lens_positions: int,
-    queries: list[int],
+    queries: list[int], image: object | None = None,
 ) -> ReportData:
     """The report's analyses by `analyse_long` (no cache): rollout as rows for `queries` (as the
-    cached path keeps them), no ablation sweep."""
+    cached path keeps them), no ablation sweep. With an image, the image metrics too (from the
+    image rows, rollout rows and vision-tower patterns analyse_long keeps), equal to the cached path's."""
     import logging
 
     from mechvis.analysis.longcontext import analyse_long, estimated_cache_bytes
@@ -268,10 +283,34 @@ def _long_context_report_data(
     if len(trace.generated_ids) >= 2:
         repetition_args = dict(prompt_length=trace.prompt_length, induction=find_induction_heads(model))
     middle = model.cfg.n_layers // 2
-    result = analyse_long(model, run.tokens, queries=queries,
+    grid = run.segments.image_grid
+    image_args, vision_queries = {}, []
+    if image is not None and grid is not None:
+        from mechvis.analysis.vision import vision_rollout_hooks
+        from mechvis.generation import with_text_appended
+        from mechvis.running import encode_with_image
+
+        vision_queries = list(trace.generated_positions) or [n - 1]  # as `_vision_result`
+        dynamics_queries = [position - 1 for position in trace.generated_positions]  # `image_dynamics`' rows
+        image_args = dict(forward_inputs=with_text_appended(encode_with_image(model, prompt, image, chat=chat)[1], len(trace.generated_ids)),
+                          image_queries=sorted(set(vision_queries) | set(dynamics_queries)), image_positions=list(grid.positions),
+                          capture=[name for name in vision_rollout_hooks(model) if name in model.hook_dict])
+    elif image is not None:
+        from mechvis.generation import with_text_appended
+        from mechvis.running import encode_with_image
+
+        image_args = dict(forward_inputs=with_text_appended(encode_with_image(model, prompt, image, chat=chat)[1], len(trace.generated_ids)))
+    rollout_queries = list(dict.fromkeys(queries + vision_queries))  # the report's rows, then the vision rollout's
+    result = analyse_long(model, run.tokens, queries=rollout_queries,
                           lens_positions=list(range(max(0, n - lens_positions), n)), sink_positions=run.segments.sink_positions,
                           attribution=attribution, attribution_position=n - 2 if trace.generated_ids else -1,
-                          high_entropy=min(10, max(1, n - 1)), keep_residuals=[middle], **repetition_args)
+                          high_entropy=min(10, max(1, n - 1)),
+                          keep_residuals=range(model.cfg.n_layers) if image_args.get("image_queries") else [middle],
+                          **repetition_args, **image_args)
+    vision = _long_vision_result(model, trace, image, result) if image_args.get("image_queries") else None
+    rolled = result.rollout
+    if rolled is not None and len(rolled.queries) != len(queries):
+        rolled = RolloutRows(rolled.rows[: len(queries)], queries, rolled.head_fusion, rolled.residual_weight, rolled.layers)
     projection = hidden_state_projection({f"blocks.{middle}.hook_resid_post": result.residuals[middle][None]}, model, run.str_tokens,
                                          layer=middle, positions=list(range(1, n)) if n > 2 else None)
     repetition = None
@@ -280,39 +319,67 @@ def _long_context_report_data(
         probability = monitor.score(result.repetition)
         labels = rep_labels(trace.generated_ids)
         repetition = RepetitionResult(labels, loop_onset(labels), monitor.first_alarm(probability), seq_rep_n(trace.generated_ids),
-                                      probability, torch.full((len(trace.generated_ids),), torch.nan), result.repetition)
-        note += " The seed's loop score (which reads full attention rows of the last layer) is not computed (NaN)."
+                                      probability, result.seed.score, result.repetition)
     return ReportData(inspect_model(model), prompt, chat, trace, attention_layers, result.signals, result.high_entropy, result.lens,
-                      result.entropy, result.rollout, result.norms["resid_post"], result.similarity, result.attribution,
-                      repetition, projection, notes=[note])
+                      result.entropy, rolled, result.norms["resid_post"], result.similarity, result.attribution,
+                      repetition, projection, vision=vision, notes=[note])
+
+
+def _long_vision_result(model: "TransformerBridge", trace: Trace, image: object, result) -> VisionResult:
+    """`_vision_result` from `analyse_long`'s image rows, rollout rows and residual streams."""
+    from mechvis.analysis.crossmodal import cross_modal
+    from mechvis.analysis.longcontext import long_image_attention, long_image_dynamics, long_vision_rollout
+    from mechvis.errors import MissingActivationsError
+
+    run = trace.run
+    grid = run.segments.image_grid
+    queries = list(trace.generated_positions) or [len(run.tokens) - 1]
+    attention = long_image_attention(result, grid, query_positions=queries)
+    try:
+        rolled = long_vision_rollout(result, model, grid, query_positions=queries)
+    except (InvalidArgumentError, MissingActivationsError):  # layouts whose vision rollout is not mapped yet
+        rolled = None
+    dynamics = long_image_dynamics(result, trace) if trace.generated_ids else None
+    states = {f"blocks.{layer}.hook_resid_post": residual[None] for layer, residual in result.residuals.items()}
+    try:
+        crossing = cross_modal(states, model, grid)
+    except (MissingActivationsError, InvalidArgumentError):
+        crossing = None
+    return _vision_from(image, grid, attention, rolled, dynamics, crossing)
 
 
 def _vision_result(model: "TransformerBridge", trace: Trace, image: object) -> VisionResult:
     from mechvis.analysis.crossmodal import cross_modal
     from mechvis.analysis.dynamics import image_dynamics
-    from mechvis.analysis.geometry import map_geometry
-    from mechvis.analysis.information import grid_regions, region_token_information
-    from mechvis.errors import InvalidArgumentError, MissingActivationsError
-    from mechvis.running import load_image
+    from mechvis.errors import MissingActivationsError
 
     run = trace.run
     grid = run.segments.image_grid
     queries = list(trace.generated_positions) or [len(run.tokens) - 1]
     attention = image_attention(run.cache, model, grid, query_positions=queries)
-    mean_map = attention.maps.mean(dim=(0, 1, 2))
     try:
         rolled = vision_rollout(run.cache, model, grid, query_positions=queries)
     except InvalidArgumentError:  # layouts whose vision rollout is not mapped yet
         rolled = None
     dynamics = image_dynamics(model, trace) if trace.generated_ids else None
-    information = None
-    if dynamics is not None:
-        quadrants = grid_regions(grid.rows, grid.cols, (min(2, grid.rows), min(2, grid.cols)))
-        information = region_token_information(dynamics.maps.double().mean(0), regions=quadrants)
     try:
         crossing = cross_modal(run.cache, model, grid)
     except (MissingActivationsError, InvalidArgumentError):
         crossing = None
+    return _vision_from(image, grid, attention, rolled, dynamics, crossing)
+
+
+def _vision_from(image: object, grid, attention: ImageAttention, rolled: "VisionRollout | None", dynamics, crossing) -> VisionResult:
+    """The vision result's derived parts (mean map, hotspots, clusters, geometry, information)."""
+    from mechvis.analysis.geometry import map_geometry
+    from mechvis.analysis.information import grid_regions, region_token_information
+    from mechvis.running import load_image
+
+    mean_map = attention.maps.mean(dim=(0, 1, 2))
+    information = None
+    if dynamics is not None:
+        quadrants = grid_regions(grid.rows, grid.cols, (min(2, grid.rows), min(2, grid.cols)))
+        information = region_token_information(dynamics.maps.double().mean(0), regions=quadrants)
     return VisionResult(load_image(image), attention, mean_map, hotspots(mean_map, grid),
                         cluster_heads(attention.maps.mean(2)), rolled, map_geometry(mean_map, grid), dynamics, information, crossing)
 
