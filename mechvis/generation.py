@@ -333,6 +333,7 @@ def stream_generate(
     image: object | None = None,
     names_filter: Callable[[str], bool] | Sequence[str] | str | None = None,
     top_n: int = 10,
+    analysis_pass: bool = True,
 ) -> Iterator["TokenEvent | Trace"]:
     """Generate as `generate` does, yielding a `TokenEvent` for each token as soon as it is
     decoded, then the analysed `Trace` as the last item.
@@ -452,6 +453,9 @@ def stream_generate(
                     )
                 processors = [raw, *logits_processors, *([scheduled] if scheduled else []), *_sampling_processors(settings), processed]
                 options["logits_processor"] = LogitsProcessorList(processors)
+                chunk = _prefill_chunk(model, decoder, prompt_length, extra)
+                if chunk is not None:
+                    options["prefill_chunk_size"] = chunk
                 if settings.seed is not None:
                     torch.manual_seed(settings.seed)
                 output = decoder.generate(
@@ -492,9 +496,26 @@ def stream_generate(
         settings=settings,
         names_filter=names_filter,
         extra=extra,
+        forward=analysis_pass,
     )
     trace.stop_reason = "eos" if generated_ids and generated_ids[-1] in eos else "max_new_tokens"
     yield trace
+
+
+_PREFILL_SCORE_BYTES = 128 << 20  # one prefill chunk's attention scores (heads × chunk × N float32) stay under this
+
+
+def _prefill_chunk(model: "TransformerBridge", decoder: "torch.nn.Module", prompt_length: int, extra: dict) -> int | None:
+    """Queries per prefill chunk when a prompt's eager attention scores (heads × N × N floats)
+    would exceed `_PREFILL_SCORE_BYTES` (8,192 tokens of the embedded model: 2.4 GB per layer, and
+    the softmax as much again), else None (one prefill). Only on the HF modules' own path: the
+    bridge (hooks active) and image inputs (which HF cannot split) prefill at once."""
+    if decoder is model.original_model or extra:
+        return None
+    heads = model.cfg.n_heads
+    if heads * prompt_length * prompt_length * 4 <= _PREFILL_SCORE_BYTES:
+        return None
+    return max(64, _PREFILL_SCORE_BYTES // (4 * heads * prompt_length))
 
 
 def _eos_ids(model: "TransformerBridge") -> set[int]:
@@ -519,6 +540,7 @@ def generate(
     logits_processors: Sequence[Callable[[Tensor, Tensor], Tensor]] = (),
     image: object | None = None,
     names_filter: Callable[[str], bool] | Sequence[str] | str | None = None,
+    analysis_pass: bool = True,
 ) -> Trace:
     """Generate up to `max_new_tokens` (stopping at the model's end-of-sequence token) and analyse:
     `stream_generate` run to the end.
@@ -540,6 +562,13 @@ def generate(
             sampling, e.g. `mechvis.interventions.KeywordBoost`. (Hook interventions apply
             through `with mechvis.interventions.intervene(model, ...)` around this call.)
         names_filter: hooks to cache in the analysis pass (None: all).
+        analysis_pass: False skips the teacher-forced analysis pass: `trace.run` then has the
+            tokens and texts, an empty cache and logits of shape (pos, 0) (the step logits are
+            kept). For inputs whose full pass would not fit in memory: `mechvis report`'s
+            long-context path analyses the tokens with `mechvis.analysis.analyse_long` instead.
+
+    Long prompts are prefilled in chunks of queries (HF's `prefill_chunk_size`, see
+    `_prefill_chunk`) so that eager attention never holds a (heads, N, N) score matrix.
 
     Raises:
         InvalidArgumentError: bad settings, or a prompt plus max_new_tokens beyond the context.
@@ -547,7 +576,7 @@ def generate(
     *_, trace = stream_generate(
         model, prompt, chat=chat, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
         top_p=top_p, min_p=min_p, seed=seed, temperature_schedule=temperature_schedule,
-        logits_processors=logits_processors, image=image, names_filter=names_filter,
+        logits_processors=logits_processors, image=image, names_filter=names_filter, analysis_pass=analysis_pass,
     )
     return trace
 
@@ -742,15 +771,22 @@ def _analysed_trace(
     settings: SamplingSettings,
     names_filter: Callable[[str], bool] | Sequence[str] | str | None,
     extra: dict | None = None,
+    forward: bool = True,
 ) -> Trace:
     """One teacher-forced forward pass of the bridge over prompt + generated tokens (with the
     image inputs `extra` of a vision-language model). Without observed `step_logits`, the
-    teacher-forced ones stand in, with temperature-1 distributions."""
+    teacher-forced ones stand in, with temperature-1 distributions. `forward=False` (with
+    `step_logits`) skips the pass: empty cache, logits of shape (pos, 0)."""
     all_ids = encoded.token_ids + generated
     tokens = torch.tensor(all_ids, device=model.cfg.device)
     extra = with_text_appended(extra or {}, len(generated))
-    with torch.no_grad():
-        logits, cache = model.run_with_cache(tokens[None], names_filter=names_filter, **extra)
+    if forward:
+        with torch.no_grad():
+            logits, cache = model.run_with_cache(tokens[None], names_filter=names_filter, **extra)
+    else:
+        from transformer_lens import ActivationCache
+
+        logits, cache = torch.empty(1, len(all_ids), 0), ActivationCache({}, model)
     decoded = decode_tokens(model.hf_tokenizer, all_ids)  # the whole sequence: no character split at a token
     spans = encoded.segments.spans + ((Span("generated", len(encoded.token_ids), len(all_ids)),) if generated else ())
     run = Run(

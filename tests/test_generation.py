@@ -378,3 +378,50 @@ def test_trace_and_run_reprs_are_short_summaries(tiny_llama):
     run_text = repr(trace.run)
     assert run_text.startswith(f"Run({trace.prompt_length + 5} tokens, text='") and summary in run_text
     assert "…" in run_text and len(run_text) < 300  # the long text is cut
+
+
+@pytest.mark.parametrize("architecture", ["llama", "qwen2", "gemma2"])
+def test_long_prompts_are_prefilled_in_chunks_with_the_same_decoding(tiny, architecture, monkeypatch):
+    """Above the score budget, HF's chunked prefill runs (several multi-token forwards, no (heads, N, N)
+    score matrix); the tokens and step logits equal one prefill's and HF's own greedy decoding."""
+    import mechvis.generation
+
+    model, reference = tiny(architecture)
+    prompt = " ".join(["the quick brown fox jumps over the lazy dog"] * 20)
+    prompt_ids = mechvis.encode(model, prompt).token_ids
+    whole = mechvis.generate(model, prompt, max_new_tokens=6)
+    lengths = []
+    layer = _decoder_layers(model)[0]
+    handle = layer.register_forward_pre_hook(lambda module, args, kwargs: lengths.append(_hidden(args, kwargs).shape[1]), with_kwargs=True)
+    budget = model.cfg.n_heads * len(prompt_ids) * 64 * 4  # 64 queries per chunk
+    monkeypatch.setattr(mechvis.generation, "_PREFILL_SCORE_BYTES", budget)
+    try:
+        chunked = mechvis.generate(model, prompt, max_new_tokens=6)
+    finally:
+        handle.remove()
+    prefill = [length for length in lengths if 1 < length < len(chunked.run.tokens)]  # not the analysis pass
+    assert len(prompt_ids) > 128 and len(prefill) >= 3 and max(prefill) <= 64 and sum(prefill) == len(prompt_ids)
+    assert chunked.generated_ids == whole.generated_ids == _hf_greedy(reference, prompt_ids, 6)
+    torch.testing.assert_close(chunked.step_logits, whole.step_logits, atol=1e-4, rtol=0)
+
+
+def _decoder_layers(model):
+    inner = model.original_model
+    while not hasattr(inner, "layers"):
+        inner = inner.model
+    layers = inner.layers
+    return [layer._modules.get("_original_component", layer) for layer in layers]
+
+
+def _hidden(args, kwargs):
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def test_generation_without_the_analysis_pass_keeps_tokens_and_step_logits(tiny):
+    model, _ = tiny("llama")
+    full = mechvis.generate(model, "Once upon a time", max_new_tokens=5)
+    light = mechvis.generate(model, "Once upon a time", max_new_tokens=5, analysis_pass=False)
+    assert light.generated_ids == full.generated_ids and light.run.str_tokens == full.run.str_tokens
+    assert torch.equal(light.run.tokens, full.run.tokens) and light.run.logits.shape == (len(full.run.tokens), 0)
+    assert len(light.run.cache) == 0
+    torch.testing.assert_close(light.step_logits, full.step_logits, atol=0, rtol=0)

@@ -325,6 +325,21 @@ def test_report_takes_the_long_context_path_when_the_cache_would_not_fit(tiny, m
     _close(long.repetition.seed_score, cached.repetition.seed_score, "seed score")
     assert long.rollout.queries == cached.rollout.queries  # the same rows: last prompt token and generated tokens
     _close(long.rollout.rows, cached.rollout.rows, "rollout rows")
+    # No teacher-forced pass and no (pos, vocab) logits on this path; the top-k view comes from the
+    # signals and next-token ranks, equal to the view built from the cache path's logits (k = 5).
+    assert long.trace.run.logits.shape[-1] == 0 and len(long.trace.run.cache) == 0
+    from mechvis.viz.views import topk_tokens_view, topk_tokens_view_from_signals
+
+    from_logits = topk_tokens_view(model, cached.trace.run, k=5).props
+    from_signals = topk_tokens_view_from_signals(model, long.trace.run, long.signals, long.next_ranks).props
+    # ranks deep in a random model's flat distribution may move by a near-tie or two with rounding
+    # (logits compared here, log-probabilities there): equal at the top, within a few elsewhere
+    ranks = np.array(from_signals["correctTokenRank"]), np.array(from_logits["correctTokenRank"])
+    assert (np.abs(ranks[0] - ranks[1]) <= np.maximum(2, 1e-4 * ranks[1])).all(), ranks
+    assert (ranks[0][ranks[1] < 10] == ranks[1][ranks[1] < 10]).all()
+    assert from_signals["topKTokens"] == from_logits["topKTokens"]
+    for key in ("topKLogProbs", "correctTokenLogProb"):
+        np.testing.assert_allclose(np.array(from_signals[key], dtype=float), np.array(from_logits[key], dtype=float), atol=2e-3)
     # It renders (no attention pattern is held, so those views are left out) and says how it was computed.
     from mechvis.report import render_report, report_json
 

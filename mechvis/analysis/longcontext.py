@@ -86,6 +86,8 @@ class LongContextAnalysis:
     image_positions: list[int] = field(default_factory=list)
     captured: dict[str, Tensor] = field(default_factory=dict)  # `capture`'s hooks, whole (batch dimension kept)
     seed: "SeedScore | None" = None  # the seed's loop score of the generated tokens (with `prompt_length`)
+    # rank of token t + 1 in the distribution predicted at t (0 = top), the last position's -1
+    next_ranks: Tensor | None = None
 
 
 class _Intercepted(Exception):
@@ -601,6 +603,7 @@ def analyse_long(
         next_ids = torch.zeros(n, dtype=torch.long)
         next_ids[:-1] = tokens[1:]
         blocks = []
+        ranks = []
         state_logits = []
         state_index = torch.tensor(states, dtype=torch.long)
         scratch = None  # one buffer reused by every block
@@ -609,12 +612,16 @@ def analyse_long(
                 logits = unembed_logits(model, final[start : start + _LOGIT_ROWS].to(model.cfg.device)).float().cpu()
             if scratch is None:
                 scratch = torch.empty_like(logits)
-            blocks.append(_block_signals(logits, next_ids[start : start + _LOGIT_ROWS], max(k, 2), scratch[: logits.shape[0]]))
+            block_next = next_ids[start : start + _LOGIT_ROWS]
+            ranks.append((logits > logits.gather(-1, block_next[:, None])).sum(-1))  # before `_block_signals` reuses `logits`
+            blocks.append(_block_signals(logits, block_next, max(k, 2), scratch[: logits.shape[0]]))
             inside = state_index[(state_index >= start) & (state_index < start + _LOGIT_ROWS)]
             if len(inside):
                 state_logits.append(logits[inside - start])
             del logits
         entropy_t, varentropy, top_probs, top_ids, surprisal = (torch.cat(parts) for parts in zip(*blocks))
+        next_ranks = torch.cat(ranks)
+        next_ranks[-1] = -1
         surprisal[-1] = torch.nan
         signals = TokenSignals(entropy_t, varentropy, top_probs[:, 0], top_probs[:, 0] - top_probs[:, 1], surprisal,
                                top_ids[:, :k], top_probs[:, :k])
@@ -693,7 +700,7 @@ def analyse_long(
         image_rows = torch.stack([state.image_rows for state in recorder.layers]) if image_query_list else None
         return LongContextAnalysis(tokens, signals, lens, head_entropy_result, norms, statistics, similarity, rollout, dla,
                                    repetition, block_size, high, kept, seconds, image_rows, image_query_list,
-                                   image_position_list, recorder.captured_activations, seed)
+                                   image_position_list, recorder.captured_activations, seed, next_ranks)
 
 
 def _seed_score(logits: Float[Tensor, "state vocab"], recorder: _Recorder, states: list[int]) -> "SeedScore":

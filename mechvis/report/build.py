@@ -105,6 +105,9 @@ class ReportData:
     vision: VisionResult | None = None
     rollout_matrix: Rollout | None = None  # the full N × N rollout, only with `full_rollout=True`
     notes: list[str] = field(default_factory=list)  # e.g. that the long-context path computed the results
+    # the long-context path's rank of each next token (`LongContextAnalysis.next_ranks`): with
+    # `signals`, the top-k view without the run's (pos, vocab) logits, which that path does not keep
+    next_ranks: torch.Tensor | None = None
 
 
 def default_rollout_queries(prompt_length: int, n_tokens: int, cap: int = ROLLOUT_QUERIES) -> list[int]:
@@ -173,8 +176,9 @@ def _build_report_data(stages, model, prompt, chat, max_new_tokens, layers, temp
             "path keeps rollout rows only); leave full_rollout off or shorten the input."
         )
     if trace is None:
+        # On the long path no teacher-forced pass: analyse_long recomputes what the report needs in bounded memory.
         trace = generate(model, prompt, chat=chat, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, image=image,
-                         names_filter=(lambda name: False) if long_context else None)
+                         analysis_pass=not long_context)
     run = trace.run
     stages.update()
     if long_context:
@@ -277,7 +281,9 @@ def _long_context_report_data(
     attribution, repetition_args = None, {}
     if trace.generated_ids:
         last = trace.prompt_length + len(trace.generated_ids) - 1
-        runner_up = run.logits[last - 1].topk(2).indices.tolist()
+        # the logits that predicted the last token (the decoding step's; the run keeps no logits here)
+        predicting = trace.step_logits[-1] if trace.step_logits.shape[-1] else run.logits[last - 1]
+        runner_up = predicting.topk(2).indices.tolist()
         answer = trace.generated_ids[-1]
         attribution = (answer, runner_up[1] if runner_up[0] == answer else runner_up[0])
     if len(trace.generated_ids) >= 2:
@@ -322,7 +328,7 @@ def _long_context_report_data(
                                       probability, result.seed.score, result.repetition)
     return ReportData(inspect_model(model), prompt, chat, trace, attention_layers, result.signals, result.high_entropy, result.lens,
                       result.entropy, rolled, result.norms["resid_post"], result.similarity, result.attribution,
-                      repetition, projection, vision=vision, notes=[note])
+                      repetition, projection, vision=vision, notes=[note], next_ranks=result.next_ranks)
 
 
 def _long_vision_result(model: "TransformerBridge", trace: Trace, image: object, result) -> VisionResult:

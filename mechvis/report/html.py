@@ -30,6 +30,7 @@ from mechvis.viz.views import (
     colored_tokens_view,
     json_safe,
     topk_tokens_view,
+    topk_tokens_view_from_signals,
 )
 
 STYLE = """
@@ -237,7 +238,7 @@ def _render_sections(progress, data: ReportData, model) -> str:
         figure_html(figures.token_entropy_curve(data.signals, tokens, sort=True), "the same, sorted"),
         figure_html(figures.high_entropy_logits_figure(data.high_entropy, tokens), "top-k logits at the highest-entropy positions"),
         *add_views([colored_tokens_view(trace, data.signals, mode) for mode in COLOUR_MODES]),
-        *add_views([topk_tokens_view(model, run)]),
+        *add_views([topk_tokens_view(model, run) if run.logits.shape[-1] else topk_tokens_view_from_signals(model, run, data.signals, data.next_ranks)]),
     ], "Colour modes: entropy (nats) and probability of the distribution each token came from, top-1 minus top-2 probability, and sampled tokens that were not the argmax."))
     progress.update()
     sections.append(_section("Logit lens", "lens", [

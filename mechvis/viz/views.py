@@ -170,13 +170,24 @@ def colored_tokens_view(trace: "Trace", signals: TokenSignals, mode: ColourMode)
 def topk_tokens_view(model: "TransformerBridge", run: "Run", *, k: int = 10) -> View:
     """For each position, the model's top-k next tokens and where the actual next token ranked
     (TokenLogProbs)."""
-    from mechvis.analysis.lens import decode_nested
-
     log_probs = run.logits[:-1].float().log_softmax(-1)
     top_log_probs, top_ids = log_probs.topk(k, dim=-1)
     actual = run.tokens[1:].to(log_probs.device)
     actual_log_probs = log_probs.gather(-1, actual[:, None])[:, 0]
     ranks = (log_probs > actual_log_probs[:, None]).sum(-1)
+    return _topk_view(model, run, top_log_probs, top_ids, actual_log_probs, ranks)
+
+
+def topk_tokens_view_from_signals(model: "TransformerBridge", run: "Run", signals: "TokenSignals", next_ranks: torch.Tensor) -> View:
+    """`topk_tokens_view` from token signals (their k) and each next token's rank, for a run that
+    keeps no (pos, vocab) logits (the long-context path: `LongContextAnalysis.signals` and
+    `.next_ranks`). The same numbers: log of the top-k probabilities, −surprisal."""
+    return _topk_view(model, run, signals.top_probs[:-1].log(), signals.top_ids[:-1], -signals.surprisal[:-1], next_ranks[:-1])
+
+
+def _topk_view(model: "TransformerBridge", run: "Run", top_log_probs: torch.Tensor, top_ids: torch.Tensor, actual_log_probs: torch.Tensor, ranks: torch.Tensor) -> View:
+    from mechvis.analysis.lens import decode_nested
+
     return View(
         "TokenLogProbs",
         {
@@ -186,5 +197,5 @@ def topk_tokens_view(model: "TransformerBridge", run: "Run", *, k: int = 10) -> 
             "correctTokenRank": ranks.tolist(),
             "correctTokenLogProb": rounded(actual_log_probs, 3),
         },
-        f"Top-{k} next tokens at each position",
+        f"Top-{top_ids.shape[-1]} next tokens at each position",
     )
