@@ -42,7 +42,7 @@ class TokenSignals:
         return self.entropy.argsort(descending=True)[:n].tolist()
 
 
-_BLOCK_ELEMENTS = 1 << 18  # logits per row block: 1 MB of float32, small enough to stay in cache
+_BLOCK_ELEMENTS = 1 << 19  # logits per row block: 2 MB of float32; with its two work buffers it stays in L2/L3 (fewer, larger blocks: half the per-op overhead of 1 MB ones)
 
 
 def _rows_signals(
@@ -78,7 +78,7 @@ def _block_signals(
     logits: Float[Tensor, "rows vocab"], next_ids: Int[Tensor, " rows"], k: int, scratch: Tensor | None = None
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Signals of any number of rows of float32 logits: (entropy, varentropy, top_probs, top_ids,
-    surprisal) per row (surprisal of `next_ids`), computed in row blocks of ~1 MB so that every
+    surprisal) per row (surprisal of `next_ids`), computed in row blocks of ~2 MB so that every
     pass runs in cache. `scratch` (float32, contiguous; e.g. a tensor of `logits`' shape) is
     overwritten and used as the blocks' two work buffers when it is large enough, else they are
     allocated once."""
