@@ -14,6 +14,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from mechvis.analysis._checks import activation, check_positions, single_token_id
+from mechvis.analysis._topk import two_level_topk
 from mechvis.running import vocabulary_strings
 
 if TYPE_CHECKING:
@@ -102,43 +103,88 @@ def logit_lens(
     # In float64 (KL at early layers reaches ~100 nats, where float32 loses the fourth decimal),
     # one layer at a time (layers × positions × vocab would not fit for long inputs), and within a
     # layer in blocks of rows small enough that every pass after the matmul runs in cache: over a
-    # whole (pos, vocab) float64 array each pass would stream it from memory.
-    final_logits = unembed_logits(model, activation(cache, names[-1])[index])
-    rows_per_block = max(1, _BLOCK_ELEMENTS // final_logits.shape[-1])
-    final_blocks = [block.double().log_softmax(-1) for block in final_logits.split(rows_per_block)]
-    del final_logits
-    if target is None:
-        target_ids = torch.cat([block.argmax(-1) for block in final_blocks])
-    else:
-        target_ids = torch.full((len(chosen),), single_token_id(model, target), device=first.device)
-    final_blocks = [(log_probs.exp(), log_probs) for log_probs in final_blocks]
-    # Σ p_final ln p_final per row; KL(p_final ‖ p_layer) = that − Σ p_final ln p_layer
-    final_terms = [(probs * log_probs).sum(-1) for probs, log_probs in final_blocks]
-    final_probs_blocks = [probs for probs, _ in final_blocks]
-    del final_blocks
-    target_blocks = target_ids.split(rows_per_block)
+    # whole (pos, vocab) float64 array each pass would stream it from memory. Every pass writes
+    # into the same reused buffers (a fresh 2 MB array per block and pass costs more in page
+    # faults than its arithmetic). One softmax per row; no logarithm or exponential per token
+    # after it (see `block_rows`). Top-k, the final top-1 and target ranks are taken on the float32
+    # logits (top-k in two levels, `two_level_topk`): in float64, ln p = z − constant keeps the
+    # order of the float32 logits and their ties.
+    final_logits = unembed_logits(model, activation(cache, names[-1])[index]).float()
+    vocab = final_logits.shape[-1]
+    rows_per_block = max(1, min(len(chosen), _BLOCK_ELEMENTS // vocab))
+    wide, products, probs_buffer = (
+        torch.empty(rows_per_block, vocab, dtype=torch.float64, device=final_logits.device) for _ in range(3)
+    )
+    above = torch.empty(rows_per_block, vocab, dtype=torch.bool, device=final_logits.device)
+    keys = ("top_p", "top_i", "tp", "tr", "h", "kl", "mx")
 
-    rows: dict[str, list[Tensor]] = {key: [] for key in ("top_p", "top_i", "tp", "tr", "h", "kl", "mx")}
-    for name in names:
-        logits = unembed_logits(model, activation(cache, name)[index])
-        parts: dict[str, list[Tensor]] = {key: [] for key in rows}
-        for block, block_targets, final_probs, final_term in zip(
+    def float64_probs(block: Tensor, probs: Tensor | None = None) -> Tensor:
+        """p of a float32 block, in float64 (the block's float64 copy is left in `wide`)."""
+        n_rows = block.shape[0]
+        wide[:n_rows].copy_(block)
+        if probs is None:
+            return torch._softmax(wide[:n_rows], -1, False)
+        return torch._softmax(wide[:n_rows], -1, False, out=probs)
+
+    def block_rows(block: Tensor, probs: Tensor, targets: Tensor, final_probs: Tensor | None,
+                   final_term: Tensor | None, parts: dict[str, list[Tensor]]) -> Tensor:
+        """Append one row block's values to `parts` (`wide` holds its float64 logits; `wide`'s
+        neighbour buffers and `above` are overwritten); returns Σ p ln p (from the layer's own p).
+
+        With m the row's largest logit, p(m) = 1 / Σ exp(z − m), so ln Σ exp(z) = m − ln p(m) and
+        ln p = z − ln Σ exp(z) without a logarithm per token: Σ p ln p = Σ p z − ln Σ exp(z), and
+        Σ p_final ln p_layer = Σ p_final z_layer − ln Σ exp(z_layer) (Σ p_final = 1 to ~1e-16)."""
+        n_rows = block.shape[0]
+        logits = wide[:n_rows]
+        top_logits, top_ids = two_level_topk(block, k)
+        log_normaliser = top_logits[:, :1].double() - probs.gather(-1, top_ids[:, :1]).log()
+        top_probs = (top_logits.double() - log_normaliser).exp_()
+        target_logits = block.gather(-1, targets[:, None])
+        own_term = torch.mul(probs, logits, out=products[:n_rows]).sum(-1) - log_normaliser[:, 0]
+        parts["top_p"].append(top_probs)
+        parts["top_i"].append(top_ids)
+        parts["tp"].append((target_logits.double() - log_normaliser)[:, 0].exp())
+        parts["tr"].append(torch.gt(block, target_logits, out=above[:n_rows]).sum(-1))
+        parts["h"].append(-own_term)
+        if final_probs is None:  # the final layer itself
+            final_probs, final_term = probs, own_term
+        cross = torch.mul(final_probs, logits, out=products[:n_rows]).sum(-1) - log_normaliser[:, 0]
+        parts["kl"].append(final_term - cross)
+        parts["mx"].append(top_probs[:, 0])
+        return own_term
+
+    # The final layer first: its probabilities (kept, one float64 block per row block) give every
+    # layer's KL(p_final ‖ p_layer) = Σ p_final ln p_final − Σ p_final ln p_layer, and its rows are
+    # the lens's last row (decoded once).
+    fixed_target = None if target is None else single_token_id(model, target)
+    final_probs_blocks, final_terms, target_blocks = [], [], []
+    final_parts: dict[str, list[Tensor]] = {key: [] for key in keys}
+    for block in final_logits.split(rows_per_block):
+        probs = float64_probs(block)
+        if fixed_target is None:
+            targets = block.argmax(-1)  # the first of equal maxima, as on the log-probabilities
+        else:
+            targets = torch.full((block.shape[0],), fixed_target, dtype=torch.long, device=block.device)
+        final_terms.append(block_rows(block, probs, targets, None, None, final_parts))
+        final_probs_blocks.append(probs)
+        target_blocks.append(targets)
+    del final_logits
+    target_ids = torch.cat(target_blocks)
+
+    rows: dict[str, list[Tensor]] = {key: [] for key in keys}
+    for name in names[:-1]:
+        logits = unembed_logits(model, activation(cache, name)[index]).float()
+        parts: dict[str, list[Tensor]] = {key: [] for key in keys}
+        for block, targets, final_probs, final_term in zip(
             logits.split(rows_per_block), target_blocks, final_probs_blocks, final_terms
         ):
-            log_probs = block.double().log_softmax(-1)
-            probs = log_probs.exp()
-            top_probs, top_ids = probs.topk(k, dim=-1)
-            target_log_probs = log_probs.gather(-1, block_targets[:, None])[:, 0]
-            parts["top_p"].append(top_probs)
-            parts["top_i"].append(top_ids)
-            parts["tp"].append(target_log_probs.exp())
-            parts["tr"].append((log_probs > target_log_probs[:, None]).sum(-1))
-            parts["h"].append(-(probs.mul_(log_probs)).sum(-1))
-            parts["kl"].append(final_term - (log_probs.mul_(final_probs)).sum(-1))
-            parts["mx"].append(top_probs[:, 0])
+            probs = float64_probs(block, probs_buffer[: block.shape[0]])
+            block_rows(block, probs, targets, final_probs, final_term, parts)
         del logits
         for key, values in parts.items():
             rows[key].append(torch.cat(values))
+    for key, values in final_parts.items():
+        rows[key].append(torch.cat(values))
     top_ids = torch.stack(rows["top_i"])
     vocabulary_strings = decode_nested(model, top_ids)
     return LogitLens(
