@@ -14,11 +14,13 @@ EXTRAS := --extra web --extra ray --extra dev
 # the lock holds this pair, test-latest resolves the newest pair pyproject allows.
 TORCH_PAIR := torch==2.14.1 torchvision==0.29.1
 UV := uv==0.13.9
-# Threads that wait passively: on a machine other processes share, torch's OpenMP threads spinning
-# at every parallel region's barrier made 2-thread decoding 5–10× slower (32 tokens: 35–73 s vs 7 s
-# at load average 7); on an idle machine the generation benchmark is unchanged. A user's own
-# setting wins.
-export OMP_WAIT_POLICY ?= PASSIVE
+# torch's OpenMP threads (GNU libgomp) spin briefly at each parallel region's barrier, then sleep.
+# libgomp's default spin (300,000 iterations) made 2-thread decoding 5–10× slower on a machine other
+# processes share (32 tokens: 35–73 s vs 7 s at load average 7); never spinning (OMP_WAIT_POLICY=
+# PASSIVE) costs a thread wake-up at each of a decoding step's ~200 two-thread products: 51 vs 31 ms
+# per token on an idle machine. 1,000 spins: 34–37 ms idle, 62 ms with two busy processes beside it
+# (passive: 59–105 ms). A user's own setting wins (OMP_WAIT_POLICY, if set, overrides it).
+export GOMP_SPINCOUNT ?= 1000
 
 .PHONY: install browser demo serve test test-latest lock benchmark clean
 
