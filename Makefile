@@ -14,13 +14,16 @@ EXTRAS := --extra web --extra ray --extra dev
 # the lock holds this pair, test-latest resolves the newest pair pyproject allows.
 TORCH_PAIR := torch==2.14.1 torchvision==0.29.1
 UV := uv==0.13.9
-# torch's OpenMP threads (GNU libgomp) spin briefly at each parallel region's barrier, then sleep.
-# libgomp's default spin (300,000 iterations) made 2-thread decoding 5–10× slower on a machine other
-# processes share (32 tokens: 35–73 s vs 7 s at load average 7); never spinning (OMP_WAIT_POLICY=
-# PASSIVE) costs a thread wake-up at each of a decoding step's ~200 two-thread products: 51 vs 31 ms
-# per token on an idle machine. 1,000 spins: 34–37 ms idle, 62 ms with two busy processes beside it
-# (passive: 59–105 ms). A user's own setting wins (OMP_WAIT_POLICY, if set, overrides it).
-export GOMP_SPINCOUNT ?= 1000
+# How torch's OpenMP threads (GNU libgomp) wait: 1,000 spins, then sleep, whether or not the process
+# has more OpenMP threads than CPUs (it does as soon as a second thread runs torch, e.g. decoding in
+# `stream_generate`). libgomp's default spin made 2-thread decoding 5–10× slower on a shared machine
+# (32 tokens: 35–73 s vs 7 s at load average 7) and its short "throttled" spin ~1.5× slower in a
+# thread; never spinning (PASSIVE) costs a wake-up per parallel region (51 vs 31 ms per token).
+# `import mechvis` sets the same when torch is not loaded yet; a user's own setting wins.
+ifeq ($(origin OMP_WAIT_POLICY)$(origin GOMP_SPINCOUNT),undefinedundefined)
+export OMP_WAIT_POLICY := ACTIVE
+export GOMP_SPINCOUNT := 1000
+endif
 
 .PHONY: install browser demo serve test test-latest lock benchmark clean
 

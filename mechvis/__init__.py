@@ -6,11 +6,23 @@
     >>> result.cache["blocks.0.attn.hook_pattern"].shape  # (batch, head, query, key)
 """
 
-from mechvis.architecture import ArchitectureSummary, inspect_model
-from mechvis.errors import MechvisError
-from mechvis.generation import SamplingSettings, TokenEvent, Trace, generate, stream_generate, teacher_force
-from mechvis.models import load_model
-from mechvis.running import Run, Segments, Span, encode, run
+import os as _os
+import sys as _sys
+
+# How torch's OpenMP threads (GNU libgomp) wait between parallel regions. libgomp reads this once,
+# when torch loads, so it is set only if torch is not loaded yet and the user set neither variable.
+# Its default (spin 300,000 times, or 100 when a process has more OpenMP threads than CPUs, as soon
+# as a second thread runs torch: `stream_generate` decodes in one) made decoding 5–10× slower on a
+# shared machine, or ~1.5× slower in a thread; never spinning (PASSIVE) pays a wake-up per
+# parallel region. 1,000 spins in every case: README "Thread waiting" has the measurements.
+if "torch" not in _sys.modules and not {"OMP_WAIT_POLICY", "GOMP_SPINCOUNT"} & set(_os.environ):
+    _os.environ["OMP_WAIT_POLICY"], _os.environ["GOMP_SPINCOUNT"] = "ACTIVE", "1000"
+
+from mechvis.architecture import ArchitectureSummary, inspect_model  # noqa: E402
+from mechvis.errors import MechvisError  # noqa: E402
+from mechvis.generation import SamplingSettings, TokenEvent, Trace, generate, stream_generate, teacher_force  # noqa: E402
+from mechvis.models import load_model  # noqa: E402
+from mechvis.running import Run, Segments, Span, encode, run  # noqa: E402
 
 __all__ = [
     "ArchitectureSummary",

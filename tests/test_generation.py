@@ -425,3 +425,23 @@ def test_generation_without_the_analysis_pass_keeps_tokens_and_step_logits(tiny)
     assert torch.equal(light.run.tokens, full.run.tokens) and light.run.logits.shape == (len(full.run.tokens), 0)
     assert len(light.run.cache) == 0
     torch.testing.assert_close(light.step_logits, full.step_logits, atol=0, rtol=0)
+
+
+def test_importing_mechvis_first_sets_how_openmp_threads_wait():
+    """`import mechvis` before torch sets OMP_WAIT_POLICY=ACTIVE and GOMP_SPINCOUNT=1000 (libgomp
+    reads them when torch loads); a user's own setting, or torch loaded first, leaves them alone."""
+    import os
+    import subprocess
+    import sys
+
+    show = "import os; {0}import mechvis; print(os.environ.get('OMP_WAIT_POLICY'), os.environ.get('GOMP_SPINCOUNT'))"
+    clean = {key: value for key, value in os.environ.items() if key not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+
+    def shown(code, **extra):
+        return subprocess.run([sys.executable, "-c", code], env={**clean, **extra}, capture_output=True, text=True,
+                              check=True).stdout.split()
+
+    assert shown(show.format("")) == ["ACTIVE", "1000"]
+    assert shown(show.format(""), OMP_WAIT_POLICY="PASSIVE") == ["PASSIVE", "None"]
+    assert shown(show.format(""), GOMP_SPINCOUNT="5") == ["None", "5"]
+    assert shown(show.format("import torch; ")) == ["None", "None"]
