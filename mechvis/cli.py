@@ -75,9 +75,21 @@ def _check_output_path(option: str, path: str | None) -> None:
 
     if path is None:
         return
+    if not str(path).strip():
+        raise InvalidArgumentError(f"{option} is empty; give a file name such as report.html.")
     blocking = next((parent for parent in Path(path).parents if parent.exists() and not parent.is_dir()), None)
     if blocking is not None:
         raise InvalidArgumentError(f"{option} {path} cannot be written: {blocking} is a file, not a directory.")
+    # A file can be made where the output goes (tried with a temporary file, removed at once), so an
+    # unwritable place fails now, not after the model has loaded and the run is lost.
+    import tempfile
+
+    existing = next(parent for parent in Path(path).absolute().parents if parent.exists())
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as error:
+        raise InvalidArgumentError(f"{option} {path} cannot be written: {existing}: {error.strerror or error}.") from None
 
 
 def _check_report_arguments(arguments: argparse.Namespace) -> None:
@@ -99,9 +111,9 @@ def _check_report_arguments(arguments: argparse.Namespace) -> None:
     if not (math.isfinite(arguments.temperature) and arguments.temperature >= 0):
         raise InvalidArgumentError(f"--temperature must be ≥ 0 (0 = greedy); got {arguments.temperature}.")
     for option, path in (("-o/--output", arguments.output), ("--json", arguments.json)):
+        _check_output_path(option, path)
         if path is not None and Path(path).is_dir():
             raise InvalidArgumentError(f"{option} {path} is a directory; give a file name such as report.html.")
-        _check_output_path(option, path)
         _refuse_to_replace(path, None, arguments.force)
     if arguments.json is not None and Path(arguments.json).resolve() == Path(arguments.output).resolve():
         raise InvalidArgumentError("--json and -o/--output name the same file; give two different files.")

@@ -55,10 +55,14 @@ class SamplingSettings:
     schedule: "TemperatureSchedule | None" = None
 
     def validate(self) -> None:
-        if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature) and self.temperature >= 0):
-            raise InvalidArgumentError(f"temperature must be ≥ 0 (0 = greedy); got {self.temperature!r}.")
-        if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 1):
+        temperature = _real(self.temperature)
+        if temperature is None or not math.isfinite(temperature) or temperature < 0:
+            raise InvalidArgumentError(f"temperature must be a number ≥ 0 (0 = greedy); got {self.temperature!r}.")
+        object.__setattr__(self, "temperature", temperature)
+        if self.top_k is not None and (integer(self.top_k) is None or integer(self.top_k) < 1):
             raise InvalidArgumentError(f"top_k must be a positive integer or None; got {self.top_k!r}.")
+        if self.top_k is not None:
+            object.__setattr__(self, "top_k", integer(self.top_k))
         if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
             raise InvalidArgumentError(f"top_p must be in (0, 1] or None; got {self.top_p!r}.")
         if self.min_p is not None and not 0.0 <= self.min_p <= 1.0:
@@ -67,6 +71,17 @@ class SamplingSettings:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+
+def _real(value: object) -> float | None:
+    """`value` as a float if it is a real number (numpy floats and integers included), else None:
+    bools and strings are not numbers."""
+    if isinstance(value, (bool, str, bytes)) or getattr(value, "dtype", None) == torch.bool:
+        return None
+    try:
+        return float(value) if getattr(value, "ndim", 0) == 0 else None
+    except (TypeError, ValueError):
+        return None
 
 
 @dataclass(frozen=True)

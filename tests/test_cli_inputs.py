@@ -49,6 +49,9 @@ def test_a_named_existing_output_is_never_replaced_without_force(tmp_path, no_mo
     (["-o", "MINE"], "already exists; pass --force"),
     (["-o", "UNDERFILE"], "is a file, not a directory"),
     (["--json", "UNDERFILE"], "is a file, not a directory"),
+    (["-o", "/proc/mechvis-report.html"], "cannot be written: /proc"),  # unwritable: found before the model loads
+    (["--json", "/proc/sub/mechvis.json"], "cannot be written: /proc"),
+    (["-o", ""], "-o/--output is empty"),
     (["--max-new-tokens", "100000"], "does not fit this model's context of 4096 tokens"),
 ])
 def test_report_refuses_bad_arguments_before_loading(extra, message, tmp_path, no_model, capsys):

@@ -113,3 +113,9 @@ def test_a_target_id_may_be_any_integer_like(tiny):
     assert len(mechvis.generate(model, "Hello", max_new_tokens=np.int64(3)).generated_ids) <= 3
     with pytest.raises(InvalidArgumentError, match="max_new_tokens must be a positive integer"):
         mechvis.generate(model, "Hello", max_new_tokens=True)
+    # sampling settings too: numpy numbers are numbers, bools and strings are not
+    sampled = mechvis.generate(model, "Hello", max_new_tokens=3, temperature=np.float32(0.7), top_k=np.int64(5), seed=1)
+    assert sampled.settings.temperature == pytest.approx(0.7) and sampled.settings.top_k == 5
+    for bad in (dict(temperature=True), dict(temperature="1"), dict(temperature=1, top_k=True)):
+        with pytest.raises(InvalidArgumentError, match="temperature|top_k"):
+            mechvis.generate(model, "Hello", max_new_tokens=2, **bad)

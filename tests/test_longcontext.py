@@ -190,6 +190,8 @@ def forbidden_forward(monkeypatch):
     (dict(attribution=(500, None), attribution_position=N), "position"),
     (dict(prompt_length=N), "prompt_length"),
     (dict(block_size=0), "block_size"),
+    (dict(attribution=" five"), "attribution must be a pair"),  # a string is not unpacked character by character
+    (dict(attribution=(500,)), "attribution must be a pair"),
     (dict(head_fusion="median"), "head_fusion"),
 ])
 def test_bad_arguments_are_refused_before_the_forward(tiny_llama, forbidden_forward, arguments, message):

@@ -38,7 +38,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from mechvis.analysis._checks import check_layers, check_positions, single_token_id
+from mechvis.analysis._checks import check_layers, check_positions, integer, single_token_id
 from mechvis.analysis.activations import ActivationNorms, ActivationStatistics, layer_statistics
 from mechvis.analysis.attention import HeadEntropy, RolloutRows, row_entropy
 from mechvis.analysis.lens import LogitLens, lens_hook_names, logit_lens, unembed_logits
@@ -508,6 +508,8 @@ def analyse_long(
     sinks = check_positions(n, sink_positions) if sink_positions else []
     dla_position = check_positions(n, [attribution_position])[0] if attribution is not None else None
     if attribution is not None:
+        if isinstance(attribution, (str, bytes)) or not isinstance(attribution, (tuple, list)) or len(attribution) != 2:
+            raise InvalidArgumentError(f"attribution must be a pair (answer, counterfactual or None); got {attribution!r}.")
         answer = single_token_id(model, attribution[0])
         counterfactual = None if attribution[1] is None else single_token_id(model, attribution[1])
     states: list[int] = []
@@ -518,8 +520,10 @@ def analyse_long(
     induction = induction if induction is not None else InductionHeads(torch.zeros(n_layers, model.cfg.n_heads), [])
     if block_size is None:
         block_size = default_block_size(model, n)
-    elif isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+    elif integer(block_size) is None or integer(block_size) < 1:
         raise InvalidArgumentError(f"block_size must be a positive integer; got {block_size!r}.")
+    else:
+        block_size = integer(block_size)
     kept_layers = check_layers(model, keep_residuals) if keep_residuals else []
     image_query_list = check_positions(n, image_queries) if len(image_queries) else []
     image_position_list = check_positions(n, image_positions) if len(image_positions) else []
