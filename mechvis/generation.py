@@ -59,10 +59,11 @@ class SamplingSettings:
         if temperature is None or not math.isfinite(temperature) or temperature < 0:
             raise InvalidArgumentError(f"temperature must be a number ≥ 0 (0 = greedy); got {self.temperature!r}.")
         object.__setattr__(self, "temperature", temperature)
-        if self.top_k is not None and (integer(self.top_k) is None or integer(self.top_k) < 1):
-            raise InvalidArgumentError(f"top_k must be a positive integer or None; got {self.top_k!r}.")
         if self.top_k is not None:
-            object.__setattr__(self, "top_k", integer(self.top_k))
+            top_k = integer(self.top_k)
+            if top_k is None or top_k < 1:
+                raise InvalidArgumentError(f"top_k must be a positive integer or None; got {self.top_k!r}.")
+            object.__setattr__(self, "top_k", top_k)
         if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
             raise InvalidArgumentError(f"top_p must be in (0, 1] or None; got {self.top_p!r}.")
         if self.min_p is not None and not 0.0 <= self.min_p <= 1.0:
@@ -374,18 +375,20 @@ def stream_generate(
         temperature = 1.0  # the schedule sets each step's temperature
     settings = SamplingSettings(temperature, top_k, top_p, min_p, seed, temperature_schedule)
     settings.validate()
-    if integer(top_n) is None or not 1 <= integer(top_n) <= 1000:
+    checked = integer(top_n)
+    if checked is None or not 1 <= checked <= 1000:
         raise InvalidArgumentError(f"top_n must be an integer in [1, 1000]; got {top_n!r}.")
-    top_n = integer(top_n)
+    top_n = checked
     extra: dict = {}
     if image is not None:
         encoded, extra = encode_with_image(model, prompt, image, chat=chat)
     else:
         encoded = encode(model, prompt, chat=chat)
     n_ctx = model.cfg.n_ctx
-    if integer(max_new_tokens) is None or integer(max_new_tokens) < 1:
+    checked = integer(max_new_tokens)
+    if checked is None or checked < 1:
         raise InvalidArgumentError(f"max_new_tokens must be a positive integer; got {max_new_tokens!r}.")
-    max_new_tokens = integer(max_new_tokens)
+    max_new_tokens = checked
     if len(encoded.token_ids) + max_new_tokens > n_ctx:
         raise InvalidArgumentError(
             f"The prompt ({len(encoded.token_ids)} tokens) plus max_new_tokens ({max_new_tokens}) exceeds "

@@ -522,8 +522,7 @@ def analyse_long(
         block_size = default_block_size(model, n)
     elif integer(block_size) is None or integer(block_size) < 1:
         raise InvalidArgumentError(f"block_size must be a positive integer; got {block_size!r}.")
-    else:
-        block_size = integer(block_size)
+    block_size = integer(block_size)
     kept_layers = check_layers(model, keep_residuals) if keep_residuals else []
     image_query_list = check_positions(n, image_queries) if len(image_queries) else []
     image_position_list = check_positions(n, image_positions) if len(image_positions) else []
