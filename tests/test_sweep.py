@@ -291,6 +291,28 @@ def test_a_failed_write_leaves_no_part_and_no_temp_file(tiny_dir, tmp_path, monk
     assert files == ["part-00000.parquet"]  # shard 1's half-written temp file is gone
 
 
+def test_a_killed_writers_temp_file_is_gone_when_the_sweep_ends(tiny_dir, tmp_path, monkeypatch):
+    """A worker killed inside `atomic_write_bytes` (as Ray workers can be) leaves its temp file; Ray
+    re-runs the shard elsewhere, and the finished sweep must not keep the orphan."""
+    import mechvis.sweep.runner as runner
+
+    dataset = write_jsonl(tmp_path / "d.jsonl", prompts(4))
+    out = tmp_path / "out"
+    write = runner.write_table
+
+    def killed_once(table, path):
+        orphan = path.parent / f".{path.name}.999999.deadbeef.tmp"
+        if not orphan.exists() and "00001" in path.name:
+            orphan.write_bytes(b"PAR1 half a file")  # what a SIGKILL mid-write leaves behind
+        write(table, path)
+
+    monkeypatch.setattr(runner, "write_table", killed_once)
+    result = run_sweep(dataset, out, ["lens", "tokens"], model=str(tiny_dir), shard_size=2, progress=False, summary=False)
+    assert result.shards_run == [0, 1]
+    assert not list(out.rglob(".*.tmp"))
+    assert sorted(p.name for p in (out / "lens").iterdir()) == ["part-00000.parquet", "part-00001.parquet"]
+
+
 def test_a_changed_sweep_refuses_to_mix_and_overwrite_starts_over(tiny_dir, tmp_path):
     dataset = write_jsonl(tmp_path / "d.jsonl", prompts(3))
     out = tmp_path / "out"

@@ -245,10 +245,18 @@ def prepare_output(spec: SweepSpec, *, overwrite: bool) -> dict:
         raise SweepMismatchError(f"{out_dir} holds sweep files but no {FINGERPRINT}; use --overwrite or another directory.")
     else:
         atomic_write_bytes(existing, lambda handle: handle.write(json.dumps(fingerprint, indent=2, sort_keys=True).encode()))
-    for name in spec.analyses:  # temp files of a crashed run are never complete: remove them
-        for stale in (out_dir / name).glob(".part-*.tmp") if (out_dir / name).is_dir() else []:
-            stale.unlink(missing_ok=True)
+    remove_incomplete_parts(spec)
     return fingerprint
+
+
+def remove_incomplete_parts(spec: SweepSpec) -> None:
+    """Delete the ".part-*.tmp" files of writers that did not finish: a crashed run's (before a
+    resume) or a killed Ray worker's, whose shard Ray re-ran elsewhere (after the run). A temp file
+    is never complete, so nothing is lost; like resuming, this assumes one sweep per folder."""
+    for name in spec.analyses:
+        folder = Path(spec.out_dir) / name
+        for stale in folder.glob(".part-*.tmp") if folder.is_dir() else []:
+            stale.unlink(missing_ok=True)
 
 
 def run_local(spec: SweepSpec, pending: list[int], *, model=None, threads: int | None = None, progress: bool = True) -> None:
@@ -356,6 +364,7 @@ def run_sweep(
     missing = [index for index in range(spec.n_shards) if not spec.complete(index)]
     if missing:
         raise RuntimeError(f"Shards {missing} were not written; re-run the same command to resume.")
+    remove_incomplete_parts(spec)  # every writer is done: a temp file left now belongs to a killed one
     result.seconds = time.perf_counter() - start
     if summary:
         from mechvis.sweep.summary import write_summary
