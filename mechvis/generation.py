@@ -165,6 +165,7 @@ class _ScheduledTemperature:
         self.temperature_of = temperature_of
         self.temperatures: list[float] = []
         self.monitor_probabilities: list[float] = []  # MonitorTemperature's P of each step
+        self.on_modules = False  # MonitorTemperature's signals recorded on the HF modules, not the bridge
 
     def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
         temperature = self.temperature_of(input_ids, scores).clamp_min(1e-4)
@@ -460,9 +461,13 @@ def stream_generate(
             with torch.inference_mode(), torch.random.fork_rng(devices=[] if device == "cpu" else None), \
                     contextlib.ExitStack() as stack:
                 scheduled = None
+                decoder = _decoder(model, with_image=bool(extra))
                 if isinstance(temperature_schedule, MonitorTemperature):
-                    scheduled = stack.enter_context(_monitor_temperature(model, temperature_schedule, encoded))
-                decoder = _decoder(model, with_image=bool(extra))  # after the monitor's hooks: they make it the bridge
+                    scheduled = stack.enter_context(
+                        _monitor_temperature(model, temperature_schedule, encoded, bridge=decoder is model.original_model)
+                    )
+                    if not scheduled.on_modules:  # the monitor's hook-point hooks: decode through the bridge
+                        decoder = model.original_model
                 stack.enter_context(_neutral_generation_config(decoder))
                 if temperature_schedule is not None and scheduled is None:
                     schedule = temperature_schedule
@@ -601,11 +606,17 @@ def generate(
 
 @contextlib.contextmanager
 def _monitor_temperature(
-    model: "TransformerBridge", schedule: MonitorTemperature, encoded: Encoded
+    model: "TransformerBridge", schedule: MonitorTemperature, encoded: Encoded, *, bridge: bool = True
 ) -> Iterator[_ScheduledTemperature]:
     """While active, hooks stream the monitor's signals and keep each step's logits (as the model
-    returns them, before any logits processor); the processor yielded sets the temperature. The
-    hook-point hooks make `_decoder` choose the bridge, whose forward the logits hook observes."""
+    returns them, before any logits processor); the processor yielded sets the temperature.
+
+    When the decode runs the HF modules without the bridge (`bridge=False`: no intervention, no
+    image), the signals are recorded by forward hooks on those modules
+    (`StreamingFeatures.module_hooks`), so decoding keeps the fast path: the bridge's hooked
+    forward cost ~3× a plain step on the embedded model. Otherwise (or when the model does not
+    expose eager attention weights) by hook-point hooks, and the decode must go through the
+    bridge: `scheduled.on_modules` says which."""
     monitor = schedule.monitor if schedule.monitor is not None else RepetitionMonitor.load()
     streaming = StreamingFeatures(
         model,
@@ -624,12 +635,19 @@ def _monitor_temperature(
         return (schedule.low + (schedule.high - schedule.low) * loop_probability).to(scores.device)
 
     scheduled = _ScheduledTemperature(temperature)
-    handle = model.original_model.register_forward_hook(keep_logits)
+    module_hooks = None if bridge else streaming.module_hooks(model)
+    scheduled.on_modules = module_hooks is not None
+    handles = [model.original_model.register_forward_hook(keep_logits)]
     try:
-        with model.hooks(fwd_hooks=streaming.hooks()):
+        if module_hooks is not None:
+            handles += [module.register_forward_hook(hook) for module, hook in module_hooks]
             yield scheduled
+        else:
+            with model.hooks(fwd_hooks=streaming.hooks()):
+                yield scheduled
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
 
 
 def _decoder(model: "TransformerBridge", with_image: bool = False) -> "torch.nn.Module":

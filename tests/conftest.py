@@ -73,12 +73,28 @@ def streamed_features(monkeypatch):
     import mechvis.generation
     from mechvis.analysis.repetition import StreamingFeatures
 
-    rows = []
+    class _Rows(list):
+        paths: list
+
+        def __init__(self):
+            super().__init__()
+            self.paths = []
 
     class Recording(StreamingFeatures):
         def step(self, tokens, logits):
             rows.append(super().step(tokens, logits))
             return rows[-1]
+
+        def hooks(self):  # `rows.paths` says where the features were recorded
+            rows.paths.append("bridge")
+            return super().hooks()
+
+        def module_hooks(self, model):
+            found = super().module_hooks(model)
+            rows.paths.append("modules" if found is not None else "no modules")
+            return found
+
+    rows = _Rows()
 
     monkeypatch.setattr(mechvis.generation, "StreamingFeatures", Recording)
     return rows

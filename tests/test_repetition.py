@@ -204,7 +204,7 @@ def _boost_token_5(input_ids, scores):
     ("architecture", "extra"),
     # Gemma-2's sliding-window cache keeps only the last keys; a logits processor must not reach the
     # features (they read the model's own logits); an intervention applies to both passes.
-    [("llama", None), ("gemma2", None), ("llama", "ablation"), ("llama", "processor")],
+    [("llama", None), ("qwen2", None), ("gpt2", None), ("gemma2", None), ("llama", "ablation"), ("llama", "processor")],
 )
 def test_monitor_temperature_streams_the_features_of_the_finished_trace(tiny, streamed_features, architecture, extra):
     model, _ = tiny(architecture)
@@ -217,6 +217,8 @@ def test_monitor_temperature_streams_the_features_of_the_finished_trace(tiny, st
                                  logits_processors=[_boost_token_5] if extra == "processor" else [])
         offline = repetition_features(model, trace, induction)  # the teacher-forced pass, after the fact
     assert len(streamed_features) == len(trace.generated_ids) == 24 and len(trace.run.tokens) > 8 + 24
+    # Without an intervention the decode keeps the HF modules' fast path, recorded by module hooks.
+    assert streamed_features.paths == (["bridge"] if extra == "ablation" else ["modules"])
     torch.testing.assert_close(torch.stack(streamed_features), offline.values, atol=1e-4, rtol=1e-4)
     expected = 0.4 + 1.6 * monitor.score(offline)
     assert expected.max() - expected.min() > 0.1  # the temperature really varies

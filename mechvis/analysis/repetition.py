@@ -334,6 +334,35 @@ class StreamingFeatures:
             (f"blocks.{self.layer}.hook_resid_post", record_hidden)
         ]
 
+    def module_hooks(self, model: "TransformerBridge") -> list[tuple[torch.nn.Module, Callable]] | None:
+        """The recordings of `hooks()` as forward hooks on the HF modules the bridge wraps, for a
+        decode that runs those modules without the bridge (`mechvis.generate` with no
+        intervention): each layer's attention module returns eager attention's weights, which
+        are the bridge's `hook_pattern` bit for bit, and the decoder layer's output is
+        `hook_resid_post`. None when the model does not expose them (no eager attention, or a
+        block without its HF module): then decode through the bridge with `hooks()`."""
+        if getattr(model.original_model.config, "_attn_implementation", None) != "eager":
+            return None
+        blocks = list(model.blocks)
+        attentions = [getattr(getattr(block, "attn", None), "_modules", {}).get("_original_component") for block in blocks]
+        layer_module = blocks[self.layer]._modules.get("_original_component")
+        if any(module is None for module in attentions) or layer_module is None:
+            return None
+
+        def record_row(module, args, output, *, layer: int) -> None:
+            weights = output[1] if isinstance(output, tuple) and len(output) > 1 else None
+            if weights is None:
+                raise RuntimeError(f"Layer {layer}'s attention returned no weights; decode through the bridge instead.")
+            self._rows[layer] = weights[0, :, -1].detach().to("cpu", copy=True)
+
+        def record_hidden(module, args, output) -> None:
+            residual = output[0] if isinstance(output, tuple) else output
+            self._hidden.extend(residual[0].detach().to("cpu", copy=True))
+
+        return [(attention, functools.partial(record_row, layer=l)) for l, attention in enumerate(attentions)] + [
+            (layer_module, record_hidden)
+        ]
+
     def step(self, tokens: Int[Tensor, " pos"], logits: Float[Tensor, " vocab"]) -> Float[Tensor, " feature"]:
         """The signals of the state at the last position of `tokens` (every token decoded so far),
         whose next-token logits are `logits`."""
