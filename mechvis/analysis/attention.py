@@ -3,12 +3,14 @@ attention rollout (Abnar & Zuidema 2020), and attention to keyword spans ("instr
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
 import einops
+import numpy as np
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
@@ -99,12 +101,33 @@ class HeadEntropy:
         return [(self.layers[i // n_heads], i % n_heads, values.flatten()[i].item()) for i in order]
 
 
+def _log2_(values: Tensor) -> Tensor:
+    """log₂ in place. On CPU float32/float64 through NumPy's SIMD ufunc: torch's CPU `log` measured
+    at ~1.2–1.5 ns per float32 element on this project's AVX-512 machines, NumPy's `log2` at
+    ~0.22 (5.4× faster, ≤ 2 ulp against float64; README "Metric costs"). Elsewhere torch's."""
+    if values.device.type == "cpu" and values.dtype in (torch.float32, torch.float64):
+        array = values.detach().numpy()
+        np.log2(array, out=array)
+        return values
+    return values.log2_()
+
+
+def _neg_x_log_x_sum(values: Tensor, logs: Tensor) -> Tensor:
+    """−Σ_k v_k ln v_k over the last axis, 0 ln 0 = 0; `logs` (any tensor shaped like `values`,
+    e.g. a scratch view) receives clamp(values) and is overwritten."""
+    torch.clamp(values, min=torch.finfo(values.dtype).tiny, out=logs)
+    return _log2_(logs).mul_(values).sum(-1).mul_(-_LN2)
+
+
+_LN2 = math.log(2.0)
+
+
 def row_entropy(pattern: Float[Tensor, "... key"], *, scratch: Tensor | None = None) -> Float[Tensor, "..."]:
     """−Σ_k a_k ln a_k in nats, with 0 ln 0 = 0 (entries below the dtype's smallest normal count as
     that value: a change below 1e-36 nats in float32). `scratch`, shaped and typed like `pattern`,
     is overwritten instead of allocating a copy."""
-    logs = torch.clamp(pattern, min=torch.finfo(pattern.dtype).tiny, out=scratch)
-    return logs.log_().mul_(pattern).sum(-1).neg_()
+    logs = scratch if scratch is not None else torch.empty_like(pattern, memory_format=torch.contiguous_format)
+    return _neg_x_log_x_sum(pattern, logs)
 
 
 _QUERY_BLOCK = 64
@@ -131,7 +154,7 @@ def _visible_row_entropy(
         # clamp adds < 1e-34 per entry) and checked once per layer: no wait on every tile
         clamped = torch.clamp(visible, min=tiny, out=scratch.view(-1)[: visible.numel()].view(visible.shape))
         masses.append(clamped.sum(-1).amin())
-        parts.append(clamped.log_().mul_(visible).sum(-1).neg_())
+        parts.append(_log2_(clamped).mul_(visible).sum(-1).mul_(-_LN2))
     if float(torch.stack(masses).amin()) < 1.0 - 1e-3:
         return row_entropy(pattern, scratch=scratch)
     return torch.cat(parts, dim=-1)
