@@ -256,7 +256,7 @@ class _Recorder:
             mixed = torch.matmul(pattern.view(n_kv, group, stop - start, -1), value[:, None, first:key_stop])
             output[start:stop] = mixed.flatten(0, 1).transpose(0, 1)
             float_pattern = pattern.float()
-            entropy[:, start:stop] = torch.special.entr(float_pattern).sum(-1)  # −Σ p ln p, 0 ln 0 = 0
+            entropy[:, start:stop] = row_entropy(float_pattern)  # −Σ p ln p, 0 ln 0 = 0
             in_block = sinks[(sinks >= first) & (sinks < key_stop)]
             if len(in_block):
                 sink_mass[:, start:stop] = float_pattern[..., in_block - first].sum(-1)
