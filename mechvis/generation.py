@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Union
@@ -675,28 +676,119 @@ def prepare_decoding(model: "TransformerBridge") -> None:
     original = getattr(model, "original_model", None)
     if isinstance(original, torch.nn.Module):
         _halves_win(original)
+        _grouped_attention_equal(original)
 
 
-def _unwrapped(module: "torch.nn.Module", halves: bool | None = None) -> "torch.nn.Module":
+def _unwrapped(module: "torch.nn.Module", halves: bool | None = None, grouped: bool | None = None) -> "torch.nn.Module":
     """`module` with every bridge component replaced by the HF module it wraps and, where the
     halves product was measured faster for this model (`_halves_win`), every suitable `nn.Linear`
-    by a `_SingleRowLinear` (shallow copies where something changes; parameters and buffers are
-    shared, nothing is modified)."""
+    by a `_SingleRowLinear`; where grouped-query attention was checked equal for this model
+    (`_grouped_attention_equal`), eager attention modules run `_grouped_eager_attention` (shallow
+    copies where something changes; parameters and buffers are shared, nothing is modified)."""
     if halves is None:
         halves = _halves_win(module)
+    if grouped is None:
+        grouped = _grouped_attention_equal(module)
     original = module._modules.get("_original_component")
     if original is not None:
-        return _unwrapped(original, halves)
+        return _unwrapped(original, halves, grouped)
     if halves and type(module) is torch.nn.Linear and _SingleRowLinear.suits(module):
         clone = copy.copy(module)  # shares the parameters and any hooks
         clone.__class__ = _SingleRowLinear
         return clone
-    children = {name: None if child is None else _unwrapped(child, halves) for name, child in module._modules.items()}
-    if all(children[name] is child for name, child in module._modules.items()):
+    children = {name: None if child is None else _unwrapped(child, halves, grouped) for name, child in module._modules.items()}
+    regroup = grouped and _groups_queries(module)
+    if not regroup and all(children[name] is child for name, child in module._modules.items()):
         return module
     clone = copy.copy(module)
     object.__setattr__(clone, "_modules", children)
+    if regroup:
+        object.__setattr__(clone, "config", _grouped_config(module.config))
     return clone
+
+
+_GROUPED_ATTENTION = "mechvis_grouped_eager"
+
+
+def _groups_queries(module: "torch.nn.Module") -> bool:
+    """An HF attention module with grouped-query attention (more query than key/value heads)
+    that runs transformers' eager attention."""
+    config = getattr(module, "config", None)
+    return (getattr(module, "num_key_value_groups", 1) > 1 and hasattr(config, "_attn_implementation_internal")
+            and config._attn_implementation == "eager")
+
+
+def _grouped_config(config):
+    """A shallow copy of an attention module's config selecting `_grouped_eager_attention` (set
+    on the copy only: the model and its other modules keep "eager", and so eager's masks)."""
+    from transformers import AttentionInterface
+
+    if _GROUPED_ATTENTION not in AttentionInterface._global_mapping:
+        AttentionInterface.register(_GROUPED_ATTENTION, _grouped_eager_attention)
+    clone = copy.copy(config)
+    object.__setattr__(clone, "_attn_implementation_internal", _GROUPED_ATTENTION)  # this copy only, no sub-configs
+    return clone
+
+
+def _grouped_eager_attention(
+    module: "torch.nn.Module",
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attention_mask: Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    softcap: float | None = None,
+    **kwargs,
+) -> tuple[Tensor, Tensor]:
+    """transformers' eager attention (scores · scaling, optional tanh soft-capping, additive mask,
+    float32 softmax; returns the output and the weights (batch, head, query, key)) for grouped-
+    query attention, without `repeat_kv`: HF's eager copies every cached key and value once per
+    query head in the group at every step (30 layers × 2 × 9 heads × N × 64 floats for the
+    embedded model: ~70 MB written per token at N = 500, as long as its weight products took in
+    a profile). Here each key/value head's queries are one batch of rows of a single product."""
+    batch, heads, queries, head_dim = query.shape
+    kv_heads, keys = key.shape[1], key.shape[2]
+    if scaling is None:
+        scaling = module.head_dim**-0.5
+    rows = query.reshape(batch, kv_heads, heads // kv_heads * queries, head_dim)  # head h uses key head h // group
+    scores = torch.matmul(rows, key.transpose(2, 3)).view(batch, heads, queries, keys) * scaling
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    if attention_mask is not None:
+        scores = scores + attention_mask[:, :, :, :keys]
+    weights = torch.nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    weights = torch.nn.functional.dropout(weights, p=dropout, training=module.training)
+    output = torch.matmul(weights.view(batch, kv_heads, -1, keys), value).view(batch, heads, queries, head_dim)
+    return output.transpose(1, 2).contiguous(), weights
+
+
+_GROUPED_EQUAL: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _grouped_attention_equal(root: "torch.nn.Module") -> bool:
+    """Whether `root` (an HF model, possibly holding bridge components) has grouped-query eager
+    attention and gives the same logits (≤ 1e-4 of their scale) with `_grouped_eager_attention`
+    as with transformers' own eager attention on a 12-token input: checked once per model, so
+    an architecture whose eager attention does more than the standard one (attention sinks,
+    other masks) keeps transformers' path."""
+    if root in _GROUPED_EQUAL:
+        return _GROUPED_EQUAL[root]
+    equal = False
+    if any(_groups_queries(module) for module in root.modules()):
+        vocab = getattr(getattr(root, "config", None), "vocab_size", None) or getattr(
+            getattr(getattr(root, "config", None), "text_config", None), "vocab_size", None)
+        try:
+            ids = torch.randint(0, vocab, (1, 12), generator=torch.Generator().manual_seed(0))
+            device = next(root.parameters()).device
+            with torch.inference_mode():
+                plain = _unwrapped(root, halves=False, grouped=False)(input_ids=ids.to(device), use_cache=False).logits
+                regrouped = _unwrapped(root, halves=False, grouped=True)(input_ids=ids.to(device), use_cache=False).logits
+            equal = bool((regrouped - plain).abs().max() <= 1e-4 * plain.abs().max().clamp_min(1))
+        except Exception:  # noqa: BLE001 - an architecture this check cannot run keeps transformers' path
+            equal = False
+    _GROUPED_EQUAL[root] = equal
+    return equal
 
 
 class _SingleRowLinear(torch.nn.Linear):

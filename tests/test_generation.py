@@ -445,3 +445,62 @@ def test_importing_mechvis_first_sets_how_openmp_threads_wait():
     assert shown(show.format(""), OMP_WAIT_POLICY="PASSIVE") == ["PASSIVE", "None"]
     assert shown(show.format(""), GOMP_SPINCOUNT="5") == ["None", "5"]
     assert shown(show.format("import torch; ")) == ["None", "None"]
+
+
+@pytest.mark.parametrize("queries", [1, 5])
+@pytest.mark.parametrize("softcap", [None, 30.0])
+def test_grouped_eager_attention_equals_transformers_eager(queries, softcap):
+    """Against transformers' own eager functions (Llama's, which repeats keys and values per
+    query head, and Gemma-2's, with soft-capping), on random grouped queries and a causal mask."""
+    from transformers.models.gemma2.modeling_gemma2 import eager_attention_forward as gemma2_eager
+    from transformers.models.llama.modeling_llama import eager_attention_forward as llama_eager
+
+    from mechvis.generation import _grouped_eager_attention
+
+    generator = torch.Generator().manual_seed(0)
+    heads, kv_heads, keys, head_dim = 6, 2, 9, 8
+    module = torch.nn.Module().eval()
+    module.num_key_value_groups, module.head_dim = heads // kv_heads, head_dim
+    query = torch.randn(2, heads, queries, head_dim, generator=generator) * 3
+    key, value = (torch.randn(2, kv_heads, keys, head_dim, generator=generator) for _ in range(2))
+    visible = torch.arange(keys)[None, :] <= torch.arange(keys - queries, keys)[:, None]
+    mask = torch.where(visible, 0.0, torch.finfo(torch.float32).min)[None, None].expand(2, 1, queries, keys)
+    if softcap is None:
+        expected = llama_eager(module, query, key, value, mask, scaling=head_dim**-0.5)
+    else:
+        expected = gemma2_eager(module, query, key, value, mask, scaling=head_dim**-0.5, softcap=softcap)
+    output, weights = _grouped_eager_attention(module, query, key, value, mask, scaling=head_dim**-0.5, softcap=softcap)
+    assert weights.shape == (2, heads, queries, keys) and output.shape == (2, queries, heads, head_dim)
+    torch.testing.assert_close(weights, expected[1], atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(output, expected[0], atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("architecture", ["llama", "qwen2", "gemma2"])
+def test_grouped_query_decoding_is_used_where_checked_equal(tiny, architecture, monkeypatch):
+    """Tiny GQA models (4 query, 2 key/value heads) decode through the grouped attention, with
+    greedy tokens and step logits equal to HF's own generate on the untouched model; an attention
+    that does not reproduce HF's logits at the first-use check is never used."""
+    import mechvis.generation
+    from mechvis.generation import _GROUPED_ATTENTION, _decoder
+
+    model, reference = tiny(architecture)
+    attentions = [module for module in _decoder(model).modules() if hasattr(module, "num_key_value_groups")]
+    assert attentions and all(module.config._attn_implementation == _GROUPED_ATTENTION for module in attentions)
+    assert model.original_model.config._attn_implementation == "eager"  # the model itself is unchanged
+    trace = mechvis.generate(model, "Once upon a time", max_new_tokens=12, analysis_pass=False)
+    prompt_ids = mechvis.encode(model, "Once upon a time").token_ids
+    with torch.no_grad():
+        hf = reference.generate(torch.tensor([prompt_ids]), max_new_tokens=12, do_sample=False, pad_token_id=2,
+                                output_logits=True, return_dict_in_generate=True)
+    assert trace.generated_ids == hf.sequences[0, len(prompt_ids):].tolist()
+    hf_log_probs = torch.cat(hf.logits)[: len(trace.generated_ids)].log_softmax(-1)  # the bridge centres the logits
+    assert (trace.step_logits.log_softmax(-1) - hf_log_probs).abs().max() <= 1e-4
+
+    model, _ = tiny(architecture, seed=1)  # a fresh model: the check runs again
+    monkeypatch.setattr(mechvis.generation, "_grouped_eager_attention",
+                        lambda module, query, key, value, mask, **kwargs: (torch.zeros_like(query.transpose(1, 2)), None))
+    from transformers import AttentionInterface
+
+    monkeypatch.setitem(AttentionInterface._global_mapping, _GROUPED_ATTENTION, mechvis.generation._grouped_eager_attention)
+    attentions = [module for module in _decoder(model).modules() if hasattr(module, "num_key_value_groups")]
+    assert all(module.config._attn_implementation == "eager" for module in attentions)
