@@ -11,7 +11,6 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from mechvis.analysis._checks import activation, check_positions, single_token_id
-from mechvis.analysis.attention import row_entropy
 from mechvis.architecture import LayerAttention
 from mechvis.analysis.lens import LogitLens, _layer_label, decode_nested, lens_hook_names, unembed_logits
 from mechvis.analysis.tokens import TokenSignals
@@ -131,6 +130,12 @@ def token_signals(
 
 
 _QUERY_BLOCK = 64
+
+
+def row_entropy(pattern: Float[Tensor, "... key"], *, scratch: Tensor | None = None) -> Float[Tensor, "..."]:
+    """−Σ_k a_k ln a_k in nats with torch's own logarithm (before the NumPy log2 kernel)."""
+    logs = torch.clamp(pattern, min=torch.finfo(pattern.dtype).tiny, out=scratch)
+    return logs.log_().mul_(pattern).sum(-1).neg_()
 
 
 def _visible_row_entropy(
