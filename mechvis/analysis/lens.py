@@ -13,7 +13,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from mechvis.analysis._checks import activation, check_positions, single_token_id
+from mechvis.analysis._checks import activation, check_bool, check_k, check_positions, single_token_id
 from mechvis.analysis._topk import two_level_topk
 from mechvis.running import vocabulary_strings
 
@@ -94,8 +94,14 @@ def logit_lens(
     Args:
         target: a token (id, or a string that is one token) whose probability and rank are
             tracked at every position; None tracks each position's final top-1 token.
-        k: how many top tokens to keep per layer and position.
+        k: how many top tokens to keep per layer and position (1..vocab).
+
+    Raises:
+        InvalidArgumentError: k not an integer in 1..vocab, bad positions or target.
+        MissingActivationsError: a cache without the residual-stream hooks.
     """
+    k = check_k(k, model.cfg.d_vocab)
+    include_resid_mid = check_bool(include_resid_mid, "include_resid_mid")
     names = lens_hook_names(model, include_resid_mid)
     first = activation(cache, names[0])
     chosen = check_positions(first.shape[0], positions)
