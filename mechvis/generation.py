@@ -819,7 +819,14 @@ def teacher_force(
     names_filter: Callable[[str], bool] | Sequence[str] | str | None = None,
 ) -> Trace:
     """A Trace for a given continuation, as if the model had generated it at temperature 1: one
-    forward pass; `step_logits` are the logits that predicted each continuation token."""
+    forward pass; `step_logits` are the logits that predicted each continuation token.
+
+    Raises:
+        InvalidArgumentError: a bad prompt, a continuation that is not a non-empty string, a bad
+            names_filter, prompt and continuation beyond the context."""
+    if not isinstance(continuation, str):
+        raise InvalidArgumentError(f"continuation must be a string (the text to analyse); got {shown(continuation)}.")
+    names_filter = check_names_filter(model, names_filter)
     encoded = encode(model, prompt, chat=chat)
     continuation_ids = model.hf_tokenizer.encode(continuation, add_special_tokens=False)
     if not continuation_ids:

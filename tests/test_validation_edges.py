@@ -19,25 +19,39 @@ from mechvis import Span
 from mechvis.analysis import (
     analyse_long,
     attention_to_spans,
+    decompose_residual,
+    direct_logit_attribution,
     embedding_projection,
     find_token_spans,
     gradient_x_input,
+    grid_regions,
     head_entropy,
     hidden_state_projection,
     high_entropy_positions,
+    hull_area,
+    instruction_attention_check,
+    keyword_dynamics,
     layer_similarity,
     logit_lens,
+    map_geometry,
+    mass_contour,
     occlusion,
     pca,
     rollout,
     rollout_rows,
+    row_entropy,
+    semantic_token_spans,
     token_signals,
+    unembed_logits,
+    visible_keys,
 )
 from mechvis.errors import DatasetError, InvalidArgumentError, MechvisError
 from mechvis.generation import EntropyTemperature
 from mechvis.interventions import ablation_sweep, target_probability
+from mechvis.running import ImageGrid
 
 PROMPT = "The cat sat on the mat and the cat"
+GRID = ImageGrid(2, 2, (1, 2, 3, 4))
 
 
 @pytest.fixture(scope="module")
@@ -173,6 +187,59 @@ CASES = {
     "analyse_long tokens 1.5": (
         lambda model, run: analyse_long(model, [1, 1.5], progress=False), InvalidArgumentError, r"tokens must hold integer values"
     ),
+    # further arguments of the same kinds across the public API
+    "teacher_force continuation 5": (
+        lambda model, run: mechvis.teacher_force(model, "Hi", 5), InvalidArgumentError, r"continuation must be a string.*got 5"
+    ),
+    "teacher_force names_filter 5": (
+        lambda model, run: mechvis.teacher_force(model, "Hi", " there", names_filter=5), InvalidArgumentError, r"names_filter must be"
+    ),
+    "encode prepend_bos 'yes'": (
+        lambda model, run: mechvis.encode(model, "Hi", prepend_bos="yes"), InvalidArgumentError, r"prepend_bos must be True or False"
+    ),
+    "decompose_residual heads 'yes'": (
+        lambda model, run: decompose_residual(run.cache, model, heads="yes"), InvalidArgumentError, r"heads must be True or False"
+    ),
+    "direct_logit_attribution heads 1": (
+        lambda model, run: direct_logit_attribution(run.cache, model, 3, heads=1), InvalidArgumentError, r"heads must be True or False"
+    ),
+    "find_token_spans case_sensitive 'yes'": (
+        lambda model, run: find_token_spans(run, "cat", case_sensitive="yes"), InvalidArgumentError, r"case_sensitive must be True or False"
+    ),
+    "semantic threshold 'x'": (
+        lambda model, run: semantic_token_spans(run, "cat", model, threshold="x"), InvalidArgumentError,
+        r"threshold must be a finite number in \[-1\.0, 1\.0\] \(a cosine similarity\)",
+    ),
+    "instruction check threshold 'x'": (
+        lambda model, run: instruction_attention_check(model, ["Hi"], ["cat"], "x"), InvalidArgumentError, r"threshold must be a finite number"
+    ),
+    "instruction check prompts str": (
+        lambda model, run: instruction_attention_check(model, "Hi cat", ["cat"], 0.5), InvalidArgumentError, r"prompts must be a list.*pass \[prompt\]"
+    ),
+    "unembed_logits wrong width": (
+        lambda model, run: unembed_logits(model, torch.zeros(3, 5)), InvalidArgumentError, r"residual must be a float tensor \(\.\.\., d_model=64\)"
+    ),
+    "visible_keys n_positions 1.5": (lambda model, run: visible_keys(model, [0], 1.5), InvalidArgumentError, r"n_positions must be an integer ≥ 1"),
+    "visible_keys layers []": (lambda model, run: visible_keys(model, [], 4), InvalidArgumentError, r"No layers given"),
+    "row_entropy list": (lambda model, run: row_entropy([0.5, 0.5]), InvalidArgumentError, r"pattern must be a float tensor"),
+    "classify threshold 'x'": (
+        lambda model, run: head_entropy(run.cache, model).classify(sink_threshold="x"), InvalidArgumentError, r"sink_threshold must be"
+    ),
+    "ranked_heads n=0": (
+        lambda model, run: attention_to_spans(run.cache, model, [Span("k", 1, 3)]).ranked_heads(0), InvalidArgumentError, r"n must be an integer ≥ 1"
+    ),
+    "cache 5": (lambda model, run: high_entropy_positions(model, run.logits, cache=5), InvalidArgumentError, r"cache must be an ActivationCache"),
+    "keyword_spans tuples": (
+        lambda model, run: keyword_dynamics(model, mechvis.teacher_force(model, PROMPT, " mat"), {"cat": [(1, 2)]}), InvalidArgumentError,
+        r"keyword_spans\['cat'\] must be a mechvis\.Span",
+    ),
+    "hull_area coverage 'x'": (lambda model, run: hull_area(torch.ones(4), GRID, coverage="x"), InvalidArgumentError, r"coverage must be a finite number in \(0\.0, 1\.0\]"),
+    "mass_contour coverage 0": (lambda model, run: mass_contour(torch.ones(4), GRID, coverage=0), InvalidArgumentError, r"coverage must be"),
+    "map_geometry list": (lambda model, run: map_geometry([0.25] * 4, GRID), InvalidArgumentError, r"map must be a float tensor of the grid's 4 cells"),
+    "map_geometry NaN": (lambda model, run: map_geometry(torch.tensor([float("nan"), 1, 1, 1]), GRID), InvalidArgumentError, r"NaN or infinite"),
+    "grid_regions rows 1.5": (lambda model, run: grid_regions(1.5, 2), InvalidArgumentError, r"rows must be an integer ≥ 1; got 1\.5"),
+    "grid_regions blocks 3": (lambda model, run: grid_regions(4, 4, blocks=3), InvalidArgumentError, r"blocks must be a pair"),
+    "inspect_model 5": (lambda model, run: mechvis.inspect_model(5), InvalidArgumentError, r"inspect_model takes a model from mechvis\.load_model"),
 }
 
 

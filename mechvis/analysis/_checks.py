@@ -23,8 +23,18 @@ if TYPE_CHECKING:
     from transformer_lens.model_bridge import TransformerBridge
 
 
+def _check_cache(cache: object) -> None:
+    """A cache is an ActivationCache (`run.cache`) or a mapping {hook name: tensor}."""
+    searchable = hasattr(cache, "__contains__") or hasattr(cache, "__iter__")  # ActivationCache: `in` iterates
+    if not (searchable and hasattr(cache, "__getitem__")) or isinstance(cache, (str, bytes, Tensor, np.ndarray)):
+        raise InvalidArgumentError(
+            f"cache must be an ActivationCache (run.cache) or a dict {{hook name: tensor}}; got {shown(cache)}."
+        )
+
+
 def activation(cache: "ActivationCache", name: str) -> Tensor:
     """`cache[name]` for the single sequence of the cache (batch dimension removed)."""
+    _check_cache(cache)
     if name not in cache:
         raise MissingActivationsError(
             f"The cache has no '{name}'. Run without a names_filter, or include it: "
@@ -45,6 +55,7 @@ def stacked(cache: "ActivationCache", names: Sequence[str]) -> Tensor:
 
 
 def require_hooks(cache: "ActivationCache", names: Iterable[str]) -> None:
+    _check_cache(cache)
     missing = [name for name in names if name not in cache]
     if missing:
         shown = ", ".join(missing[:4]) + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")

@@ -53,8 +53,11 @@ def visible_keys(model: "TransformerBridge", layers: Sequence[int], n_positions:
     `mechvis.architecture.attention_layout` (the masks transformers builds; checked against HF
     eager attention for every windowed architecture in the test suite).
 
-    Raises UnsupportedArchitectureError for layers whose mask mechvis does not know.
+    Raises UnsupportedArchitectureError for layers whose mask mechvis does not know,
+    InvalidArgumentError for bad layers or a count of positions that is not a positive integer.
     """
+    layers = check_layers(model, layers)
+    n_positions = check_integer(n_positions, "n_positions", low=1)
     layout = attention_layout(model)
     return torch.stack([layout[layer].visible_keys(n_positions) for layer in layers])
 
@@ -87,6 +90,9 @@ class HeadEntropy:
     def classify(self, *, sink_threshold: float = 0.5, focused_below: float = 0.3, diffuse_above: float = 0.7) -> list[tuple[int, int, str]]:
         """(layer, head, kind) for every head. kind: "sink" (mean sink mass ≥ sink_threshold),
         else "focused" / "diffuse" by mean normalised entropy, else "mixed"."""
+        sink_threshold, focused_below, diffuse_above = (
+            check_real(value, name, low=0.0, high=1.0) for value, name in
+            ((sink_threshold, "sink_threshold"), (focused_below, "focused_below"), (diffuse_above, "diffuse_above")))
         kinds = []
         for row, layer in enumerate(self.layers):
             for head in range(self.entropy.shape[1]):
@@ -113,6 +119,8 @@ def row_entropy(pattern: Float[Tensor, "... key"], *, scratch: Tensor | None = N
     """−Σ_k a_k ln a_k in nats, with 0 ln 0 = 0 (entries below the dtype's smallest normal count as
     that value: a change below 1e-36 nats in float32). `scratch`, shaped and typed like `pattern`,
     is overwritten instead of allocating a copy."""
+    if not isinstance(pattern, Tensor) or not pattern.is_floating_point():
+        raise InvalidArgumentError(f"pattern must be a float tensor (..., key) of attention weights; got {shown(pattern)}.")
     logs = torch.clamp(pattern, min=torch.finfo(pattern.dtype).tiny, out=scratch)
     return logs.log_().mul_(pattern).sum(-1).neg_()
 
