@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Union
 
@@ -564,10 +564,11 @@ def _checked_processors(processors: object) -> list[_CheckedProcessor]:
         raise InvalidArgumentError(
             f"logits_processors must be a list of processors; got one ({_processor_name(processors)}): pass [processor]."
         )
-    if isinstance(processors, (str, bytes)) or not isinstance(processors, Sequence):
+    if isinstance(processors, (str, bytes)) or not isinstance(processors, Iterable):
         raise InvalidArgumentError(
             f"logits_processors must be a list of functions f(input_ids, scores) → scores; got {shown(processors)}."
         )
+    processors = list(processors)
     for index, processor in enumerate(processors):
         if not callable(processor):
             raise InvalidArgumentError(

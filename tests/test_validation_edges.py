@@ -28,6 +28,7 @@ from mechvis.analysis import (
     head_entropy,
     hidden_state_projection,
     high_entropy_positions,
+    hooks_for,
     hull_area,
     instruction_attention_check,
     keyword_dynamics,
@@ -82,10 +83,10 @@ CASES = {
     "names_filter=5": (_generate(names_filter=5), InvalidArgumentError, r"names_filter must be None, a hook name.*got 5"),
     "unknown hook name": (
         _generate(names_filter=["blocks.0.hook_resid_postt"]), InvalidArgumentError,
-        r"does not have: \['blocks\.0\.hook_resid_postt'\]; did you mean \['blocks\.0\.hook_resid_post'",
+        r"names no hook this model has: \['blocks\.0\.hook_resid_postt'\]; did you mean \['blocks\.0\.hook_resid_post'",
     ),
     "unknown hook name (run)": (
-        lambda model, run: mechvis.run(model, PROMPT, names_filter="nope"), InvalidArgumentError, r"does not have: \['nope'\]"
+        lambda model, run: mechvis.run(model, PROMPT, names_filter="nope"), InvalidArgumentError, r"names no hook this model has: \['nope'\]"
     ),
     "temperature_schedule='x'": (_generate(temperature_schedule="x"), InvalidArgumentError, r"temperature_schedule must be.*got 'x'"),
     "top_p='0.5'": (_generate(temperature=1.0, top_p="0.5"), InvalidArgumentError, r"top_p must be a finite number in \(0\.0, 1\.0\]"),
@@ -279,6 +280,10 @@ def test_integer_likes_and_documented_conversions_give_the_same_results(tiny_lla
     names = ("blocks.0.attn.hook_pattern", "blocks.1.attn.hook_pattern")
     assert set(mechvis.run(model, PROMPT, names_filter=names).cache.keys()) == set(names)
     assert set(mechvis.run(model, PROMPT, names_filter=names[0]).cache.keys()) == {names[0]}
+    # a list may name hooks this architecture lacks (hooks_for lists ln1_post for every model), as long as one matches
+    residual = hooks_for(model, "residual")
+    assert any(name not in model.hook_dict for name in residual)
+    assert {"hook_embed", "blocks.2.hook_mlp_out"} <= set(mechvis.run(model, PROMPT, names_filter=residual).cache.keys())
 
 
 def test_generate_accepts_integer_and_real_likes(tiny_llama):

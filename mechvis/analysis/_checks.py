@@ -320,12 +320,15 @@ def single_token_id(model: "TransformerBridge", token: int | str) -> int:
 
 def check_names_filter(model: "TransformerBridge", names_filter: object) -> object:
     """A transformer-lens `names_filter` checked before any model work: None (every hook), a
-    function name → bool, a hook name, or a list/tuple of hook names (returned as a list), each of
-    which must be one of the model's hooks (`model.hook_dict`).
+    function name → bool, a hook name the model has, or a list/tuple of hook names (returned as a
+    list) of which at least one is the model's (`model.hook_dict`). Names the model lacks are
+    ignored in a list that matches others, as transformer-lens does: `hooks_for` lists hooks some
+    architectures lack (e.g. `ln1_post`), and an analysis that needs a hook that was not cached
+    raises `MissingActivationsError` naming it.
 
     Raises:
-        InvalidArgumentError: another type, or a hook name the model does not have (the message
-            suggests the closest names)."""
+        InvalidArgumentError: another type, an unknown single name, or a list of which no name is
+            the model's (the message suggests the closest names)."""
     import difflib
 
     if names_filter is None or callable(names_filter):
@@ -338,10 +341,10 @@ def check_names_filter(model: "TransformerBridge", names_filter: object) -> obje
         )
     known = model.hook_dict
     unknown = [name for name in names if name not in known]
-    if unknown:
+    if unknown and len(unknown) == len(names):
         close = difflib.get_close_matches(unknown[0], list(known), n=3)
         raise InvalidArgumentError(
-            f"names_filter names hooks this model does not have: {unknown[:4]}"
+            f"names_filter names no hook this model has: {unknown[:4]}"
             + (f"; did you mean {close}?" if close else ".")
             + " The model's hook names are `model.hook_dict`'s keys (mechvis.analysis.hooks_for names "
             "the hooks of each analysis)."
