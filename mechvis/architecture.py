@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from mechvis.errors import UnsupportedArchitectureError
+from mechvis.errors import InvalidArgumentError, UnsupportedArchitectureError
 
 if TYPE_CHECKING:
     from transformer_lens.model_bridge import TransformerBridge
@@ -194,7 +194,14 @@ def _count_parameters(hf_model: nn.Module) -> int:
 
 
 def inspect_model(model: "TransformerBridge") -> ArchitectureSummary:
-    """Summarise a hooked model's architecture (from its HF config where the bridge's differs)."""
+    """Summarise a hooked model's architecture (from its HF config where the bridge's differs).
+
+    Raises:
+        InvalidArgumentError: `model` is not a model from `mechvis.load_model`."""
+    if not hasattr(model, "cfg") or not hasattr(model, "original_model"):
+        raise InvalidArgumentError(
+            f"inspect_model takes a model from mechvis.load_model(...); got {type(model).__name__}."
+        )
     cfg = model.cfg
     hf_config = model.original_model.config
     text_config = getattr(hf_config, "text_config", None) or hf_config

@@ -11,7 +11,7 @@ import contextlib
 import copy
 import math
 import weakref
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Union
 
@@ -19,7 +19,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from mechvis.analysis._checks import integer
+from mechvis.analysis._checks import check_bool, check_integer, check_names_filter, check_real, integer, real, shown
 from mechvis.analysis.repetition import (
     InductionHeads,
     RepetitionMonitor,
@@ -56,7 +56,13 @@ class SamplingSettings:
     schedule: "TemperatureSchedule | None" = None
 
     def validate(self) -> None:
-        temperature = _real(self.temperature)
+        """Check every setting and normalise integer- and real-likes to int and float.
+
+        Raises:
+            InvalidArgumentError: temperature < 0 or not a number, top_k < 1, top_p outside
+                (0, 1], min_p outside [0, 1], a seed that is not an integer torch accepts
+                (−2⁶³ … 2⁶⁴ − 1), a schedule that is not a temperature schedule."""
+        temperature = real(self.temperature)
         if temperature is None or not math.isfinite(temperature) or temperature < 0:
             raise InvalidArgumentError(f"temperature must be a number ≥ 0 (0 = greedy); got {self.temperature!r}.")
         object.__setattr__(self, "temperature", temperature)
@@ -65,25 +71,25 @@ class SamplingSettings:
             if top_k is None or top_k < 1:
                 raise InvalidArgumentError(f"top_k must be a positive integer or None; got {self.top_k!r}.")
             object.__setattr__(self, "top_k", top_k)
-        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
-            raise InvalidArgumentError(f"top_p must be in (0, 1] or None; got {self.top_p!r}.")
-        if self.min_p is not None and not 0.0 <= self.min_p <= 1.0:
-            raise InvalidArgumentError(f"min_p must be in [0, 1] or None; got {self.min_p!r}.")
+        if self.top_p is not None:
+            object.__setattr__(self, "top_p", check_real(self.top_p, "top_p", low=0.0, high=1.0, low_open=True, hint=" (None = off)"))
+        if self.min_p is not None:
+            object.__setattr__(self, "min_p", check_real(self.min_p, "min_p", low=0.0, high=1.0, hint=" (None = off)"))
+        if self.seed is not None:
+            object.__setattr__(self, "seed", check_integer(
+                self.seed, "seed", low=-(2**63), high=2**64 - 1, bounds="from −2**63 to 2**64 − 1", hint=" (None = unseeded)"
+            ))
+        schedule = self.schedule
+        if schedule is not None and not isinstance(schedule, (EntropyTemperature, RepetitionTemperature, MonitorTemperature)) \
+                and not callable(getattr(schedule, "temperature", None)):
+            raise InvalidArgumentError(
+                f"temperature_schedule must be None, EntropyTemperature, RepetitionTemperature or MonitorTemperature "
+                f"(from mechvis.generation); got {shown(schedule)}."
+            )
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
-
-
-def _real(value: object) -> float | None:
-    """`value` as a float if it is a real number (numpy floats and integers included), else None:
-    bools and strings are not numbers."""
-    if isinstance(value, (bool, str, bytes)) or getattr(value, "dtype", None) == torch.bool:
-        return None
-    try:
-        return float(value) if getattr(value, "ndim", 0) == 0 else None
-    except (TypeError, ValueError):
-        return None
 
 
 @dataclass(frozen=True)
@@ -375,8 +381,12 @@ def stream_generate(
 
     if temperature_schedule is not None:
         temperature = 1.0  # the schedule sets each step's temperature
+    chat = check_bool(chat, "chat")
+    analysis_pass = check_bool(analysis_pass, "analysis_pass")
     settings = SamplingSettings(temperature, top_k, top_p, min_p, seed, temperature_schedule)
     settings.validate()
+    user_processors = _checked_processors(logits_processors)
+    names_filter = check_names_filter(model, names_filter)
     checked = integer(top_n)
     if checked is None or not 1 <= checked <= 1000:
         raise InvalidArgumentError(f"top_n must be an integer in [1, 1000]; got {top_n!r}.")
@@ -475,7 +485,7 @@ def stream_generate(
                     scheduled = _ScheduledTemperature(
                         lambda ids, scores: schedule.temperature(_entropy(scores), ids[:, prompt_length:])
                     )
-                processors = [raw, *logits_processors, *([scheduled] if scheduled else []), *_sampling_processors(settings), processed]
+                processors = [raw, *user_processors, *([scheduled] if scheduled else []), *_sampling_processors(settings), processed]
                 options["logits_processor"] = LogitsProcessorList(processors)
                 chunk = _prefill_chunk(model, decoder, prompt_length, extra)
                 if chunk is not None:
@@ -527,6 +537,50 @@ def stream_generate(
 
 
 _PREFILL_SCORE_BYTES = 128 << 20  # one prefill chunk's attention scores (heads × chunk × N float32) stay under this
+
+
+class _CheckedProcessor:
+    """A user's logits processor whose every result is checked: the scores, as a tensor of the
+    shape it was given (a processor that returns None or another shape is named in the error)."""
+
+    def __init__(self, processor: Callable[[Tensor, Tensor], Tensor], index: int) -> None:
+        self.processor, self.index = processor, index
+
+    def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
+        result = self.processor(input_ids, scores)
+        if not isinstance(result, Tensor) or result.shape != scores.shape:
+            got = f"a tensor of shape {tuple(result.shape)}" if isinstance(result, Tensor) else shown(result, 40)
+            raise InvalidArgumentError(
+                f"logits processor {self.index} ({_processor_name(self.processor)}) returned {got}; a processor "
+                f"f(input_ids, scores) must return the scores, a tensor of shape {tuple(scores.shape)}."
+            )
+        return result
+
+
+def _processor_name(processor: object) -> str:
+    return getattr(processor, "__qualname__", None) or type(processor).__name__
+
+
+def _checked_processors(processors: object) -> list[_CheckedProcessor]:
+    """`logits_processors` as a list of result-checking wrappers.
+
+    Raises:
+        InvalidArgumentError: not a list/tuple of callables (one processor must be in a list)."""
+    if callable(processors) and not isinstance(processors, (list, tuple)):
+        raise InvalidArgumentError(
+            f"logits_processors must be a list of processors; got one ({_processor_name(processors)}): pass [processor]."
+        )
+    if isinstance(processors, (str, bytes)) or not isinstance(processors, Iterable):
+        raise InvalidArgumentError(
+            f"logits_processors must be a list of functions f(input_ids, scores) → scores; got {shown(processors)}."
+        )
+    processors = list(processors)
+    for index, processor in enumerate(processors):
+        if not callable(processor):
+            raise InvalidArgumentError(
+                f"logits processor {index} is not callable: {shown(processor)}; a processor is f(input_ids, scores) → scores."
+            )
+    return [_CheckedProcessor(processor, index) for index, processor in enumerate(processors)]
 
 
 def _prefill_chunk(model: "TransformerBridge", decoder: "torch.nn.Module", prompt_length: int, extra: dict) -> int | None:
@@ -876,7 +930,14 @@ def teacher_force(
     names_filter: Callable[[str], bool] | Sequence[str] | str | None = None,
 ) -> Trace:
     """A Trace for a given continuation, as if the model had generated it at temperature 1: one
-    forward pass; `step_logits` are the logits that predicted each continuation token."""
+    forward pass; `step_logits` are the logits that predicted each continuation token.
+
+    Raises:
+        InvalidArgumentError: a bad prompt, a continuation that is not a non-empty string, a bad
+            names_filter, prompt and continuation beyond the context."""
+    if not isinstance(continuation, str):
+        raise InvalidArgumentError(f"continuation must be a string (the text to analyse); got {shown(continuation)}.")
+    names_filter = check_names_filter(model, names_filter)
     encoded = encode(model, prompt, chat=chat)
     continuation_ids = model.hf_tokenizer.encode(continuation, add_special_tokens=False)
     if not continuation_ids:

@@ -19,7 +19,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from mechvis.analysis._checks import check_heads, check_layers, check_positions, single_token_id
+from mechvis.analysis._checks import check_heads, check_integer, check_layers, check_positions, check_token_ids, single_token_id
 from mechvis.errors import InvalidArgumentError
 
 if TYPE_CHECKING:
@@ -269,11 +269,8 @@ def ablation_sweep(
 ) -> AblationSweep:
     """Ablate every head on its own and measure the metric; `batch_size` ablations share one
     batched forward pass (each batch row ablates a different head)."""
-    if tokens.ndim != 1 or tokens.numel() == 0:
-        raise InvalidArgumentError(f"tokens must be one non-empty sequence (pos,); got shape {tuple(tokens.shape)}.")
-    if batch_size < 1:
-        raise InvalidArgumentError(f"batch_size must be at least 1; got {batch_size}.")
-    tokens = tokens.to(model.cfg.device)
+    tokens = check_token_ids(model, tokens).to(model.cfg.device)
+    batch_size = check_integer(batch_size, "batch_size", low=1)
     n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
     replacements = {layer: _replacement(method, _z_name(layer), reference) for layer in range(n_layers)}
     with torch.no_grad():

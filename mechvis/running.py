@@ -264,6 +264,20 @@ def chat_content_spans(
     return text, [(messages[index]["role"], start, stop) for index, start, stop in slots if stop > start]
 
 
+def _check_prompt(prompt: object, chat: bool) -> None:
+    """A prompt is a string or (chat mode) a list of messages; anything else is named."""
+    if isinstance(prompt, str) or (chat and isinstance(prompt, (list, tuple))):
+        return
+    from mechvis.analysis._checks import shown
+
+    if isinstance(prompt, (list, tuple)):
+        raise InvalidArgumentError("A list of messages needs chat=True; completion mode takes a string.")
+    raise InvalidArgumentError(
+        "A prompt is a string, or (with chat=True) a list of {'role', 'content'} messages; "
+        f"got {shown(prompt)}."
+    )
+
+
 def encode(
     model: "TransformerBridge", prompt: Prompt, *, chat: bool = False, prepend_bos: bool | None = None
 ) -> Encoded:
@@ -276,6 +290,12 @@ def encode(
         prepend_bos: completion mode only; None follows the tokenizer (SmolLM2 adds none),
             True/False force a BOS token at position 0 or not.
     """
+    from mechvis.analysis._checks import check_bool
+
+    chat = check_bool(chat, "chat")
+    if prepend_bos is not None:
+        prepend_bos = check_bool(prepend_bos, "prepend_bos")
+    _check_prompt(prompt, chat)
     tokenizer = model.hf_tokenizer
     if chat:
         if prepend_bos is not None:
@@ -401,6 +421,10 @@ def encode_with_image(model: "TransformerBridge", prompt: Prompt, image: object,
     """Tokenise `prompt` with one image through the model's processor. Returns the encoding (its
     segments hold the image span and grid) and the extra forward inputs (pixel_values, ...) on the
     model's device."""
+    from mechvis.analysis._checks import check_bool
+
+    chat = check_bool(chat, "chat")
+    _check_prompt(prompt, chat)
     if not getattr(model.cfg, "is_multimodal", False):
         raise InvalidArgumentError(f"{model.cfg.model_name} is a text-only model; it takes no image. Drop image=.")
     processor = getattr(model, "processor", None)
@@ -620,6 +644,11 @@ def run(
         names_filter: which hooks to cache (transformer-lens `names_filter`); None caches all.
             Attention patterns cost layers × heads × pos² floats: filter for long prompts.
     """
+    from mechvis.analysis._checks import check_bool, check_names_filter
+
+    chat = check_bool(chat, "chat")
+    _check_prompt(prompt, chat)
+    names_filter = check_names_filter(model, names_filter)
     extra: dict = {}
     if image is not None:
         encoded, extra = encode_with_image(model, prompt, image, chat=chat)

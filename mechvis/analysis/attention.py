@@ -15,7 +15,17 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from mechvis.analysis._checks import activation, check_layers, check_positions
+from mechvis.analysis._checks import (
+    activation,
+    check_bool,
+    check_integer,
+    check_layers,
+    check_positions,
+    check_real,
+    check_span,
+    check_spans,
+    shown,
+)
 from mechvis.architecture import LayerAttention, attention_layout
 from mechvis.errors import InvalidArgumentError
 from mechvis.running import Span
@@ -45,8 +55,11 @@ def visible_keys(model: "TransformerBridge", layers: Sequence[int], n_positions:
     `mechvis.architecture.attention_layout` (the masks transformers builds; checked against HF
     eager attention for every windowed architecture in the test suite).
 
-    Raises UnsupportedArchitectureError for layers whose mask mechvis does not know.
+    Raises UnsupportedArchitectureError for layers whose mask mechvis does not know,
+    InvalidArgumentError for bad layers or a count of positions that is not a positive integer.
     """
+    layers = check_layers(model, layers)
+    n_positions = check_integer(n_positions, "n_positions", low=1)
     layout = attention_layout(model)
     return torch.stack([layout[layer].visible_keys(n_positions) for layer in layers])
 
@@ -79,6 +92,9 @@ class HeadEntropy:
     def classify(self, *, sink_threshold: float = 0.5, focused_below: float = 0.3, diffuse_above: float = 0.7) -> list[tuple[int, int, str]]:
         """(layer, head, kind) for every head. kind: "sink" (mean sink mass ≥ sink_threshold),
         else "focused" / "diffuse" by mean normalised entropy, else "mixed"."""
+        sink_threshold, focused_below, diffuse_above = (
+            check_real(value, name, low=0.0, high=1.0) for value, name in
+            ((sink_threshold, "sink_threshold"), (focused_below, "focused_below"), (diffuse_above, "diffuse_above")))
         kinds = []
         for row, layer in enumerate(self.layers):
             for head in range(self.entropy.shape[1]):
@@ -126,6 +142,8 @@ def row_entropy(pattern: Float[Tensor, "... key"], *, scratch: Tensor | None = N
     """−Σ_k a_k ln a_k in nats, with 0 ln 0 = 0 (entries below the dtype's smallest normal count as
     that value: a change below 1e-36 nats in float32). `scratch`, shaped and typed like `pattern`,
     is overwritten instead of allocating a copy."""
+    if not isinstance(pattern, Tensor) or not pattern.is_floating_point():
+        raise InvalidArgumentError(f"pattern must be a float tensor (..., key) of attention weights; got {shown(pattern)}.")
     logs = scratch if scratch is not None else torch.empty_like(pattern, memory_format=torch.contiguous_format)
     return _neg_x_log_x_sum(pattern, logs)
 
@@ -177,7 +195,7 @@ def head_entropy(
     chosen = check_layers(model, layers)
     first = activation(cache, pattern_hook(chosen[0]))
     n_positions = first.shape[-1]
-    sinks = check_positions(n_positions, sink_positions) if sink_positions else []
+    sinks = check_positions(n_positions, sink_positions, empty=True)
     # Layer by layer through one scratch buffer: stacking every pattern first would copy
     # layers × heads × pos² floats, and a fresh buffer per layer pays its page faults each time.
     scratch = torch.empty_like(first, dtype=torch.float32)
@@ -215,8 +233,7 @@ def augmented_attention(
     """One rollout factor per layer: Â = (1 − w)·fuse_h(A) + w·I, rows renormalised (float64)."""
     if head_fusion not in ("mean", "max", "min"):
         raise InvalidArgumentError(f"head_fusion must be 'mean', 'max' or 'min'; got {head_fusion!r}.")
-    if not 0.0 <= residual_weight <= 1.0:
-        raise InvalidArgumentError(f"residual_weight must be in [0, 1]; got {residual_weight}.")
+    residual_weight = check_real(residual_weight, "residual_weight", low=0.0, high=1.0)
     patterns = patterns.double()
     fused = {"mean": patterns.mean(-3), "max": patterns.amax(-3), "min": patterns.amin(-3)}[head_fusion]
     identity = torch.eye(fused.shape[-1], dtype=fused.dtype, device=fused.device)
@@ -258,6 +275,8 @@ def rollout(
             the mass the span had before).
     """
     chosen = check_layers(model, layers)
+    key_span = None if key_span is None else check_span(key_span, "key_span")
+    residual_weight = check_real(residual_weight, "residual_weight", low=0.0, high=1.0)
     result = rollout_matrix(attention_patterns(cache, model, chosen), head_fusion, residual_weight)
     result, span_mass = _restricted_to_span(result, key_span)
     return Rollout(result.float(), head_fusion, residual_weight, chosen, key_span, span_mass)
@@ -328,6 +347,8 @@ def rollout_rows(
         InvalidArgumentError: no query, a query outside the sequence, a bad span, fusion or weight.
     """
     chosen = check_layers(model, layers)
+    key_span = None if key_span is None else check_span(key_span, "key_span")
+    residual_weight = check_real(residual_weight, "residual_weight", low=0.0, high=1.0)
     n_positions = activation(cache, pattern_hook(chosen[0])).shape[-1]
     if queries is None:
         raise InvalidArgumentError("rollout_rows needs at least one query position (rollout gives every row).")
@@ -351,7 +372,14 @@ def find_token_spans(
     with a neighbouring space, is found; each occurrence gives one span.
     `match="semantic"` finds positions by meaning instead (needs `model`; `layer`, `threshold`:
     see mechvis.analysis.instructions.semantic_token_spans, which also returns every score).
+
+    Raises:
+        InvalidArgumentError: a keyword that is not a non-empty string, a bad `match`, flags that
+            are not bools.
     """
+    if not isinstance(keyword, str):
+        raise InvalidArgumentError(f"keyword must be a string (the text to find); got {shown(keyword)}.")
+    case_sensitive, whole_word = check_bool(case_sensitive, "case_sensitive"), check_bool(whole_word, "whole_word")
     if match == "semantic":
         from mechvis.analysis.instructions import semantic_token_spans
 
@@ -391,6 +419,7 @@ class SpanAttention:
 
     def ranked_heads(self, n: int = 10) -> list[tuple[int, int, float]]:
         """(layer, head, mean mass) of the `n` heads that attend most to the spans."""
+        n = check_integer(n, "n", low=1, hint=" (how many heads to return)")
         flat = self.mean_mass.flatten()
         n_heads = self.mean_mass.shape[1]
         order = flat.argsort(descending=True)[:n].tolist()
@@ -405,7 +434,13 @@ def attention_to_spans(
     query_positions: Sequence[int] | None = None,
     layers: Sequence[int] | None = None,
 ) -> SpanAttention:
-    """How much attention `query_positions` (default: the last position) pay to `key_spans`."""
+    """How much attention `query_positions` (default: the last position) pay to `key_spans`.
+
+    Raises:
+        InvalidArgumentError: `key_spans` not a list of `mechvis.Span` (a tuple of positions, one
+            Span alone), no key position, bad layers or positions.
+    """
+    key_spans = check_spans(key_spans, "key_spans")
     chosen = check_layers(model, layers)
     patterns = attention_patterns(cache, model, chosen)
     n_positions = patterns.shape[-1]

@@ -20,7 +20,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from mechvis.analysis._checks import check_positions, single_token_id
+from mechvis.analysis._checks import check_integer, check_positions, check_token_ids, single_token_id
 from mechvis.errors import InvalidArgumentError
 from mechvis.unembedding import INPUT_HOOK, centring_offset
 
@@ -75,12 +75,6 @@ def _offset_hook(model: "TransformerBridge", position: int, store: dict, score: 
     return [(INPUT_HOOK, keep)]
 
 
-def _checked_tokens(tokens: Int[Tensor, " pos"]) -> Int[Tensor, " pos"]:
-    if tokens.ndim != 1 or tokens.numel() == 0:
-        raise InvalidArgumentError(f"tokens must be one non-empty sequence (pos,); got shape {tuple(tokens.shape)}.")
-    return tokens
-
-
 def gradient_x_input(
     model: "TransformerBridge", tokens: Int[Tensor, " pos"], target: int | str, *, position: int = -1, score: Score = "logit"
 ) -> InputAttribution:
@@ -89,9 +83,10 @@ def gradient_x_input(
     score the target's logit, log-probability or centred logit at `position` (module docstring).
     Model parameters get no gradients.
 
-    Raises InvalidArgumentError for a bad score, position or a target that is not one token.
+    Raises InvalidArgumentError for a bad score, position, a target that is not one token, or
+    tokens that are not one non-empty sequence of ids in the vocabulary (a list is converted).
     """
-    tokens = _checked_tokens(tokens)
+    tokens = check_token_ids(model, tokens)
     _check_score(score)
     (position,) = check_positions(tokens.shape[0], [position])
     target_id = single_token_id(model, target)
@@ -126,15 +121,15 @@ def occlusion(
     Runs one occluded copy per token up to `position` in batches of `batch_size`; tokens after
     it score exactly 0 under a causal mask (they are not run; a bidirectional model runs them all).
 
-    Raises InvalidArgumentError for a bad score, position, batch size or a target that is not one token.
+    Raises InvalidArgumentError for a bad score, position, batch size, a target that is not one
+    token, or tokens that are not one non-empty sequence of ids in the vocabulary.
     """
-    tokens = _checked_tokens(tokens).to(model.cfg.device)
+    batch_size = check_integer(batch_size, "batch_size", low=1)
+    tokens = check_token_ids(model, tokens).to(model.cfg.device)
     _check_score(score)
     n_positions = tokens.shape[0]
     (position,) = check_positions(n_positions, [position])
     target_id = single_token_id(model, target)
-    if batch_size < 1:
-        raise InvalidArgumentError(f"batch_size must be at least 1; got {batch_size}.")
     store: dict[str, Tensor] = {}
     keep_offset = _offset_hook(model, position, store, score)
     with torch.no_grad():

@@ -24,7 +24,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from mechvis.analysis._checks import activation, check_layers
+from mechvis.analysis._checks import activation, check_layers, check_spans, shown
 from mechvis.analysis.attention import pattern_hook
 from mechvis.analysis.regions import NAMED_REGIONS, Box, box_weights, resolve_box
 from mechvis.analysis.vision import region_metrics
@@ -238,8 +238,13 @@ def keyword_dynamics(
         raise InvalidArgumentError("The trace generated no tokens.")
     chosen = check_layers(model, layers)
     queries = [position - 1 for position in trace.generated_positions]
+    if not isinstance(keyword_spans, Mapping):
+        raise InvalidArgumentError(
+            f"keyword_spans must be a dict {{keyword: [Span, ...]}} (e.g. from find_token_spans); got {shown(keyword_spans)}."
+        )
     keys = {}
     for keyword, spans in keyword_spans.items():
+        spans = check_spans(spans, f"keyword_spans[{keyword!r}]")
         positions = sorted({p for span in spans for p in span.positions})
         if not positions:
             raise InvalidArgumentError(f"The keyword {keyword!r} has no token span (see find_token_spans).")

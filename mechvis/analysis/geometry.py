@@ -18,23 +18,28 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from mechvis.analysis._checks import check_real, check_tensor, shown
 from mechvis.errors import InvalidArgumentError
 from mechvis.running import ImageGrid
 
 
 def _distribution(q: Tensor, grid: ImageGrid, name: str = "map") -> np.ndarray:
     n = grid.rows * grid.cols
+    if not isinstance(grid, ImageGrid):
+        raise InvalidArgumentError(f"grid must be a mechvis ImageGrid (run.segments.image_grid); got {shown(grid)}.")
+    q = check_tensor(q, f"The {name}", ndim=1, shape="(cell,)", what=f"a float tensor of the grid's {n} cells")
     if tuple(q.shape) != (n,):
         raise InvalidArgumentError(f"The {name} must have the grid's {n} cells ({grid.rows} × {grid.cols}); got shape {tuple(q.shape)}.")
     x = q.detach().double().cpu().numpy().clip(0, None)
+    if not np.isfinite(x).all():
+        raise InvalidArgumentError(f"The {name} holds NaN or infinite values.")
     if not x.sum() > 0:
         raise InvalidArgumentError(f"The {name} has no mass on the image.")
     return x / x.sum()
 
 
-def _check_coverage(coverage: float) -> None:
-    if not 0 < coverage <= 1:
-        raise InvalidArgumentError(f"coverage must be in (0, 1]; got {coverage}.")
+def _check_coverage(coverage: float) -> float:
+    return check_real(coverage, "coverage", low=0.0, high=1.0, low_open=True, hint=" (a share of the mass)")
 
 
 def top_mass_cells(q: Float[Tensor, " cell"], grid: ImageGrid, coverage: float = 0.9) -> Float[Tensor, " cell"]:

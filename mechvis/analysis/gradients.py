@@ -33,7 +33,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from mechvis.analysis._checks import check_positions, integer, single_token_id
+from mechvis.analysis._checks import check_positions, check_token_ids, integer, single_token_id
 from mechvis.analysis.attention import pattern_hook
 from mechvis.errors import InvalidArgumentError
 from mechvis.running import ImageGrid
@@ -70,9 +70,7 @@ class IntegratedGradients:
 def _checked(model: "TransformerBridge", tokens: Tensor, target: int | str, position: int, n_steps: int) -> tuple[Tensor, int, int]:
     if integer(n_steps) is None or integer(n_steps) < 1:
         raise InvalidArgumentError(f"n_steps (integration steps) must be a positive integer; got {n_steps!r}.")
-    tokens = torch.as_tensor(tokens)
-    if tokens.ndim != 1 or tokens.numel() == 0:
-        raise InvalidArgumentError(f"tokens must be one non-empty sequence (pos,); got shape {tuple(tokens.shape)}.")
+    tokens = check_token_ids(model, tokens)
     (position,) = check_positions(tokens.shape[0], [position])
     return tokens.to(model.cfg.device), single_token_id(model, target), position
 

@@ -25,6 +25,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from mechvis.analysis._checks import check_integer, shown
 from mechvis.errors import InvalidArgumentError
 
 
@@ -104,6 +105,10 @@ def discrete_mutual_information(x: Sequence[int], y: Sequence[int]) -> DiscreteI
 def grid_regions(rows: int, cols: int, blocks: tuple[int, int] = (2, 2)) -> Int[Tensor, " cell"]:
     """Region ids of a rows × cols grid cut into blocks[0] × blocks[1] equal blocks (row-major),
     e.g. (2, 2): the quadrants."""
+    rows, cols = check_integer(rows, "rows", low=1), check_integer(cols, "cols", low=1)
+    if isinstance(blocks, (str, bytes)) or not isinstance(blocks, Sequence) or len(blocks) != 2:
+        raise InvalidArgumentError(f"blocks must be a pair (row blocks, column blocks) such as (2, 2); got {shown(blocks)}.")
+    blocks = (check_integer(blocks[0], "blocks[0]", low=1), check_integer(blocks[1], "blocks[1]", low=1))
     if blocks[0] < 1 or blocks[1] < 1 or blocks[0] > rows or blocks[1] > cols:
         raise InvalidArgumentError(f"Cannot cut a {rows} × {cols} grid into {blocks} blocks.")
     row_block = torch.arange(rows) * blocks[0] // rows

@@ -25,7 +25,7 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from mechvis.analysis._checks import activation, check_layers
+from mechvis.analysis._checks import activation, check_bool, check_layers, check_real, shown
 from mechvis.errors import InvalidArgumentError
 from mechvis.running import Span
 
@@ -68,8 +68,9 @@ def semantic_token_spans(run: "Run", keyword: str, model: "TransformerBridge", *
     """Positions of `run` whose representation is closest in meaning to `keyword` (module
     docstring). `layer` None compares input embeddings; a layer compares residual streams (the run's
     cache must hold blocks.{layer}.hook_resid_post)."""
-    if not -1.0 <= threshold <= 1.0:
-        raise InvalidArgumentError(f"threshold is a cosine similarity in [−1, 1]; got {threshold}.")
+    threshold = check_real(threshold, "threshold", low=-1.0, high=1.0, hint=" (a cosine similarity)")
+    if not isinstance(keyword, str):
+        raise InvalidArgumentError(f"keyword must be a string (the text to find); got {shown(keyword)}.")
     if not keyword.strip():
         raise InvalidArgumentError("The keyword is empty.")
     if layer is not None:
@@ -141,10 +142,14 @@ def instruction_attention_check(
     from mechvis.analysis.dynamics import keyword_dynamics
     from mechvis.generation import generate
 
+    for name, values in (("prompts", prompts), ("keywords", keywords)):
+        if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
+            raise InvalidArgumentError(f"{name} must be a list (of strings); got {shown(values)}. For one, pass [{name[:-1]}].")
     if not prompts or not keywords:
         raise InvalidArgumentError("Give at least one prompt and one keyword.")
-    if not 0.0 <= threshold <= 1.0:
-        raise InvalidArgumentError(f"threshold is an attention mass in [0, 1]; got {threshold}.")
+    threshold = check_real(threshold, "threshold", low=0.0, high=1.0, hint=" (an attention mass)")
+    semantic_threshold = check_real(semantic_threshold, "semantic_threshold", low=-1.0, high=1.0, hint=" (a cosine similarity)")
+    chat = check_bool(chat, "chat")
     if match not in ("spelling", "semantic"):
         raise InvalidArgumentError(f"match must be 'spelling' or 'semantic'; got {match!r}.")
     rows, answers, positions, answer_ids = [], [], [], []

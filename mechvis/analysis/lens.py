@@ -13,8 +13,9 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from mechvis.analysis._checks import activation, check_positions, single_token_id
+from mechvis.analysis._checks import activation, check_bool, check_k, check_positions, single_token_id
 from mechvis.analysis._topk import two_level_topk
+from mechvis.errors import InvalidArgumentError
 from mechvis.running import vocabulary_strings
 
 if TYPE_CHECKING:
@@ -27,7 +28,14 @@ _BLOCK_ELEMENTS = 1 << 18  # float64 numbers per row block: 2 MB, small enough t
 
 def unembed_logits(model: "TransformerBridge", residual: Float[Tensor, "... d_model"]) -> Float[Tensor, "... vocab"]:
     """Logits the model would output if `residual` were its final residual stream: the final
-    norm recomputed on `residual`, the unembedding, and the model's logit soft-cap if any."""
+    norm recomputed on `residual`, the unembedding, and the model's logit soft-cap if any.
+
+    Raises:
+        InvalidArgumentError: `residual` not a float tensor whose last dimension is d_model."""
+    if not isinstance(residual, torch.Tensor) or not residual.is_floating_point() or residual.ndim == 0 \
+            or residual.shape[-1] != model.cfg.d_model:
+        got = f"shape {tuple(residual.shape)}, {residual.dtype}" if isinstance(residual, torch.Tensor) else type(residual).__name__
+        raise InvalidArgumentError(f"residual must be a float tensor (..., d_model={model.cfg.d_model}); got {got}.")
     with torch.no_grad():
         logits = model.unembed(model.ln_final(residual))
     cap = getattr(model.cfg, "output_logits_soft_cap", -1.0) or -1.0
@@ -94,8 +102,14 @@ def logit_lens(
     Args:
         target: a token (id, or a string that is one token) whose probability and rank are
             tracked at every position; None tracks each position's final top-1 token.
-        k: how many top tokens to keep per layer and position.
+        k: how many top tokens to keep per layer and position (1..vocab).
+
+    Raises:
+        InvalidArgumentError: k not an integer in 1..vocab, bad positions or target.
+        MissingActivationsError: a cache without the residual-stream hooks.
     """
+    k = check_k(k, model.cfg.d_vocab)
+    include_resid_mid = check_bool(include_resid_mid, "include_resid_mid")
     names = lens_hook_names(model, include_resid_mid)
     first = activation(cache, names[0])
     chosen = check_positions(first.shape[0], positions)

@@ -38,7 +38,18 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from mechvis.analysis._checks import check_layers, check_positions, integer, single_token_id
+from mechvis.analysis._checks import (
+    _indices,
+    check_bool,
+    check_integer,
+    check_k,
+    check_layers,
+    check_positions,
+    check_real,
+    check_token_ids,
+    shown,
+    single_token_id,
+)
 from mechvis.analysis.activations import ActivationNorms, ActivationStatistics, layer_statistics
 from mechvis.analysis.attention import HeadEntropy, RolloutRows, row_entropy
 from mechvis.analysis.lens import LogitLens, lens_hook_names, logit_lens, unembed_logits
@@ -394,25 +405,17 @@ class _StopForward(Exception):
 
 
 def _tokens_of(model: "TransformerBridge", prompt_or_tokens: "str | Sequence[int] | Tensor", chat: bool) -> Tensor:
-    if isinstance(prompt_or_tokens, Tensor):
-        if prompt_or_tokens.ndim != 1 or prompt_or_tokens.dtype not in (torch.int64, torch.int32):
-            raise InvalidArgumentError(f"tokens must be a 1-D integer tensor; got {tuple(prompt_or_tokens.shape)} {prompt_or_tokens.dtype}.")
-        tokens = prompt_or_tokens.long().cpu()
-    elif isinstance(prompt_or_tokens, str) or (isinstance(prompt_or_tokens, Sequence) and prompt_or_tokens
-                                                 and isinstance(prompt_or_tokens[0], dict)):
+    if isinstance(prompt_or_tokens, str) or (isinstance(prompt_or_tokens, Sequence) and prompt_or_tokens
+                                             and isinstance(prompt_or_tokens[0], dict)):
         from mechvis.running import encode
 
         tokens = torch.tensor(encode(model, prompt_or_tokens, chat=chat).token_ids, dtype=torch.long)
     else:
-        tokens = torch.tensor([int(t) for t in prompt_or_tokens], dtype=torch.long)
-    if tokens.numel() == 0:
-        raise InvalidArgumentError("The input has no tokens.")
+        tokens = check_token_ids(model, prompt_or_tokens).long().cpu()
     if tokens.numel() > model.cfg.n_ctx:
         raise InvalidArgumentError(
             f"The input is {tokens.numel()} tokens long; this model's context holds {model.cfg.n_ctx}. Shorten it."
         )
-    if int(tokens.min()) < 0 or int(tokens.max()) >= model.cfg.d_vocab:
-        raise InvalidArgumentError(f"Token ids must lie in 0..{model.cfg.d_vocab - 1}.")
     return tokens
 
 
@@ -496,16 +499,19 @@ def analyse_long(
 
     started = time.perf_counter()
     seconds: dict[str, float] = {}
+    chat, include_resid_mid, progress = (check_bool(value, name) for value, name in (
+        (chat, "chat"), (include_resid_mid, "include_resid_mid"), (progress, "progress")))
     tokens = _tokens_of(model, prompt_or_tokens, chat)
     n = tokens.numel()
     n_layers = model.cfg.n_layers
     if head_fusion not in ("mean", "max", "min"):
         raise InvalidArgumentError(f"head_fusion must be 'mean', 'max' or 'min'; got {head_fusion!r}.")
-    if not 0.0 <= residual_weight <= 1.0:
-        raise InvalidArgumentError(f"residual_weight must be in [0, 1]; got {residual_weight}.")
-    query_list = check_positions(n, queries) if queries else []
+    residual_weight = check_real(residual_weight, "residual_weight", low=0.0, high=1.0)
+    k = check_k(k, model.cfg.d_vocab)
+    high_entropy = check_integer(high_entropy, "high_entropy", low=0, hint=" (how many positions; 0 = none)")
+    query_list = check_positions(n, queries, empty=True) if queries is not None else []
     lens_list = check_positions(n, lens_positions if lens_positions is not None else range(max(0, n - 16), n))
-    sinks = check_positions(n, sink_positions) if sink_positions else []
+    sinks = check_positions(n, sink_positions, empty=True)
     dla_position = check_positions(n, [attribution_position])[0] if attribution is not None else None
     if attribution is not None:
         if isinstance(attribution, (str, bytes)) or not isinstance(attribution, (tuple, list)) or len(attribution) != 2:
@@ -514,20 +520,20 @@ def analyse_long(
         counterfactual = None if attribution[1] is None else single_token_id(model, attribution[1])
     states: list[int] = []
     if prompt_length is not None:
-        if not 1 <= prompt_length < n:
-            raise InvalidArgumentError(f"prompt_length must be in 1..{n - 1} (tokens after it are generated); got {prompt_length}.")
+        prompt_length = check_integer(prompt_length, "prompt_length", low=1, high=n - 1,
+                                      hint=" (tokens after it are generated)")
         states = list(range(prompt_length - 1, n - 1))
     induction = induction if induction is not None else InductionHeads(torch.zeros(n_layers, model.cfg.n_heads), [])
     if block_size is None:
         block_size = default_block_size(model, n)
-    elif integer(block_size) is None or integer(block_size) < 1:
-        raise InvalidArgumentError(f"block_size must be a positive integer; got {block_size!r}.")
-    block_size = integer(block_size)
-    kept_layers = check_layers(model, keep_residuals) if keep_residuals else []
-    image_query_list = check_positions(n, image_queries) if len(image_queries) else []
-    image_position_list = check_positions(n, image_positions) if len(image_positions) else []
+    block_size = check_integer(block_size, "block_size", low=1)
+    kept_layers = _indices(keep_residuals, n_layers, "layer", "this model")
+    image_query_list = check_positions(n, image_queries, empty=True)
+    image_position_list = check_positions(n, image_positions, empty=True)
     if bool(image_query_list) != bool(image_position_list):
         raise InvalidArgumentError("image_queries and image_positions go together: give both or neither.")
+    if isinstance(capture, str) or not isinstance(capture, Sequence) or not all(isinstance(name, str) for name in capture):
+        raise InvalidArgumentError(f"capture must be a list of hook names; got {shown(capture)}.")
     unknown = [name for name in capture if name not in model.hook_dict]
     if unknown:
         raise InvalidArgumentError(f"No hook {unknown[0]!r} in this model to capture.")

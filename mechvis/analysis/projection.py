@@ -10,7 +10,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from mechvis.analysis._checks import activation, check_layers, check_positions, single_token_id
+from mechvis.analysis._checks import activation, check_integer, check_layers, check_positions, check_tensor, shown, single_token_id
 from mechvis.errors import InvalidArgumentError
 from mechvis.running import vocabulary_strings
 
@@ -34,11 +34,22 @@ class Projection:
 
 
 def pca(vectors: Float[Tensor, "point d_model"], labels: Sequence[str], *, n_components: int = 2) -> Projection:
-    """Project `vectors` on their first `n_components` principal components."""
-    if vectors.ndim != 2 or vectors.shape[0] != len(labels):
-        raise InvalidArgumentError(f"Need (points, dim) vectors and one label per point; got {tuple(vectors.shape)} and {len(labels)} labels.")
-    if not 1 <= n_components <= min(vectors.shape):
-        raise InvalidArgumentError(f"n_components must be between 1 and {min(vectors.shape)}; got {n_components}.")
+    """Project `vectors` on their first `n_components` principal components.
+
+    Raises:
+        InvalidArgumentError: vectors that are not a finite (points, dim) float tensor (a numpy
+            array is converted), not one label per point, n_components not an integer in
+            1..min(points, dim).
+    """
+    vectors = check_tensor(vectors, "vectors", ndim=2, shape="(points, dim)")
+    if isinstance(labels, (str, bytes)) or not isinstance(labels, Sequence) or vectors.shape[0] != len(labels):
+        raise InvalidArgumentError(
+            f"Need one label per point: {vectors.shape[0]} points; got labels {shown(labels, 60)}."
+        )
+    n_components = check_integer(n_components, "n_components", low=1, high=min(vectors.shape))
+    if not bool(torch.isfinite(vectors).all()):
+        bad = int((~torch.isfinite(vectors)).any(-1).nonzero()[0, 0])
+        raise InvalidArgumentError(f"vectors hold NaN or infinite values (first at point {bad}, {labels[bad]!r}); PCA needs finite numbers.")
     data = vectors.double()
     mean = data.mean(0)
     _, singular_values, right = torch.linalg.svd(data - mean, full_matrices=False)
@@ -75,7 +86,16 @@ def hidden_state_projection(
 
 
 def embedding_projection(model: "TransformerBridge", tokens: Sequence[int | str], *, n_components: int = 2) -> Projection:
-    """PCA of rows of the embedding matrix for `tokens` (ids, or strings that are one token each)."""
+    """PCA of rows of the embedding matrix for `tokens` (ids, or strings that are one token each).
+
+    Raises:
+        InvalidArgumentError: tokens not a list, fewer tokens than n_components, a token that is
+            not one id in the vocabulary or a one-token string.
+    """
+    if isinstance(tokens, (str, bytes)) or not isinstance(tokens, (Sequence, Tensor)) or len(tokens) == 0:
+        raise InvalidArgumentError(
+            f"tokens must be a non-empty list of token ids or one-token strings (e.g. [' Paris', ' London']); got {shown(tokens)}."
+        )
     ids = [single_token_id(model, token) for token in tokens]
     vectors = model.W_E[torch.tensor(ids, device=model.W_E.device)].detach()
     return pca(vectors, vocabulary_strings(model, ids), n_components=n_components)

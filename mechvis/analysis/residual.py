@@ -16,7 +16,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from mechvis.analysis._checks import activation, check_layers, check_positions, single_token_id, stacked
+from mechvis.analysis._checks import activation, check_bool, check_layers, check_positions, single_token_id, stacked
 
 if TYPE_CHECKING:
     from transformer_lens import ActivationCache
@@ -66,7 +66,12 @@ class ResidualDecomposition:
 def decompose_residual(
     cache: "ActivationCache", model: "TransformerBridge", *, upto_layer: int | None = None, heads: bool = False
 ) -> ResidualDecomposition:
-    """Decompose the residual stream entering block `upto_layer` (None: the final stream)."""
+    """Decompose the residual stream entering block `upto_layer` (None: the final stream).
+
+    Raises:
+        InvalidArgumentError: a bad `upto_layer`, `heads` not a bool.
+        MissingActivationsError: a cache without the hooks the decomposition reads."""
+    heads = check_bool(heads, "heads")
     n_layers = model.cfg.n_layers
     upto = n_layers if upto_layer is None else check_layers(model, [upto_layer])[0]
     embed = activation(cache, "hook_embed").float()

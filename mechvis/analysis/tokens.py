@@ -10,7 +10,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from mechvis.analysis._checks import activation
+from mechvis.analysis._checks import activation, check_integer, check_k, check_tensor
 from mechvis.analysis._topk import two_level_topk
 from mechvis.analysis.lens import decode_nested
 from mechvis.errors import InvalidArgumentError
@@ -38,7 +38,8 @@ class TokenSignals:
     top_probs: Float[Tensor, "pos k"]
 
     def highest_entropy(self, n: int = 10) -> list[int]:
-        """The `n` positions of highest entropy, highest first."""
+        """The `n` positions of highest entropy, highest first (all of them if fewer)."""
+        n = check_integer(n, "n", low=1, hint=" (how many positions to return)")
         return self.entropy.argsort(descending=True)[:n].tolist()
 
 
@@ -98,13 +99,23 @@ def _block_signals(
 def token_signals(
     logits: Float[Tensor, "pos vocab"], tokens: Int[Tensor, " pos"] | None = None, *, k: int = 5
 ) -> TokenSignals:
-    """Signals of each position's next-token distribution; `tokens` (the sequence) gives surprisal."""
-    if logits.ndim != 2:
-        raise InvalidArgumentError(f"logits must be (pos, vocab); got shape {tuple(logits.shape)}.")
-    if tokens is not None and tokens.shape[0] != logits.shape[0]:
-        raise InvalidArgumentError(f"tokens has {tokens.shape[0]} positions, logits {logits.shape[0]}.")
-    if not 1 <= k <= logits.shape[-1]:
-        raise InvalidArgumentError(f"k must be between 1 and the vocabulary size; got {k}.")
+    """Signals of each position's next-token distribution; `tokens` (the sequence) gives surprisal.
+
+    Args:
+        logits: (pos, vocab) floating-point logits (a numpy array is converted), at least one position.
+        tokens: the sequence's token ids, (pos,) (a list or numpy array is converted), or None.
+        k: how many top tokens to keep, 1..vocab.
+
+    Raises:
+        InvalidArgumentError: logits that are not a non-empty 2-D float tensor, tokens of another
+            length or not integers, k not an integer in 1..vocab.
+    """
+    logits = check_tensor(logits, "logits", ndim=2, shape="(pos, vocab)")
+    if tokens is not None:
+        tokens = check_tensor(tokens, "tokens", ndim=1, shape="(pos,)", kind="int", lists=True)
+        if tokens.shape[0] != logits.shape[0]:
+            raise InvalidArgumentError(f"tokens has {tokens.shape[0]} positions, logits {logits.shape[0]}.")
+    k = check_k(k, logits.shape[-1])
     next_ids = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
     if tokens is not None:
         next_ids[:-1] = tokens[1:].to(logits.device)
@@ -157,7 +168,13 @@ def high_entropy_positions(
     centring removed is added back (`mechvis.unembedding`). Without it they are `logits` minus
     their mean over the vocabulary ("centered_logit": a bridge's logits as they are, unless
     transformer-lens left them uncentred for a soft-capped model).
+
+    Raises:
+        InvalidArgumentError: bad logits or k (as `token_signals`), n not a positive integer.
     """
+    n = check_integer(n, "n", low=1, hint=" (how many positions to return)")
+    logits = check_tensor(logits, "logits", ndim=2, shape="(pos, vocab)")
+    k = check_k(k, logits.shape[-1])
     signals = token_signals(logits, k=k)
     positions = signals.highest_entropy(n)
     chosen = logits[positions].float()

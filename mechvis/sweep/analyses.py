@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 import torch
 
-from mechvis.errors import InvalidArgumentError
+from mechvis.errors import InvalidArgumentError, MechvisError
 from mechvis.sweep.dataset import Item, require
 
 if TYPE_CHECKING:
@@ -66,18 +66,20 @@ class Analysis:
     defaults: dict
     check: Callable[[list[Item], dict], None]  # dataset-level validation, before any model work
     doc: str
+    reads_target: bool = False  # uses the item's `target`, which must then be one token (checked at plan time)
 
 
 ANALYSES: dict[str, Analysis] = {}
 
 
-def register(name: str, *, schema: list[tuple[str, pa.DataType]], hooks=lambda model, params: [], defaults=None, check=None):
+def register(name: str, *, schema: list[tuple[str, pa.DataType]], hooks=lambda model, params: [], defaults=None, check=None,
+             reads_target: bool = False):
     """Register `compute(context, item, forward, params) -> {column: values}` as analysis `name`."""
 
     def decorate(compute):
         ANALYSES[name] = Analysis(
             name, pa.schema(COMMON_SCHEMA + list(schema)), compute, hooks, dict(defaults or {}),
-            check or (lambda items, params: None), (compute.__doc__ or "").strip(),
+            check or (lambda items, params: None), (compute.__doc__ or "").strip(), reads_target,
         )
         return compute
 
@@ -164,6 +166,7 @@ def _lens_hooks(model, params):
     ],
     hooks=_lens_hooks,
     defaults={"k": 3, "include_resid_mid": False},
+    reads_target=True,
 )
 def lens_rows(context: Context, item: Item, forward: Forward, params: dict) -> dict[str, list]:
     """Logit lens at the answer position, one row per layer ("embed", 0, 1, ...): top-k tokens,
@@ -369,6 +372,7 @@ def _check_ablation(items, params):
             ("method", pa.string())],
     check=_check_ablation,
     defaults={"method": "zero", "batch_size": 16},
+    reads_target=True,
 )
 def ablation_rows(context: Context, item: Item, forward: Forward, params: dict) -> dict[str, list]:
     """Per layer × head: P(target) at the answer position with that head ablated minus P(target)
@@ -416,12 +420,16 @@ def sweep_hooks(model: "TransformerBridge", analyses: dict[str, dict]) -> list[s
 
 def _forward_ids(model: "TransformerBridge", item: Item) -> list[int] | None:
     """The token ids `forward_pass` feeds the model for a text item (prompt, plus a teacher-forced
-    continuation); None for items that generate or carry an image (never batched)."""
+    continuation); None for items that generate or carry an image (never batched) or that cannot
+    be encoded."""
     from mechvis.running import encode
 
     if item.generates or item.image is not None:
         return None
-    ids = list(encode(model, item.model_prompt, chat=item.chat).token_ids)
+    try:
+        ids = list(encode(model, item.model_prompt, chat=item.chat).token_ids)
+    except MechvisError:
+        return None  # not batched: the item's own forward pass raises, naming its line (`analyse_item`)
     if item.continuation is not None:
         ids += model.hf_tokenizer.encode(item.continuation, add_special_tokens=False)
     return ids
@@ -484,7 +492,20 @@ class BatchedForwards:
 
 
 def analyse_item(context: Context, item: Item, analyses: dict[str, dict]) -> dict[str, dict[str, list]]:
-    """{analysis: columns} of one item, from one shared forward pass."""
+    """{analysis: columns} of one item, from one shared forward pass.
+
+    Raises:
+        MechvisError: of the same class as the analysis raised, its message prefixed with the
+            item's line/row and id (e.g. a prompt longer than the model's context)."""
+    try:
+        return _analyse_item(context, item, analyses)
+    except MechvisError as error:
+        if str(error).startswith(f"line/row {item.line} "):
+            raise
+        raise type(error)(f"line/row {item.line} (id {item.id!r}): {error}") from error
+
+
+def _analyse_item(context: Context, item: Item, analyses: dict[str, dict]) -> dict[str, dict[str, list]]:
     hooks = sweep_hooks(context.model, analyses)
     forward = forward_pass(context.model, item, hooks)
     tables = {}

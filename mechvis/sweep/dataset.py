@@ -12,6 +12,7 @@ Errors are `DatasetError`s naming the 1-based line (JSONL) or row (Parquet) of t
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import math
 from collections.abc import Sequence
@@ -22,6 +23,14 @@ from mechvis.errors import DatasetError
 
 FIELDS = ("id", "prompt", "messages", "chat", "image", "continuation", "generate", "condition", "pair", "target")
 GENERATE_FIELDS = {"max_new_tokens": int, "temperature": (int, float), "top_k": int, "top_p": (int, float), "seed": int}
+# The values `mechvis.generate` accepts, checked with the line number before any model work.
+GENERATE_BOUNDS = {
+    "max_new_tokens": (lambda v: v >= 1, "at least 1"),
+    "temperature": (lambda v: v >= 0, "≥ 0 (0 = greedy)"),
+    "top_k": (lambda v: v >= 1, "at least 1"),
+    "top_p": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "seed": (lambda v: -(2**63) <= v < 2**64, "an integer from −2**63 to 2**64 − 1"),
+}
 
 
 @dataclass(frozen=True)
@@ -116,10 +125,11 @@ def _check_item(raw: object, line: int, where: str, base: Path) -> Item:
             raise DatasetError(f"{where}: unknown generate setting {key!r}; choose from {sorted(GENERATE_FIELDS)}.")
         if isinstance(value, bool) or not isinstance(value, kind) or (isinstance(value, float) and not math.isfinite(value)):
             raise DatasetError(f"{where}: generate setting {key!r} has a bad value {value!r}.")
+        allowed, wanted = GENERATE_BOUNDS[key]
+        if not allowed(value):
+            raise DatasetError(f"{where}: generate {key} must be {wanted}; got {value!r}.")
     if generate:
         generate.setdefault("max_new_tokens", 32)
-        if generate["max_new_tokens"] < 1:
-            raise DatasetError(f"{where}: generate max_new_tokens must be at least 1.")
     if generate and "continuation" in raw:
         raise DatasetError(f"{where}: give 'continuation' (teacher-forced) or 'generate', not both.")
     if "image" in raw and "continuation" in raw:
@@ -154,14 +164,23 @@ def _raw_items(path: Path) -> tuple[list[tuple[int, object]], str]:
             raise DatasetError(f"{path.name}: not a readable Parquet file ({error}).") from None
         return list(enumerate(rows, start=1)), "row"
     raw = []
-    with path.open(encoding="utf-8") as lines:
-        for number, text in enumerate(lines, start=1):
-            if not text.strip():
-                continue
-            try:
-                raw.append((number, json.loads(text)))
-            except json.JSONDecodeError as error:
-                raise DatasetError(f"{_where(path, number, 'line')}: malformed JSON ({error.msg} at column {error.colno}).") from None
+    try:
+        content = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        data = path.read_bytes()
+        line = data[: error.start].count(b"\n") + 1
+        column = error.start - (data.rfind(b"\n", 0, error.start) + 1) + 1
+        raise DatasetError(
+            f"{_where(path, line, 'line')}: not UTF-8 text (byte {data[error.start]:#04x} at column {column}); "
+            "a JSONL dataset is UTF-8 text, one JSON object per line."
+        ) from None
+    for number, text in enumerate(io.StringIO(content), start=1):
+        if not text.strip():
+            continue
+        try:
+            raw.append((number, json.loads(text)))
+        except json.JSONDecodeError as error:
+            raise DatasetError(f"{_where(path, number, 'line')}: malformed JSON ({error.msg} at column {error.colno}).") from None
     return raw, "line"
 
 
@@ -196,6 +215,24 @@ def require(items: Sequence[Item], analysis: str, condition, message: str) -> No
     for item in items:
         if not condition(item):
             raise DatasetError(f"line/row {item.line} (id {item.id!r}): the {analysis!r} analysis {message}")
+
+
+def check_targets(items: Sequence[Item], tokenizer) -> None:
+    """Every item's `target` must be one token for `tokenizer` (the model's own, which the sweep
+    loads before the model to check this at plan time).
+
+    Raises:
+        DatasetError: naming the line/row, the target and the tokens it splits into."""
+    for item in items:
+        if item.target is None:
+            continue
+        ids = tokenizer.encode(item.target, add_special_tokens=False)
+        if len(ids) != 1:
+            pieces = [tokenizer.decode([token]) for token in ids]
+            raise DatasetError(
+                f"line/row {item.line} (id {item.id!r}): 'target' {item.target!r} is {len(ids)} tokens {pieces} for this "
+                "model, not one. Give a single token (mind the leading space: ' Paris' and 'Paris' differ)."
+            )
 
 
 def dataset_hash(items: Sequence[Item]) -> str:

@@ -28,7 +28,7 @@ import pyarrow.parquet as pq
 
 from mechvis.errors import InvalidArgumentError, SweepMismatchError
 from mechvis.sweep.analyses import ANALYSES, BatchedForwards, Context, analyse_item, resolve, sweep_hooks
-from mechvis.sweep.dataset import Item, dataset_hash, read_dataset
+from mechvis.sweep.dataset import Item, check_targets, dataset_hash, read_dataset
 
 if TYPE_CHECKING:
     from transformer_lens.model_bridge import TransformerBridge
@@ -98,7 +98,10 @@ class SweepSpec:
         return Path(self.out_dir) / analysis / _PART.format(index)
 
     def complete(self, index: int) -> bool:
-        return all(self.part(name, index).is_file() for name in self.analyses)
+        """Whether every analysis of shard `index` has a readable part file (`part_is_readable`):
+        a truncated or corrupt one (a disk that filled up, a copy cut short) counts as missing, so
+        the shard is redone and its files replaced."""
+        return all(part_is_readable(self.part(name, index), ANALYSES[name].schema) for name in self.analyses)
 
     def fingerprint(self) -> dict:
         return {
@@ -112,6 +115,18 @@ class SweepSpec:
             "shard_size": self.shard_size,
             "batch_equal_lengths": self.batch,
         }
+
+
+def part_is_readable(path: Path, schema: pa.Schema) -> bool:
+    """Whether `path` is a Parquet file whose footer reads and whose schema is `schema` (reading
+    the footer only: a truncated file has none)."""
+    if not path.is_file():
+        return False
+    try:
+        found = pq.read_schema(path)
+    except (OSError, pa.ArrowException):
+        return False
+    return found.remove_metadata().equals(schema.remove_metadata())
 
 
 def fsync_directory(directory: Path) -> None:
@@ -286,8 +301,13 @@ def plan_sweep(
     dtype: str = "float32",
     shard_size: int = 8,
     batch: bool = True,
+    tokenizer: object | None = None,
 ) -> SweepSpec:
-    """Read and validate everything (dataset, analyses, parameters) without touching a model."""
+    """Read and validate everything (dataset, analyses, parameters) without touching a model.
+
+    Items' `target`s, where a chosen analysis reads them, are checked to be one token with
+    `tokenizer` (default: the model's, loaded without the weights; if it cannot be loaded the
+    check is left to the analysis, whose error names the line too)."""
     if shard_size < 1:
         raise InvalidArgumentError(f"shard_size must be at least 1; got {shard_size}.")
     if dtype not in ("float32", "float64", "bfloat16", "float16"):
@@ -296,9 +316,28 @@ def plan_sweep(
     items = read_dataset(dataset)
     for name, analysis_params in chosen.items():
         ANALYSES[name].check(items, analysis_params)
+    if any(ANALYSES[name].reads_target for name in chosen) and any(item.target is not None for item in items):
+        tokenizer = tokenizer if tokenizer is not None else _tokenizer_of(model)
+        if tokenizer is not None:
+            check_targets(items, tokenizer)
     if model is not None and Path(model).is_dir():
         model = Path(model).resolve()  # one directory, however it was spelled
     return SweepSpec(tuple(items), chosen, str(Path(out_dir)), shard_size, str(model) if model is not None else None, dtype, batch)
+
+
+def _tokenizer_of(model: "str | Path | None") -> object | None:
+    """The tokenizer `load_model(model)` would use, without the weights; None if it cannot be
+    loaded (loading the model then reports why)."""
+    try:
+        from transformers import AutoTokenizer
+
+        if model is None:
+            from mechvis.models import embedded_model_dir
+
+            model = embedded_model_dir()
+        return AutoTokenizer.from_pretrained(str(model))
+    except Exception:  # noqa: BLE001 - any failure here is reported by the model load that follows
+        return None
 
 
 def run_sweep(
@@ -349,7 +388,8 @@ def run_sweep(
     for name, value in (("workers", workers), ("threads_per_worker", threads_per_worker)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise InvalidArgumentError(f"{name} must be at least 1; got {value!r}.")
-    spec = plan_sweep(dataset, out_dir, analyses, params=params, model=model, dtype=dtype, shard_size=shard_size, batch=batch)
+    spec = plan_sweep(dataset, out_dir, analyses, params=params, model=model, dtype=dtype, shard_size=shard_size, batch=batch,
+                      tokenizer=getattr(loaded_model, "hf_tokenizer", None))
     prepare_output(spec, overwrite=overwrite)
     pending = [index for index in range(spec.n_shards) if not spec.complete(index)]
     result = SweepResult(Path(out_dir), len(spec.items), spec.n_shards, pending, spec.n_shards - len(pending), backend=backend)
@@ -381,7 +421,16 @@ def read_sweep(out_dir: "str | Path", analysis: str) -> pa.Table:
     parts = sorted(folder.glob("part-*.parquet")) if folder.is_dir() else []
     if not parts:
         raise InvalidArgumentError(f"{out_dir} has no rows of {analysis!r}.")
-    return pa.concat_tables([pq.read_table(part, schema=ANALYSES[analysis].schema) for part in parts])
+    tables = []
+    for part in parts:
+        try:
+            tables.append(pq.read_table(part, schema=ANALYSES[analysis].schema))
+        except (OSError, pa.ArrowException) as error:
+            raise InvalidArgumentError(
+                f"{part} is not a readable Parquet part of {analysis!r} ({type(error).__name__}: {error}); "
+                "re-run the same sweep to redo its shard."
+            ) from None
+    return pa.concat_tables(tables)
 
 
 def swept_analyses(out_dir: "str | Path") -> dict[str, dict]:
