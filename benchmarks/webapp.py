@@ -95,12 +95,21 @@ def main() -> None:
     t0 = time.perf_counter()
     reference = mechvis.generate(model, DEMO_PROMPT, chat=True, max_new_tokens=N_NEW)
     generate_total = time.perf_counter() - t0
-    _note("streaming with the monitor")
-    monitored = _stream(url, {**long_body, "schedule": "monitor"})
+    # The monitor samples, and most seeds end the chat (EOS) long before N_NEW tokens: the rate is
+    # measured on the first seed that runs to at least 80% of N_NEW (the longest of 8 otherwise),
+    # so that it is the rate at N ≈ 512 and not at a short prefix.
+    monitored, monitor_seed = None, 0
+    for seed in range(8):
+        _note(f"streaming with the monitor, seed {seed}")
+        attempt = _stream(url, {**long_body, "schedule": "monitor", "seed": seed})
+        if monitored is None or len(attempt["tokens"]) > len(monitored["tokens"]):
+            monitored, monitor_seed = attempt, seed
+        if len(attempt["tokens"]) >= 0.8 * N_NEW:
+            break
     monitor_rate = (len(monitored["tokens"]) - 1) / (monitored["tokens"][-1] - monitored["tokens"][0])
-    _note("mechvis.generate with the monitor")
+    _note("mechvis.generate with the monitor, same seed")
     t0 = time.perf_counter()
-    mechvis.generate(model, DEMO_PROMPT, chat=True, max_new_tokens=N_NEW,
+    mechvis.generate(model, DEMO_PROMPT, chat=True, max_new_tokens=N_NEW, seed=monitor_seed,
                      temperature_schedule=mechvis.generation.MonitorTemperature())
     generate_monitor_total = time.perf_counter() - t0
 
@@ -113,7 +122,8 @@ def main() -> None:
     _row("start → URL (model cached: load + app + bind)", f"{load_cached + boot:.2f} s", "≤ 3 s")
     _row(f"time to first token, {n64}-token prompt", f"{first['tokens'][0] * 1000:.0f} ms", "≤ 300 ms")
     _row("tokens/s streamed, no hooks", f"{streamed_rate:.1f}", "≥ 25")
-    _row("tokens/s streamed, with the monitor", f"{monitor_rate:.1f}", "≥ 12")
+    _row(f"tokens/s streamed, with the monitor ({len(monitored['tokens'])} tokens, seed {monitor_seed})",
+         f"{monitor_rate:.1f}", "≥ 12")
     _row("whole streamed request vs `mechvis.generate` (same settings)",
          f"{plain['stopped']:.2f} s vs {generate_total:.2f} s, {plain['stopped'] / generate_total:.2f}×", "≤ 1.1×")
     _row("the same with the monitor", f"{monitored['stopped']:.2f} s vs {generate_monitor_total:.2f} s, "
