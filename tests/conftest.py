@@ -98,3 +98,16 @@ def streamed_features(monkeypatch):
 
     monkeypatch.setattr(mechvis.generation, "StreamingFeatures", Recording)
     return rows
+
+
+@pytest.fixture
+def no_model_work(monkeypatch):
+    """Any model loading or forward pass fails the test (the tokenizer may load)."""
+    import mechvis.sweep.runner as runner
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("model work before validation finished")
+
+    monkeypatch.setattr(mechvis, "load_model", forbidden)
+    monkeypatch.setattr(runner.ShardWorker, "__init__", forbidden)
+    monkeypatch.setattr(runner, "weights_hash", forbidden)

@@ -73,19 +73,6 @@ BAD = {
 }
 
 
-@pytest.fixture
-def no_model_work(monkeypatch):
-    """Any model loading or forward pass fails the test."""
-    import mechvis.sweep.runner as runner
-
-    def forbidden(*args, **kwargs):
-        raise AssertionError("model work before validation finished")
-
-    monkeypatch.setattr(mechvis, "load_model", forbidden)
-    monkeypatch.setattr(runner.ShardWorker, "__init__", forbidden)
-    monkeypatch.setattr(runner, "weights_hash", forbidden)
-
-
 @pytest.mark.parametrize("case", sorted(BAD))
 def test_bad_datasets_fail_before_model_work_naming_the_line(case, tmp_path, no_model_work):
     dataset = write_jsonl(tmp_path / "data.jsonl", BAD[case])

@@ -300,19 +300,6 @@ def test_generate_accepts_integer_and_real_likes(tiny_llama):
 
 # --- sweep --------------------------------------------------------------------------------------
 
-@pytest.fixture
-def no_model_work(monkeypatch):
-    """Any model loading or forward pass fails the test (the tokenizer may load)."""
-    import mechvis.sweep.runner as runner
-
-    def forbidden(*args, **kwargs):
-        raise AssertionError("model work before validation finished")
-
-    monkeypatch.setattr(mechvis, "load_model", forbidden)
-    monkeypatch.setattr(runner.ShardWorker, "__init__", forbidden)
-    monkeypatch.setattr(runner, "weights_hash", forbidden)
-
-
 def _jsonl(path: Path, items: list[dict]) -> Path:
     path.write_text("".join(json.dumps(item) + "\n" for item in items))
     return path
