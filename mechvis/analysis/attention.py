@@ -128,13 +128,6 @@ def _log2_(values: Tensor) -> Tensor:
     return values.log2_()
 
 
-def _neg_x_log_x_sum(values: Tensor, logs: Tensor) -> Tensor:
-    """−Σ_k v_k ln v_k over the last axis, 0 ln 0 = 0; `logs` (any tensor shaped like `values`,
-    e.g. a scratch view) receives clamp(values) and is overwritten."""
-    torch.clamp(values, min=torch.finfo(values.dtype).tiny, out=logs)
-    return _log2_(logs).mul_(values).sum(-1).mul_(-_LN2)
-
-
 _LN2 = math.log(2.0)
 
 
@@ -144,8 +137,8 @@ def row_entropy(pattern: Float[Tensor, "... key"], *, scratch: Tensor | None = N
     is overwritten instead of allocating a copy."""
     if not isinstance(pattern, Tensor) or not pattern.is_floating_point():
         raise InvalidArgumentError(f"pattern must be a float tensor (..., key) of attention weights; got {shown(pattern)}.")
-    logs = scratch if scratch is not None else torch.empty_like(pattern, memory_format=torch.contiguous_format)
-    return _neg_x_log_x_sum(pattern, logs)
+    logs = torch.clamp(pattern, min=torch.finfo(pattern.dtype).tiny, out=scratch)
+    return _log2_(logs).mul_(pattern).sum(-1).mul_(-_LN2)
 
 
 _QUERY_BLOCK = 64
