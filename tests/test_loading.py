@@ -136,6 +136,24 @@ def test_unknown_name_offline(tmp_path):
         mechvis.load_model(tmp_path / "missing-dir")
 
 
+@pytest.mark.parametrize("damage", ["no tokenizer", "no weights", "truncated weights"])
+def test_a_model_directory_with_missing_or_damaged_files_gets_a_clear_error(damage, tmp_path, tokenizer):
+    from tests.tiny import tiny_hf_model
+
+    tiny_hf_model("llama").save_pretrained(tmp_path)
+    if damage != "no tokenizer":
+        tokenizer.save_pretrained(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    if damage == "no weights":
+        weights.unlink()
+    elif damage == "truncated weights":
+        weights.write_bytes(weights.read_bytes()[:5])
+    expected = {"no tokenizer": (ModelNotFoundError, "tokenizer"), "no weights": (ModelNotFoundError, "weights"),
+                "truncated weights": (CorruptModelFileError, "truncated or damaged")}[damage]
+    with pytest.raises(expected[0], match=expected[1]):
+        mechvis.load_model(tmp_path)
+
+
 def test_unsupported_architecture_lists_supported(tmp_path, tokenizer):
     config = XLNetConfig(vocab_size=64, d_model=16, n_layer=1, n_head=2, d_inner=32)
     XLNetLMHeadModel(config).save_pretrained(tmp_path)

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from mechvis.models import compat
-from mechvis.errors import InvalidArgumentError, ModelNotFoundError, UnsupportedArchitectureError
+from mechvis.errors import CorruptModelFileError, InvalidArgumentError, ModelNotFoundError, UnsupportedArchitectureError
 from mechvis.models.embedded import EMBEDDED_MODEL_NAME, embedded_model_dir
 from mechvis.unembedding import recording_unembedding_mean
 
@@ -317,6 +317,28 @@ def _load_config(name: str) -> object:
         ) from error
 
 
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return text[0] if text else type(error).__name__
+
+
+def _raise_weights_error(model_name: str, error: BaseException) -> None:
+    """A clear error for a named model whose weights are missing (OSError from transformers) or
+    unreadable (safetensors' error on a truncated or damaged file); other errors pass through."""
+    from safetensors import SafetensorError
+
+    if isinstance(error, SafetensorError):
+        raise CorruptModelFileError(
+            f"The weights of {model_name!r} cannot be read ({_first_line(error)}): the file is truncated or "
+            f"damaged. Copy or download it again."
+        ) from error
+    if isinstance(error, OSError):
+        raise ModelNotFoundError(
+            f"Could not load the weights of {model_name!r}: {_first_line(error)}. A model directory needs its "
+            f"weights (model.safetensors, or sharded files with their index) beside config.json."
+        ) from error
+
+
 def _offline_advice() -> str:
     """What to do about the hub, matching the environment: HF_HUB_OFFLINE already on (in the
     environment or as huggingface_hub read it at import) means the hub was never asked."""
@@ -383,7 +405,15 @@ def load_model(
         if not model_name.strip():
             raise InvalidArgumentError("Model name is empty; pass a hub name, a directory, or None.")
         architecture_of(_load_config(model_name))
-        tokenizer = tokenizer or AutoTokenizer.from_pretrained(model_name)
+        if tokenizer is None:
+            try:
+                tokenizer = AutoTokenizer.from_pretrained(model_name)
+            except (OSError, ValueError, TypeError) as error:
+                raise ModelNotFoundError(
+                    f"Could not load the tokenizer of {model_name!r}: {_first_line(error)}. A model directory "
+                    f"needs its tokenizer files (tokenizer.json or tokenizer_config.json with the vocabulary) "
+                    f"beside config.json, as save_pretrained writes them; or pass tokenizer=."
+                ) from error
         hf_model = None
     else:
         raise InvalidArgumentError(
@@ -392,9 +422,15 @@ def load_model(
         )
 
     compat.apply()
-    bridge = TransformerBridge.boot_transformers(
-        model_name, hf_model=hf_model, tokenizer=tokenizer, device=resolved_device, dtype=resolved_dtype
-    )
+    try:
+        bridge = TransformerBridge.boot_transformers(
+            model_name, hf_model=hf_model, tokenizer=tokenizer, device=resolved_device, dtype=resolved_dtype
+        )
+    except Exception as error:  # the weights of a named model: missing or unreadable files get a clear error
+        if hf_model is not None:
+            raise
+        _raise_weights_error(model_name, error)
+        raise
     # recording: what centring the unembedding removes (the model's own logits)
     with lighter_weight_processing(), recording_unembedding_mean(bridge):
         bridge.enable_compatibility_mode(disable_warnings=True)
