@@ -37,6 +37,7 @@ from mechvis.running import (
     decode_tokens,
     encode,
     encode_with_image,
+    text_problem,
     with_text_appended,
 )
 
@@ -939,6 +940,8 @@ def teacher_force(
             names_filter, prompt and continuation beyond the context."""
     if not isinstance(continuation, str):
         raise InvalidArgumentError(f"continuation must be a string (the text to analyse); got {shown(continuation)}.")
+    if text_problem(continuation):
+        raise InvalidArgumentError(f"The continuation {text_problem(continuation)}.")
     names_filter = check_names_filter(model, names_filter)
     encoded = encode(model, prompt, chat=chat)
     continuation_ids = model.hf_tokenizer.encode(continuation, add_special_tokens=False)

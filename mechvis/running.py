@@ -190,6 +190,7 @@ def _validate_messages(messages: Sequence[Message]) -> list[Message]:
             )
         if not isinstance(message.get("content"), str):
             raise InvalidArgumentError(f"Message {index} has no 'content' string.")
+        _check_text(message["content"], f"Message {index}")
         checked.append({"role": message["role"], "content": message["content"]})
     if not any(message["content"].strip() for message in checked):
         raise InvalidArgumentError("Every message of the chat is empty; give the model some text.")
@@ -264,9 +265,31 @@ def chat_content_spans(
     return text, [(messages[index]["role"], start, stop) for index, start, stop in slots if stop > start]
 
 
+def text_problem(text: str) -> str | None:
+    """Why `text` cannot be tokenised, as the end of a sentence, or None. Python strings may hold
+    lone surrogates (bytes decoded with errors="surrogateescape", as command-line arguments are,
+    or a JSON escape such as \\ud800) that are not Unicode text: tokenizers refuse them with an
+    unrelated TypeError."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        return (f"holds {text[error.start]!r} at character {error.start}, a lone surrogate that is not Unicode text "
+                f"(bytes that are not UTF-8, or a broken \\ud800-style escape); pass valid UTF-8 text")
+    return None
+
+
+def _check_text(text: str, what: str) -> None:
+    problem = text_problem(text)
+    if problem:
+        raise InvalidArgumentError(f"{what} {problem}.")
+
+
 def _check_prompt(prompt: object, chat: bool) -> None:
     """A prompt is a string or (chat mode) a list of messages; anything else is named."""
-    if isinstance(prompt, str) or (chat and isinstance(prompt, (list, tuple))):
+    if isinstance(prompt, str):
+        _check_text(prompt, "The prompt")
+        return
+    if chat and isinstance(prompt, (list, tuple)):
         return
     from mechvis.analysis._checks import shown
 

@@ -371,3 +371,22 @@ def test_a_truncated_part_is_redone_on_resume(tiny_llama, tmp_path):
     assert read_sweep(out, "lens").equals(before)
     pq.write_table(pa.table({"x": [1]}), part)  # readable, but not a part of this analysis
     assert not spec.complete(1)
+
+
+def test_text_that_is_not_unicode_is_refused_everywhere_it_enters(tiny_llama, tmp_path, no_model_work):
+    """Lone surrogates (bytes decoded with surrogateescape, as in command-line arguments, or a
+    JSON \\ud800 escape) reached the tokenizer and failed there with an unrelated TypeError."""
+    from mechvis.sweep import read_dataset
+
+    bad = "a\ud800b"
+    with pytest.raises(InvalidArgumentError, match="lone surrogate"):
+        mechvis.run(tiny_llama, bad)
+    with pytest.raises(InvalidArgumentError, match="Message 0 .*lone surrogate"):
+        mechvis.encode(tiny_llama, [{"role": "user", "content": bad}], chat=True)
+    with pytest.raises(InvalidArgumentError, match="continuation .*lone surrogate"):
+        mechvis.teacher_force(tiny_llama, "Hello", bad)
+    dataset = tmp_path / "d.jsonl"
+    dataset.write_text('{"id": 1, "prompt": "fine"}\n{"id": 2, "prompt": "a\\ud800b"}\n')
+    with pytest.raises(DatasetError, match="line 2.*lone surrogate"):
+        read_dataset(dataset)
+    assert mechvis.encode(tiny_llama, "Tokyo 東京 🎉").token_ids  # real text outside the BMP is fine

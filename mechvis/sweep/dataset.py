@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from mechvis.errors import DatasetError
+from mechvis.running import text_problem
 
 FIELDS = ("id", "prompt", "messages", "chat", "image", "continuation", "generate", "condition", "pair", "target")
 GENERATE_FIELDS = {"max_new_tokens": int, "temperature": (int, float), "top_k": int, "top_p": (int, float), "seed": int}
@@ -103,6 +104,10 @@ def _check_item(raw: object, line: int, where: str, base: Path) -> Item:
                 raise DatasetError(f"{where}: message {index} must be {{'role': str, 'content': str}}; got {message!r}.")
             pairs.append((message["role"], message["content"]))
         messages = tuple(pairs)
+    for name, text in ([("prompt", prompt)] if has_prompt else [(f"message {i}", c) for i, (_, c) in enumerate(messages)]) + [
+            (name, raw[name]) for name in ("condition", "pair", "target", "continuation") if isinstance(raw.get(name), str)]:
+        if text_problem(text):
+            raise DatasetError(f"{where}: {name!r} {text_problem(text)}.")
     chat = raw.get("chat", has_messages)
     if not isinstance(chat, bool):
         raise DatasetError(f"{where}: 'chat' must be true or false.")
