@@ -240,11 +240,18 @@ def _sweep(arguments: argparse.Namespace) -> None:
 
         if arguments.model is not None:
             raise InvalidArgumentError("--example runs on the embedded model; drop --model.")
+        if dataset is not None:
+            raise InvalidArgumentError(f"--example builds its own dataset; drop {dataset} or drop --example.")
+        if arguments.example_items < 1:
+            raise InvalidArgumentError(f"--example-items must be at least 1; got {arguments.example_items}.")
         paths = build_example(Path(arguments.output) / "example-data", n_sentences=arguments.example_items,
                               n_paired=arguments.example_items // 3)
         dataset, analyses = paths["text"], analyses or ["lens", "heads", "tokens"]
     if dataset is None:
         raise InvalidArgumentError("Give a dataset (a .jsonl or .parquet file) or --example.")
+    if arguments.backend == "local" and arguments.workers is not None:
+        raise InvalidArgumentError("--workers sets the number of Ray actors; use it with --backend ray "
+                                   "(the local back-end runs one process: --threads-per-worker sets its threads).")
     result = run_sweep(
         dataset, arguments.output, analyses or ["lens"], params=_sweep_params(arguments.param), model=arguments.model,
         dtype=arguments.dtype, shard_size=arguments.shard_size, backend=arguments.backend, address=arguments.address,
@@ -394,6 +401,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except MechvisError as error:
         print(f"mechvis: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback from wherever torch was
+        resume = " Complete shards are kept: run the same command again to resume." if arguments.handler is _sweep else ""
+        print(f"mechvis: interrupted.{resume}", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -80,3 +80,29 @@ def test_a_failed_report_leaves_no_directories_behind(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="the analysis failed"):
         report.write_report(None, "Hello", tmp_path / "new" / "deeper" / "report.html", json_path=tmp_path / "other" / "r.json")
     assert sorted(path.name for path in tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["sweep", "data.jsonl", "--example", "-o", "out"], "--example builds its own dataset"),
+    (["sweep", "--example", "--example-items", "0", "-o", "out"], "--example-items must be at least 1"),
+    (["sweep", "data.jsonl", "--workers", "3", "-o", "out"], "--workers sets the number of Ray actors"),
+])
+def test_sweep_refuses_options_that_would_be_ignored(argv, message, tmp_path, monkeypatch, no_model, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data.jsonl").write_text('{"id": 1, "prompt": "hello"}\n')
+    assert cli.main(argv) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_ctrl_c_ends_with_one_line_and_the_resume_hint(monkeypatch, capsys):
+    def interrupted(arguments):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_sweep", interrupted)
+    assert cli.main(["sweep", "data.jsonl", "-o", "out"]) == 130
+    assert capsys.readouterr().err == ("mechvis: interrupted. Complete shards are kept: run the same command again "
+                                       "to resume.\n")
+    monkeypatch.setattr(cli, "_inspect", lambda arguments: interrupted(arguments))
+    assert cli.main(["inspect"]) == 130
+    assert capsys.readouterr().err == "mechvis: interrupted.\n"
