@@ -300,6 +300,18 @@ def test_a_killed_writers_temp_file_is_gone_when_the_sweep_ends(tiny_dir, tmp_pa
     assert sorted(p.name for p in (out / "lens").iterdir()) == ["part-00000.parquet", "part-00001.parquet"]
 
 
+@pytest.mark.parametrize("content", ['{"a": 1}', "not json at all", '["analyses"]'])
+def test_a_fingerprint_file_mechvis_did_not_write_is_never_replaced(content, tiny_dir, tmp_path):
+    dataset = write_jsonl(tmp_path / "d.jsonl", prompts(2))
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "fingerprint.json").write_text(content)
+    for overwrite in (False, True):
+        with pytest.raises(SweepMismatchError, match="not a fingerprint mechvis wrote"):
+            run_sweep(dataset, out, ["lens"], model=str(tiny_dir), shard_size=2, overwrite=overwrite, progress=False)
+    assert (out / "fingerprint.json").read_text() == content and sorted(p.name for p in out.iterdir()) == ["fingerprint.json"]
+
+
 def test_a_changed_sweep_refuses_to_mix_and_overwrite_starts_over(tiny_dir, tmp_path):
     dataset = write_jsonl(tmp_path / "d.jsonl", prompts(3))
     out = tmp_path / "out"
@@ -316,7 +328,8 @@ def test_a_changed_sweep_refuses_to_mix_and_overwrite_starts_over(tiny_dir, tmp_
     # a sweep that failed before finishing a shard leaves only its fingerprint: a corrected one may start there
     failed = tmp_path / "failed"
     failed.mkdir()
-    (failed / "fingerprint.json").write_text(json.dumps({"analyses": "something else"}))
+    written = json.loads((out / "fingerprint.json").read_text())
+    (failed / "fingerprint.json").write_text(json.dumps({**written, "analyses": "something else"}))
     assert run_sweep(dataset, failed, ["lens"], model=str(tiny_dir), progress=False).shards_run == [0]
     assert fresh.shards_run == [0, 1]
     assert read_sweep(out, "lens").column("item_id").unique().to_pylist() == ["q0", "q1", "q2", "q3"]

@@ -215,8 +215,18 @@ class SweepResult:
     backend: str = "local"
 
 
+def _written_fingerprint(path: Path) -> dict | None:
+    """The fingerprint at `path` if mechvis wrote it (a JSON object with its keys), else None: a
+    file of the user's that happens to have the name is not ours to read, replace or delete."""
+    try:
+        found = json.loads(path.read_bytes())
+    except (OSError, ValueError):
+        return None
+    return found if isinstance(found, dict) and {"mechvis_version", "analyses", "dataset_sha256"} <= set(found) else None
+
+
 def _our_files(out_dir: Path) -> list[Path]:
-    found = [out_dir / FINGERPRINT] if (out_dir / FINGERPRINT).exists() else []
+    found = [out_dir / FINGERPRINT] if _written_fingerprint(out_dir / FINGERPRINT) is not None else []
     for name in ANALYSES:
         folder = out_dir / name
         if folder.is_dir():
@@ -246,7 +256,12 @@ def prepare_output(spec: SweepSpec, *, overwrite: bool) -> dict:
     existing = out_dir / FINGERPRINT
     holds_results = any(path.name != FINGERPRINT for path in _our_files(out_dir))
     if existing.exists():
-        old = json.loads(existing.read_text())
+        old = _written_fingerprint(existing)
+        if old is None:
+            raise SweepMismatchError(
+                f"{existing} is not a fingerprint mechvis wrote (not a JSON object with its keys); mechvis will not "
+                f"replace it. Choose another output directory."
+            )
         differs = sorted(key for key in set(old) | set(fingerprint) if old.get(key) != fingerprint.get(key))
         if differs and not holds_results:
             # A sweep that failed before finishing any shard: nothing to mix with, start afresh.
