@@ -19,7 +19,16 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from mechvis.analysis._checks import check_heads, check_integer, check_layers, check_positions, check_token_ids, single_token_id
+from mechvis.analysis._checks import (
+    check_heads,
+    check_integer,
+    check_layers,
+    check_positions,
+    check_real,
+    check_token_ids,
+    shown,
+    single_token_id,
+)
 from mechvis.errors import InvalidArgumentError
 
 if TYPE_CHECKING:
@@ -47,7 +56,17 @@ class Intervention:
 @contextmanager
 def intervene(model: "TransformerBridge", *interventions: Intervention) -> Iterator["TransformerBridge"]:
     """Apply `interventions` to every forward pass inside the block (run, generate, run_with_cache);
-    remove them on exit, even after an error."""
+    remove them on exit, even after an error.
+
+    Raises:
+        InvalidArgumentError: an argument that is not an `Intervention` (from `ablate_heads`,
+            `add_vector`, `steer_attention`, ...)."""
+    for index, intervention in enumerate(interventions):
+        if not isinstance(intervention, Intervention):
+            raise InvalidArgumentError(
+                f"intervene takes Interventions (from ablate_heads, ablate_layers, add_vector, steer_attention, ...); "
+                f"argument {index + 1} is {shown(intervention)}."
+            )
     hooks = [hook for intervention in interventions for hook in intervention.hooks]
     with model.hooks(fwd_hooks=hooks):
         yield model
@@ -271,6 +290,11 @@ def ablation_sweep(
     batched forward pass (each batch row ablates a different head)."""
     tokens = check_token_ids(model, tokens).to(model.cfg.device)
     batch_size = check_integer(batch_size, "batch_size", low=1)
+    if not callable(metric):
+        raise InvalidArgumentError(
+            f"metric must be a function logits (batch, pos, vocab) → (batch,) scores, e.g. "
+            f"target_probability(model, ' Paris'); got {shown(metric)}."
+        )
     n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
     replacements = {layer: _replacement(method, _z_name(layer), reference) for layer in range(n_layers)}
     with torch.no_grad():
@@ -431,8 +455,11 @@ def add_vector(
     """Add `scale · vector` to the residual stream after `layer` (resid_post) at `positions`
     (absolute; default every position, including generated ones)."""
     (layer,) = check_layers(model, [layer])
-    if vector.ndim != 1 or vector.shape[0] != model.cfg.d_model:
-        raise InvalidArgumentError(f"The steering vector must have shape ({model.cfg.d_model},); got {tuple(vector.shape)}.")
+    if not isinstance(vector, torch.Tensor) or vector.ndim != 1 or vector.shape[0] != model.cfg.d_model:
+        raise InvalidArgumentError(f"The steering vector must be a tensor of shape ({model.cfg.d_model},); got {shown(vector)}.")
+    if not bool(torch.isfinite(vector).all()):
+        raise InvalidArgumentError("The steering vector holds NaN or infinite values; every run would return NaN logits.")
+    scale = check_real(scale, "scale")
     chosen = None if positions is None else torch.tensor(sorted(set(positions)))
     context: dict = {}
 

@@ -390,3 +390,34 @@ def test_text_that_is_not_unicode_is_refused_everywhere_it_enters(tiny_llama, tm
     with pytest.raises(DatasetError, match="line 2.*lone surrogate"):
         read_dataset(dataset)
     assert mechvis.encode(tiny_llama, "Tokyo 東京 🎉").token_ids  # real text outside the BMP is fine
+
+
+def test_more_public_edges_found_by_a_new_user(tiny_llama, tmp_path, monkeypatch):
+    """intervene with a non-Intervention, a metric that is not a function, a NaN steering vector,
+    a model that is not a model, a dataset given as a list, MECHVIS_CACHE naming a file."""
+    from mechvis.interventions import ablation_sweep, add_vector, intervene
+    from mechvis.models.embedded import cache_dir
+    from mechvis.sweep import run_sweep
+
+    model = tiny_llama
+    with pytest.raises(InvalidArgumentError, match="intervene takes Interventions"):
+        with intervene(model, "blocks.0.hook_resid_post"):
+            pass
+    tokens = mechvis.encode(model, "Hello there").token_ids
+    with pytest.raises(InvalidArgumentError, match="metric must be a function"):
+        ablation_sweep(model, tokens, "accuracy")
+    with pytest.raises(InvalidArgumentError, match="NaN or infinite"):
+        add_vector(model, 1, torch.full((model.cfg.d_model,), float("nan")))
+    with pytest.raises(InvalidArgumentError, match="scale must be a finite number"):
+        add_vector(model, 1, torch.zeros(model.cfg.d_model), scale=float("inf"))
+    run = mechvis.run(model, "Hello there")
+    with pytest.raises(InvalidArgumentError, match="mechvis.load_model"):
+        logit_lens(run.cache, None, positions=[-1])
+    with pytest.raises(InvalidArgumentError, match="mechvis.load_model"):
+        head_entropy(run.cache, "model")
+    with pytest.raises(DatasetError, match="path of a .jsonl or .parquet file"):
+        run_sweep([{"id": 1, "prompt": "x"}], tmp_path / "out", ["lens"])
+    (tmp_path / "a-file").write_text("x")
+    monkeypatch.setenv("MECHVIS_CACHE", str(tmp_path / "a-file"))
+    with pytest.raises(InvalidArgumentError, match="MECHVIS_CACHE=.* is a file"):
+        cache_dir()

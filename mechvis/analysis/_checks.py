@@ -264,11 +264,25 @@ def _indices(values: Iterable[int], count: int, what: str, owner: str) -> list[i
     return checked
 
 
+def check_model(model: object) -> "TransformerBridge":
+    """`model` if it is a hooked model (what `mechvis.load_model` returns).
+
+    Raises:
+        InvalidArgumentError: anything else (None, a plain HF model, a name)."""
+    if not (hasattr(model, "cfg") and hasattr(model, "hook_dict")):
+        raise InvalidArgumentError(
+            f"model must be a model loaded with mechvis.load_model(...); got {shown(model)}."
+        )
+    return model
+
+
 def check_layers(model: "TransformerBridge", layers: Iterable[int] | None) -> list[int]:
     """Layer indices validated against the model; None = all layers.
 
     Raises:
-        InvalidArgumentError: not a list of integers, an index out of range, or an empty list."""
+        InvalidArgumentError: not a model, not a list of integers, an index out of range, or an
+            empty list."""
+    check_model(model)
     n_layers = model.cfg.n_layers
     if layers is None:
         return list(range(n_layers))

