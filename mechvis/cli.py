@@ -33,6 +33,9 @@ def _inspect(arguments: argparse.Namespace) -> None:
     print(format_inspection(load_model(arguments.model, dtype=arguments.dtype)))
 
 
+INSTRUCTION_CHECK_OUTPUT = "out/instruction-check"
+
+
 def _refuse_to_replace(path: str | None, default: str | None, force: bool) -> None:
     """A file the user named (not mechvis's own default output) is never replaced without --force."""
     from pathlib import Path
@@ -195,12 +198,25 @@ def _instruction_check(arguments: argparse.Namespace) -> None:
 
     prompts = list(arguments.prompt or [])
     if arguments.prompts_file:
-        prompts += [line for line in Path(arguments.prompts_file).read_text().splitlines() if line.strip()]
+        try:
+            prompts += [line for line in Path(arguments.prompts_file).read_text(encoding="utf-8").splitlines() if line.strip()]
+        except (OSError, UnicodeDecodeError) as error:
+            raise InvalidArgumentError(f"--prompts-file {arguments.prompts_file} cannot be read as UTF-8 text: "
+                                       f"{getattr(error, 'strerror', None) or error}.") from error
+    if not prompts:
+        raise InvalidArgumentError("Give at least one prompt: --prompt TEXT (repeatable) or --prompts-file FILE.")
+    if not arguments.keyword or not all(keyword.strip() for keyword in arguments.keyword):
+        raise InvalidArgumentError("Give the instruction's keywords with --keyword, each a non-empty string.")
+    out = Path(arguments.out)
+    blocking = next((parent for parent in (out, *out.parents) if parent.exists() and not parent.is_dir()), None)
+    if blocking is not None:
+        raise InvalidArgumentError(f"--out {out} cannot be a directory: {blocking} is a file.")
+    for name in ("instruction-check.json", "instruction-check.png"):  # mechvis's default folder is its own
+        _refuse_to_replace(str(out / name), str(Path(INSTRUCTION_CHECK_OUTPUT) / name), arguments.force)
     check = instruction_attention_check(
         load_model(arguments.model), prompts, arguments.keyword, arguments.threshold,
         max_new_tokens=arguments.max_new_tokens, chat=arguments.chat, match=arguments.match,
     )
-    out = Path(arguments.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "instruction-check.json").write_text(json.dumps(
         {"keywords": check.keywords, "threshold": check.threshold, "layers": check.layers, "prompts": check.table()}, indent=2))
@@ -387,7 +403,8 @@ def build_parser() -> argparse.ArgumentParser:
     instruction.add_argument("--match", choices=("spelling", "semantic"), default="spelling")
     instruction.add_argument("--max-new-tokens", type=int, default=32)
     instruction.add_argument("--chat", action="store_true")
-    instruction.add_argument("--out", default="out/instruction-check", help="directory for the JSON table and the figure")
+    instruction.add_argument("--out", default=INSTRUCTION_CHECK_OUTPUT, help="directory for the JSON table and the figure")
+    instruction.add_argument("--force", action="store_true", help="replace instruction-check.json/.png already in --out")
     instruction.set_defaults(handler=_instruction_check)
     _add_sweep_commands(commands)
     _add_serve_parser(commands)

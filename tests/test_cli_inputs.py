@@ -106,3 +106,21 @@ def test_ctrl_c_ends_with_one_line_and_the_resume_hint(monkeypatch, capsys):
     monkeypatch.setattr(cli, "_inspect", lambda arguments: interrupted(arguments))
     assert cli.main(["inspect"]) == 130
     assert capsys.readouterr().err == "mechvis: interrupted.\n"
+
+
+def test_instruction_check_refuses_bad_input_before_loading(tmp_path, monkeypatch, no_model, capsys):
+    monkeypatch.chdir(tmp_path)
+    base = ["instruction-check", "--keyword", "French"]
+    assert cli.main([*base, "--prompts-file", "nothere.txt"]) == 2
+    assert "--prompts-file nothere.txt cannot be read" in capsys.readouterr().err
+    assert cli.main(base) == 2
+    assert "at least one prompt" in capsys.readouterr().err
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "instruction-check.json").write_text("my table")
+    assert cli.main([*base, "--prompt", "Answer in French.", "--out", str(mine)]) == 2
+    assert "already exists; pass --force" in capsys.readouterr().err
+    assert (mine / "instruction-check.json").read_text() == "my table"
+    (tmp_path / "a-file").write_text("x")
+    assert cli.main([*base, "--prompt", "Answer in French.", "--out", "a-file/sub"]) == 2
+    assert "is a file" in capsys.readouterr().err

@@ -86,4 +86,4 @@ def test_cli_instruction_check(tmp_path, tokenizer, capsys):
     assert len(table["prompts"]) == 2 and all(row["below_threshold"] for row in table["prompts"])
     assert (out / "instruction-check.png").stat().st_size > 1000
     assert "BELOW" in capsys.readouterr().out
-    assert main(["instruction-check", "--model", str(model_dir), "--prompt", "nothing", "--keyword", "zebra", "--out", str(out)]) == 2
+    assert main(["instruction-check", "--model", str(model_dir), "--prompt", "nothing", "--keyword", "zebra", "--out", str(out), "--force"]) == 2
