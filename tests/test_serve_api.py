@@ -247,6 +247,17 @@ def test_generation_streams_events_in_order_with_the_traces_values(client, model
     assert run["sampled_not_argmax"] == reference.sampled_not_argmax.tolist()
 
 
+def test_start_event_prompt_tokens_come_from_decoding_the_prompt_whole(client, model):
+    """A character split over byte-level tokens (🎉, 東京) shows once, on the token completing it,
+    as in `mechvis.run`'s str_tokens; decoding each token alone gave U+FFFD pieces."""
+    prompt = "Tokyo 東京 is great 🎉 indeed"
+    start = sse(generate(client, prompt=prompt, max_new_tokens=1))[0][1]
+    encoded = mechvis.encode(model, prompt)
+    reference = model.hf_tokenizer.decode(encoded.token_ids)  # the tokenizer's own decode of the whole
+    assert start["prompt_tokens"] == mechvis.run(model, prompt).str_tokens
+    assert "".join(start["prompt_tokens"]) == reference and "\ufffd" not in "".join(start["prompt_tokens"])
+
+
 def test_sampling_same_seed_same_tokens(client):
     settings = dict(temperature=1.3, top_k=50, top_p=0.95, min_p=0.01, seed=7)
     first, second = (sse(generate(client, **settings)) for _ in range(2))

@@ -139,7 +139,7 @@ async def generate(body: GenerateRequest, state: ServerState = Depends(get_state
         context_bound = False
         try:
             import mechvis
-            from mechvis.running import encode_with_image
+            from mechvis.running import encode_with_image, str_tokens_of
 
             if options["image"] is None:
                 ids = mechvis.encode(model, prompt, chat=options["chat"]).token_ids
@@ -151,7 +151,9 @@ async def generate(body: GenerateRequest, state: ServerState = Depends(get_state
             if 1 <= room < options["max_new_tokens"]:
                 options["max_new_tokens"], context_bound = room, True
             # With an image, the page shows the prompt once analysed (one chip for the image tokens).
-            texts = None if options["image"] is not None else [tokenizer.decode([i]) for i in ids]
+            # Each token's text from decoding the prompt whole, as runs have them: a token that ends
+            # inside a character (bytes of 🎉) is "" and the token completing it carries the character.
+            texts = None if options["image"] is not None else str_tokens_of(model, ids)
             put(("start", {"run": run_id, "prompt_ids": ids, "prompt_tokens": texts,
                            "max_new_tokens": options["max_new_tokens"]}))
             if body.ablate:
