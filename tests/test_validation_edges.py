@@ -421,3 +421,15 @@ def test_more_public_edges_found_by_a_new_user(tiny_llama, tmp_path, monkeypatch
     monkeypatch.setenv("MECHVIS_CACHE", str(tmp_path / "a-file"))
     with pytest.raises(InvalidArgumentError, match="MECHVIS_CACHE=.* is a file"):
         cache_dir()
+
+
+def test_analysis_names_given_as_one_string_or_none(tiny_llama, tmp_path):
+    from mechvis.analysis import hooks_for
+    from mechvis.sweep import run_sweep
+
+    dataset = tmp_path / "d.jsonl"
+    dataset.write_text('{"id": 1, "prompt": "hello"}\n')
+    with pytest.raises(InvalidArgumentError, match=r"a list of names, e.g. \['lens'\]"):
+        run_sweep(dataset, tmp_path / "out", "lens")
+    with pytest.raises(InvalidArgumentError, match="Name at least one analysis"):
+        hooks_for(tiny_llama)

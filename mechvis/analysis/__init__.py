@@ -87,8 +87,10 @@ _HOOKS = {
 def hooks_for(model: "TransformerBridge", *analyses: str) -> list[str]:
     """Hook names the named analyses read: any of "lens", "residual", "similarity", "attention",
     "norms", "statistics". Pass the result as `run(..., names_filter=...)`."""
+    if not analyses:
+        raise InvalidArgumentError(f"Name at least one analysis, e.g. hooks_for(model, 'lens'); choose from {sorted(_HOOKS)}.")
     unknown = [name for name in analyses if name not in _HOOKS]
-    if unknown or not analyses:
+    if unknown:
         raise InvalidArgumentError(f"Unknown analyses {unknown}; choose from {sorted(_HOOKS)}.")
     return sorted({hook for name in analyses for hook in _HOOKS[name](model)})
 

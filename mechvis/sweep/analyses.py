@@ -89,6 +89,8 @@ def register(name: str, *, schema: list[tuple[str, pa.DataType]], hooks=lambda m
 def resolve(analyses: list[str], params: dict | None = None) -> dict[str, dict]:
     """{analysis: full parameters} for the chosen names; unknown names or parameters raise."""
     params = params or {}
+    if isinstance(analyses, str):
+        raise InvalidArgumentError(f"analyses must be a list of names, e.g. [{analyses!r}]; got the string {analyses!r}.")
     if not analyses:
         raise InvalidArgumentError(f"Choose at least one analysis from {sorted(ANALYSES)}.")
     unknown = [name for name in list(analyses) + list(params) if name not in ANALYSES]

@@ -327,7 +327,7 @@ def plan_sweep(
         raise InvalidArgumentError(f"shard_size must be at least 1; got {shard_size}.")
     if dtype not in ("float32", "float64", "bfloat16", "float16"):
         raise InvalidArgumentError(f"dtype must be float32, float64, bfloat16 or float16; got {dtype!r}.")
-    chosen = resolve(list(analyses), params)
+    chosen = resolve(analyses if isinstance(analyses, str) else list(analyses), params)
     items = read_dataset(dataset)
     for name, analysis_params in chosen.items():
         ANALYSES[name].check(items, analysis_params)
