@@ -92,7 +92,10 @@ def _check_output_path(option: str, path: str | None) -> None:
         with tempfile.TemporaryFile(dir=existing):
             pass
     except OSError as error:
-        raise InvalidArgumentError(f"{option} {path} cannot be written: {existing}: {error.strerror or error}.") from None
+        missing = "" if existing == Path(path).absolute().parent else f" (to hold {Path(path).absolute().parent})"
+        raise InvalidArgumentError(
+            f"{option} {path} cannot be written: nothing can be made in {existing}{missing}: {error.strerror or error}."
+        ) from None
 
 
 def _check_report_arguments(arguments: argparse.Namespace) -> None:
@@ -125,6 +128,10 @@ def _check_report_arguments(arguments: argparse.Namespace) -> None:
         bad = [layer for layer in arguments.layers if n_layers is not None and not -n_layers <= layer < n_layers]
         if bad:
             raise InvalidArgumentError(f"--layers {bad[0]} is out of range: this model has layers 0..{n_layers - 1}.")
+        normalised = [layer % n_layers for layer in arguments.layers] if n_layers is not None else list(arguments.layers)
+        repeated = sorted({layer for layer in normalised if normalised.count(layer) > 1})
+        if repeated:
+            raise InvalidArgumentError(f"--layers names layer {repeated[0]} more than once; list each layer once.")
     if arguments.image is not None:
         from mechvis.running import load_image
 

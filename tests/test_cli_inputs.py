@@ -49,8 +49,9 @@ def test_a_named_existing_output_is_never_replaced_without_force(tmp_path, no_mo
     (["-o", "MINE"], "already exists; pass --force"),
     (["-o", "UNDERFILE"], "is a file, not a directory"),
     (["--json", "UNDERFILE"], "is a file, not a directory"),
-    (["-o", "/proc/mechvis-report.html"], "cannot be written: /proc"),  # unwritable: found before the model loads
-    (["--json", "/proc/sub/mechvis.json"], "cannot be written: /proc"),
+    (["-o", "/proc/mechvis-report.html"], "cannot be written: nothing can be made in /proc:"),  # found before loading
+    (["--json", "/proc/sub/mechvis.json"], "cannot be written: nothing can be made in /proc (to hold /proc/sub)"),
+    (["--layers", "1", "-1"], "--layers names layer 1 more than once"),
     (["-o", ""], "-o/--output is empty"),
     (["--max-new-tokens", "100000"], "does not fit this model's context of 4096 tokens"),
 ])
