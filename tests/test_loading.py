@@ -134,6 +134,12 @@ def test_unknown_name_offline(tmp_path):
     assert "load_model()" in str(caught.value)
     with pytest.raises(ModelNotFoundError):
         mechvis.load_model(tmp_path / "missing-dir")
+    (tmp_path / "not-a-model").mkdir()
+    with pytest.raises(ModelNotFoundError, match="is a directory but not a model: it has no config.json"):
+        mechvis.load_model(tmp_path / "not-a-model")
+    (tmp_path / "not-a-model" / "config.json").write_text("{broken")
+    with pytest.raises(ModelNotFoundError, match="cannot be read as JSON"):
+        mechvis.load_model(tmp_path / "not-a-model")
 
 
 @pytest.mark.parametrize("damage", ["no tokenizer", "no weights", "truncated weights"])

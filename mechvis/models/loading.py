@@ -9,6 +9,7 @@ every log-probability unchanged; raw logits shift by a constant per position.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -305,10 +306,22 @@ def architecture_of(config: object) -> str:
 def _load_config(name: str) -> object:
     from transformers import AutoConfig
 
+    directory = Path(name)
+    if directory.is_dir():  # a local folder: say what is wrong with it, not that the hub failed too
+        config = directory / "config.json"
+        if not config.is_file():
+            raise ModelNotFoundError(
+                f"{name} is a directory but not a model: it has no config.json. A model directory holds "
+                f"config.json, the weights and the tokenizer files, as save_pretrained writes them."
+            )
+        try:
+            json.loads(config.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as error:
+            raise ModelNotFoundError(f"{config} cannot be read as JSON ({_first_line(error)}); is the model copied whole?") from error
     try:
         return AutoConfig.from_pretrained(name)
     except (OSError, ValueError) as error:
-        where = "directory" if Path(name).is_dir() else "name"
+        where = "directory" if directory.is_dir() else "name"
         raise ModelNotFoundError(
             f"Could not find model {name!r}: it is not a local model directory and it could not be "
             f"fetched from the Hugging Face hub (offline, or no such repository). Pass a local "
