@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from mechvis.errors import DatasetError
-from mechvis.running import text_problem
+from mechvis.running import decode_tokens, text_problem
 
 FIELDS = ("id", "prompt", "messages", "chat", "image", "continuation", "generate", "condition", "pair", "target")
 GENERATE_FIELDS = {"max_new_tokens": int, "temperature": (int, float), "top_k": int, "top_p": (int, float), "seed": int}
@@ -237,7 +237,7 @@ def check_targets(items: Sequence[Item], tokenizer) -> None:
             continue
         ids = tokenizer.encode(item.target, add_special_tokens=False)
         if len(ids) != 1:
-            pieces = [tokenizer.decode([token]) for token in ids]
+            pieces = decode_tokens(tokenizer, ids).str_tokens  # decoded whole: a character split into bytes is not U+FFFD
             raise DatasetError(
                 f"line/row {item.line} (id {item.id!r}): 'target' {item.target!r} is {len(ids)} tokens {pieces} for this "
                 "model, not one. Give a single token (mind the leading space: ' Paris' and 'Paris' differ)."
