@@ -28,6 +28,7 @@ from mechvis.analysis.repetition import (
     rep_labels,
 )
 from mechvis.errors import InvalidArgumentError
+from mechvis.lean_decoding import lean_decoding_equal, preallocated_cache, with_lean_steps
 from mechvis.running import (
     Encoded,
     Prompt,
@@ -490,6 +491,9 @@ def stream_generate(
                     )
                 processors = [raw, *user_processors, *([scheduled] if scheduled else []), *_sampling_processors(settings), processed]
                 options["logits_processor"] = LogitsProcessorList(processors)
+                preallocated = preallocated_cache(decoder, prompt_length + max_new_tokens)
+                if preallocated is not None:
+                    options[preallocated[0]] = preallocated[1]
                 chunk = _prefill_chunk(model, decoder, prompt_length, extra)
                 if chunk is not None:
                     options["prefill_chunk_size"] = chunk
@@ -712,8 +716,9 @@ def _decoder(model: "TransformerBridge", with_image: bool = False) -> "torch.nn.
     """The model HF's KV-cached generate runs. With no hook on any of the bridge's hook points
     (no intervention active) and no image, the HF modules the bridge wraps, rebuilt around its
     components and sharing every parameter (hooks on HF modules stay), with float32 CPU
-    `nn.Linear`s as `_SingleRowLinear` where that was measured faster: the same logits up to
-    rounding (≤ 1e-4). With a hook-point hook, the bridge itself, so it applies. With an image,
+    `nn.Linear`s as `_SingleRowLinear` where that was measured faster, and lean single-token
+    steps where the architecture has them (`_leaner`): the same logits up to rounding (≤ 1e-4).
+    With a hook-point hook, the bridge itself, so it applies. With an image,
     the bridge too: a vision tower reads selected hidden states through transformers' output
     capturing, whose hooks and "installed" flag would not carry over to the rebuilt copy
     (LLaVA's image features came back empty when the copy decoded first)."""
@@ -723,7 +728,16 @@ def _decoder(model: "TransformerBridge", with_image: bool = False) -> "torch.nn.
         isinstance(module, HookPoint) and (module._forward_hooks or module._forward_pre_hooks) for module in model.modules()
     ):
         return model.original_model
-    return _unwrapped(model.original_model)
+    return _leaner(model.original_model, _unwrapped(model.original_model))
+
+
+def _leaner(root: "torch.nn.Module", decoder: "torch.nn.Module") -> "torch.nn.Module":
+    """`decoder` with lean single-token decoding steps (`mechvis.lean_decoding`) where its
+    architecture has them and they were checked equal to HF's forward for `root`, else `decoder`."""
+    lean = with_lean_steps(decoder)
+    if lean is None or not lean_decoding_equal(root, decoder, lean):
+        return decoder
+    return lean
 
 
 def prepare_decoding(model: "TransformerBridge") -> None:
@@ -734,6 +748,7 @@ def prepare_decoding(model: "TransformerBridge") -> None:
     if isinstance(original, torch.nn.Module):
         _halves_win(original)
         _grouped_attention_equal(original)
+        _leaner(original, _unwrapped(original))
 
 
 def _unwrapped(module: "torch.nn.Module", halves: bool | None = None, grouped: bool | None = None) -> "torch.nn.Module":
