@@ -875,6 +875,8 @@ class _SingleRowLinear(torch.nn.Linear):
     weights is at least 10% faster, measured on this machine; otherwise every layer stays
     `nn.Linear`. Same weights, no copy. Other inputs take `nn.Linear`'s path."""
 
+    one_row_halves = True  # what `mechvis.lean_decoding._product` reproduces for one-row inputs
+
     @staticmethod
     def suits(linear: torch.nn.Linear) -> bool:
         weight = linear.weight

@@ -137,15 +137,15 @@ class _Layer:
     index: int
     norm1: Tensor
     eps1: float
-    q: Callable[[Tensor], Tensor]
-    k: Callable[[Tensor], Tensor]
-    v: Callable[[Tensor], Tensor]
-    o: Callable[[Tensor], Tensor]
+    q: Callable[[Tensor | None, Tensor], Tensor]  # (column, x) -> x · Wᵀ + b, see `_product`
+    k: Callable[[Tensor | None, Tensor], Tensor]
+    v: Callable[[Tensor | None, Tensor], Tensor]
+    o: Callable[[Tensor | None, Tensor], Tensor]
     norm2: Tensor
     eps2: float
-    gate: Callable[[Tensor], Tensor]
-    up: Callable[[Tensor], Tensor]
-    down: Callable[[Tensor], Tensor]
+    gate: Callable[[Tensor | None, Tensor], Tensor]
+    up: Callable[[Tensor | None, Tensor], Tensor]
+    down: Callable[[Tensor | None, Tensor], Tensor]
     act: Callable[[Tensor], Tensor]
     heads: int
     kv_heads: int
@@ -153,12 +153,38 @@ class _Layer:
     scaling: float
 
 
+def _product(linear: torch.nn.Linear) -> Callable[[Tensor | None, Tensor], Tensor]:
+    """`linear`'s one-row product as a function of (column, x): where mechvis chose the halves
+    product for this model (`_SingleRowLinear`, marked `one_row_halves`), the same batched product
+    over the weight's two halves as `_halves_product`, with `column` the input laid out as it lays
+    it out (`_column`, made once for the projections that share an input); else `F.linear(x)`."""
+    weight, bias = linear.weight, linear.bias
+    if getattr(linear, "one_row_halves", False):
+        out_features = linear.out_features
+        halves = weight.view(2, out_features // 2, linear.in_features)
+
+        def halves_product(column: Tensor | None, x: Tensor) -> Tensor:
+            y = torch.bmm(halves, column).view(1, 1, out_features)
+            return y if bias is None else y + bias
+
+        return halves_product
+    return lambda column, x: torch.nn.functional.linear(x, weight, bias)
+
+
+def _column(x: Tensor) -> Tensor:
+    """The one-row input `x` as `_halves_product` lays it out: a column with stride in_features."""
+    width = x.shape[-1]
+    return x.reshape(1, width).T.expand(2, width, 1)
+
+
 class _Plan:
     """What a lean step of one inner model (`LlamaModel` and kin) reads: its layers' weights and
     functions, and every module whose hooks must send a step back to HF's forward."""
 
-    def __init__(self, inner: torch.nn.Module, layers: list[_Layer], rope: Callable, modules: list[torch.nn.Module]):
+    def __init__(self, inner: torch.nn.Module, layers: list[_Layer], rope: Callable, modules: list[torch.nn.Module],
+                 halves: bool):
         self.inner, self.layers, self.rope, self.modules = inner, layers, rope, modules
+        self.halves = halves
         self.hidden = inner.norm.weight.shape[0]
         self.final_eps = float(inner.norm.variance_epsilon)
         from transformers.modeling_outputs import BaseModelOutputWithPast
@@ -220,29 +246,34 @@ class _Plan:
         length = cache.get_seq_length()
         h = inner.embed_tokens(ids)
         cos, sin = inner.rotary_emb(h, torch.tensor([[length]], device=ids.device))
+        column = _column if self.halves else lambda x: None
         for layer in self.layers:
             heads, kv_heads, head_dim = layer.heads, layer.kv_heads, layer.head_dim
             x = rms_norm(h, width, layer.norm1, layer.eps1)
-            q = layer.q(x).view(1, 1, heads, head_dim).transpose(1, 2)
-            k = layer.k(x).view(1, 1, kv_heads, head_dim).transpose(1, 2)
-            v = layer.v(x).view(1, 1, kv_heads, head_dim).transpose(1, 2)
+            x_column = column(x)
+            q = layer.q(x_column, x).view(1, 1, heads, head_dim).transpose(1, 2)
+            k = layer.k(x_column, x).view(1, 1, kv_heads, head_dim).transpose(1, 2)
+            v = layer.v(x_column, x).view(1, 1, kv_heads, head_dim).transpose(1, 2)
             q, k = self.rope(q, k, cos, sin)
             keys, values = cache.update(k, v, layer.index)
             # Query head h reads key/value head h // group: each key/value head's queries are rows of one product.
             scores = matmul(q.reshape(1, kv_heads, heads // kv_heads, head_dim), keys.transpose(2, 3)) * layer.scaling
             weights = softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-            h = h + layer.o(matmul(weights, values).reshape(1, 1, heads * head_dim))
+            attended = matmul(weights, values).reshape(1, 1, heads * head_dim)
+            h = h + layer.o(column(attended), attended)
             x = rms_norm(h, width, layer.norm2, layer.eps2)
-            h = h + layer.down(layer.act(layer.gate(x)) * layer.up(x))
+            x_column = column(x)
+            gated = layer.act(layer.gate(x_column, x)) * layer.up(x_column, x)
+            h = h + layer.down(column(gated), gated)
         stats["lean_steps"] += 1
         return rms_norm(h, width, inner.norm.weight, self.final_eps)
 
 
 def _plan(inner: torch.nn.Module) -> _Plan | None:
     """The plan for `inner` (an HF inner decoder model), or None where the lean step does not
-    compute what its forward does (see the module docstring). Projections run their module's
-    `forward` (so `_SingleRowLinear`'s product where mechvis chose it), without `__call__`:
-    a step with a hook anywhere runs HF's forward instead."""
+    compute what its forward does (see the module docstring). Projections compute what their
+    module's `forward` does (`_product`), without `__call__`: a step with a hook anywhere runs
+    HF's forward instead."""
     config = getattr(inner, "config", None)
     if type(inner).__name__ not in LEAN_MODELS or set(inner._modules) != _MODEL_CHILDREN or config is None:
         return None
@@ -282,16 +313,17 @@ def _plan(inner: torch.nn.Module) -> _Plan | None:
         rope = layer_rope
         layers.append(_Layer(
             index, layer.input_layernorm.weight, float(layer.input_layernorm.variance_epsilon),
-            *(linear.forward for linear in projections[:4]),
+            *(_product(linear) for linear in projections[:4]),
             layer.post_attention_layernorm.weight, float(layer.post_attention_layernorm.variance_epsilon),
-            *(linear.forward for linear in projections[4:]), act, heads, kv_heads, head_dim, scaling,
+            *(_product(linear) for linear in projections[4:]), act, heads, kv_heads, head_dim, scaling,
         ))
         modules += [layer, attention, mlp, layer.input_layernorm, layer.post_attention_layernorm, *projections]
         if isinstance(act, torch.nn.Module):
             modules.append(act)
     if not layers or len(layers) != getattr(config, "num_hidden_layers", len(layers)):
         return None
-    return _Plan(inner, layers, rope, modules)
+    halves = any(getattr(module, "one_row_halves", False) for module in modules)  # a column is laid out for them
+    return _Plan(inner, layers, rope, modules, halves)
 
 
 def _is_output_capturing(hook: object) -> bool:

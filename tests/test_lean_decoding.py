@@ -102,10 +102,16 @@ IDS = [1, 504, 282, 4649, 314, 260, 2328, 28, 216, 9030, 9863, 30, 657, 3600, 35
 
 
 @pytest.mark.parametrize("capacity", [None, 9])  # 9: the storage grows (doubles) mid-decoding
-def test_a_lean_step_gives_a_full_forwards_logits_on_a_plain_hf_model(capacity):
+@pytest.mark.parametrize("halves", [False, True])  # F.linear, or the layers as `_SingleRowLinear`s
+def test_a_lean_step_gives_a_full_forwards_logits_on_a_plain_hf_model(capacity, halves):
+    from mechvis.generation import _SingleRowLinear, _unwrapped
+
     hf_model = tiny_hf_model("llama", seed=5)
-    lean = with_lean_steps(hf_model)
+    decoder = _unwrapped(hf_model, halves=halves, grouped=False)
+    assert any(type(module) is _SingleRowLinear for module in decoder.modules()) == halves
+    lean = with_lean_steps(decoder)
     assert lean is not None and lean.model is not hf_model.model and hf_model.model.forward.__func__ is type(hf_model.model).forward
+    assert lean.model.__dict__["_mechvis_lean_plan"].halves == halves
     before = lean_decoding.stats["lean_steps"]
     stepped = _decode(lean, IDS, prefill=6, capacity=capacity)
     assert lean_decoding.stats["lean_steps"] - before == len(IDS) - 6
