@@ -21,6 +21,7 @@ from mechvis.demo import DEMO_PROMPT
 
 TOKEN = "benchmark-token-0123456789"
 N_NEW = 440  # the looping demo chat: ~70 prompt tokens + 440 ≈ 510
+REPEATS = 2
 
 
 def _server(model):
@@ -92,9 +93,17 @@ def main() -> None:
     n_generated = len(plain["tokens"])
     streamed_rate = (n_generated - 1) / (plain["tokens"][-1] - plain["tokens"][0])
     _note(f"streamed {n_generated} tokens at {streamed_rate:.1f}/s; mechvis.generate for comparison")
-    t0 = time.perf_counter()
-    reference = mechvis.generate(model, DEMO_PROMPT, chat=True, max_new_tokens=N_NEW)
-    generate_total = time.perf_counter() - t0
+    # The ratios to `mechvis.generate` compare the best of REPEATS interleaved runs of each: on this
+    # shared machine one run of either swings by ±15% (one monitor ratio read 1.13× from single runs).
+    plain_totals, generate_totals, streamed_rates = [plain["stopped"]], [], [streamed_rate]
+    for repeat in range(REPEATS):
+        if repeat:
+            again = _stream(url, long_body)
+            plain_totals.append(again["stopped"])
+            streamed_rates.append((len(again["tokens"]) - 1) / (again["tokens"][-1] - again["tokens"][0]))
+        t0 = time.perf_counter()
+        reference = mechvis.generate(model, DEMO_PROMPT, chat=True, max_new_tokens=N_NEW)
+        generate_totals.append(time.perf_counter() - t0)
     # The monitor samples, and most seeds end the chat (EOS) long before N_NEW tokens: the rate is
     # measured on the first seed that runs to at least 80% of N_NEW (the longest of 8 otherwise),
     # so that it is the rate at N ≈ 512 and not at a short prefix.
@@ -108,10 +117,14 @@ def main() -> None:
             break
     monitor_rate = (len(monitored["tokens"]) - 1) / (monitored["tokens"][-1] - monitored["tokens"][0])
     _note("mechvis.generate with the monitor, same seed")
-    t0 = time.perf_counter()
-    mechvis.generate(model, DEMO_PROMPT, chat=True, max_new_tokens=N_NEW, seed=monitor_seed,
-                     temperature_schedule=mechvis.generation.MonitorTemperature())
-    generate_monitor_total = time.perf_counter() - t0
+    monitor_totals, generate_monitor_totals = [monitored["stopped"]], []
+    for repeat in range(REPEATS):
+        if repeat:
+            monitor_totals.append(_stream(url, {**long_body, "schedule": "monitor", "seed": monitor_seed})["stopped"])
+        t0 = time.perf_counter()
+        mechvis.generate(model, DEMO_PROMPT, chat=True, max_new_tokens=N_NEW, seed=monitor_seed,
+                         temperature_schedule=mechvis.generation.MonitorTemperature())
+        generate_monitor_totals.append(time.perf_counter() - t0)
 
     layer = httpx.get(f"{url}/api/runs/{run_id}/attention/15")
     raw, zipped = len(layer.content), len(gzip.compress(layer.content, 6))
@@ -121,13 +134,16 @@ def main() -> None:
     print("| measure | result | target |\n|---|---|---|")
     _row("start → URL (model cached: load + app + bind)", f"{load_cached + boot:.2f} s", "≤ 3 s")
     _row(f"time to first token, {n64}-token prompt", f"{first['tokens'][0] * 1000:.0f} ms", "≤ 300 ms")
-    _row("tokens/s streamed, no hooks", f"{streamed_rate:.1f}", "≥ 25")
+    _row(f"tokens/s streamed, no hooks ({REPEATS} runs)", "/".join(f"{rate:.1f}" for rate in streamed_rates), "≥ 25")
     _row(f"tokens/s streamed, with the monitor ({len(monitored['tokens'])} tokens, seed {monitor_seed})",
          f"{monitor_rate:.1f}", "≥ 12")
-    _row("whole streamed request vs `mechvis.generate` (same settings)",
-         f"{plain['stopped']:.2f} s vs {generate_total:.2f} s, {plain['stopped'] / generate_total:.2f}×", "≤ 1.1×")
-    _row("the same with the monitor", f"{monitored['stopped']:.2f} s vs {generate_monitor_total:.2f} s, "
-         f"{monitored['stopped'] / generate_monitor_total:.2f}×", "≤ 1.1×")
+    def ratio(streamed: list[float], generated: list[float]) -> str:
+        shown = lambda values: "/".join(f"{value:.2f}" for value in values)  # noqa: E731
+        return f"{shown(streamed)} s vs {shown(generated)} s, best {min(streamed) / min(generated):.2f}×"
+
+    _row(f"whole streamed request vs `mechvis.generate` (same settings, {REPEATS} interleaved runs each)",
+         ratio(plain_totals, generate_totals), "≤ 1.1×")
+    _row("the same with the monitor", ratio(monitor_totals, generate_monitor_totals), "≤ 1.1×")
     _row("analysis ready after the last token", f"{(plain['analysis'] - plain['tokens'][-1]):.2f} s", "≤ 5 s")
     _row("one attention layer (9 heads, uint8)", f"{raw / 2**20:.2f} MB, {zipped / 2**20:.2f} MB gzipped", "~1.2 MB, ~0.2 MB")
     _row("largest token event", f"{plain['largest_event']} B", "≤ ~2 KB")
