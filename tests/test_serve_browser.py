@@ -242,6 +242,56 @@ def test_head_table_sorts_and_jumps_to_attention(ui):
     assert float(page.get_attribute("#attention-canvas", "data-draw-ms")) >= 0  # drawn (its time: the webapp benchmark)
 
 
+def _palette(shade: int) -> list[int]:
+    """canvas.js's white → dark-blue colour map, from its formula (Uint8ClampedArray rounds half to even)."""
+    t = shade / 255
+    return [round(255 - t * 230), round(255 - t * 200), round(255 - t * 90), 255]
+
+
+def test_heatmap_pixels_and_head_combination_equal_a_python_reference(ui):
+    """canvas.js's `combineHeads` (mean rounded to nearest, max, one head) and `drawHeatmap`'s
+    pixels (plain, log scale, hidden sink columns renormalised) against the formulas in Python."""
+    import math
+
+    import numpy as np
+
+    heads, n = 3, 9
+    data = np.random.default_rng(0).integers(0, 256, (heads, n, n), dtype=np.uint8)
+    data[:, 2, :] = [0, 1, 2, 127, 128, 200, 254, 255, 255]  # the ends and the log scale's small values
+    data[:, :, 0] = 255  # a sink column that dominates until hidden
+    result = ui.page.evaluate("""async ([values, heads, n]) => {
+        const m = await import('/static/js/canvas.js');
+        const data = Uint8Array.from(values);
+        const out = { mean: Array.from(m.combineHeads(data, heads, n, 'mean')), max: Array.from(m.combineHeads(data, heads, n, 'max')),
+                      head: Array.from(m.combineHeads(data, heads, n, 1)) };
+        for (const [name, options] of [['plain', {}], ['log', { log: true }], ['hide', { hide: [0, 4] }], ['both', { log: true, hide: [0] }]]) {
+            const canvas = document.createElement('canvas');
+            m.drawHeatmap(canvas, data.subarray(0, n * n), n, options);
+            out[name] = Array.from(canvas.getContext('2d').getImageData(0, 0, n, n).data);
+        }
+        return out; }""", [data.ravel().tolist(), heads, n])
+    assert result["mean"] == [math.floor(v / heads + 0.5) for v in data.astype(np.int64).sum(0).ravel()]
+    assert result["max"] == data.max(0).ravel().tolist() and result["head"] == data[1].ravel().tolist()
+
+    def expected(log: bool, hide: list[int]) -> list[int]:
+        matrix = data[0].astype(int)
+        visible = [k for k in range(n) if k not in hide]
+        scale = 255 / max(1, matrix[:, visible].max()) if hide else 1
+        pixels = []
+        for q in range(n):
+            for k in range(n):
+                if k in hide:
+                    pixels += _palette(0)
+                    continue
+                value = min(255, math.floor(matrix[q, k] * scale + 0.5))
+                shade = (0 if value == 0 else math.floor(255 * (math.log(value) / math.log(255)) + 0.5)) if log else value
+                pixels += _palette(shade)
+        return pixels
+
+    for name, log, hide in [("plain", False, []), ("log", True, []), ("hide", False, [0, 4]), ("both", True, [0])]:
+        assert result[name] == expected(log, hide), name
+
+
 def test_circuitsvis_views_render_under_the_csp(ui):
     """Tab 2's interactive AttentionHeads and tab 11's TokenLogProbs: circuitsvis' bundle loads
     from the server (its wheel) on demand and draws under the strict CSP (a violation would be a

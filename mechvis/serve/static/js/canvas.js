@@ -18,19 +18,33 @@ export function drawHeatmap(canvas, matrix, n, { log = false, hide = [], row = n
   canvas.width = n; canvas.height = n;
   const ctx = canvas.getContext("2d");
   const image = ctx.createImageData(n, n);
-  const pixels = image.data;
-  const lut = new Uint8Array(256);
-  for (let i = 0; i < 256; i++) lut[i] = log ? (i === 0 ? 0 : Math.round(255 * (Math.log(i) / Math.log(255)) ** 1)) : i;
+  // One 32-bit RGBA word per pixel from a 256-entry table (the value → colour map with the log
+  // scale applied): written byte by byte into the table, so the words are in the canvas's byte
+  // order on any platform. ~10× fewer operations per pixel than four palette look-ups.
   let scale = 1;
+  const hidden = new Uint8Array(n);
+  for (const k of hide) if (k >= 0 && k < n) hidden[k] = 1;
   if (hide.length) {  // renormalise the colour range without the hidden columns
     let maximum = 1;
-    for (let q = 0; q < n; q++) for (let k = 0; k < n; k++) if (!hide.includes(k) && matrix[q * n + k] > maximum) maximum = matrix[q * n + k];
+    for (let q = 0; q < n; q++) for (let k = 0, i = q * n; k < n; k++, i++) if (!hidden[k] && matrix[i] > maximum) maximum = matrix[i];
     scale = 255 / maximum;
   }
-  for (let i = 0; i < n * n; i++) {
-    const k = i % n;
-    const v = hide.length && hide.includes(k) ? 0 : lut[Math.min(255, Math.round(matrix[i] * scale))];
-    pixels[i * 4] = PALETTE[v * 3]; pixels[i * 4 + 1] = PALETTE[v * 3 + 1]; pixels[i * 4 + 2] = PALETTE[v * 3 + 2]; pixels[i * 4 + 3] = 255;
+  const bytes = new Uint8Array(257 * 4);  // entry 256: a hidden column (value 0)
+  for (let v = 0; v <= 256; v++) {
+    const i = v === 256 ? 0 : v;
+    const shade = log ? (i === 0 ? 0 : Math.round(255 * (Math.log(i) / Math.log(255)))) : i;
+    bytes[v * 4] = PALETTE[shade * 3]; bytes[v * 4 + 1] = PALETTE[shade * 3 + 1]; bytes[v * 4 + 2] = PALETTE[shade * 3 + 2]; bytes[v * 4 + 3] = 255;
+  }
+  const colours = new Uint32Array(bytes.buffer);
+  const pixels = new Uint32Array(image.data.buffer);
+  if (scale === 1 && !hide.length) {
+    for (let i = 0; i < n * n; i++) pixels[i] = colours[matrix[i]];
+  } else {
+    const index = new Uint16Array(256);  // value → entry after renormalisation
+    for (let v = 0; v < 256; v++) index[v] = Math.min(255, Math.round(v * scale));
+    for (let q = 0; q < n; q++) {
+      for (let k = 0, i = q * n; k < n; k++, i++) pixels[i] = colours[hidden[k] ? 256 : index[matrix[i]]];
+    }
   }
   ctx.putImageData(image, 0, 0);
   if (row !== null && row < n) {
@@ -39,16 +53,26 @@ export function drawHeatmap(canvas, matrix, n, { log = false, hide = [], row = n
   }
 }
 
-/** Head-combined matrix (mean or max) of [heads, n, n] uint8 data. */
+/** Head-combined matrix (mean or max) of [heads, n, n] uint8 data: the mean rounded to the
+ * nearest integer. */
 export function combineHeads(data, heads, n, how) {
-  const out = new Uint8Array(n * n);
   if (typeof how === "number") return data.subarray(how * n * n, (how + 1) * n * n);
-  const sums = new Float32Array(n * n);
-  for (let h = 0; h < heads; h++) {
-    const offset = h * n * n;
-    for (let i = 0; i < n * n; i++) sums[i] = how === "max" ? Math.max(sums[i], data[offset + i]) : sums[i] + data[offset + i] / heads;
+  const size = n * n;
+  if (how === "max") {
+    const out = data.slice(0, size);
+    for (let h = 1; h < heads; h++) {
+      const offset = h * size;
+      for (let i = 0; i < size; i++) { const v = data[offset + i]; if (v > out[i]) out[i] = v; }
+    }
+    return out;
   }
-  for (let i = 0; i < n * n; i++) out[i] = Math.round(sums[i]);
+  const sums = new Uint32Array(size);  // exact integer sums
+  for (let h = 0; h < heads; h++) {
+    const offset = h * size;
+    for (let i = 0; i < size; i++) sums[i] += data[offset + i];
+  }
+  const out = new Uint8Array(size);
+  for (let i = 0; i < size; i++) out[i] = Math.round(sums[i] / heads);
   return out;
 }
 
