@@ -316,11 +316,12 @@ def test_binary_dataset_names_the_file_and_line(tmp_path, no_model_work):
 
 
 @pytest.mark.parametrize("setting, value, phrase", [
-    ("temperature", -1, r"temperature must be ≥ 0"),
-    ("top_p", 2, r"top_p must be in \(0, 1\]"),
-    ("top_p", 0, r"top_p must be in \(0, 1\]"),
-    ("top_k", 0, r"top_k must be at least 1"),
+    ("temperature", -1, r"temperature must be a number ≥ 0"),
+    ("top_p", 2, r"top_p must be a finite number in \(0\.0, 1\.0\]"),
+    ("top_p", 0, r"top_p must be a finite number in \(0\.0, 1\.0\]"),
+    ("top_k", 0, r"top_k must be a positive integer"),
     ("seed", 2**70, r"seed must be an integer from"),
+    ("max_new_tokens", 0, r"max_new_tokens must be a positive integer; got 0"),
 ])
 def test_bad_generate_settings_fail_at_plan_time_naming_the_line(setting, value, phrase, tmp_path, no_model_work):
     from mechvis.sweep import run_sweep

@@ -25,14 +25,21 @@ from mechvis.running import decode_tokens, text_problem
 
 FIELDS = ("id", "prompt", "messages", "chat", "image", "continuation", "generate", "condition", "pair", "target")
 GENERATE_FIELDS = {"max_new_tokens": int, "temperature": (int, float), "top_k": int, "top_p": (int, float), "seed": int}
-# The values `mechvis.generate` accepts, checked with the line number before any model work.
-GENERATE_BOUNDS = {
-    "max_new_tokens": (lambda v: v >= 1, "at least 1"),
-    "temperature": (lambda v: v >= 0, "≥ 0 (0 = greedy)"),
-    "top_k": (lambda v: v >= 1, "at least 1"),
-    "top_p": (lambda v: 0 < v <= 1, "in (0, 1]"),
-    "seed": (lambda v: -(2**63) <= v < 2**64, "an integer from −2**63 to 2**64 − 1"),
-}
+
+
+def _check_generate_settings(generate: dict, where: str) -> None:
+    """The values `mechvis.generate` accepts, checked with the line number before any model work,
+    by the validator `generate` itself runs (`SamplingSettings.validate`)."""
+    from mechvis.errors import InvalidArgumentError
+    from mechvis.generation import SamplingSettings
+
+    if generate.get("max_new_tokens", 1) < 1:
+        raise DatasetError(f"{where}: generate max_new_tokens must be a positive integer; got {generate['max_new_tokens']!r}.")
+    settings = SamplingSettings(**{key: generate[key] for key in ("temperature", "top_k", "top_p", "seed") if key in generate})
+    try:
+        settings.validate()
+    except InvalidArgumentError as error:
+        raise DatasetError(f"{where}: generate {error}") from None
 
 
 @dataclass(frozen=True)
@@ -131,10 +138,8 @@ def _check_item(raw: object, line: int, where: str, base: Path) -> Item:
             raise DatasetError(f"{where}: unknown generate setting {key!r}; choose from {sorted(GENERATE_FIELDS)}.")
         if isinstance(value, bool) or not isinstance(value, kind) or (isinstance(value, float) and not math.isfinite(value)):
             raise DatasetError(f"{where}: generate setting {key!r} has a bad value {value!r}.")
-        allowed, wanted = GENERATE_BOUNDS[key]
-        if not allowed(value):
-            raise DatasetError(f"{where}: generate {key} must be {wanted}; got {value!r}.")
     if generate:
+        _check_generate_settings(generate, where)
         generate.setdefault("max_new_tokens", 32)
     if generate and "continuation" in raw:
         raise DatasetError(f"{where}: give 'continuation' (teacher-forced) or 'generate', not both.")
