@@ -101,7 +101,6 @@ def _check_output_path(option: str, path: str | None) -> None:
 def _check_report_arguments(arguments: argparse.Namespace) -> None:
     """Everything about `mechvis report`'s arguments that can be checked without the model, checked
     before it loads (a bad option fails in well under a second)."""
-    import math
     from pathlib import Path
 
     if not arguments.prompt.strip():
@@ -114,8 +113,12 @@ def _check_report_arguments(arguments: argparse.Namespace) -> None:
             f"--max-new-tokens {arguments.max_new_tokens} does not fit this model's context of {context} tokens "
             "together with the prompt; ask for fewer."
         )
-    if not (math.isfinite(arguments.temperature) and arguments.temperature >= 0):
-        raise InvalidArgumentError(f"--temperature must be ≥ 0 (0 = greedy); got {arguments.temperature}.")
+    from mechvis.generation import SamplingSettings
+
+    try:  # the validator `generate` runs: temperature ≥ 0, a seed torch accepts
+        SamplingSettings(arguments.temperature, seed=arguments.seed).validate()
+    except InvalidArgumentError as error:
+        raise InvalidArgumentError(f"--{error}") from None
     for option, path in (("-o/--output", arguments.output), ("--json", arguments.json)):
         _check_output_path(option, path)
         if path is not None and Path(path).is_dir():

@@ -40,8 +40,9 @@ def test_a_named_existing_output_is_never_replaced_without_force(tmp_path, no_mo
 
 @pytest.mark.parametrize("extra, message", [
     (["--max-new-tokens", "0"], "--max-new-tokens must be a positive integer"),
-    (["--temperature", "-1"], "--temperature must be ≥ 0"),
-    (["--temperature", "nan"], "--temperature must be ≥ 0"),
+    (["--temperature", "-1"], "--temperature must be a number ≥ 0"),
+    (["--temperature", "nan"], "--temperature must be a number ≥ 0"),
+    (["--seed", str(10**23)], "--seed must be an integer from −2**63 to 2**64 − 1"),
     (["--layers", "0", "99"], "--layers 99 is out of range: this model has layers 0..1"),
     (["--image", "/nonexistent/picture.png"], "Could not read the image"),
     (["--json", "SAME"], "name the same file"),
