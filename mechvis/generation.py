@@ -28,7 +28,7 @@ from mechvis.analysis.repetition import (
     rep_labels,
 )
 from mechvis.errors import InvalidArgumentError
-from mechvis.lean_decoding import lean_decoding_equal, preallocated_cache, with_lean_steps
+from mechvis.lean_decoding import acting_hooks, lean_decoding_equal, preallocated_cache, with_lean_steps
 from mechvis.running import (
     Encoded,
     Prompt,
@@ -843,9 +843,12 @@ def _grouped_attention_equal(root: "torch.nn.Module") -> bool:
     attention and gives the same logits (≤ 1e-4 of their scale) with `_grouped_eager_attention`
     as with transformers' own eager attention on a 12-token input: checked once per model, so
     an architecture whose eager attention does more than the standard one (attention sinks,
-    other masks) keeps transformers' path."""
+    other masks) keeps transformers' path. Not while a hook that could act is on the model's HF
+    modules (False, not remembered)."""
     if root in _GROUPED_EQUAL:
         return _GROUPED_EQUAL[root]
+    if acting_hooks(list(_unwrapped(root, halves=False, grouped=False).modules())):
+        return False  # the check would feed a user's hooks random tokens: not now, and not remembered
     equal = False
     if any(_groups_queries(module) for module in root.modules()):
         vocab = getattr(getattr(root, "config", None), "vocab_size", None) or getattr(

@@ -185,6 +185,7 @@ class _Plan:
                  halves: bool):
         self.inner, self.layers, self.rope, self.modules = inner, layers, rope, modules
         self.halves = halves
+        self.steps = 0  # lean steps this plan computed (the check counts its own, whatever other threads do)
         self.hidden = inner.norm.weight.shape[0]
         self.final_eps = float(inner.norm.variance_epsilon)
         from transformers.modeling_outputs import BaseModelOutputWithPast
@@ -194,26 +195,8 @@ class _Plan:
         self.cache_field = "cache" if "cache" in fields else "past_key_values"
 
     def hooked(self) -> bool:
-        """Whether a forward hook or pre-hook that could act is on any module the step runs (or
-        registered globally). transformers' output-capturing hooks are not: `capture_outputs`
-        installs them on decoder layers and attention modules on first use and leaves them, and
-        they return at once while no output collector is active (checked here)."""
-        from torch.nn.modules import module as module_module
-
-        if any(getattr(module_module, name, None) for name in ("_global_forward_hooks", "_global_forward_pre_hooks")):
-            return True
-        collecting = None
-        for module in self.modules:
-            if module._forward_pre_hooks:
-                return True
-            for hook in module._forward_hooks.values():
-                if not _is_output_capturing(hook):
-                    return True
-                if collecting is None:
-                    collecting = _collector_active()
-                if collecting:
-                    return True
-        return False
+        """Whether a hook that could act is on any module the step runs (`acting_hooks`)."""
+        return acting_hooks(self.modules)
 
     def cache_of(self, args: tuple, kwargs: dict):
         """The cache of a call the lean step computes exactly, else None."""
@@ -265,6 +248,7 @@ class _Plan:
             x_column = column(x)
             gated = layer.act(layer.gate(x_column, x)) * layer.up(x_column, x)
             h = h + layer.down(column(gated), gated)
+        self.steps += 1
         stats["lean_steps"] += 1
         return rms_norm(h, width, inner.norm.weight, self.final_eps)
 
@@ -277,6 +261,9 @@ def _plan(inner: torch.nn.Module) -> _Plan | None:
     config = getattr(inner, "config", None)
     if type(inner).__name__ not in LEAN_MODELS or set(inner._modules) != _MODEL_CHILDREN or config is None:
         return None
+    if inner.training:  # dropout would act in HF's forward
+        return None
+    family = type(inner).__module__  # the modeling file: every other module must be its class, unchanged
     if getattr(config, "sliding_window", None) or getattr(config, "attn_logit_softcapping", None):
         return None
     if any(kind != "full_attention" for kind in getattr(config, "layer_types", None) or ()):
@@ -322,8 +309,62 @@ def _plan(inner: torch.nn.Module) -> _Plan | None:
             modules.append(act)
     if not layers or len(layers) != getattr(config, "num_hidden_layers", len(layers)):
         return None
+    if not _unchanged(modules, family):
+        return None
     halves = any(getattr(module, "one_row_halves", False) for module in modules)  # a column is laid out for them
     return _Plan(inner, layers, rope, modules, halves)
+
+
+def acting_hooks(modules) -> bool:
+    """Whether a forward hook or pre-hook that could act is on any of `modules` (or registered
+    globally). transformers' output-capturing hooks are not: `capture_outputs` installs them on
+    decoder layers and attention modules on first use and leaves them, and they return at once
+    while no output collector is active (checked here)."""
+    from torch.nn.modules import module as module_module
+
+    if any(getattr(module_module, name, None) for name in ("_global_forward_hooks", "_global_forward_pre_hooks")):
+        return True
+    collecting = None
+    for module in modules:
+        if module._forward_pre_hooks:
+            return True
+        for hook in module._forward_hooks.values():
+            if not _is_output_capturing(hook):
+                return True
+            if collecting is None:
+                collecting = _collector_active()
+            if collecting:
+                return True
+    return False
+
+
+_ATTENTION_IMPLEMENTATIONS = {"eager", "sdpa", "mechvis_grouped_eager"}  # what the lean step computes (up to rounding)
+
+
+def _unchanged(modules: list, family: str) -> bool:
+    """Whether every module is of a class the lean step reproduces, with no forward replaced on
+    the instance: the family's own classes (layers, attention, MLP, norms, rotary embedding),
+    `nn.Linear` (or mechvis's `_SingleRowLinear`), `nn.Embedding` and transformers' or torch's
+    activations; and whether attention runs an implementation computing eager attention. A
+    subclass, a patched instance or another attention function runs HF's forward."""
+    for module in modules:
+        kind = type(module)
+        if "forward" in module.__dict__:
+            return False
+        if kind in (torch.nn.Linear, torch.nn.Embedding, torch.nn.ModuleList) or getattr(kind, "one_row_halves", False):
+            continue
+        if kind.__module__ not in (family, "transformers.activations", "torch.nn.modules.activation"):
+            return False
+        config = module.__dict__.get("config")
+        if hasattr(module, "q_proj") and getattr(config, "_attn_implementation", None) not in _ATTENTION_IMPLEMENTATIONS:
+            return False
+    return True
+
+
+def plan_signature(modules: list) -> tuple:
+    """What the equality check's result depends on besides the weights: each module's class and
+    that class's forward (a class patched after the check gets a new check)."""
+    return tuple(sorted({(id(type(module)), id(type(module).forward)) for module in modules}))
 
 
 def _is_output_capturing(hook: object) -> bool:
@@ -387,9 +428,17 @@ _EQUAL: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 def lean_decoding_equal(root: torch.nn.Module, decoder: torch.nn.Module, lean: torch.nn.Module) -> bool:
     """Whether `lean` (`with_lean_steps(decoder)`) takes the lean step and gives `decoder`'s logits
     (≤ 1e-4 of their scale) on 4 decoding steps after an 8-token prefill of random tokens:
-    checked once per `root` (the model both were made from)."""
-    if root in _EQUAL:
-        return _EQUAL[root]
+    checked once per `root` (the model both were made from) and `plan_signature` (its modules'
+    classes and their forwards). While a hook that could act is on a module the step runs, no
+    check runs (it would feed the hook random tokens, and the steps would not be lean): False,
+    not remembered."""
+    plan: _Plan = lean._modules[lean.base_model_prefix].__dict__["_mechvis_lean_plan"]
+    if plan.hooked():
+        return False
+    signature = plan_signature(plan.modules)
+    remembered = _EQUAL.setdefault(root, {})
+    if signature in remembered:
+        return remembered[signature]
     equal = False
     try:
         vocab = decoder.config.get_text_config(decoder=True).vocab_size
@@ -400,15 +449,15 @@ def lean_decoding_equal(root: torch.nn.Module, decoder: torch.nn.Module, lean: t
             ones = torch.ones_like(ids)
             decoder(input_ids=ids[:, :8], attention_mask=ones[:, :8], use_cache=True, **{name: plain_cache})
             lean(input_ids=ids[:, :8], attention_mask=ones[:, :8], use_cache=True, **{name: lean_cache})
-            before = stats["lean_steps"]
+            before = plan.steps
             equal = True
             for position in range(8, 12):
                 step = {"input_ids": ids[:, position : position + 1], "attention_mask": ones[:, : position + 1], "use_cache": True}
                 plain = decoder(**step, **{name: plain_cache}).logits
                 fast = lean(**step, **{name: lean_cache}).logits
                 equal &= bool((fast - plain).abs().max() <= 1e-4 * plain.abs().max().clamp_min(1))
-            equal &= stats["lean_steps"] - before == 4
+            equal &= plan.steps - before == 4
     except Exception:  # noqa: BLE001 - a model this check cannot run keeps HF's path
         equal = False
-    _EQUAL[root] = equal
+    remembered[signature] = equal
     return equal

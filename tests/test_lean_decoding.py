@@ -204,3 +204,90 @@ def test_the_embedded_model_decodes_lean(embedded, embedded_reference):
     full = _teacher_forced(embedded_reference, trace.run.tokens.tolist())[trace.prompt_length - 1 : -1]
     assert _close(trace.step_logits, full)
     assert _plan(embedded_reference.model) is not None
+
+
+def _hf_modules(model, class_name):
+    return [module for module in model.original_model.modules() if type(module).__name__ == class_name]
+
+
+def _max_difference(trace, reference):
+    full = _teacher_forced(reference, trace.run.tokens.tolist())[trace.prompt_length - 1 : -1]
+    return float((trace.step_logits.log_softmax(-1) - full.log_softmax(-1)).abs().max())
+
+
+@pytest.mark.parametrize("change", ["instance forward", "subclass", "attention function"])
+def test_a_module_changed_after_the_first_generate_runs_hfs_forward(tokenizer, change, monkeypatch):
+    """What HF's modules compute changed after the check ran (no hook involved): the next
+    generation runs HF's forward, with the change (found by a review: the lean step had kept
+    computing the unchanged model)."""
+    from transformers import AttentionInterface
+    from transformers.models.llama.modeling_llama import LlamaMLP, eager_attention_forward
+
+    hf_model = tiny_hf_model("llama", seed=11)
+    reference = copy.deepcopy(hf_model)
+    model = mechvis.load_model(hf_model, tokenizer=tokenizer, device="cpu")
+    mechvis.generate(model, "Once upon a time", max_new_tokens=3, analysis_pass=False)  # the check passes
+    if change == "attention function":
+        def halved(module, query, key, value, attention_mask, **kwargs):
+            output, weights = eager_attention_forward(module, query, key, value, attention_mask, **kwargs)
+            return output * 0.5, weights
+
+        AttentionInterface.register("mechvis_test_halved", halved)
+        for target in (model.original_model, reference):
+            target.set_attn_implementation("mechvis_test_halved")
+    else:
+        class Doubled(LlamaMLP):
+            def forward(self, x):
+                return super().forward(x) * 2.0
+
+        for mlp in (_hf_modules(model, "LlamaMLP")[1], reference.model.layers[1].mlp):
+            if change == "subclass":
+                mlp.__class__ = Doubled
+            else:
+                original = mlp.forward
+                mlp.forward = lambda x, original=original: original(x) * 3.0
+    prompt = "The history of the printing press begins in Mainz, where"
+    before = lean_decoding.stats["lean_steps"]
+    trace = mechvis.generate(model, prompt, max_new_tokens=8, analysis_pass=False)
+    assert lean_decoding.stats["lean_steps"] == before
+    if change == "attention function":
+        # The bridge's own forward does not run HF's attention functions, so the teacher-forced
+        # reference is the decoding path without lean steps (HF's modules, with the function).
+        monkeypatch.setattr(mechvis.generation, "with_lean_steps", lambda decoder: None)
+        plain = mechvis.generate(model, prompt, max_new_tokens=8, analysis_pass=False)
+        assert (trace.step_logits - plain.step_logits).abs().max() <= 1e-6
+    else:
+        assert _max_difference(trace, reference) <= 1e-4
+
+
+def test_a_hook_at_the_first_generate_gets_no_check_tokens_and_does_not_turn_lean_steps_off(tokenizer):
+    model = mechvis.load_model(tiny_hf_model("llama", seed=12), tokenizer=tokenizer, device="cpu")
+    calls = []
+    handle = _hf_modules(model, "LlamaMLP")[1].register_forward_hook(lambda module, args, output: calls.append(args[0].shape[1]))
+    trace = mechvis.generate(model, "Once upon a time", max_new_tokens=6, analysis_pass=False)
+    handle.remove()
+    prompt = trace.prompt_length
+    assert calls == [prompt] + [1] * (len(trace.generated_ids) - 1)  # the prefill and each step, nothing else
+    before = lean_decoding.stats["lean_steps"]
+    trace = mechvis.generate(model, "Once upon a time", max_new_tokens=6, analysis_pass=False)
+    assert lean_decoding.stats["lean_steps"] - before >= len(trace.generated_ids) - 1
+
+
+def test_the_check_counts_its_own_steps_not_other_threads(monkeypatch):
+    """Another model decoding in another thread at the same time (a review found the process-wide
+    count made this model's check fail, and lean steps stay off for it)."""
+    hf_model = tiny_hf_model("llama", seed=13)
+    lean = with_lean_steps(hf_model)
+    step = lean_decoding._Plan.step
+
+    def elsewhere_too(self, ids, cache):
+        lean_decoding.stats["lean_steps"] += 1  # a step of another plan, meanwhile
+        return step(self, ids, cache)
+
+    monkeypatch.setattr(lean_decoding._Plan, "step", elsewhere_too)
+    assert lean_decoding_equal(hf_model, hf_model, lean)
+
+
+def test_a_model_in_training_mode_runs_hfs_forward():
+    hf_model = tiny_hf_model("llama", seed=14).train()
+    assert with_lean_steps(hf_model) is None
