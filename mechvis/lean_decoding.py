@@ -10,13 +10,16 @@ HF's (max difference 0.0 in the measurement that motivated it).
 Where it applies, and only there (anything else runs HF's forward unchanged):
 - the model is one of `LEAN_MODELS` (Llama, Qwen2, Mistral decoders: pre-norm RMSNorm, rotary
   positions, grouped-query attention, gated MLP), with exactly those submodules (no q/k norms,
-  no extra norms), float32 weights, no sliding window and no attention soft-capping;
+  no extra norms), each of its modeling file's own class (or `nn.Linear`, `nn.Embedding`, an
+  activation) with no forward replaced on an instance, eager (or SDPA) attention, float32
+  weights, eval mode, no sliding window and no attention soft-capping;
 - the step is one token of batch 1 after a prefill, into a cache of `_PreallocatedLayer`s, with
   an all-ones attention mask and the next position;
 - no forward hook or pre-hook on any module it would run (the repetition monitor's hooks, a
   user's hooks: HF's modules run, so the hooks fire);
-- and, once per model, its logits equal HF's forward (≤ 1e-4 of their scale) on 4 decoding steps
-  after an 8-token prefill (`lean_decoding_equal`).
+- and, once per model and set of module classes, its logits equal HF's forward (≤ 1e-4 of their
+  scale) on 4 decoding steps after an 8-token prefill (`lean_decoding_equal`; not while a hook
+  could act).
 
 The lean step reproduces HF's Llama decoder computation (modeling_llama.py): x = RMSNorm(h);
 q, k, v = projections; rotary positions with the model's own `rotary_emb` and
