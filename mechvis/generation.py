@@ -28,7 +28,7 @@ from mechvis.analysis.repetition import (
     rep_labels,
 )
 from mechvis.errors import InvalidArgumentError
-from mechvis.lean_decoding import acting_hooks, lean_decoding_equal, preallocated_cache, with_lean_steps
+from mechvis.lean_decoding import _column, acting_hooks, lean_decoding_equal, preallocated_cache, with_lean_steps
 from mechvis.running import (
     Encoded,
     Prompt,
@@ -894,9 +894,9 @@ class _SingleRowLinear(torch.nn.Linear):
 def _halves_product(weight: Tensor, x: Tensor, bias: Tensor | None) -> Tensor:
     out_features, in_features = weight.shape
     halves = weight.view(2, out_features // 2, in_features)
-    # x as a column whose stride is in_features: this layout takes MKL's fast batched kernel.
-    column = x.reshape(1, in_features).T.expand(2, in_features, 1)
-    y = torch.bmm(halves, column).reshape(*x.shape[:-1], out_features)
+    # x as a column whose stride is in_features: this layout takes MKL's fast batched kernel
+    # (`_column`, which lean decoding steps lay out once per shared input: one definition).
+    y = torch.bmm(halves, _column(x)).reshape(*x.shape[:-1], out_features)
     return y if bias is None else y + bias
 
 

@@ -175,7 +175,8 @@ def _product(linear: torch.nn.Linear) -> Callable[[Tensor | None, Tensor], Tenso
 
 
 def _column(x: Tensor) -> Tensor:
-    """The one-row input `x` as `_halves_product` lays it out: a column with stride in_features."""
+    """The one-row input `x` as the halves product reads it (`_halves_product` and `_product`): a
+    column with stride in_features, the layout that takes MKL's fast batched kernel."""
     width = x.shape[-1]
     return x.reshape(1, width).T.expand(2, width, 1)
 
