@@ -41,7 +41,7 @@ def measure(kind: str, directory: str | None = None) -> dict[str, float]:
 
         if kind == "bridge-previous":  # as loading was before issue 18: no trim, centring clones every weight
             import mechvis.models.loading as loading
-            import mechvis.unembedding as unembedding
+            import mechvis.models.unembedding as unembedding
 
             import contextlib
 

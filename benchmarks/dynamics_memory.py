@@ -21,7 +21,8 @@ LAYERS, HEADS = 8, 8
 def _worker(mode: str) -> None:
     import mechvis
     from mechvis.analysis import hooks_for
-    from mechvis.analysis.dynamics import image_dynamics, stream_image_dynamics
+    from mechvis.analysis.dynamics import image_dynamics
+    from mechvis.studies.streamed import stream_image_dynamics
 
     bridge, image = _tiny_llava(image_size=336, patch_size=14, layers=LAYERS, heads=HEADS)  # 24 × 24 = 576 image tokens
     prompt = "Describe this picture in detail."

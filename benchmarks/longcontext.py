@@ -26,7 +26,7 @@ import gc, json, sys, time
 import torch
 import mechvis
 from mechvis.analysis import analyse_long
-from mechvis.analysis.longcontext import real_text_tokens
+from mechvis.studies.longcontext import real_text_tokens
 
 def status(field):
     with open("/proc/self/status") as handle:

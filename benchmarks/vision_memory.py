@@ -68,7 +68,8 @@ def _reset_peak() -> int:
 
 def _worker(mode: str) -> None:
     import mechvis
-    from mechvis.analysis.vision import image_attention, stream_image_attention
+    from mechvis.analysis.vision import image_attention
+    from mechvis.studies.streamed import stream_image_attention
 
     bridge, image = _tiny_llava()
     before = _reset_peak()

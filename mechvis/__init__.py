@@ -18,11 +18,13 @@ import sys as _sys
 if "torch" not in _sys.modules and not {"OMP_WAIT_POLICY", "GOMP_SPINCOUNT"} & set(_os.environ):
     _os.environ["OMP_WAIT_POLICY"], _os.environ["GOMP_SPINCOUNT"] = "ACTIVE", "1000"
 
-from mechvis.architecture import ArchitectureSummary, inspect_model  # noqa: E402
 from mechvis.errors import MechvisError  # noqa: E402
 from mechvis.generation import SamplingSettings, TokenEvent, Trace, generate, stream_generate, teacher_force  # noqa: E402
 from mechvis.models import load_model  # noqa: E402
-from mechvis.running import Run, Segments, Span, encode, run  # noqa: E402
+from mechvis.models.architecture import ArchitectureSummary, inspect_model  # noqa: E402
+from mechvis.running import Run, run  # noqa: E402
+from mechvis.text import encode  # noqa: E402
+from mechvis.types import Segments, Span  # noqa: E402
 
 __all__ = [
     "ArchitectureSummary",

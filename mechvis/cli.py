@@ -3,11 +3,26 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+import tempfile
 from collections.abc import Sequence
+from pathlib import Path
 
+from mechvis.demo import run_demo
 from mechvis.errors import InvalidArgumentError, MechvisError
-
+from mechvis.generation import SamplingSettings
+from mechvis.images import load_image
+from mechvis.models import load_model
+from mechvis.models.architecture import format_inspection
+from mechvis.models.embedded import cache_dir
+from mechvis.report import write_report
+from mechvis.report.ablation import write_ablation_report
+from mechvis.studies.instructions import instruction_attention_check
+from mechvis.studies.repetition_eval import PROMPTS, format_results, run_evaluation
+from mechvis.sweep import run_sweep, write_sweep_report
+from mechvis.sweep.example import build_example
+from mechvis.viz.figures import instruction_check_figure
 
 DEMO_OUTPUT = "out/demo.html"
 
@@ -27,9 +42,6 @@ def _add_model_argument(parser: argparse.ArgumentParser) -> None:
 
 
 def _inspect(arguments: argparse.Namespace) -> None:
-    from mechvis.architecture import format_inspection
-    from mechvis.models import load_model
-
     print(format_inspection(load_model(arguments.model, dtype=arguments.dtype)))
 
 
@@ -38,15 +50,12 @@ INSTRUCTION_CHECK_OUTPUT = "out/instruction-check"
 
 def _refuse_to_replace(path: str | None, default: str | None, force: bool) -> None:
     """A file the user named (not mechvis's own default output) is never replaced without --force."""
-    from pathlib import Path
 
     if path is not None and path != default and Path(path).exists() and not force:
         raise InvalidArgumentError(f"{path} already exists; pass --force to replace it, or choose another file.")
 
 
 def _demo(arguments: argparse.Namespace) -> None:
-    from mechvis.demo import run_demo
-
     _refuse_to_replace(arguments.output, DEMO_OUTPUT, arguments.force)
     run_demo(model_name=arguments.model, dtype=arguments.dtype, max_new_tokens=arguments.max_new_tokens, output=arguments.output)
 
@@ -55,12 +64,8 @@ def _config_count(model: str | None, key: str) -> int | None:
     """A count (`num_hidden_layers`, `max_position_embeddings`) of the language model read from
     config.json alone (the embedded model's converted cache, or a local model directory), without
     loading weights; None when not known cheaply (a hub name: the model load checks it)."""
-    import json
-    from pathlib import Path
 
     if model is None:
-        from mechvis.models.embedded import cache_dir
-
         path = cache_dir() / "smollm2-135m-instruct" / "config.json"
     else:
         path = Path(model) / "config.json"
@@ -74,7 +79,6 @@ def _config_count(model: str | None, key: str) -> int | None:
 
 def _check_output_path(option: str, path: str | None) -> None:
     """An output file's place must be a directory or missing (made when the file is written)."""
-    from pathlib import Path
 
     if path is None:
         return
@@ -85,7 +89,6 @@ def _check_output_path(option: str, path: str | None) -> None:
         raise InvalidArgumentError(f"{option} {path} cannot be written: {blocking} is a file, not a directory.")
     # A file can be made where the output goes (tried with a temporary file, removed at once), so an
     # unwritable place fails now, not after the model has loaded and the run is lost.
-    import tempfile
 
     existing = next(parent for parent in Path(path).absolute().parents if parent.exists())
     try:
@@ -101,7 +104,6 @@ def _check_output_path(option: str, path: str | None) -> None:
 def _check_report_arguments(arguments: argparse.Namespace) -> None:
     """Everything about `mechvis report`'s arguments that can be checked without the model, checked
     before it loads (a bad option fails in well under a second)."""
-    from pathlib import Path
 
     if not arguments.prompt.strip():
         raise InvalidArgumentError("--prompt is empty; give the text to generate from.")
@@ -113,7 +115,6 @@ def _check_report_arguments(arguments: argparse.Namespace) -> None:
             f"--max-new-tokens {arguments.max_new_tokens} does not fit this model's context of {context} tokens "
             "together with the prompt; ask for fewer."
         )
-    from mechvis.generation import SamplingSettings
 
     try:  # the validator `generate` runs: temperature ≥ 0, a seed torch accepts
         SamplingSettings(arguments.temperature, seed=arguments.seed).validate()
@@ -136,15 +137,10 @@ def _check_report_arguments(arguments: argparse.Namespace) -> None:
         if repeated:
             raise InvalidArgumentError(f"--layers names layer {repeated[0]} more than once; list each layer once.")
     if arguments.image is not None:
-        from mechvis.running import load_image
-
         load_image(arguments.image)  # an unreadable image fails here, not after the model loads
 
 
 def _report(arguments: argparse.Namespace) -> None:
-    from mechvis.models import load_model
-    from mechvis.report import write_report
-
     _check_report_arguments(arguments)
     write_report(
         load_model(arguments.model, dtype=arguments.dtype),
@@ -165,11 +161,6 @@ def _report(arguments: argparse.Namespace) -> None:
 
 
 def _repetition_eval(arguments: argparse.Namespace) -> None:
-    from pathlib import Path
-
-    from mechvis.models import load_model
-    from mechvis.repetition_eval import PROMPTS, format_results, run_evaluation
-
     if not 2 <= arguments.prompts <= len(PROMPTS):
         raise InvalidArgumentError(f"--prompts must be between 2 and {len(PROMPTS)}; got {arguments.prompts}.")
     results = run_evaluation(
@@ -185,9 +176,6 @@ def _repetition_eval(arguments: argparse.Namespace) -> None:
 
 
 def _ablate(arguments: argparse.Namespace) -> None:
-    from mechvis.models import load_model
-    from mechvis.report.ablation import write_ablation_report
-
     sweep = write_ablation_report(
         load_model(arguments.model, dtype=arguments.dtype), arguments.prompt, arguments.target, arguments.output,
         method=arguments.method, chat=arguments.chat, overwrite=arguments.force,
@@ -199,13 +187,6 @@ def _ablate(arguments: argparse.Namespace) -> None:
 
 
 def _instruction_check(arguments: argparse.Namespace) -> None:
-    import json
-    from pathlib import Path
-
-    from mechvis.analysis.instructions import instruction_attention_check
-    from mechvis.models import load_model
-    from mechvis.viz.figures import instruction_check_figure
-
     prompts = list(arguments.prompt or [])
     if arguments.prompts_file:
         try:
@@ -239,8 +220,6 @@ def _instruction_check(arguments: argparse.Namespace) -> None:
 # --- mechvis sweep / sweep-report (mechvis/sweep) ---------------------------------------------
 
 def _sweep_params(pairs: Sequence[str]) -> dict:
-    import json
-
     params: dict = {}
     for pair in pairs:
         key, separator, value = pair.partition("=")
@@ -256,14 +235,8 @@ def _sweep_params(pairs: Sequence[str]) -> dict:
 
 
 def _sweep(arguments: argparse.Namespace) -> None:
-    from mechvis.sweep import run_sweep
-
     dataset, analyses = arguments.dataset, arguments.analysis
     if arguments.example:
-        from pathlib import Path
-
-        from mechvis.sweep.example import build_example
-
         if arguments.model is not None:
             raise InvalidArgumentError("--example runs on the embedded model; drop --model.")
         if dataset is not None:
@@ -290,8 +263,6 @@ def _sweep(arguments: argparse.Namespace) -> None:
 
 
 def _sweep_report(arguments: argparse.Namespace) -> None:
-    from mechvis.sweep import write_sweep_report
-
     _refuse_to_replace(arguments.output, None, arguments.force)
     print(f"Wrote {write_sweep_report(arguments.directory, arguments.output)}")
 
@@ -326,7 +297,7 @@ def _add_sweep_commands(commands) -> None:
 
 
 def _serve(arguments: argparse.Namespace) -> None:
-    from mechvis.serve import serve
+    from mechvis.serve import serve  # fastapi and uvicorn: the optional `web` extra
 
     serve(arguments.model, host=arguments.host, port=arguments.port, model_roots=arguments.model_root,
           token=arguments.token, open_browser=arguments.open, dtype=arguments.dtype)

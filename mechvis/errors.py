@@ -41,3 +41,9 @@ class DatasetError(MechvisError, ValueError):
 
 class SweepMismatchError(MechvisError):
     """An output directory that holds a different sweep (other analyses, model, dataset, ...)."""
+
+
+class MechvisDeprecationWarning(FutureWarning):
+    """A name or argument that still works for one release and says what replaces it. A
+    FutureWarning (shown by default, as scikit-learn does), not a DeprecationWarning (hidden outside
+    `__main__`)."""

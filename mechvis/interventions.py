@@ -19,17 +19,10 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from mechvis.analysis._checks import (
-    check_heads,
-    check_integer,
-    check_layers,
-    check_positions,
-    check_real,
-    check_token_ids,
-    shown,
-    single_token_id,
-)
+from mechvis._validation import check_heads, check_integer, check_layers, check_positions, check_real, check_token_ids, shown
 from mechvis.errors import InvalidArgumentError
+from mechvis.running import run
+from mechvis.text import single_token_id
 
 if TYPE_CHECKING:
     from transformer_lens.model_bridge import TransformerBridge
@@ -248,7 +241,6 @@ class CachedReference:
 
 def reference_runs(model: "TransformerBridge", texts: Sequence[str] = REFERENCE_TEXTS) -> list["Run"]:
     """Runs of neutral reference texts, the default reference set for mean ablation."""
-    from mechvis.running import run
 
     return [run(model, text) for text in texts]
 
@@ -479,7 +471,6 @@ def add_vector(
 def steering_vector(model: "TransformerBridge", positive: Sequence[str], negative: Sequence[str], layer: int) -> Float[Tensor, " d_model"]:
     """Mean residual stream after `layer` over the `positive` prompts minus that over the `negative`
     ones (each prompt averaged over its tokens after the first)."""
-    from mechvis.running import run
 
     (layer,) = check_layers(model, [layer])
     if not positive or not negative:

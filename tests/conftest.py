@@ -70,8 +70,10 @@ def embedded_reference():
 @pytest.fixture
 def streamed_features(monkeypatch):
     """The rows `StreamingFeatures.step` returns while `mechvis.generate` decodes, one per step."""
-    import mechvis.generation
-    from mechvis.analysis.repetition import StreamingFeatures
+    import mechvis.generation.decoding.decoder
+    import mechvis.generation.decoding.kernels
+    import mechvis.generation.streaming
+    from mechvis.generation.monitor import StreamingFeatures
 
     class _Rows(list):
         paths: list
@@ -96,18 +98,18 @@ def streamed_features(monkeypatch):
 
     rows = _Rows()
 
-    monkeypatch.setattr(mechvis.generation, "StreamingFeatures", Recording)
+    monkeypatch.setattr(mechvis.generation.streaming, "StreamingFeatures", Recording)
     return rows
 
 
 @pytest.fixture
 def no_model_work(monkeypatch):
     """Any model loading or forward pass fails the test (the tokenizer may load)."""
-    import mechvis.sweep.runner as runner
+    import mechvis.sweep.shards as shards
 
     def forbidden(*args, **kwargs):
         raise AssertionError("model work before validation finished")
 
     monkeypatch.setattr(mechvis, "load_model", forbidden)
-    monkeypatch.setattr(runner.ShardWorker, "__init__", forbidden)
-    monkeypatch.setattr(runner, "weights_hash", forbidden)
+    monkeypatch.setattr(shards.ShardWorker, "__init__", forbidden)
+    monkeypatch.setattr(shards, "weights_hash", forbidden)

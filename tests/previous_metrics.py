@@ -10,8 +10,9 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from mechvis.analysis._checks import activation, check_positions, single_token_id
-from mechvis.architecture import LayerAttention
+from mechvis._validation import activation, check_positions
+from mechvis.text import single_token_id
+from mechvis.models.architecture import LayerAttention
 from mechvis.analysis.lens import LogitLens, _layer_label, decode_nested, lens_hook_names, unembed_logits
 from mechvis.analysis.tokens import TokenSignals
 from mechvis.errors import InvalidArgumentError

@@ -12,9 +12,12 @@ from hypothesis import strategies as st
 from transformer_lens import ActivationCache
 
 import mechvis
-from mechvis.analysis import attention_to_spans, find_token_spans, head_entropy, pattern_hook, rollout, rollout_rows, row_entropy
+from mechvis.analysis import attention_to_spans, head_entropy, rollout, rollout_rows
+from mechvis.analysis.spans import find_token_spans
+from mechvis.models.architecture import pattern_hook
+from mechvis._numerics import row_entropy
 from mechvis.errors import InvalidArgumentError
-from mechvis.running import Span
+from mechvis.types import Span
 from tests.reference import entropy_rows, hf_attentions, rollout_loop
 
 PROMPT = "Write a poem about the sea. The poem must mention the moon and the tide, and the sea must be calm."
@@ -103,7 +106,7 @@ def test_block_causal_entropy_equals_numpy_on_every_row(n_queries, n_keys, causa
     """The block-causal path reads only visible keys; a pattern with mass ahead of the diagonal
     (not causal) must fall back to every key, not lose that mass."""
     from mechvis.analysis.attention import _visible_row_entropy
-    from mechvis.architecture import LayerAttention
+    from mechvis.models.architecture import LayerAttention
     from tests.reference import entropy_rows
 
     generator = torch.Generator().manual_seed(n_queries + n_keys)

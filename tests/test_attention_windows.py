@@ -14,8 +14,9 @@ import transformers
 from transformer_lens import ActivationCache
 
 import mechvis
-from mechvis.analysis import head_entropy, pattern_hook, visible_keys
-from mechvis.architecture import LayerAttention, attention_layout, inspect_model
+from mechvis.analysis import head_entropy
+from mechvis.models.architecture import pattern_hook, visible_keys
+from mechvis.models.architecture import LayerAttention, attention_layout, inspect_model
 from mechvis.errors import UnsupportedArchitectureError
 from tests.reference import entropy_rows, hf_forward
 from tests.tiny import N_CTX, VOCAB
@@ -139,9 +140,9 @@ def test_inspect_reports_the_window(windowed):
 
 
 def test_own_logits_equal_hf_logits(windowed):
-    """The same fixtures check `mechvis.unembedding` on every windowed architecture: the bridge's
+    """The same fixtures check `mechvis.models.unembedding` on every windowed architecture: the bridge's
     centred logits plus the kept offset are the plain HF model's logits."""
-    from mechvis.unembedding import centring_offset
+    from mechvis.models.unembedding import centring_offset
 
     name, bridge, result, _ = windowed
     with torch.no_grad():

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 import mechvis
-from mechvis.analysis import embedding_projection, gradient_x_input, hidden_state_projection, occlusion, pca
+from mechvis.analysis import embedding_projection, hidden_state_projection, pca
+from mechvis.studies.attribution import gradient_x_input, occlusion
 from mechvis.errors import InvalidArgumentError
 from tests.tiny import tiny_hf_model
 

@@ -16,7 +16,8 @@ import torch
 from captum.attr import InputXGradient, Occlusion
 
 import mechvis
-from mechvis.analysis import gradient_x_input, high_entropy_positions, occlusion
+from mechvis.studies.attribution import gradient_x_input, occlusion
+from mechvis.analysis import high_entropy_positions
 from mechvis.errors import InvalidArgumentError
 from tests.tiny import tiny_hf_model
 

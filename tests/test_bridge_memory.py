@@ -12,8 +12,8 @@ import torch
 
 import mechvis
 import mechvis.models.loading as loading
-import mechvis.unembedding as unembedding
-from mechvis.unembedding import ATTRIBUTE
+import mechvis.models.unembedding as unembedding
+from mechvis.models.unembedding import ATTRIBUTE
 from tests.tiny import tiny_hf_model
 
 PROMPT = "The river valley is long, and the history of the river valley is full of surprises."

@@ -36,7 +36,7 @@ def test_greedy_reproduces_hf_and_teacher_forcing_reproduces_the_step_logits(tin
 def test_decoding_skips_the_bridge_wrappers_only_while_no_hook_is_active(tiny):
     """Without hooks, HF's generate runs the wrapped HF modules (shared parameters, identical
     logits, the bridge left intact); with any hook, the bridge itself, so the hook applies."""
-    from mechvis.generation import _decoder
+    from mechvis.generation.decoding.decoder import _decoder
 
     model, _ = tiny("llama")
     mechvis.generate(model, "Once", max_new_tokens=2)  # transformers leaves its output-capturing hooks on HF modules
@@ -64,10 +64,13 @@ def test_decoding_skips_the_bridge_wrappers_only_while_no_hook_is_active(tiny):
 def test_single_row_linear_matches_a_float64_product(shape, bias, monkeypatch):
     """The decoding Linear computes W·x + b for one row (checked in float64) on the same
     parameters; several rows take nn.Linear's own path, bit for bit."""
-    import mechvis.generation
-    from mechvis.generation import _SingleRowLinear, _unwrapped
+    import mechvis.generation.decoding.decoder
+    import mechvis.generation.decoding.kernels
+    import mechvis.generation.streaming
+    from mechvis.generation.decoding.kernels import _SingleRowLinear
+    from mechvis.generation.decoding.decoder import _unwrapped
 
-    monkeypatch.setattr(mechvis.generation, "_halves_win", lambda root: True)  # whatever this machine measures
+    monkeypatch.setattr(mechvis.generation.decoding.decoder, "_halves_win", lambda root: True)  # whatever this machine measures
     torch.manual_seed(0)
     linear = torch.nn.Linear(96, 200, bias=bias)
     decoding = _unwrapped(torch.nn.Sequential(linear))[0]
@@ -85,20 +88,23 @@ def test_single_row_linear_matches_a_float64_product(shape, bias, monkeypatch):
 
 
 def test_the_batched_kernel_is_kept_only_where_it_is_equal_and_faster(monkeypatch):
-    import mechvis.generation
-    from mechvis.generation import _SingleRowLinear, _halves_win, _unwrapped
+    import mechvis.generation.decoding.decoder
+    import mechvis.generation.decoding.kernels
+    import mechvis.generation.streaming
+    from mechvis.generation.decoding.kernels import _SingleRowLinear, _halves_win
+    from mechvis.generation.decoding.decoder import _unwrapped
 
     model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.Linear(128, 64))
-    monkeypatch.setattr(mechvis.generation, "_KERNEL_CHOICE", {})
-    monkeypatch.setattr(mechvis.generation, "_halves_product", lambda weight, x, bias: torch.nn.functional.linear(x, weight) + 1.0)
+    monkeypatch.setattr(mechvis.generation.decoding.kernels, "_KERNEL_CHOICE", {})
+    monkeypatch.setattr(mechvis.generation.decoding.kernels, "_halves_product", lambda weight, x, bias: torch.nn.functional.linear(x, weight) + 1.0)
     assert not _halves_win(model)  # not equal: never chosen, however fast
     assert all(type(layer) is torch.nn.Linear for layer in _unwrapped(model))
     key = (((64, 128), 1), ((128, 64), 1)), torch.get_num_threads()
-    monkeypatch.setattr(mechvis.generation, "_KERNEL_CHOICE", {key: True})
+    monkeypatch.setattr(mechvis.generation.decoding.kernels, "_KERNEL_CHOICE", {key: True})
     assert all(type(layer) is _SingleRowLinear for layer in _unwrapped(model))  # measured once per model's shapes, remembered
     slow = []
-    monkeypatch.setattr(mechvis.generation, "_KERNEL_CHOICE", {})
-    monkeypatch.setattr(mechvis.generation, "_halves_product", lambda weight, x, bias: slow.append(1) or torch.nn.functional.linear(x, weight))
+    monkeypatch.setattr(mechvis.generation.decoding.kernels, "_KERNEL_CHOICE", {})
+    monkeypatch.setattr(mechvis.generation.decoding.kernels, "_halves_product", lambda weight, x, bias: slow.append(1) or torch.nn.functional.linear(x, weight))
     assert not _halves_win(model)  # equal but never faster (it does the same product and more)
     assert len(slow) >= 2 * 3  # every weight, in every timed pass
 
@@ -346,7 +352,7 @@ def test_stream_generate_is_cancelled_by_closing_it(tiny):
 def test_stream_generate_text_holds_back_unfinished_characters():
     """Each event's text is what the token adds to the decoded whole text; a token ending inside
     a multi-byte character adds "" and the one completing it adds the character."""
-    from mechvis.generation import _text_deltas
+    from mechvis.generation.trace import _text_deltas
 
     class Tokenizer:
         pieces = {1: b"a", 2: "東".encode()[:2], 3: "東".encode()[2:], 4: b" b"}
@@ -384,7 +390,9 @@ def test_trace_and_run_reprs_are_short_summaries(tiny_llama):
 def test_long_prompts_are_prefilled_in_chunks_with_the_same_decoding(tiny, architecture, monkeypatch):
     """Above the score budget, HF's chunked prefill runs (several multi-token forwards, no (heads, N, N)
     score matrix); the tokens and step logits equal one prefill's and HF's own greedy decoding."""
-    import mechvis.generation
+    import mechvis.generation.decoding.decoder
+    import mechvis.generation.decoding.kernels
+    import mechvis.generation.streaming
 
     model, reference = tiny(architecture)
     prompt = " ".join(["the quick brown fox jumps over the lazy dog"] * 20)
@@ -394,7 +402,7 @@ def test_long_prompts_are_prefilled_in_chunks_with_the_same_decoding(tiny, archi
     layer = _decoder_layers(model)[0]
     handle = layer.register_forward_pre_hook(lambda module, args, kwargs: lengths.append(_hidden(args, kwargs).shape[1]), with_kwargs=True)
     budget = model.cfg.n_heads * len(prompt_ids) * 64 * 4  # 64 queries per chunk
-    monkeypatch.setattr(mechvis.generation, "_PREFILL_SCORE_BYTES", budget)
+    monkeypatch.setattr(mechvis.generation.streaming, "_PREFILL_SCORE_BYTES", budget)
     try:
         chunked = mechvis.generate(model, prompt, max_new_tokens=6)
     finally:
@@ -455,7 +463,7 @@ def test_grouped_eager_attention_equals_transformers_eager(queries, softcap):
     from transformers.models.gemma2.modeling_gemma2 import eager_attention_forward as gemma2_eager
     from transformers.models.llama.modeling_llama import eager_attention_forward as llama_eager
 
-    from mechvis.generation import _grouped_eager_attention
+    from mechvis.generation.decoding.kernels import _grouped_eager_attention
 
     generator = torch.Generator().manual_seed(0)
     heads, kv_heads, keys, head_dim = 6, 2, 9, 8
@@ -480,8 +488,11 @@ def test_grouped_query_decoding_is_used_where_checked_equal(tiny, architecture, 
     """Tiny GQA models (4 query, 2 key/value heads) decode through the grouped attention, with
     greedy tokens and step logits equal to HF's own generate on the untouched model; an attention
     that does not reproduce HF's logits at the first-use check is never used."""
-    import mechvis.generation
-    from mechvis.generation import _GROUPED_ATTENTION, _decoder
+    import mechvis.generation.decoding.decoder
+    import mechvis.generation.decoding.kernels
+    import mechvis.generation.streaming
+    from mechvis.generation.decoding.kernels import _GROUPED_ATTENTION
+    from mechvis.generation.decoding.decoder import _decoder
 
     model, reference = tiny(architecture)
     attentions = [module for module in _decoder(model).modules() if hasattr(module, "num_key_value_groups")]
@@ -497,10 +508,10 @@ def test_grouped_query_decoding_is_used_where_checked_equal(tiny, architecture, 
     assert (trace.step_logits.log_softmax(-1) - hf_log_probs).abs().max() <= 1e-4
 
     model, _ = tiny(architecture, seed=1)  # a fresh model: the check runs again
-    monkeypatch.setattr(mechvis.generation, "_grouped_eager_attention",
+    monkeypatch.setattr(mechvis.generation.decoding.kernels, "_grouped_eager_attention",
                         lambda module, query, key, value, mask, **kwargs: (torch.zeros_like(query.transpose(1, 2)), None))
     from transformers import AttentionInterface
 
-    monkeypatch.setitem(AttentionInterface._global_mapping, _GROUPED_ATTENTION, mechvis.generation._grouped_eager_attention)
+    monkeypatch.setitem(AttentionInterface._global_mapping, _GROUPED_ATTENTION, mechvis.generation.decoding.kernels._grouped_eager_attention)
     attentions = [module for module in _decoder(model).modules() if hasattr(module, "num_key_value_groups")]
     assert all(module.config._attn_implementation == "eager" for module in attentions)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import mechvis
-from mechvis.analysis.gradients import attention_gradient_relevancy, integrated_gradients, pixel_integrated_gradients
+from mechvis.studies.gradients import attention_gradient_relevancy, integrated_gradients, pixel_integrated_gradients
 from mechvis.errors import InvalidArgumentError
 from tests.test_vlm import tiny_llava  # noqa: F401  (module fixture)
 
@@ -67,7 +67,7 @@ def test_gradient_inputs_are_checked(tiny):
 
 
 def test_gradients_on_a_vlm_map_onto_the_grid(tiny_llava):  # noqa: F811
-    from mechvis.running import encode_with_image
+    from mechvis.images import encode_with_image
     from tests.test_vlm_study import square_image
 
     bridge, _, _ = tiny_llava

@@ -13,26 +13,11 @@ import pytest
 import torch
 
 import mechvis
-from mechvis.analysis import (
-    activation_norms,
-    activation_statistics,
-    attention_to_spans,
-    decompose_residual,
-    direct_logit_attribution,
-    embedding_projection,
-    find_token_spans,
-    gradient_x_input,
-    head_entropy,
-    head_results,
-    hidden_state_projection,
-    high_entropy_positions,
-    layer_similarity,
-    logit_lens,
-    occlusion,
-    rollout,
-    token_signals,
-)
-from mechvis.analysis.repetition import find_induction_heads, repetition_features, seed_score
+from mechvis.analysis import activation_norms, activation_statistics, attention_to_spans, decompose_residual, direct_logit_attribution, embedding_projection, head_entropy, head_results, hidden_state_projection, high_entropy_positions, layer_similarity, logit_lens, rollout, token_signals
+from mechvis.analysis.spans import find_token_spans
+from mechvis.studies.attribution import gradient_x_input, occlusion
+from mechvis.generation.monitor import find_induction_heads
+from mechvis.analysis.repetition import repetition_features, seed_score
 from mechvis.report import write_report
 from mechvis.viz import figures, views
 from tests.tiny import tiny_hf_model
@@ -216,7 +201,8 @@ def test_vision_report_on_a_half_precision_llava(tokenizer_dir, tmp_path, dtype)
     float32 ones within tolerance, and the report with an image is written."""
     from transformers import AutoTokenizer, CLIPImageProcessor, LlavaForConditionalGeneration, LlavaProcessor
 
-    from mechvis.analysis.vision import image_attention, vision_rollout, visual_information
+    from mechvis.analysis.vision import image_attention, vision_rollout
+    from mechvis.studies.vision import visual_information
     from tests.test_vlm import _picture
     from tests.tiny import tiny_llava_config
 

@@ -22,7 +22,7 @@ from mechvis.analysis.geometry import (
 from mechvis.analysis.information import discrete_mutual_information, grid_regions, region_token_information
 from mechvis.analysis.regions import NAMED_REGIONS, named_region_masses, region_mass
 from mechvis.errors import InvalidArgumentError
-from mechvis.running import ImageGrid
+from mechvis.types import ImageGrid
 
 GRID = ImageGrid(8, 8, tuple(range(64)))
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from mechvis.architecture import format_inspection, hook_names_by_component, inspect_model
+from mechvis.models.architecture import format_inspection, hook_names_by_component, inspect_model
 from mechvis.cli import main
 
 

@@ -10,8 +10,9 @@ import pytest
 import torch
 
 import mechvis
-from mechvis.analysis.attention import find_token_spans
-from mechvis.analysis.instructions import instruction_attention_check, semantic_token_spans
+from mechvis.analysis.spans import find_token_spans
+from mechvis.studies.instructions import instruction_attention_check
+from mechvis.analysis.spans import semantic_token_spans
 from mechvis.errors import InvalidArgumentError
 from tests.reference import hf_attentions, hf_forward
 

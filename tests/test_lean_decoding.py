@@ -1,4 +1,4 @@
-"""Lean decoding steps and the preallocated KV cache (`mechvis.lean_decoding`), against
+"""Lean decoding steps and the preallocated KV cache (`mechvis.generation.decoding.lean`), against
 transformers' own models: teacher-forced full forwards without a cache (eager, float32) and HF
 `generate` with its default cache."""
 
@@ -12,8 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import mechvis
-from mechvis import lean_decoding
-from mechvis.lean_decoding import _plan, lean_decoding_equal, preallocated_cache, with_lean_steps
+from mechvis.generation.decoding import lean as lean_decoding
+from mechvis.generation.decoding.lean import _plan, lean_decoding_equal, preallocated_cache, with_lean_steps
 
 from .tiny import tiny_config, tiny_hf_model
 
@@ -76,7 +76,7 @@ def test_sampled_streams_are_the_same_with_and_without_lean_steps(tokenizer, mon
     before = lean_decoding.stats["lean_steps"]
     lean = list(mechvis.stream_generate(model, "Once upon a time", **options))
     assert lean_decoding.stats["lean_steps"] > before
-    monkeypatch.setattr(mechvis.generation, "with_lean_steps", lambda decoder: None)
+    monkeypatch.setattr(mechvis.generation.decoding.decoder, "with_lean_steps", lambda decoder: None)
     before = lean_decoding.stats["lean_steps"]
     plain = list(mechvis.stream_generate(model, "Once upon a time", **options))
     assert lean_decoding.stats["lean_steps"] == before
@@ -104,7 +104,8 @@ IDS = [1, 504, 282, 4649, 314, 260, 2328, 28, 216, 9030, 9863, 30, 657, 3600, 35
 @pytest.mark.parametrize("capacity", [None, 9])  # 9: the storage grows (doubles) mid-decoding
 @pytest.mark.parametrize("halves", [False, True])  # F.linear, or the layers as `_SingleRowLinear`s
 def test_a_lean_step_gives_a_full_forwards_logits_on_a_plain_hf_model(capacity, halves):
-    from mechvis.generation import _SingleRowLinear, _unwrapped
+    from mechvis.generation.decoding.kernels import _SingleRowLinear
+    from mechvis.generation.decoding.decoder import _unwrapped
 
     hf_model = tiny_hf_model("llama", seed=5)
     decoder = _unwrapped(hf_model, halves=halves, grouped=False)
@@ -158,7 +159,7 @@ def test_architectures_the_lean_step_does_not_reproduce_keep_hfs_forward(case):
 
 
 def test_a_lean_step_that_differs_from_hf_is_refused(tokenizer, monkeypatch):
-    from mechvis.generation import _decoder, _unwrapped
+    from mechvis.generation.decoding.decoder import _decoder, _unwrapped
 
     model = mechvis.load_model(tiny_hf_model("qwen2", seed=9), tokenizer=tokenizer, device="cpu")
     wrong = lean_decoding._Plan.step
@@ -195,7 +196,7 @@ def test_the_preallocated_cache_holds_what_concatenation_holds(chunks, capacity,
 @pytest.mark.integration
 def test_the_embedded_model_decodes_lean(embedded, embedded_reference):
     """The embedded SmolLM2 (a Llama): lean steps and the logits of HF's full forward."""
-    from mechvis.generation import _decoder
+    from mechvis.generation.decoding.decoder import _decoder
 
     assert "_mechvis_lean_plan" in _decoder(embedded).model.__dict__
     before = lean_decoding.stats["lean_steps"]
@@ -253,7 +254,7 @@ def test_a_module_changed_after_the_first_generate_runs_hfs_forward(tokenizer, c
     if change == "attention function":
         # The bridge's own forward does not run HF's attention functions, so the teacher-forced
         # reference is the decoding path without lean steps (HF's modules, with the function).
-        monkeypatch.setattr(mechvis.generation, "with_lean_steps", lambda decoder: None)
+        monkeypatch.setattr(mechvis.generation.decoding.decoder, "with_lean_steps", lambda decoder: None)
         plain = mechvis.generate(model, prompt, max_new_tokens=8, analysis_pass=False)
         assert (trace.step_logits - plain.step_logits).abs().max() <= 1e-6
     else:

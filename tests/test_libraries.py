@@ -10,7 +10,8 @@ import pytest
 import torch
 from scipy.spatial.distance import jensenshannon
 
-from mechvis.analysis.repetition import FEATURES, RepetitionMonitor, auroc, average_precision
+from mechvis.generation.monitor import FEATURES, RepetitionMonitor
+from mechvis.analysis.repetition import auroc, average_precision
 from mechvis.analysis.vision import ImageGrid, cluster_heads, head_distances, hotspots, jensen_shannon_distance, silhouette
 from mechvis.errors import InvalidArgumentError
 from tests import legacy

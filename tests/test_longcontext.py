@@ -13,19 +13,10 @@ import torch
 import transformers
 
 import mechvis
-from mechvis.analysis import (
-    activation_norms,
-    activation_statistics,
-    analyse_long,
-    direct_logit_attribution,
-    head_entropy,
-    layer_similarity,
-    logit_lens,
-    rollout,
-    rollout_rows,
-    token_signals,
-)
-from mechvis.analysis.repetition import InductionHeads, repetition_features
+from mechvis.analysis import activation_norms, activation_statistics, direct_logit_attribution, head_entropy, layer_similarity, logit_lens, rollout, rollout_rows, token_signals
+from mechvis.studies.longcontext import analyse_long
+from mechvis.generation.monitor import InductionHeads
+from mechvis.analysis.repetition import repetition_features
 from mechvis.errors import InvalidArgumentError, UnsupportedArchitectureError
 from tests.reference import hf_forward
 from tests.tiny import N_CTX, VOCAB, tiny_hf_model
@@ -217,7 +208,7 @@ def test_unsupported_attention_is_refused(tiny):
 # --- the embedded model --------------------------------------------------------------------------
 
 def long_text_tokens(model, n: int) -> torch.Tensor:
-    from mechvis.analysis.longcontext import real_text_tokens
+    from mechvis.studies.longcontext import real_text_tokens
 
     return real_text_tokens(model, n)
 
@@ -266,7 +257,7 @@ def test_4096_tokens_of_the_embedded_model_in_bounded_memory():
 
 
 def test_an_error_mid_forward_leaves_the_bridge_as_it_was(tiny, monkeypatch):
-    from mechvis.analysis import longcontext
+    from mechvis.studies import longcontext
 
     bridge, _ = tiny("llama")
     tokens = _tokens(24)
@@ -285,7 +276,7 @@ def test_an_error_mid_forward_leaves_the_bridge_as_it_was(tiny, monkeypatch):
 
 @pytest.mark.parametrize("architecture", ["llama", "gemma2"])
 def test_the_cache_estimate_is_the_cache_s_size(tiny, architecture):
-    from mechvis.analysis.longcontext import estimated_cache_bytes, needs_long_context
+    from mechvis.studies.longcontext import estimated_cache_bytes, needs_long_context
 
     bridge, _ = tiny(architecture)
     n = 70
@@ -299,7 +290,7 @@ def test_the_cache_estimate_is_the_cache_s_size(tiny, architecture):
 def test_report_takes_the_long_context_path_when_the_cache_would_not_fit(tiny, monkeypatch, capsys):
     """`build_report_data` switches to `analyse_long` by itself, says so, and its results equal the
     cache-based report's."""
-    from mechvis.analysis import longcontext
+    from mechvis.studies import longcontext
     from mechvis.report.build import build_report_data
 
     model, _ = tiny("llama")
@@ -358,8 +349,8 @@ from tests.test_vlm import _picture, tiny_llava  # noqa: E402,F401  (the tiny LL
 
 def _long_image_analysis(bridge, trace, image, prompt, **kwargs):
     from mechvis.analysis.vision import vision_rollout_hooks
-    from mechvis.generation import with_text_appended
-    from mechvis.running import encode_with_image
+    from mechvis.images import with_text_appended
+    from mechvis.images import encode_with_image
 
     run = trace.run
     _, extra = encode_with_image(bridge, prompt, image)
@@ -379,7 +370,7 @@ def test_image_metrics_from_the_long_path_equal_the_cache_based_ones(tiny_llava,
     functions on the trace's full cache (≤ 1e-5), as do the text metrics."""
     from mechvis.analysis.crossmodal import cross_modal
     from mechvis.analysis.dynamics import image_dynamics
-    from mechvis.analysis.longcontext import long_image_attention, long_image_dynamics, long_vision_rollout
+    from mechvis.studies.longcontext import long_image_attention, long_image_dynamics, long_vision_rollout
     from mechvis.analysis.vision import image_attention, vision_rollout
 
     bridge, _, _ = tiny_llava
@@ -419,7 +410,7 @@ def test_image_metrics_from_the_long_path_equal_the_cache_based_ones(tiny_llava,
 def test_report_with_an_image_takes_the_long_path_with_its_image_metrics(tiny_llava, monkeypatch):
     """`build_report_data` with an image whose full cache would not fit: the long-context path,
     and every image metric of the report equals the cached path's (≤ 1e-5)."""
-    from mechvis.analysis import longcontext
+    from mechvis.studies import longcontext
     from mechvis.report import render_report, report_json
     from mechvis.report.build import build_report_data
 
@@ -461,7 +452,7 @@ def test_qwen_vl_is_refused_by_the_long_path_and_its_report_keeps_the_cache(toke
     fit keeps the cache path and logs why."""
     from transformers import AutoTokenizer, Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor
 
-    from mechvis.analysis import longcontext
+    from mechvis.studies import longcontext
     from mechvis.report.build import build_report_data
     from tests.test_vlm import _qwen_vl
 

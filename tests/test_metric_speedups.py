@@ -108,7 +108,7 @@ def test_visible_row_entropy_equals_the_previous_implementation(tiny, architectu
     """Per layer, on causal and sliding-window (Gemma 2, window 8) layers, and on a pattern with
     mass outside the mask (the fallback to every key), plus sharp rows with zeros and subnormals."""
     from mechvis.analysis.attention import _visible_row_entropy
-    from mechvis.architecture import attention_layout
+    from mechvis.models.architecture import attention_layout
 
     model, _ = tiny(architecture)
     result = mechvis.run(model, PROMPT, names_filter=hooks_for(model, "attention"))
@@ -129,7 +129,7 @@ def test_embedded_metrics_equal_the_previous_implementations(embedded):
     _assert_lens_equal(logit_lens(result.cache, embedded), previous_metrics.logit_lens(result.cache, embedded))
     _assert_signals_match_float64(token_signals(result.logits, result.tokens), result.logits, result.tokens)
     layers = head_entropy(result.cache, embedded)
-    from mechvis.architecture import attention_layout
+    from mechvis.models.architecture import attention_layout
 
     layout = attention_layout(embedded)
     for layer in range(embedded.cfg.n_layers):

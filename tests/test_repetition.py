@@ -10,21 +10,8 @@ import pytest
 import torch
 
 import mechvis
-from mechvis.analysis.repetition import (
-    FEATURES,
-    RepetitionMonitor,
-    auroc,
-    average_precision,
-    cusum_alarm,
-    fit_cusum,
-    distinct_n,
-    find_induction_heads,
-    loop_onset,
-    rep_labels,
-    repetition_features,
-    seed_score,
-    seq_rep_n,
-)
+from mechvis.generation.monitor import FEATURES, RepetitionMonitor, find_induction_heads, rep_labels
+from mechvis.analysis.repetition import auroc, average_precision, cusum_alarm, fit_cusum, distinct_n, loop_onset, repetition_features, seed_score, seq_rep_n
 from mechvis.cli import main
 from mechvis.errors import InvalidArgumentError
 from mechvis.generation import EntropyTemperature, MonitorTemperature, RepetitionTemperature

@@ -7,7 +7,8 @@ import torch
 
 import mechvis
 from mechvis.errors import InvalidArgumentError
-from mechvis.running import encode, run
+from mechvis.text import encode
+from mechvis.running import run
 
 
 def test_completion_tokens_match_the_tokenizer_and_logits_match_a_plain_forward(tiny, tokenizer):

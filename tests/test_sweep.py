@@ -199,7 +199,7 @@ def test_rows_equal_the_analyses_and_a_plain_hf_forward(tiny_dir, tiny_model, tm
 
 
 def test_generation_repetition_and_ablation_rows(tiny_dir, tiny_model, tmp_path):
-    from mechvis.analysis.repetition import rep_labels
+    from mechvis.generation.monitor import rep_labels
     from mechvis.interventions import ablation_sweep, target_probability
 
     items = [{"id": "g", "prompt": "one two three one two three", "generate": {"max_new_tokens": 6}},
@@ -281,7 +281,7 @@ def test_a_failed_write_leaves_no_part_and_no_temp_file(tiny_dir, tmp_path, monk
 def test_a_killed_writers_temp_file_is_gone_when_the_sweep_ends(tiny_dir, tmp_path, monkeypatch):
     """A worker killed inside `atomic_write_bytes` (as Ray workers can be) leaves its temp file; Ray
     re-runs the shard elsewhere, and the finished sweep must not keep the orphan."""
-    import mechvis.sweep.runner as runner
+    import mechvis.sweep.shards as runner
 
     dataset = write_jsonl(tmp_path / "d.jsonl", prompts(4))
     out = tmp_path / "out"

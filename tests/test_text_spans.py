@@ -16,8 +16,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import mechvis
-from mechvis.analysis.attention import find_token_spans
-from mechvis.running import _windowed_ends, decode_tokens, encode
+from mechvis.analysis.spans import find_token_spans
+from mechvis.text import _windowed_ends, decode_tokens, encode
 
 SMOL_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
 QWEN_SYSTEM = "You are a helpful assistant."
@@ -294,7 +294,7 @@ def test_embedded_model_finds_whole_characters(embedded):
 
 
 def test_a_multi_token_target_is_named_by_its_whole_text(tiny_llama):
-    from mechvis.analysis._checks import single_token_id
+    from mechvis.text import single_token_id
     from mechvis.errors import InvalidArgumentError
 
     with pytest.raises(InvalidArgumentError, match="東") as error:

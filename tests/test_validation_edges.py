@@ -16,40 +16,17 @@ import torch
 
 import mechvis
 from mechvis import Span
-from mechvis.analysis import (
-    analyse_long,
-    attention_to_spans,
-    decompose_residual,
-    direct_logit_attribution,
-    embedding_projection,
-    find_token_spans,
-    gradient_x_input,
-    grid_regions,
-    head_entropy,
-    hidden_state_projection,
-    high_entropy_positions,
-    hooks_for,
-    hull_area,
-    instruction_attention_check,
-    keyword_dynamics,
-    layer_similarity,
-    logit_lens,
-    map_geometry,
-    mass_contour,
-    occlusion,
-    pca,
-    rollout,
-    rollout_rows,
-    row_entropy,
-    semantic_token_spans,
-    token_signals,
-    unembed_logits,
-    visible_keys,
-)
+from mechvis.studies.longcontext import analyse_long
+from mechvis.analysis import attention_to_spans, decompose_residual, direct_logit_attribution, embedding_projection, grid_regions, head_entropy, hidden_state_projection, high_entropy_positions, hooks_for, hull_area, keyword_dynamics, layer_similarity, logit_lens, map_geometry, mass_contour, pca, rollout, rollout_rows, token_signals, unembed_logits
+from mechvis.analysis.spans import find_token_spans, semantic_token_spans
+from mechvis.studies.attribution import gradient_x_input, occlusion
+from mechvis.studies.instructions import instruction_attention_check
+from mechvis._numerics import row_entropy
+from mechvis.models.architecture import visible_keys
 from mechvis.errors import DatasetError, InvalidArgumentError, MechvisError
 from mechvis.generation import EntropyTemperature
 from mechvis.interventions import ablation_sweep, target_probability
-from mechvis.running import ImageGrid
+from mechvis.types import ImageGrid
 
 PROMPT = "The cat sat on the mat and the cat"
 GRID = ImageGrid(2, 2, (1, 2, 3, 4))

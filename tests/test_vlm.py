@@ -397,7 +397,8 @@ def test_vision_rollout_matches_numpy_on_hf_attentions(tiny_llava):
 
 
 def test_visual_information_and_compare(tiny_llava):
-    from mechvis.analysis.vision import compare, image_attention, visual_information
+    from mechvis.analysis.vision import compare, image_attention
+    from mechvis.studies.vision import visual_information
     from mechvis.viz.figures import comparison_figure
 
     bridge, reference, processor = tiny_llava
@@ -442,7 +443,8 @@ def test_generate_with_an_image(tiny_llava):
 
 
 def test_monitor_temperature_with_an_image(tiny_llava, streamed_features):
-    from mechvis.analysis.repetition import find_induction_heads, repetition_features
+    from mechvis.generation.monitor import find_induction_heads
+    from mechvis.analysis.repetition import repetition_features
     from mechvis.generation import MonitorTemperature
 
     bridge, _, _ = tiny_llava
@@ -455,7 +457,8 @@ def test_monitor_temperature_with_an_image(tiny_llava, streamed_features):
 
 
 def test_streamed_image_attention_equals_the_cached_one(tiny_llava):
-    from mechvis.analysis.vision import image_attention, stream_image_attention
+    from mechvis.analysis.vision import image_attention
+    from mechvis.studies.streamed import stream_image_attention
 
     bridge, _, _ = tiny_llava
     picture = _picture(8)
@@ -482,7 +485,9 @@ def test_report_with_an_image(tiny_llava, tmp_path):
 
 
 def test_vision_entry_points_reject_bad_input(tiny_llava):
-    from mechvis.analysis.vision import ImageGrid, stream_image_attention, vision_rollout, visual_information
+    from mechvis.analysis.vision import ImageGrid, vision_rollout
+    from mechvis.studies.streamed import stream_image_attention
+    from mechvis.studies.vision import visual_information
 
     bridge, _, _ = tiny_llava
     picture = _picture(10)

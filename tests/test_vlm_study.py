@@ -24,8 +24,9 @@ def square_image(with_square: bool = True, size: tuple[int, int] = (32, 32)) -> 
 def image_trace(bridge, prompt: str, picture, continuation: str = " a bright square in the corner"):
     """A Trace with an image whose "generated" tokens are a fixed continuation, teacher-forced (one
     pass; mechvis.generate with an image is broken on main with transformers 5.24 — lead's fix)."""
-    from mechvis.generation import SamplingSettings, _analysed_trace
-    from mechvis.running import encode_with_image
+    from mechvis.generation import SamplingSettings
+    from mechvis.generation.trace import _analysed_trace
+    from mechvis.images import encode_with_image
 
     encoded, extra = encode_with_image(bridge, prompt, picture)
     ids = bridge.hf_tokenizer.encode(continuation, add_special_tokens=False)
@@ -87,7 +88,7 @@ def _bright_cells(image: Image.Image, grid) -> torch.Tensor:
 def _prefer_bright(model, grid, image, strength: float = 30.0):
     """Pattern hooks making every query prefer the image tokens over bright pixels: keys'
     attention × (1 + strength · bright share), rows renormalised (a score bonus)."""
-    from mechvis.analysis.attention import pattern_hook
+    from mechvis.models.architecture import pattern_hook
 
     factor = torch.ones(1)
     bright = _bright_cells(image, grid)
@@ -138,7 +139,8 @@ def test_image_dynamics_matches_numpy_on_hf_attentions(tiny_llava):  # noqa: F81
 
 
 def test_streamed_dynamics_equal_the_teacher_forced_ones(tiny_llava):  # noqa: F811
-    from mechvis.analysis.dynamics import image_dynamics, stream_image_dynamics
+    from mechvis.analysis.dynamics import image_dynamics
+    from mechvis.studies.streamed import stream_image_dynamics
 
     bridge, _, _ = tiny_llava
     picture = square_image()
@@ -159,7 +161,7 @@ def test_dynamics_see_a_preferred_square(model_name, request):
     pattern the metrics read (transformer-lens warns), which is what this test is about."""
     from mechvis.analysis.dynamics import image_dynamics
     from mechvis.analysis.vision import compare, image_attention
-    from mechvis.running import encode_with_image
+    from mechvis.images import encode_with_image
     from mechvis.viz.figures import dynamics_figure
 
     bridge = request.getfixturevalue("tiny_llava")[0] if model_name == "llava" else request.getfixturevalue("tiny_qwen")
@@ -202,7 +204,7 @@ def test_dynamics_reject_a_trace_without_an_image(tiny):
 
 
 def test_keyword_dynamics_match_hf_attentions(tiny):
-    from mechvis.analysis.attention import find_token_spans
+    from mechvis.analysis.spans import find_token_spans
     from mechvis.analysis.dynamics import keyword_dynamics
     from mechvis.viz.figures import keyword_dynamics_figure
     from tests.reference import hf_attentions
@@ -247,8 +249,8 @@ def test_report_has_geometry_dynamics_information_and_cross_modal_sections(tiny_
 
 
 def test_relevancy_refuses_models_whose_patterns_are_off_the_gradient_path(tiny_qwen):
-    from mechvis.analysis.gradients import attention_gradient_relevancy
-    from mechvis.running import encode_with_image
+    from mechvis.studies.gradients import attention_gradient_relevancy
+    from mechvis.images import encode_with_image
 
     prompt = "<|vision_start|><|image_pad|><|vision_end|>What is bright?"
     encoded, extra = encode_with_image(tiny_qwen, prompt, square_image(True, (56, 84)))

@@ -1,9 +1,8 @@
-"""Pure analyses over an `ActivationCache` (and the model where an unembedding or norm is needed).
+"""Pure analyses: a run, trace or cache in, a result out. Analyses never run the model and never draw.
 
-Analyses never run the model (input attribution, which must, is the exception) and never draw.
-`hooks_for` names the hooks an analysis reads, for `run(..., names_filter=...)`.
-`analyse_long` is the exception for long inputs: it runs the model once itself and computes the
-report's metrics without a cache (mechvis.analysis.longcontext).
+`hooks_for` names the hooks an analysis reads, for `run(..., names_filter=...)`. What must run the
+model (input attribution, the instruction check, streamed image metrics, the long-context pass)
+lives in `mechvis.studies`; its old names here still work for one release, with a warning.
 """
 
 from __future__ import annotations
@@ -17,24 +16,12 @@ from mechvis.analysis.activations import (
     activation_norms,
     activation_statistics,
 )
-from mechvis.analysis.attention import (
-    HeadEntropy,
-    Rollout,
-    RolloutRows,
-    SpanAttention,
-    attention_patterns,
-    attention_to_spans,
-    find_token_spans,
-    head_entropy,
-    pattern_hook,
-    rollout,
-    rollout_rows,
-    row_entropy,
-    visible_keys,
-)
-from mechvis.analysis.attribution import InputAttribution, gradient_x_input, occlusion
+from mechvis.analysis.attention import HeadEntropy, Rollout, RolloutRows, SpanAttention, attention_patterns, attention_to_spans, head_entropy, rollout, rollout_rows
+from mechvis.analysis.spans import find_token_spans
+from mechvis.models.architecture import pattern_hook, visible_keys
+from mechvis._numerics import row_entropy
 from mechvis.analysis.crossmodal import CrossModal, cross_modal
-from mechvis.analysis.dynamics import ImageDynamics, KeywordDynamics, image_dynamics, keyword_dynamics, stream_image_dynamics
+from mechvis.analysis.dynamics import ImageDynamics, KeywordDynamics, image_dynamics, keyword_dynamics
 from mechvis.analysis.geometry import (
     compare_geometry,
     earth_movers_distance,
@@ -43,11 +30,9 @@ from mechvis.analysis.geometry import (
     map_geometry,
     mass_contour,
 )
-from mechvis.analysis.gradients import attention_gradient_relevancy, integrated_gradients, pixel_integrated_gradients
 from mechvis.analysis.information import discrete_mutual_information, grid_regions, region_token_information
-from mechvis.analysis.instructions import instruction_attention_check, semantic_token_spans
+from mechvis.analysis.spans import semantic_token_spans
 from mechvis.analysis.regions import NAMED_REGIONS, named_region_masses, region_mass
-from mechvis.analysis.longcontext import LongContextAnalysis, analyse_long
 from mechvis.analysis.lens import LogitLens, lens_hook_names, logit_lens, unembed_logits
 from mechvis.analysis.projection import Projection, embedding_projection, hidden_state_projection, pca
 from mechvis.analysis.residual import (
@@ -60,6 +45,7 @@ from mechvis.analysis.residual import (
     layer_similarity,
 )
 from mechvis.analysis.tokens import HighEntropyPositions, TokenSignals, high_entropy_positions, token_signals
+from mechvis._deprecation import moved_names
 from mechvis.errors import InvalidArgumentError
 
 if TYPE_CHECKING:
@@ -96,17 +82,31 @@ def hooks_for(model: "TransformerBridge", *analyses: str) -> list[str]:
 
 
 __all__ = [
-    "ActivationNorms", "ActivationStatistics", "HeadEntropy", "HighEntropyPositions", "InputAttribution",
+    "ActivationNorms", "ActivationStatistics", "HeadEntropy", "HighEntropyPositions",
     "LayerSimilarity", "LogitAttribution", "LogitLens", "Projection", "ResidualDecomposition", "Rollout",
     "SpanAttention", "TokenSignals", "activation_norms", "activation_statistics", "attention_patterns",
     "attention_to_spans", "decompose_residual", "direct_logit_attribution", "embedding_projection",
-    "find_token_spans", "gradient_x_input", "head_entropy", "head_results", "hidden_state_projection",
-    "high_entropy_positions", "hooks_for", "layer_similarity", "logit_lens", "occlusion", "pca", "rollout",
+    "find_token_spans", "head_entropy", "head_results", "hidden_state_projection",
+    "high_entropy_positions", "hooks_for", "layer_similarity", "logit_lens", "pca", "rollout",
     "RolloutRows", "rollout_rows", "row_entropy", "token_signals", "unembed_logits", "visible_keys",
-    "CrossModal", "ImageDynamics", "KeywordDynamics", "NAMED_REGIONS", "attention_gradient_relevancy", "compare_geometry",
+    "CrossModal", "ImageDynamics", "KeywordDynamics", "NAMED_REGIONS", "compare_geometry",
     "cross_modal", "discrete_mutual_information", "earth_movers_distance", "grid_regions", "hausdorff_distance",
-    "hull_area", "image_dynamics", "instruction_attention_check", "integrated_gradients", "keyword_dynamics",
-    "map_geometry", "mass_contour", "named_region_masses", "pixel_integrated_gradients", "region_mass",
-    "region_token_information", "semantic_token_spans", "stream_image_dynamics",
-    "LongContextAnalysis", "analyse_long",
+    "hull_area", "image_dynamics", "keyword_dynamics",
+    "map_geometry", "mass_contour", "named_region_masses", "region_mass",
+    "region_token_information", "semantic_token_spans",
 ]
+
+
+# Names that moved to mechvis.studies (they run the model): deprecated here for one release.
+__getattr__ = moved_names(__name__, {
+    "InputAttribution": "mechvis.studies.attribution:InputAttribution",
+    "gradient_x_input": "mechvis.studies.attribution:gradient_x_input",
+    "occlusion": "mechvis.studies.attribution:occlusion",
+    "stream_image_dynamics": "mechvis.studies.streamed:stream_image_dynamics",
+    "attention_gradient_relevancy": "mechvis.studies.gradients:attention_gradient_relevancy",
+    "integrated_gradients": "mechvis.studies.gradients:integrated_gradients",
+    "pixel_integrated_gradients": "mechvis.studies.gradients:pixel_integrated_gradients",
+    "instruction_attention_check": "mechvis.studies.instructions:instruction_attention_check",
+    "LongContextAnalysis": "mechvis.studies.longcontext:LongContextAnalysis",
+    "analyse_long": "mechvis.studies.longcontext:analyse_long",
+})

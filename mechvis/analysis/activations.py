@@ -11,7 +11,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from mechvis.analysis._checks import stacked
+from mechvis._validation import stacked
 from mechvis.errors import InvalidArgumentError
 
 if TYPE_CHECKING:
@@ -97,7 +97,7 @@ def layer_statistics(
     values: Float[Tensor, "layer n"],
 ) -> tuple[Float[Tensor, " layer"], Float[Tensor, " layer"], Float[Tensor, "layer percentile"], Float[Tensor, " layer"]]:
     """(mean, population std, PERCENTILES, excess kurtosis) of each row, computed in float64 and
-    returned as float32 (one layer at a time by `mechvis.analysis.longcontext`)."""
+    returned as float32 (one layer at a time by `mechvis.studies.longcontext`)."""
     percentiles = _percentiles(values, PERCENTILES)  # order statistics: the same in the input's dtype
     values = values.to(torch.float64, copy=True)  # a copy whatever the input's dtype: edited in place below
     mean = values.mean(-1)

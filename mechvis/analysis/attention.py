@@ -3,42 +3,34 @@ attention rollout (Abnar & Zuidema 2020), and attention to keyword spans ("instr
 
 from __future__ import annotations
 
-import math
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
 import einops
-import numpy as np
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Float
 from torch import Tensor
 
-from mechvis.analysis._checks import (
+from mechvis._deprecation import moved_names
+from mechvis._numerics import _LN2, _log2_, row_entropy
+from mechvis._validation import (
     activation,
-    check_bool,
     check_integer,
     check_layers,
     check_positions,
     check_real,
     check_span,
     check_spans,
-    shown,
 )
-from mechvis.architecture import LayerAttention, attention_layout
 from mechvis.errors import InvalidArgumentError
-from mechvis.running import Span
+from mechvis.models.architecture import LayerAttention, attention_layout, pattern_hook
+from mechvis.types import Span
 
 if TYPE_CHECKING:
     from transformer_lens import ActivationCache
     from transformer_lens.model_bridge import TransformerBridge
 
-    from mechvis.running import Run
-
-
-def pattern_hook(layer: int) -> str:
-    return f"blocks.{layer}.attn.hook_pattern"
 
 
 def attention_patterns(
@@ -46,22 +38,6 @@ def attention_patterns(
 ) -> Float[Tensor, "layer head query key"]:
     """Attention probabilities of the chosen layers (default: all), per query head."""
     return torch.stack([activation(cache, pattern_hook(layer)) for layer in check_layers(model, layers)])
-
-
-def visible_keys(model: "TransformerBridge", layers: Sequence[int], n_positions: int) -> Int[Tensor, "layer query"]:
-    """How many keys each query of a `n_positions`-token sequence can attend to, per chosen layer:
-    i + 1 under a plain causal mask, min(i + 1, W) in a sliding window of W (Mistral, Gemma 2/3
-    local layers, GPT-Neo's local layers, ...), (i mod C) + 1 in chunks of C (Llama 4), from
-    `mechvis.architecture.attention_layout` (the masks transformers builds; checked against HF
-    eager attention for every windowed architecture in the test suite).
-
-    Raises UnsupportedArchitectureError for layers whose mask mechvis does not know,
-    InvalidArgumentError for bad layers or a count of positions that is not a positive integer.
-    """
-    layers = check_layers(model, layers)
-    n_positions = check_integer(n_positions, "n_positions", low=1)
-    layout = attention_layout(model)
-    return torch.stack([layout[layer].visible_keys(n_positions) for layer in layers])
 
 
 @dataclass
@@ -115,30 +91,6 @@ class HeadEntropy:
         order = values.flatten().argsort(descending=not lowest).tolist()
         n_heads = values.shape[1]
         return [(self.layers[i // n_heads], i % n_heads, values.flatten()[i].item()) for i in order]
-
-
-def _log2_(values: Tensor) -> Tensor:
-    """log₂ in place. On CPU float32/float64 through NumPy's SIMD ufunc: torch's CPU `log` measured
-    at ~1.2–1.5 ns per float32 element on this project's AVX-512 machines, NumPy's `log2` at
-    ~0.22 (5.4× faster, ≤ 2 ulp against float64; README "Metric costs"). Elsewhere torch's."""
-    if values.device.type == "cpu" and values.dtype in (torch.float32, torch.float64):
-        array = values.detach().numpy()
-        np.log2(array, out=array)
-        return values
-    return values.log2_()
-
-
-_LN2 = math.log(2.0)
-
-
-def row_entropy(pattern: Float[Tensor, "... key"], *, scratch: Tensor | None = None) -> Float[Tensor, "..."]:
-    """−Σ_k a_k ln a_k in nats, with 0 ln 0 = 0 (entries below the dtype's smallest normal count as
-    that value: a change below 1e-36 nats in float32). `scratch`, shaped and typed like `pattern`,
-    is overwritten instead of allocating a copy."""
-    if not isinstance(pattern, Tensor) or not pattern.is_floating_point():
-        raise InvalidArgumentError(f"pattern must be a float tensor (..., key) of attention weights; got {shown(pattern)}.")
-    logs = torch.clamp(pattern, min=torch.finfo(pattern.dtype).tiny, out=scratch)
-    return _log2_(logs).mul_(pattern).sum(-1).mul_(-_LN2)
 
 
 _QUERY_BLOCK = 64
@@ -355,48 +307,6 @@ def rollout_rows(
     return RolloutRows(rows.float(), query_list, head_fusion, residual_weight, chosen, key_span, span_mass)
 
 
-def find_token_spans(
-    run: "Run", keyword: str, *, case_sensitive: bool = False, whole_word: bool = True,
-    match: str = "spelling", model: "TransformerBridge | None" = None, layer: int | None = None, threshold: float = 0.5,
-) -> list[Span]:
-    """Every occurrence of `keyword` in the run's text as a token span (kind "keyword").
-
-    Matching uses character offsets, so a word split into several tokens, or sharing a token
-    with a neighbouring space, is found; each occurrence gives one span.
-    `match="semantic"` finds positions by meaning instead (needs `model`; `layer`, `threshold`:
-    see mechvis.analysis.instructions.semantic_token_spans, which also returns every score).
-
-    Raises:
-        InvalidArgumentError: a keyword that is not a non-empty string, a bad `match`, flags that
-            are not bools.
-    """
-    if not isinstance(keyword, str):
-        raise InvalidArgumentError(f"keyword must be a string (the text to find); got {shown(keyword)}.")
-    case_sensitive, whole_word = check_bool(case_sensitive, "case_sensitive"), check_bool(whole_word, "whole_word")
-    if match == "semantic":
-        from mechvis.analysis.instructions import semantic_token_spans
-
-        if model is None:
-            raise InvalidArgumentError('match="semantic" needs the model (model=...).')
-        return semantic_token_spans(run, keyword, model, layer=layer, threshold=threshold).spans
-    if match != "spelling":
-        raise InvalidArgumentError(f"match must be 'spelling' or 'semantic'; got {match!r}.")
-    if not keyword.strip():
-        raise InvalidArgumentError("The keyword is empty.")
-    pattern = re.escape(keyword)
-    if whole_word:
-        pattern = rf"(?<!\w){pattern}(?!\w)"
-    spans = []
-    for match in re.finditer(pattern, run.text, flags=0 if case_sensitive else re.IGNORECASE):
-        covered = [
-            index for index, (start, stop) in enumerate(run.offsets)
-            if start < match.end() and stop > match.start()
-        ]
-        if covered:
-            spans.append(Span("keyword", covered[0], covered[-1] + 1))
-    return spans
-
-
 @dataclass
 class SpanAttention:
     """Attention mass from each query position to the union of key spans, per layer × head."""
@@ -444,3 +354,10 @@ def attention_to_spans(
     check_positions(n_positions, keys)
     mass = einops.reduce(patterns[:, :, queries][..., keys].float(), "layer head query key -> layer head query", "sum")
     return SpanAttention(chosen, queries, keys, mass)
+
+
+# Names that moved (one release of deprecated aliases, then gone).
+__getattr__ = moved_names(__name__, {
+    "find_token_spans": "mechvis.analysis.spans:find_token_spans",
+    "visible_keys": "mechvis.models.architecture:visible_keys",
+})

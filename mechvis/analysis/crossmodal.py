@@ -19,9 +19,9 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from mechvis.analysis._checks import activation, check_layers, check_positions
+from mechvis._validation import activation, check_layers, check_positions
 from mechvis.errors import InvalidArgumentError
-from mechvis.running import ImageGrid
+from mechvis.types import ImageGrid
 
 if TYPE_CHECKING:
     from transformer_lens import ActivationCache

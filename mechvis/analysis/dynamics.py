@@ -10,12 +10,10 @@ forward passes) sees exactly the rows of the teacher-forced one (`image_dynamics
 Per generated token × layer × head (image): image_mass = Σ_cells a (the attention on the image
 tokens, in [0, 1]); on q = a_img / Σ a_img (sink cells masked): normalised entropy H(q) / ln N,
 peak_to_mean = N · max q, centre of mass (row, col) in cells, and the mass of each region
-(mechvis.analysis.regions; `enrichment` = mass / area).
-"""
+(mechvis.analysis.regions; `enrichment` = mass / area)."""
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -24,12 +22,14 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from mechvis.analysis._checks import activation, check_layers, check_spans, shown
-from mechvis.analysis.attention import pattern_hook
-from mechvis.analysis.regions import NAMED_REGIONS, Box, box_weights, resolve_box
+from mechvis._deprecation import moved_names
+from mechvis._validation import activation, check_layers, check_spans, shown
+from mechvis.analysis.regions import Box, box_weights, resolve_box
 from mechvis.analysis.vision import region_metrics
 from mechvis.errors import InvalidArgumentError, MissingActivationsError
-from mechvis.running import ImageGrid, Span
+from mechvis.generation.trace import Trace
+from mechvis.models.architecture import pattern_hook
+from mechvis.types import ImageGrid, Span
 
 if TYPE_CHECKING:
     from transformer_lens.model_bridge import TransformerBridge
@@ -148,66 +148,6 @@ def image_dynamics(
     return _assemble([_summarise(rows, grid, boxes, _keep(grid, sink_cells))], tokens, chosen, grid, queries, boxes)
 
 
-def stream_image_dynamics(
-    model: "TransformerBridge",
-    prompt: str,
-    image: object,
-    *,
-    layers: Sequence[int] | None = None,
-    regions: Sequence[str] | Mapping[str, Box] = DEFAULT_REGIONS,
-    sink_cells: Sequence[int] = (),
-    chat: bool = False,
-    **generate_options,
-) -> tuple["Trace", ImageDynamics]:
-    """Generate with `mechvis.generate` (options passed on) while hooks on the attention patterns
-    summarise each decode step's last query row as it is computed: memory layers × heads × tokens
-    for the metrics (plus layers × tokens × cells for the head-mean maps) instead of the
-    teacher-forced cache's layers × heads × positions². The returned trace's analysis pass caches
-    nothing unless `names_filter` is passed."""
-    from mechvis.generation import generate
-    from mechvis.running import encode_with_image
-
-    chosen = check_layers(model, layers)
-    boxes = _boxes(regions)
-    encoded, _ = encode_with_image(model, prompt, image, chat=chat)
-    grid = encoded.segments.image_grid
-    if grid is None:
-        raise InvalidArgumentError("This model's image layout has no grid yet; image dynamics need one.")
-    keep = _keep(grid, sink_cells)
-    cells = torch.tensor(grid.positions)
-    parts: list[dict] = []
-    state: dict = {"rows": {}, "decoding": True, "passes": 0}
-
-    def record(pattern: Tensor, hook, *, layer: int) -> None:
-        if not state["decoding"]:
-            return
-        if layer == chosen[0]:
-            if state["passes"] > 0 and pattern.shape[2] > 1:  # the analysis pass after decoding
-                state["decoding"] = False
-                return
-            state["passes"] += 1
-        if pattern.shape[-1] <= int(cells.max()):
-            raise RuntimeError(
-                f"A decode step's attention has {pattern.shape[-1]} keys, fewer than the image's last position "
-                f"{int(cells.max())}: the KV-cached decode does not see the prompt through the hooks."
-            )
-        state["rows"][layer] = pattern[0, :, -1:, cells.to(pattern.device)].detach().to("cpu", torch.float64)
-        if layer == chosen[-1]:
-            rows = torch.stack([state["rows"][l] for l in chosen])
-            parts.append(_summarise(rows, grid, boxes, keep))
-            state["rows"] = {}
-
-    hooks = [(pattern_hook(layer), functools.partial(record, layer=layer)) for layer in chosen]
-    generate_options.setdefault("names_filter", lambda name: False)
-    with model.hooks(fwd_hooks=hooks):
-        trace = generate(model, prompt, image=image, chat=chat, **generate_options)
-    parts = parts[: len(trace.generated_ids)]
-    if len(parts) != len(trace.generated_ids):
-        raise RuntimeError(f"Recorded {len(parts)} decode steps for {len(trace.generated_ids)} tokens; were the hooks active?")
-    queries = [position - 1 for position in trace.generated_positions]
-    return trace, _assemble(parts, trace.run.str_tokens[trace.prompt_length :], chosen, grid, queries, boxes)
-
-
 @dataclass
 class KeywordDynamics:
     """Attention of each generated token (its producing state, module docstring) to keyword spans
@@ -254,3 +194,9 @@ def keyword_dynamics(
     rows = torch.stack([activation(trace.run.cache, pattern_hook(layer))[:, queries] for layer in chosen]).double()
     masses = {keyword: rows[..., positions].sum(-1).float() for keyword, positions in keys.items()}
     return KeywordDynamics(trace.run.str_tokens[trace.prompt_length :], chosen, list(keys), keys, masses)
+
+
+# Names that moved (one release of deprecated aliases, then gone).
+__getattr__ = moved_names(__name__, {
+    "stream_image_dynamics": "mechvis.studies.streamed:stream_image_dynamics",
+})

@@ -16,11 +16,16 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from jaxtyping import Float
+from scipy.optimize import linprog
+from scipy.sparse import identity, kron, vstack
+from scipy.spatial import ConvexHull
+from scipy.spatial.distance import cdist, directed_hausdorff
+from skimage.measure import find_contours
 from torch import Tensor
 
-from mechvis.analysis._checks import check_real, check_tensor, shown
+from mechvis._validation import check_real, check_tensor, shown
 from mechvis.errors import InvalidArgumentError
-from mechvis.running import ImageGrid
+from mechvis.types import ImageGrid
 
 
 def _distribution(q: Tensor, grid: ImageGrid, name: str = "map") -> np.ndarray:
@@ -70,7 +75,6 @@ class MassContour:
 
 def mass_contour(q: Float[Tensor, " cell"], grid: ImageGrid, coverage: float = 0.5) -> MassContour:
     """The contour enclosing the fewest cells that hold `coverage` of the map's mass."""
-    from skimage.measure import find_contours
 
     x = _distribution(q, grid)
     mask = top_mass_cells(torch.from_numpy(x), grid, coverage).numpy()
@@ -94,7 +98,6 @@ class HullArea:
 
 def hull_area(q: Float[Tensor, " cell"], grid: ImageGrid, coverage: float = 0.9) -> HullArea:
     """Area of the convex hull of the cells holding `coverage` of the mass (a single cell: 1)."""
-    from scipy.spatial import ConvexHull
 
     mask = top_mass_cells(q, grid, coverage).numpy()
     centres = grid.coordinates.numpy()[mask]
@@ -119,7 +122,6 @@ def hausdorff_distance(a: Float[Tensor, " cell"], b: Float[Tensor, " cell"], gri
     """Symmetric Hausdorff distance max(h(A, B), h(B, A)) (scipy.spatial.distance.
     directed_hausdorff) between the centres of the cells holding `coverage` of each map's mass;
     0 when the sets are equal. Raises InvalidArgumentError for maps of different grids."""
-    from scipy.spatial.distance import directed_hausdorff
 
     _distribution(b, grid, "second map")
     coordinates = grid.coordinates.numpy()
@@ -136,9 +138,6 @@ def earth_movers_distance(a: Float[Tensor, " cell"], b: Float[Tensor, " cell"], 
     surplus cells (a − b)⁺ → (b − a)⁺ only — for a metric cost, mass common to both maps stays in
     place — which equals scipy.stats.wasserstein_distance_nd (tested) at a fraction of its cost
     (24 × 24 grid: about a second). Raises InvalidArgumentError for maps of different grids."""
-    from scipy.optimize import linprog
-    from scipy.sparse import identity, kron, vstack
-    from scipy.spatial.distance import cdist
 
     first, second = _distribution(a, grid, "first map"), _distribution(b, grid, "second map")
     difference = first - second

@@ -23,9 +23,10 @@ from dataclasses import dataclass
 
 import torch
 from jaxtyping import Float, Int
+from scipy.special import rel_entr
 from torch import Tensor
 
-from mechvis.analysis._checks import check_integer, shown
+from mechvis._validation import check_integer, shown
 from mechvis.errors import InvalidArgumentError
 
 
@@ -50,7 +51,6 @@ def region_token_information(
     with a region id 0 … K − 1 (default: every cell is its own region); `weights` are the tokens'
     weights w_t (default uniform; e.g. the image mass per token), renormalised. The mutual
     information is Σ rel_entr(p(r, t), p(r) p(t)) (scipy.special.rel_entr: x log(x / y), 0 at x = 0)."""
-    from scipy.special import rel_entr
 
     if maps.ndim != 2 or maps.shape[0] < 1:
         raise InvalidArgumentError(f"Expected (token, cell) maps; got shape {tuple(maps.shape)}.")
@@ -90,7 +90,7 @@ class DiscreteInformation:
 def discrete_mutual_information(x: Sequence[int], y: Sequence[int]) -> DiscreteInformation:
     """I(X; Y) from n paired samples: the plug-in estimate (sklearn.metrics.mutual_info_score) and
     its Miller–Madow bias correction (module docstring)."""
-    from sklearn.metrics import mutual_info_score
+    from sklearn.metrics import mutual_info_score  # scikit-learn takes ~1.5 s to import: loaded when used
 
     x, y = list(x), list(y)
     if len(x) != len(y) or not x:

@@ -13,10 +13,10 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from mechvis.analysis._checks import activation, check_bool, check_k, check_model, check_positions, single_token_id
+from mechvis._validation import activation, check_bool, check_k, check_model, check_positions
 from mechvis.analysis._topk import two_level_topk
 from mechvis.errors import InvalidArgumentError
-from mechvis.running import vocabulary_strings
+from mechvis.text import single_token_id, vocabulary_strings
 
 if TYPE_CHECKING:
     from transformer_lens import ActivationCache

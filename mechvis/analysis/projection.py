@@ -10,9 +10,9 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from mechvis.analysis._checks import activation, check_integer, check_layers, check_positions, check_tensor, shown, single_token_id
+from mechvis._validation import activation, check_integer, check_layers, check_positions, check_tensor, shown
 from mechvis.errors import InvalidArgumentError
-from mechvis.running import vocabulary_strings
+from mechvis.text import single_token_id, vocabulary_strings
 
 if TYPE_CHECKING:
     from transformer_lens import ActivationCache

@@ -16,7 +16,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from mechvis.errors import InvalidArgumentError
-from mechvis.running import ImageGrid
+from mechvis.types import ImageGrid
 
 Box = tuple[float, float, float, float]
 

@@ -16,7 +16,8 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from mechvis.analysis._checks import activation, check_bool, check_layers, check_positions, single_token_id, stacked
+from mechvis._validation import activation, check_bool, check_layers, check_positions, stacked
+from mechvis.text import single_token_id
 
 if TYPE_CHECKING:
     from transformer_lens import ActivationCache

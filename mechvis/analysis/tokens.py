@@ -10,11 +10,11 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from mechvis.analysis._checks import activation, check_integer, check_k, check_tensor
+from mechvis._validation import activation, check_integer, check_k, check_tensor
 from mechvis.analysis._topk import two_level_topk
 from mechvis.analysis.lens import decode_nested
 from mechvis.errors import InvalidArgumentError
-from mechvis.unembedding import INPUT_HOOK, centring_offset
+from mechvis.models.unembedding import INPUT_HOOK, centring_offset
 
 if TYPE_CHECKING:
     from transformer_lens import ActivationCache
@@ -165,7 +165,7 @@ def high_entropy_positions(
 
     With `cache` (the same run's, holding `unembed.hook_in`), `top_logits` are
     the model's own logits: the run's logits are centred by compatibility mode, and the mean the
-    centring removed is added back (`mechvis.unembedding`). Without it they are `logits` minus
+    centring removed is added back (`mechvis.models.unembedding`). Without it they are `logits` minus
     their mean over the vocabulary ("centered_logit": a bridge's logits as they are, unless
     transformer-lens left them uncentred for a soft-capped model).
 

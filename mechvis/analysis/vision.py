@@ -3,25 +3,36 @@ and how heads differ (definitions in shared REFERENCES, "Image-region attention"
 
 For a query row with N image tokens, `image_mass` is always reported; every other metric is
 computed on q = a_img / m (the attention renormalised over the image tokens, visual sink tokens
-masked). Grids are row-major over the model's LLM image tokens (rows × cols after any merge).
-"""
+masked). Grids are row-major over the model's LLM image tokens (rows × cols after any merge)."""
 
 from __future__ import annotations
 
 import math
+import os
 import sys
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 from jaxtyping import Float, Int
+from scipy import ndimage
+from scipy.cluster.hierarchy import fcluster, linkage
+from scipy.spatial.distance import jensenshannon, pdist, squareform
 from torch import Tensor
+from transformers.vision_utils import get_vision_window_index
 
-from mechvis.analysis._checks import activation, check_layers, check_positions, require_hooks
-from mechvis.analysis.attention import attention_patterns, augmented_attention, pattern_hook, rollout_matrix, rollout_product
+from mechvis._deprecation import moved_names
+from mechvis._validation import activation, check_layers, check_positions, require_hooks
+from mechvis.analysis.attention import attention_patterns, augmented_attention, rollout_matrix, rollout_product
+from mechvis.analysis.geometry import earth_movers_distance, hausdorff_distance, map_geometry
+from mechvis.analysis.information import grid_regions, region_token_information
+from mechvis.analysis.regions import NAMED_REGIONS, region_mass
 from mechvis.errors import InvalidArgumentError
-from mechvis.running import ImageGrid
+from mechvis.models.architecture import pattern_hook
+from mechvis.types import ImageGrid
 
 if TYPE_CHECKING:
     from transformer_lens import ActivationCache
@@ -136,39 +147,6 @@ def _from_rows(
     return ImageAttention(layers, queries, grid, rows.sum(-1).float(), maps.float(), region_metrics(masked, grid))
 
 
-def stream_image_attention(
-    model: "TransformerBridge",
-    prompt: str,
-    image: object,
-    *,
-    query_positions: Sequence[int] = (-1,),
-    layers: Sequence[int] | None = None,
-    chat: bool = False,
-    sink_cells: Sequence[int] = (),
-) -> ImageAttention:
-    """image_attention without a cache: one forward pass whose hooks keep only the query rows ×
-    image columns of each layer's attention (memory: layers × heads × queries × image tokens,
-    instead of every activation and layers × heads × positions² patterns)."""
-    from mechvis.running import encode_with_image
-
-    chosen = check_layers(model, layers)
-    encoded, extra = encode_with_image(model, prompt, image, chat=chat)
-    grid = encoded.segments.image_grid
-    if grid is None:
-        raise InvalidArgumentError("This model's image layout has no grid yet; image metrics need one.")
-    queries = check_positions(len(encoded.token_ids), query_positions)
-    cells = torch.tensor(grid.positions)
-    kept: dict[int, Tensor] = {}
-
-    def keep_rows(pattern: Tensor, hook: object, layer: int) -> None:
-        kept[layer] = pattern[0][:, queries][..., cells].detach().clone()
-
-    hooks = [(pattern_hook(layer), lambda pattern, hook, layer=layer: keep_rows(pattern, hook, layer)) for layer in chosen]
-    with torch.no_grad(), model.hooks(fwd_hooks=hooks):
-        model(torch.tensor([encoded.token_ids], device=model.cfg.device), **extra)
-    return _from_rows(chosen, queries, grid, torch.stack([kept[layer] for layer in chosen]), sink_cells)
-
-
 @dataclass
 class Hotspot:
     """A connected region of cells with more than `threshold_factor` times the uniform share."""
@@ -182,8 +160,6 @@ def hotspots(q: Float[Tensor, " cell"], grid: ImageGrid, *, threshold_factor: fl
     """Cells with q > threshold_factor / N, grouped into 4-connected regions (scipy.ndimage.label
     with its default cross-shaped structure), largest mass first (ties: raster order of the
     region's first cell)."""
-    import numpy as np
-    from scipy import ndimage
 
     n = grid.rows * grid.cols
     if q.shape != (n,):
@@ -205,10 +181,8 @@ def hotspots(q: Float[Tensor, " cell"], grid: ImageGrid, *, threshold_factor: fl
 def jensen_shannon_distance(p: Float[Tensor, "... n"], q: Float[Tensor, "... n"]) -> Float[Tensor, "..."]:
     """√(JSD(p, q) / ln 2) (scipy.spatial.distance.jensenshannon, base 2): a metric in [0, 1]
     between distributions; p and q are renormalised over the last axis and broadcast."""
-    from scipy.spatial.distance import jensenshannon
 
     p_np, q_np = (x.detach().double().cpu().numpy() for x in torch.broadcast_tensors(p, q))
-    import numpy as np
 
     return torch.from_numpy(np.asarray(jensenshannon(p_np, q_np, base=2, axis=-1))).float()
 
@@ -242,8 +216,6 @@ def head_distances(maps: Float[Tensor, "head cell"], metric: str = "jensenshanno
     ≤ 1e-7 as measured (tested at 1e-6 on every pair, tests/test_libraries.py).
 
     Raises InvalidArgumentError for an unknown metric, negative maps or a map without mass."""
-    import numpy as np
-    from scipy.spatial.distance import pdist, squareform
 
     if metric not in ("jensenshannon", "cosine"):
         raise InvalidArgumentError(f"metric must be 'jensenshannon' or 'cosine'; got {metric!r}.")
@@ -259,10 +231,7 @@ def _jensen_shannon_matrix(p: "np.ndarray") -> "np.ndarray":
     """√(JSD / ln 2) between every pair of rows of p (rows sum to 1), float64 (see head_distances).
     numpy row by row over the upper triangle, rows shared among up to 4 threads (numpy's ufuncs
     release the GIL): on a shared 2-core machine this ran 2–10× faster than torch's OpenMP ops."""
-    import os
-    from concurrent.futures import ThreadPoolExecutor
 
-    import numpy as np
 
     n = p.shape[0]
     tiny = np.finfo(np.float64).tiny  # s ln s → 0 as s → 0: ln(max(s, tiny)) keeps 0 · ln 0 = 0
@@ -302,8 +271,6 @@ def cluster_heads(
     on the same precomputed distance, Rousseeuw 1987) is chosen. `maps` may be (head, cell) or
     (layer, head, cell): all L × H heads are clustered together. Labels are numbered in order of
     first appearance."""
-    from scipy.cluster.hierarchy import fcluster, linkage
-    from scipy.spatial.distance import squareform
 
     flat = maps.reshape(-1, maps.shape[-1])
     n = flat.shape[0]
@@ -332,7 +299,7 @@ def silhouette(distance: Float[Tensor, "n n"], labels: Sequence[int]) -> float:
     """Mean silhouette (b − a) / max(a, b) over points (sklearn.metrics.silhouette_score, metric
     "precomputed"); a point alone in its cluster scores 0; NaN with fewer than two clusters, 0 when
     every point is alone."""
-    from sklearn.metrics import silhouette_score
+    from sklearn.metrics import silhouette_score  # scikit-learn takes ~1.5 s to import: loaded when used
 
     n_labels = len(set(labels))
     if n_labels < 2:
@@ -454,7 +421,6 @@ def _qwen_visual(model: "TransformerBridge") -> "torch.nn.Module | None":
 def _qwen_onto_patches(
     cache: "ActivationCache", visual: "torch.nn.Module", grid: ImageGrid, to_image: Tensor, head_fusion: str, residual_weight: float
 ) -> tuple[Float[Tensor, "query patch"], list[int]]:
-    from transformers.vision_utils import get_vision_window_index
 
     merge = grid.merge_size
     unit = merge * merge
@@ -501,47 +467,6 @@ def _qwen_onto_patches(
 
 
 @dataclass
-class VisualInformation:
-    """Visual pointwise information of each continuation token, in nats:
-    log p(token | image) − log p(token | blank image) (positive: the image made it likelier)."""
-
-    tokens: list[int]
-    with_image: Float[Tensor, " token"]
-    with_blank: Float[Tensor, " token"]
-
-    @property
-    def pointwise(self) -> Float[Tensor, " token"]:
-        return self.with_image - self.with_blank
-
-
-def visual_information(
-    model: "TransformerBridge", prompt: str, image: object, continuation: str, *, chat: bool = False, blank: object | None = None
-) -> VisualInformation:
-    """Score `continuation` after `prompt` with the image and with a blank image (mid-grey, the
-    image's size, unless `blank` is given), teacher-forced in one pass each."""
-    import numpy as np
-
-    from mechvis.running import encode_with_image, load_image, with_text_appended
-
-    picture = load_image(image)
-    baseline = load_image(blank) if blank is not None else load_image(np.full((picture.height, picture.width, 3), 128, np.uint8))
-    continuation_ids = model.hf_tokenizer.encode(continuation, add_special_tokens=False)
-    if not continuation_ids:
-        raise InvalidArgumentError("The continuation is empty; give the text to score.")
-    scores = []
-    for candidate in (picture, baseline):
-        encoded, extra = encode_with_image(model, prompt, candidate, chat=chat)
-        ids = torch.tensor([encoded.token_ids + continuation_ids], device=model.cfg.device)
-        extra = with_text_appended(extra, len(continuation_ids))
-        with torch.no_grad():
-            log_probs = model(ids, **extra)[0].double().log_softmax(-1)
-        start = len(encoded.token_ids)
-        predicted = log_probs[start - 1 : -1].gather(-1, ids[0, start:, None])[:, 0]
-        scores.append(predicted.float())
-    return VisualInformation(continuation_ids, scores[0], scores[1])
-
-
-@dataclass
 class Comparison:
     """Image-attention metrics of two conditions (e.g. an image with and without an object), each
     averaged over layers, heads and queries, with their differences (b − a); `distances` between
@@ -558,9 +483,6 @@ def compare(attention_a: ImageAttention, attention_b: ImageAttention) -> Compari
     metrics, the mass of the named regions (quadrants, centre), the geometry of the mean map (50 % /
     90 % mass areas, 90 % convex hull, in cells), I(quadrant; query) in nats; and the earth mover's
     and Hausdorff (90 % cells) distances between the two mean maps."""
-    from mechvis.analysis.geometry import earth_movers_distance, hausdorff_distance, map_geometry
-    from mechvis.analysis.information import grid_regions, region_token_information
-    from mechvis.analysis.regions import NAMED_REGIONS, region_mass
 
     if (attention_a.grid.rows, attention_a.grid.cols) != (attention_b.grid.rows, attention_b.grid.cols):
         raise InvalidArgumentError("The two conditions need image grids of the same shape to be compared.")
@@ -602,3 +524,11 @@ def compare(attention_a: ImageAttention, attention_b: ImageAttention) -> Compari
         "Jensen–Shannon distance": float(jensen_shannon_distance(first_map, second_map)),
     }
     return Comparison(attention_a, attention_b, values, distances)
+
+
+# Names that moved (one release of deprecated aliases, then gone).
+__getattr__ = moved_names(__name__, {
+    "VisualInformation": "mechvis.studies.vision:VisualInformation",
+    "stream_image_attention": "mechvis.studies.streamed:stream_image_attention",
+    "visual_information": "mechvis.studies.vision:visual_information",
+})

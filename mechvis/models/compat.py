@@ -16,7 +16,10 @@ from __future__ import annotations
 
 import functools
 import inspect
+from importlib.metadata import version
 from typing import TYPE_CHECKING, Any
+
+from transformer_lens.model_bridge.generalized_components.attention import AttentionBridge
 
 from mechvis.errors import UnsupportedArchitectureError
 
@@ -30,7 +33,6 @@ CACHE_KEYWORDS = ("past_key_values", "layer_past", "cache")
 def apply() -> None:
     """Patch transformer-lens' attention bridges (once per process) so that a cache passed as
     `cache=` reaches `_update_kv_cache` and the components that read `past_key_values` directly."""
-    from transformer_lens.model_bridge.generalized_components.attention import AttentionBridge
 
     if getattr(AttentionBridge._update_kv_cache, "_mechvis_compat", False):
         return
@@ -93,7 +95,6 @@ def check(model: "torch.nn.Module") -> None:
 
     Raises UnsupportedArchitectureError naming the installed versions and what to do.
     """
-    from importlib.metadata import version
 
     blocks = getattr(model, "blocks", None)
     layer = blocks[0]._modules.get("_original_component") if blocks is not None and len(blocks) else None

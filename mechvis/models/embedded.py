@@ -18,6 +18,8 @@ import tempfile
 from pathlib import Path
 
 import platformdirs
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from mechvis.errors import CorruptModelFileError, EmbeddedModelMissingError, InvalidArgumentError
 
@@ -94,8 +96,6 @@ def _convert(gguf: Path, destination: Path) -> None:
     A GGUF-loaded model refuses `save_pretrained`, so the weights are moved into a model
     rebuilt from the same config without its quantization settings.
     """
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)

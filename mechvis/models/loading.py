@@ -9,6 +9,9 @@ every log-probability unchanged; raw logits shift by a constant per position.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
+import gc
 import json
 import os
 from collections.abc import Iterator
@@ -16,11 +19,19 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+from huggingface_hub import constants
+from safetensors import SafetensorError
+from transformer_lens.factories.architecture_adapter_factory import SUPPORTED_ARCHITECTURES
+from transformer_lens.model_bridge import TransformerBridge
+from transformer_lens.model_bridge.sources._hf_format import determine_architecture_from_hf_config
+from transformer_lens.weight_processing import ProcessWeights
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
-from mechvis.models import compat
 from mechvis.errors import CorruptModelFileError, InvalidArgumentError, ModelNotFoundError, UnsupportedArchitectureError
+from mechvis.models import compat
 from mechvis.models.embedded import EMBEDDED_MODEL_NAME, embedded_model_dir
-from mechvis.unembedding import recording_unembedding_mean
+from mechvis.models.qwen2_vl import register
+from mechvis.models.unembedding import recording_unembedding_mean
 
 if TYPE_CHECKING:
     from transformer_lens.model_bridge import TransformerBridge
@@ -28,8 +39,6 @@ if TYPE_CHECKING:
 
 def _libc():
     """glibc's C library through ctypes, or None (macOS, Windows, musl: no malloc_trim/mallopt)."""
-    import ctypes
-    import ctypes.util
 
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
@@ -76,8 +85,6 @@ def release_freed_memory() -> bool:
     is ~0.4 GB of resident memory no tensor uses. Trimming changes no tensor. Returns whether
     anything was called (False off glibc: macOS, Windows, musl).
     """
-    import ctypes
-    import gc
 
     gc.collect()
     libc = _libc()
@@ -156,7 +163,6 @@ def _fold_layer_norm_without_copy(original):
     and checks with torch's version counters that no input tensor was written into (which would
     be the model's own weights); if one was, it raises rather than return a silently different
     model. Falls back to the original when its body calls anything else (another transformer-lens)."""
-    from transformer_lens.weight_processing import ProcessWeights
 
     if frozenset(original.__code__.co_names) != _FOLD_LAYER_NORM_NAMES:
         return original
@@ -208,7 +214,6 @@ def lighter_weight_processing() -> Iterator[None]:
     whole-model copies alive at once (`_fold_layer_norm_without_copy`,
     `_fold_value_biases_on_attention_only`). Every processed weight is bit-identical
     (tests/test_bridge_memory.py); the loading peak of the embedded model falls from 2.8 to ~2.2 GB."""
-    from transformer_lens.weight_processing import ProcessWeights
 
     originals = {name: ProcessWeights.__dict__[name] for name in ("fold_layer_norm", "fold_value_biases")}
     ProcessWeights.fold_layer_norm = staticmethod(_fold_layer_norm_without_copy(originals["fold_layer_norm"].__func__))
@@ -223,9 +228,7 @@ def lighter_weight_processing() -> Iterator[None]:
 def supported_architectures() -> list[str]:
     """HF architecture class names mechvis can hook: transformer-lens' adapters and mechvis's
     Qwen2-VL shim, sorted."""
-    from transformer_lens.factories.architecture_adapter_factory import SUPPORTED_ARCHITECTURES
 
-    from mechvis.models.qwen2_vl import register
 
     register()
     return sorted(name for name, adapter in SUPPORTED_ARCHITECTURES.items() if _has_compatibility_mode(adapter))
@@ -278,9 +281,6 @@ def architecture_of(config: object) -> str:
 
     Raises UnsupportedArchitectureError naming the supported architectures.
     """
-    from transformer_lens.model_bridge.sources._hf_format import determine_architecture_from_hf_config
-
-    from transformer_lens.factories.architecture_adapter_factory import SUPPORTED_ARCHITECTURES
 
     supported = supported_architectures()
     try:
@@ -304,8 +304,6 @@ def architecture_of(config: object) -> str:
 
 
 def _load_config(name: str) -> object:
-    from transformers import AutoConfig
-
     directory = Path(name)
     if directory.is_dir():  # a local folder: say what is wrong with it, not that the hub failed too
         config = directory / "config.json"
@@ -338,7 +336,6 @@ def _first_line(error: BaseException) -> str:
 def _raise_weights_error(model_name: str, error: BaseException) -> None:
     """A clear error for a named model whose weights are missing (OSError from transformers) or
     unreadable (safetensors' error on a truncated or damaged file); other errors pass through."""
-    from safetensors import SafetensorError
 
     if isinstance(error, SafetensorError):
         raise CorruptModelFileError(
@@ -355,7 +352,6 @@ def _raise_weights_error(model_name: str, error: BaseException) -> None:
 def _offline_advice() -> str:
     """What to do about the hub, matching the environment: HF_HUB_OFFLINE already on (in the
     environment or as huggingface_hub read it at import) means the hub was never asked."""
-    from huggingface_hub import constants
 
     value = os.environ.get("HF_HUB_OFFLINE", "").strip().lower()
     if value in ("1", "true", "yes", "on") or constants.is_offline_mode():
@@ -388,8 +384,6 @@ def load_model(
         The bridge, in eval mode, with HookedTransformer hook names; `bridge.hf_tokenizer` is the
         model's own tokenizer (transformer-lens' `bridge.tokenizer` always prepends BOS).
     """
-    from transformer_lens.model_bridge import TransformerBridge
-    from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
     resolved_dtype = _resolve_dtype(dtype)
     resolved_device = _resolve_device(device)

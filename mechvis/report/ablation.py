@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from mechvis.interventions import AblationSweep, Method, ablation_sweep, reference_runs, reference_tokens, target_probability
+from mechvis.report import _check_writable
 from mechvis.report.html import STYLE, ablation_section
 from mechvis.running import run
 
@@ -25,7 +26,6 @@ def write_ablation_report(
     overwrite: bool = False,
 ) -> AblationSweep:
     """Sweep every head's ablation on P(target) at the prompt's last position; write the page."""
-    from mechvis.report import _check_writable
 
     output = Path(path)
     _check_writable(output, overwrite)

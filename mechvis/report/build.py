@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING
@@ -9,6 +10,7 @@ from typing import TYPE_CHECKING
 import torch
 from tqdm.auto import tqdm
 
+from mechvis._validation import check_layers
 from mechvis.analysis import (
     activation_norms,
     direct_logit_attribution,
@@ -21,28 +23,43 @@ from mechvis.analysis import (
     rollout_rows,
     token_signals,
 )
-from mechvis.analysis._checks import check_layers
 from mechvis.analysis.activations import ActivationNorms
 from mechvis.analysis.attention import HeadEntropy, Rollout, RolloutRows
+from mechvis.analysis.crossmodal import cross_modal
+from mechvis.analysis.dynamics import image_dynamics
+from mechvis.analysis.geometry import map_geometry
+from mechvis.analysis.information import grid_regions, region_token_information
 from mechvis.analysis.lens import LogitLens
 from mechvis.analysis.projection import Projection
-from mechvis.analysis.repetition import (
-    RepetitionFeatures,
-    RepetitionMonitor,
-    find_induction_heads,
-    loop_onset,
-    rep_labels,
-    repetition_features,
-    seed_score,
-    seq_rep_n,
-)
+from mechvis.analysis.repetition import loop_onset, repetition_features, seed_score, seq_rep_n
 from mechvis.analysis.residual import LayerSimilarity, LogitAttribution
 from mechvis.analysis.tokens import HighEntropyPositions, TokenSignals
-from mechvis.architecture import ArchitectureSummary, inspect_model
-from mechvis.errors import InvalidArgumentError
-from mechvis.analysis.vision import HeadClusters, ImageAttention, VisionRollout, cluster_heads, hotspots, image_attention, vision_rollout
+from mechvis.analysis.vision import (
+    HeadClusters,
+    ImageAttention,
+    VisionRollout,
+    cluster_heads,
+    hotspots,
+    image_attention,
+    vision_rollout,
+    vision_rollout_hooks,
+)
+from mechvis.errors import InvalidArgumentError, MissingActivationsError, UnsupportedArchitectureError
 from mechvis.generation import Trace, generate
+from mechvis.generation.monitor import RepetitionFeatures, RepetitionMonitor, find_induction_heads, rep_labels
+from mechvis.images import encode_with_image, load_image, with_text_appended
 from mechvis.interventions import AblationSweep, ablation_sweep, target_probability
+from mechvis.models.architecture import ArchitectureSummary, inspect_model
+from mechvis.studies.longcontext import (
+    _check_attention,
+    analyse_long,
+    estimated_cache_bytes,
+    long_image_attention,
+    long_image_dynamics,
+    long_vision_rollout,
+    needs_long_context,
+)
+from mechvis.text import encode
 from mechvis.viz.views import rounded
 
 if TYPE_CHECKING:
@@ -239,14 +256,10 @@ def _rollout_queries(rollout_queries: Sequence[int] | int, prompt_length: int, n
 
 def _needs_long_context(model: "TransformerBridge", prompt: str, chat: bool, max_new_tokens: int, image: object | None = None) -> bool:
     """Whether the full cache of prompt (image tokens included) + generated tokens would not fit in
-    memory (see `mechvis.analysis.longcontext.needs_long_context`), for a model whose attention
+    memory (see `mechvis.studies.longcontext.needs_long_context`), for a model whose attention
     `analyse_long` supports. For a model it does not (its `UnsupportedArchitectureError`, e.g.
     attention without a rotary bridge), the report keeps the cache path and logs why."""
-    import logging
 
-    from mechvis.analysis.longcontext import _check_attention, needs_long_context
-    from mechvis.errors import UnsupportedArchitectureError
-    from mechvis.running import encode, encode_with_image
 
     encoded = encode_with_image(model, prompt, image, chat=chat)[0] if image is not None else encode(model, prompt, chat=chat)
     if not needs_long_context(model, len(encoded.token_ids) + max_new_tokens):
@@ -267,9 +280,7 @@ def _long_context_report_data(
     """The report's analyses by `analyse_long` (no cache): rollout as rows for `queries` (as the
     cached path keeps them), no ablation sweep. With an image, the image metrics too (from the
     image rows, rollout rows and vision-tower patterns analyse_long keeps), equal to the cached path's."""
-    import logging
 
-    from mechvis.analysis.longcontext import analyse_long, estimated_cache_bytes
 
     run = trace.run
     n = len(run.tokens)
@@ -292,19 +303,12 @@ def _long_context_report_data(
     grid = run.segments.image_grid
     image_args, vision_queries = {}, []
     if image is not None and grid is not None:
-        from mechvis.analysis.vision import vision_rollout_hooks
-        from mechvis.generation import with_text_appended
-        from mechvis.running import encode_with_image
-
         vision_queries = list(trace.generated_positions) or [n - 1]  # as `_vision_result`
         dynamics_queries = [position - 1 for position in trace.generated_positions]  # `image_dynamics`' rows
         image_args = dict(forward_inputs=with_text_appended(encode_with_image(model, prompt, image, chat=chat)[1], len(trace.generated_ids)),
                           image_queries=sorted(set(vision_queries) | set(dynamics_queries)), image_positions=list(grid.positions),
                           capture=[name for name in vision_rollout_hooks(model) if name in model.hook_dict])
     elif image is not None:
-        from mechvis.generation import with_text_appended
-        from mechvis.running import encode_with_image
-
         image_args = dict(forward_inputs=with_text_appended(encode_with_image(model, prompt, image, chat=chat)[1], len(trace.generated_ids)))
     rollout_queries = list(dict.fromkeys(queries + vision_queries))  # the report's rows, then the vision rollout's
     result = analyse_long(model, run.tokens, queries=rollout_queries,
@@ -333,9 +337,6 @@ def _long_context_report_data(
 
 def _long_vision_result(model: "TransformerBridge", trace: Trace, image: object, result) -> VisionResult:
     """`_vision_result` from `analyse_long`'s image rows, rollout rows and residual streams."""
-    from mechvis.analysis.crossmodal import cross_modal
-    from mechvis.analysis.longcontext import long_image_attention, long_image_dynamics, long_vision_rollout
-    from mechvis.errors import MissingActivationsError
 
     run = trace.run
     grid = run.segments.image_grid
@@ -355,10 +356,6 @@ def _long_vision_result(model: "TransformerBridge", trace: Trace, image: object,
 
 
 def _vision_result(model: "TransformerBridge", trace: Trace, image: object) -> VisionResult:
-    from mechvis.analysis.crossmodal import cross_modal
-    from mechvis.analysis.dynamics import image_dynamics
-    from mechvis.errors import MissingActivationsError
-
     run = trace.run
     grid = run.segments.image_grid
     queries = list(trace.generated_positions) or [len(run.tokens) - 1]
@@ -377,9 +374,6 @@ def _vision_result(model: "TransformerBridge", trace: Trace, image: object) -> V
 
 def _vision_from(image: object, grid, attention: ImageAttention, rolled: "VisionRollout | None", dynamics, crossing) -> VisionResult:
     """The vision result's derived parts (mean map, hotspots, clusters, geometry, information)."""
-    from mechvis.analysis.geometry import map_geometry
-    from mechvis.analysis.information import grid_regions, region_token_information
-    from mechvis.running import load_image
 
     mean_map = attention.maps.mean(dim=(0, 1, 2))
     information = None

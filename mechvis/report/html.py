@@ -13,6 +13,7 @@ import base64
 import html
 import io
 import json
+import warnings
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -210,7 +211,6 @@ def _view_html(view: View, index: int) -> str:
 def render_report(data: ReportData, model) -> str:
     """The whole report as one HTML string. Token text outside matplotlib's font (emoji, CJK) is
     drawn as boxes in the figures, without one warning per glyph (the HTML views show it)."""
-    import warnings
 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r"Glyph \d+ .* missing from font", category=UserWarning)

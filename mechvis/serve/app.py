@@ -5,6 +5,7 @@ from __future__ import annotations
 import html
 import secrets
 import socket
+import webbrowser
 from importlib import resources
 from pathlib import Path
 
@@ -12,7 +13,11 @@ from fastapi import Depends, FastAPI, HTTPException
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 
+from mechvis import load_model
 from mechvis.errors import InvalidArgumentError, MechvisError
+from mechvis.generation.decoding.decoder import prepare_decoding
+from mechvis.serve.routers import export, generate, runs
+from mechvis.serve.routers import model as model_router
 from mechvis.serve.security import LOOPBACK_NAMES, SecurityMiddleware, is_loopback
 from mechvis.serve.state import ServerState, get_state
 from mechvis.serve.store import RunStore
@@ -56,7 +61,6 @@ def create_app(
     app.add_middleware(SecurityMiddleware, allowed_hosts=allowed, token=token, token_for_reads=not loopback,
                        port=port or None)
 
-    from mechvis.serve.routers import export, generate, model as model_router, runs
 
     app.include_router(model_router.router)
     app.include_router(generate.router)
@@ -111,7 +115,7 @@ def serve(
     dtype: str = "float32",
 ) -> None:
     """Load the model, print the URL and serve until interrupted (`mechvis serve`)."""
-    import uvicorn
+    import uvicorn  # the optional `web` extra, needed only to run the server
 
     if token == "none":
         if not is_loopback(host):
@@ -129,9 +133,6 @@ def serve(
     _free(host, port)  # port 0 too: an unknown host fails here, before the model loads
     model = None
     if load:
-        from mechvis import load_model
-        from mechvis.generation import prepare_decoding
-
         model = load_model(model_name, dtype=dtype)
         prepare_decoding(model)
     app = create_app(model, model_name=model_name or "embedded", model_roots=model_roots, token=value, host=host, port=port)
@@ -150,8 +151,6 @@ def serve(
         if not is_loopback(host):
             print(f"token (shown once): {value}", flush=True)
         if open_browser:
-            import webbrowser
-
             webbrowser.open(url)
 
     server.startup = startup

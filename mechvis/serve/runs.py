@@ -6,8 +6,14 @@ from __future__ import annotations
 
 import torch
 
+from mechvis.analysis import activation_hook_names, hooks_for, lens_hook_names, token_signals
+from mechvis.analysis.repetition import loop_onset, repetition_features, seed_score
+from mechvis.analysis.vision import vision_rollout_hooks
+from mechvis.generation.monitor import RepetitionMonitor, find_induction_heads, rep_labels
+from mechvis.interventions import ablate_heads, intervene, reference_runs
 from mechvis.serve.state import ServerState
 from mechvis.serve.store import StoredRun, tensor_bytes
+from mechvis.viz.views import topk_tokens_view
 
 TOP_N = 10
 STEP_TOP = 50  # entries of each step's raw and sampled distribution kept for the distribution tab
@@ -15,7 +21,6 @@ STEP_TOP = 50  # entries of each step's raw and sampled distribution kept for th
 
 def mean_reference(state: ServerState):
     """The reference runs of mean ablation, computed once per loaded model."""
-    from mechvis.interventions import reference_runs
 
     if "mean-reference" not in state.model_extras:
         state.model_extras["mean-reference"] = reference_runs(state.model)
@@ -25,7 +30,6 @@ def mean_reference(state: ServerState):
 def ablated(state: ServerState, heads, method: str):
     """A context in which the model runs with `heads` ((layer, head) pairs) ablated by `method`
     ("zero" or "mean"): how a run B is generated, analysed and exported."""
-    from mechvis.interventions import ablate_heads, intervene
 
     reference = mean_reference(state) if method == "mean" else None
     return intervene(state.model, ablate_heads(state.model, [tuple(h) for h in heads], method=method, reference=reference))
@@ -33,8 +37,6 @@ def ablated(state: ServerState, heads, method: str):
 
 def tab_hooks(model) -> list[str]:
     """The hooks the tabs read (passed to the analysis pass as `names_filter`)."""
-    from mechvis.analysis import activation_hook_names, hooks_for, lens_hook_names
-    from mechvis.analysis.vision import vision_rollout_hooks
 
     return sorted(set(hooks_for(model, "residual", "similarity", "attention", "norms", "statistics"))
                   | set(lens_hook_names(model)) | set(activation_hook_names(model, "resid_post"))
@@ -42,15 +44,6 @@ def tab_hooks(model) -> list[str]:
 
 
 def _repetition(state: ServerState, model, trace) -> dict:
-    from mechvis.analysis.repetition import (
-        RepetitionMonitor,
-        find_induction_heads,
-        loop_onset,
-        rep_labels,
-        repetition_features,
-        seed_score,
-    )
-
     result: dict = {}
     if not trace.generated_ids:
         return result
@@ -81,8 +74,6 @@ def _repetition(state: ServerState, model, trace) -> dict:
 
 
 def store_trace(state: ServerState, run_id: str, trace, request: dict, events: list[dict], timing: dict, image=None) -> StoredRun:
-    from mechvis.analysis import token_signals
-
     model = state.model
     run = trace.run
     signals = token_signals(run.logits, run.tokens, k=TOP_N)
@@ -93,7 +84,6 @@ def store_trace(state: ServerState, run_id: str, trace, request: dict, events: l
         step_top = {"raw_ids": raw_ids, "raw_probs": raw_probs, "sampled_ids": sampled_ids,
                     "sampled_probs": sampled_probs, "support": (trace.step_distributions > 0).sum(-1)}
     repetition = _repetition(state, model, trace)
-    from mechvis.viz.views import topk_tokens_view
 
     topk_view = topk_tokens_view(model, run, k=TOP_N)  # tab 11's circuitsvis view reads the full logits: built now
     for name in list(run.cache.cache_dict):

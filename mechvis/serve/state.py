@@ -10,7 +10,9 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import HTTPException, Request
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
+import mechvis
 from mechvis.errors import InvalidArgumentError
 from mechvis.serve.store import RunStore
 
@@ -85,9 +87,7 @@ def list_model_dirs(roots: tuple[Path, ...]) -> list[str]:
 
 def load_from_root(directory: Path):
     """A hooked model from a checked directory: safetensors weights only, no remote code."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    import mechvis
 
     tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=False)
     hf_model = AutoModelForCausalLM.from_pretrained(

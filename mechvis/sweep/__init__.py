@@ -9,7 +9,8 @@ Dataset format, Parquet schemas and resume semantics: README, "Sweeps".
 
 from mechvis.sweep.analyses import ANALYSES, Analysis, Context, Forward, analyse_item, forward_pass, register
 from mechvis.sweep.dataset import Item, dataset_hash, read_dataset
-from mechvis.sweep.runner import ShardWorker, SweepResult, SweepSpec, plan_sweep, read_sweep, run_sweep
+from mechvis.sweep.runner import SweepResult, plan_sweep, run_sweep
+from mechvis.sweep.shards import ShardWorker, SweepSpec, read_sweep
 from mechvis.sweep.summary import summarise, write_summary, write_sweep_report
 
 __all__ = [

@@ -22,8 +22,16 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 import torch
 
+import mechvis
+from mechvis.analysis import head_entropy, hooks_for, logit_lens, token_signals
+from mechvis.analysis.repetition import repetition_features
+from mechvis.analysis.vision import image_attention, region_metrics, vision_rollout
 from mechvis.errors import InvalidArgumentError, MechvisError
+from mechvis.generation.monitor import RepetitionMonitor, find_induction_heads, rep_labels
+from mechvis.interventions import ablation_sweep, reference_runs, target_probability
+from mechvis.studies.repetition_eval import analysis_hooks
 from mechvis.sweep.dataset import Item, require
+from mechvis.text import encode
 
 if TYPE_CHECKING:
     from transformer_lens.model_bridge import TransformerBridge
@@ -152,8 +160,6 @@ def _target(item: Item, forward: Forward, model) -> int | str | None:
 # --- lens ---------------------------------------------------------------------------------------
 
 def _lens_hooks(model, params):
-    from mechvis.analysis import hooks_for
-
     return hooks_for(model, "lens" if params["include_resid_mid"] else "similarity")
 
 
@@ -175,7 +181,6 @@ def lens_rows(context: Context, item: Item, forward: Forward, params: dict) -> d
     the target's probability and rank (0 = top-1), entropy and KL(final ‖ layer) in nats. The
     target is the item's `target`, else its first continuation/generated token, else the final
     layer's top-1 token."""
-    from mechvis.analysis import logit_lens
 
     lens = logit_lens(forward.run.cache, context.model, positions=[forward.answer_position],
                       target=_target(item, forward, context.model), k=params["k"],
@@ -197,8 +202,6 @@ def lens_rows(context: Context, item: Item, forward: Forward, params: dict) -> d
 # --- heads --------------------------------------------------------------------------------------
 
 def _attention_hooks(model, params):
-    from mechvis.analysis import hooks_for
-
     return hooks_for(model, "attention")
 
 
@@ -213,7 +216,6 @@ def heads_rows(context: Context, item: Item, forward: Forward, params: dict) -> 
     """Per layer × head, means over query positions: row entropy (nats, over all queries),
     normalised entropy (entropy / log visible keys, over queries seeing > 1 key) and the
     attention mass on the sink positions (over queries past the sinks)."""
-    from mechvis.analysis import head_entropy
 
     result = head_entropy(forward.run.cache, context.model, sink_positions=params["sink_positions"])
     n_layers, n_heads = result.entropy.shape[:2]
@@ -239,7 +241,6 @@ def tokens_rows(context: Context, item: Item, forward: Forward, params: dict) ->
     """Per position of the forward pass: the next-token distribution's entropy (nats),
     varentropy (nats²), top-1 probability, top-1 − top-2 margin and the surprisal of the next
     token (nats; null at the last position)."""
-    from mechvis.analysis import token_signals
 
     run = forward.run
     signals = token_signals(run.logits, run.tokens)
@@ -255,8 +256,6 @@ def tokens_rows(context: Context, item: Item, forward: Forward, params: dict) ->
 # --- repetition ---------------------------------------------------------------------------------
 
 def _repetition_hooks(model, params):
-    from mechvis.repetition_eval import analysis_hooks
-
     return analysis_hooks(model, (2 * model.cfg.n_layers) // 3)
 
 
@@ -273,7 +272,6 @@ def repetition_rows(context: Context, item: Item, forward: Forward, params: dict
     """Per generated (or teacher-forced) token: the shipped repetition monitor's P(loop), the
     n-gram repetition label (1 = continues an earlier 4-gram) and `alarm` (true at the step
     where the monitor's CUSUM alarm first fires)."""
-    from mechvis.analysis.repetition import RepetitionMonitor, find_induction_heads, rep_labels, repetition_features
 
     model = context.model
     monitor = context.once("monitor", RepetitionMonitor.load)
@@ -296,7 +294,6 @@ def repetition_rows(context: Context, item: Item, forward: Forward, params: dict
 def _image_hooks(model, params):
     """The language model's attention patterns, plus what `vision_rollout` reads from the vision
     tower: LLaVA's encoder attention patterns, Qwen-VL's cached pixels (its patterns are recomputed)."""
-    from mechvis.analysis import hooks_for
 
     vision = [name for name in model.hook_dict if name == "vision_encoder.hook_in"
               or (name.startswith("vision_encoder.encoder_layers.") and name.endswith(".attn.hook_pattern"))]
@@ -308,7 +305,6 @@ def _rollout_summary(context: Context, forward: Forward, grid) -> dict[str, floa
     0.5): the share of its language-model rollout on the image block, and over the patch grid the
     peak patch (row, col, mass) and the entropy (nats) of the rollout map; None where the model's
     layout is not mapped."""
-    from mechvis.analysis.vision import vision_rollout
 
     try:
         rolled = vision_rollout(forward.run.cache, context.model, grid, query_positions=[forward.answer_position])
@@ -340,7 +336,6 @@ def image_rows(context: Context, item: Item, forward: Forward, params: dict) -> 
     (mean over heads) and the region metrics (nats, cells; see `region_metrics`) of the
     head-averaged map renormalised over the image. Every row of the item also carries its rollout
     summary (`_rollout_summary`, one value per item; null where the layout is not mapped)."""
-    from mechvis.analysis.vision import image_attention, region_metrics
 
     grid = forward.run.segments.image_grid
     if grid is None:
@@ -379,7 +374,6 @@ def _check_ablation(items, params):
 def ablation_rows(context: Context, item: Item, forward: Forward, params: dict) -> dict[str, list]:
     """Per layer × head: P(target) at the answer position with that head ablated minus P(target)
     of the clean run (`ablation_sweep`; "mean" uses mechvis's built-in reference texts)."""
-    from mechvis.interventions import ablation_sweep, reference_runs, target_probability
 
     model = context.model
     reference = context.once("reference", lambda: reference_runs(model)) if params["method"] == "mean" else None
@@ -398,7 +392,6 @@ def ablation_rows(context: Context, item: Item, forward: Forward, params: dict) 
 
 def forward_pass(model: "TransformerBridge", item: Item, hooks: list[str]) -> Forward:
     """Run `item` once (teacher-forcing its continuation or generating, if it asks) caching `hooks`."""
-    import mechvis
 
     names = sorted(set(hooks))
     names_filter = names if names else (lambda name: False)
@@ -424,7 +417,6 @@ def _forward_ids(model: "TransformerBridge", item: Item) -> list[int] | None:
     """The token ids `forward_pass` feeds the model for a text item (prompt, plus a teacher-forced
     continuation); None for items that generate or carry an image (never batched) or that cannot
     be encoded."""
-    from mechvis.running import encode
 
     if item.generates or item.image is not None:
         return None

@@ -20,8 +20,12 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from mechvis.errors import DatasetError
-from mechvis.running import decode_tokens, text_problem
+import pyarrow.parquet as pq
+from PIL import Image
+
+from mechvis.errors import DatasetError, InvalidArgumentError
+from mechvis.generation import SamplingSettings
+from mechvis.text import decode_tokens, text_problem
 
 FIELDS = ("id", "prompt", "messages", "chat", "image", "continuation", "generate", "condition", "pair", "target")
 GENERATE_FIELDS = {"max_new_tokens": int, "temperature": (int, float), "top_k": int, "top_p": (int, float), "seed": int}
@@ -30,8 +34,6 @@ GENERATE_FIELDS = {"max_new_tokens": int, "temperature": (int, float), "top_k": 
 def _check_generate_settings(generate: dict, where: str) -> None:
     """The values `mechvis.generate` accepts, checked with the line number before any model work,
     by the validator `generate` itself runs (`SamplingSettings.validate`)."""
-    from mechvis.errors import InvalidArgumentError
-    from mechvis.generation import SamplingSettings
 
     if generate.get("max_new_tokens", 1) < 1:
         raise DatasetError(f"{where}: generate max_new_tokens must be a positive integer; got {generate['max_new_tokens']!r}.")
@@ -151,8 +153,6 @@ def _check_item(raw: object, line: int, where: str, base: Path) -> Item:
             raise DatasetError(f"{where}: 'image' must be a path (relative to the dataset file).")
         image_path = (base / raw["image"]).resolve()
         try:
-            from PIL import Image
-
             with Image.open(image_path) as opened:
                 opened.verify()
         except Exception as error:  # noqa: BLE001 - PIL raises many kinds; all mean "unreadable"
@@ -167,8 +167,6 @@ def _check_item(raw: object, line: int, where: str, base: Path) -> Item:
 
 def _raw_items(path: Path) -> tuple[list[tuple[int, object]], str]:
     if path.suffix == ".parquet":
-        import pyarrow.parquet as pq
-
         try:
             rows = pq.read_table(path).to_pylist()
         except Exception as error:  # noqa: BLE001

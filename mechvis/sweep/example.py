@@ -18,6 +18,10 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from pydoc_data.topics import topics
+
+import skimage
+from PIL import Image
 
 PHOTOS = {
     "grace_hopper": ("matplotlib", "US Navy photograph, public domain (matplotlib sample_data)"),
@@ -34,7 +38,6 @@ _SENTENCE = re.compile(r"[A-Z][A-Za-z ,;'\-]+\.")
 
 def real_sentences(limit: int = 300) -> list[tuple[str, str]]:
     """(topic, sentence) pairs: prose sentences of 8–28 words from `pydoc_data.topics`, in topic order."""
-    from pydoc_data.topics import topics
 
     found = []
     for key in sorted(topics):
@@ -46,17 +49,13 @@ def real_sentences(limit: int = 300) -> list[tuple[str, str]]:
 
 
 def _photo(name: str, source: str):
-    from PIL import Image
-
     if source == "matplotlib":
         import matplotlib
 
         return Image.open(Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg").convert("RGB")
     if source == "skimage":
-        import skimage
-
         return Image.open(Path(skimage.__file__).parent / "data" / (name + (".jpg" if name == "rocket" else ".png"))).convert("RGB")
-    from sklearn.datasets import load_sample_image
+    from sklearn.datasets import load_sample_image  # scikit-learn takes ~1.5 s to import: loaded when used
 
     return Image.fromarray(load_sample_image(f"{name}.jpg"))
 

@@ -14,7 +14,7 @@ appear exactly once.
 from __future__ import annotations
 
 from mechvis.errors import InvalidArgumentError
-from mechvis.sweep.runner import ShardWorker, SweepSpec
+from mechvis.sweep.shards import ShardWorker, SweepSpec
 
 
 def run_ray(spec: SweepSpec, pending: list[int], *, address: str | None = None, workers: int | None = None,
@@ -22,7 +22,7 @@ def run_ray(spec: SweepSpec, pending: list[int], *, address: str | None = None, 
     """Run the `pending` shards on a Ray cluster (`address`: "auto", "ray://host:10001", or None
     to use the already-initialised cluster or start a local one); shuts down a cluster it started."""
     try:
-        import ray
+        import ray  # the optional `ray` extra
     except ImportError:  # pragma: no cover - the extra is installed here
         raise InvalidArgumentError("The Ray back-end needs Ray: pip install 'mechvis[ray]'.") from None
     if threads < 1:

@@ -12,15 +12,15 @@ from __future__ import annotations
 
 import base64
 import html
-import io
 import itertools
 import json
 import math
 from pathlib import Path
 
 import numpy as np
+from scipy import stats
 
-from mechvis.sweep.runner import atomic_write_bytes, read_sweep, swept_analyses
+from mechvis.sweep.shards import atomic_write_bytes, read_sweep, swept_analyses
 
 # analysis -> (per-layer key or None, metrics summarised)
 METRICS = {
@@ -34,8 +34,6 @@ METRICS = {
 
 
 def _mean_ci(values: np.ndarray) -> tuple[float, float, float]:
-    from scipy import stats
-
     values = values[np.isfinite(values)]
     if len(values) == 0:
         return math.nan, math.nan, math.nan
@@ -51,7 +49,6 @@ def _none(value: float) -> float | None:
 
 def summarise(out_dir: "str | Path") -> dict:
     """The summary of every analysis of the sweep in `out_dir` (see the module docstring)."""
-    from scipy import stats
 
     summary = {}
     for name in swept_analyses(out_dir):

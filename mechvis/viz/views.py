@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Literal
 
 import torch
 
+from mechvis.analysis.lens import decode_nested
 from mechvis.analysis.tokens import TokenSignals
 from mechvis.errors import InvalidArgumentError
 
@@ -186,8 +187,6 @@ def topk_tokens_view_from_signals(model: "TransformerBridge", run: "Run", signal
 
 
 def _topk_view(model: "TransformerBridge", run: "Run", top_log_probs: torch.Tensor, top_ids: torch.Tensor, actual_log_probs: torch.Tensor, ranks: torch.Tensor) -> View:
-    from mechvis.analysis.lens import decode_nested
-
     return View(
         "TokenLogProbs",
         {

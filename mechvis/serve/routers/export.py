@@ -11,8 +11,16 @@ from typing import Literal
 from fastapi import APIRouter, Depends, HTTPException, Query
 from fastapi.responses import HTMLResponse, JSONResponse
 
+from mechvis.generation import SamplingSettings
+from mechvis.generation.trace import _analysed_trace
+from mechvis.images import encode_with_image
+from mechvis.report import write_report
+from mechvis.report.build import default_attention_layers
+from mechvis.serve.routers.generate import GenerateRequest, request_prompt
 from mechvis.serve.routers.runs import RunId, _run, get_run
+from mechvis.serve.runs import ablated
 from mechvis.serve.state import ServerState, get_state
+from mechvis.text import encode
 
 router = APIRouter(prefix="/api/runs", tags=["export"])
 TABS = Literal["attention", "heads", "entropy", "similarity", "dla", "lens", "distribution", "projection", "activations",
@@ -45,12 +53,6 @@ def export_html(
     chat, with its image and under its ablation (run B), from one teacher-forced pass over the
     prompt and the generated tokens as shown (nothing is sampled again). `layer`: the selected
     layer, added to the report's attention layers. A self-contained file that opens from file://."""
-    from mechvis.generation import SamplingSettings, _analysed_trace
-    from mechvis.report import write_report
-    from mechvis.report.build import default_attention_layers
-    from mechvis.running import encode, encode_with_image
-    from mechvis.serve.routers.generate import GenerateRequest, request_prompt
-    from mechvis.serve.runs import ablated
 
     stored = _run(run_id, state)
     model = state.model

@@ -5,20 +5,25 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import math
 import threading
 import time
 import uuid
 from typing import Literal
 
-from fastapi import APIRouter, Depends, HTTPException, Request
+from fastapi import APIRouter, Depends, HTTPException
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
+import mechvis
+from mechvis import generation
 from mechvis.errors import MechvisError
+from mechvis.images import encode_with_image
 from mechvis.serve.runs import ablated, store_trace, tab_hooks
 from mechvis.serve.state import ServerState, get_state
 from mechvis.serve.streaming import token_stream
+from mechvis.text import str_tokens_of
 
 router = APIRouter(tags=["generation"])
 
@@ -68,8 +73,6 @@ def request_prompt(body: GenerateRequest) -> object:
 
 
 def _prompt_and_options(body: GenerateRequest, state: ServerState) -> tuple[object, dict]:
-    from mechvis import generation
-
     prompt = request_prompt(body)
     schedules = {"entropy": generation.EntropyTemperature, "repetition": generation.RepetitionTemperature,
                  "monitor": generation.MonitorTemperature}
@@ -138,9 +141,6 @@ async def generate(body: GenerateRequest, state: ServerState = Depends(get_state
         finals: list = []
         context_bound = False
         try:
-            import mechvis
-            from mechvis.running import encode_with_image, str_tokens_of
-
             if options["image"] is None:
                 ids = mechvis.encode(model, prompt, chat=options["chat"]).token_ids
             else:
@@ -195,8 +195,6 @@ async def generate(body: GenerateRequest, state: ServerState = Depends(get_state
         except MechvisError as error:
             finals.append(("error", {"message": str(error)}))
         except Exception as error:  # reported to the page; the server keeps serving
-            import logging
-
             logging.getLogger("mechvis.serve").exception("generation failed")
             finals.append(("error", {"message": f"{type(error).__name__}: {error}"}))
         finally:

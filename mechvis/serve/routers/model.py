@@ -7,10 +7,12 @@ import uuid
 from dataclasses import asdict
 
 from fastapi import APIRouter, Depends, HTTPException, Request
+from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, Field
 
+from mechvis import inspect_model
 from mechvis.errors import MechvisError
-from mechvis.generation import prepare_decoding
+from mechvis.generation.decoding.decoder import prepare_decoding
 from mechvis.serve.state import ServerState, get_state, list_model_dirs, load_from_root, resolve_model_dir
 
 router = APIRouter(prefix="/api", tags=["model"])
@@ -28,8 +30,6 @@ class ServerStatus(BaseModel):
 
 
 def card(model) -> dict:
-    from mechvis import inspect_model
-
     summary = inspect_model(model)
     return {**asdict(summary), "vlm": getattr(model, "processor", None) is not None}
 
@@ -93,7 +93,6 @@ class ImageUploaded(BaseModel):
                                 for t in ("image/png", "image/jpeg", "image/webp", "image/gif")}}})
 async def upload_image(request: Request, state: ServerState = Depends(get_state)) -> ImageUploaded:
     """An image for a vision-language model, as the raw body (≤ 10 MiB, ≤ 16 megapixels)."""
-    from PIL import Image, UnidentifiedImageError
 
     data = await request.body()
     try:

@@ -3,8 +3,11 @@ attention travels one layer at a time as binary uint8."""
 
 from __future__ import annotations
 
+import asyncio
+import io
 import json
 import math
+import threading
 from typing import Literal
 
 import torch
@@ -12,10 +15,26 @@ from fastapi import APIRouter, Depends, HTTPException, Path, Query, Response
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
+from mechvis.analysis import (
+    activation_norms,
+    activation_statistics,
+    attention_patterns,
+    direct_logit_attribution,
+    head_entropy,
+    hidden_state_projection,
+    layer_similarity,
+    logit_lens,
+    rollout_rows,
+    token_signals,
+)
+from mechvis.analysis.vision import hotspots, image_attention, vision_rollout
 from mechvis.errors import MechvisError
+from mechvis.interventions import ablate_heads, ablation_sweep, intervene, reference_tokens
 from mechvis.serve.runs import mean_reference as _mean_reference
 from mechvis.serve.state import ServerState, get_state
 from mechvis.serve.store import StoredRun
+from mechvis.studies.attribution import gradient_x_input, occlusion
+from mechvis.viz.views import attention_heads_view
 
 router = APIRouter(prefix="/api/runs", tags=["runs"])
 RunId = Path(pattern=r"^[0-9a-f]{12}$")
@@ -85,7 +104,6 @@ def attention_layer(run_id: str = RunId, layer: int = Path(ge=0, le=1023), state
     """Every head's pattern at `layer` as uint8 (value · 255, rounded), heads × query × key, row-major;
     the shape is in the X-Shape header."""
     stored = _run(run_id, state)
-    from mechvis.analysis import attention_patterns
 
     if layer >= state.model.cfg.n_layers:
         raise HTTPException(422, f"layer must be < {state.model.cfg.n_layers}.")
@@ -98,7 +116,6 @@ def attention_layer(run_id: str = RunId, layer: int = Path(ge=0, le=1023), state
 @router.get("/{run_id}/heads")
 def heads(run_id: str = RunId, state: ServerState = Depends(get_state)) -> dict:
     """Head entropy (layer × head mean normalised entropy), sink mass and each head's class."""
-    from mechvis.analysis import head_entropy
 
     stored = _run(run_id, state)
     result = _memo(stored, "heads", lambda: head_entropy(
@@ -116,8 +133,6 @@ def heads(run_id: str = RunId, state: ServerState = Depends(get_state)) -> dict:
 
 @router.get("/{run_id}/similarity")
 def similarity(run_id: str = RunId, state: ServerState = Depends(get_state)) -> dict:
-    from mechvis.analysis import layer_similarity
-
     stored = _run(run_id, state)
     result = _memo(stored, "similarity", lambda: layer_similarity(stored.trace.run.cache, state.model))
     return {"labels": result.layer_labels, "cosine": result.cosine.tolist()}
@@ -129,7 +144,6 @@ def lens(run_id: str = RunId, position: int | None = Query(None, ge=0, le=1_000_
     """Logit lens at every position (or only at `position`: the inspector's rows, ~N times
     cheaper than the whole run's): top-1 token and its probability per layer, the top-3, KL from
     the final layer (nats); arrays are layer × position (× 3)."""
-    from mechvis.analysis import logit_lens
 
     stored = _run(run_id, state)
     cache = stored.trace.run.cache
@@ -165,7 +179,6 @@ def _lens_payload(result, position: int | None = None) -> dict:
 def dla(run_id: str = RunId, position: int = Query(ge=1, le=1_000_000), per: Literal["head", "layer"] = "layer",
         state: ServerState = Depends(get_state)) -> dict:
     """Direct logit attribution of the token at `position` (predicted at position − 1)."""
-    from mechvis.analysis import direct_logit_attribution
 
     stored = _run(run_id, state)
     tokens = stored.trace.run.tokens
@@ -199,7 +212,6 @@ def distribution(run_id: str = RunId, step: int = Path(ge=0, le=100_000), state:
 def projection(run_id: str = RunId, layer: int = Query(-1, ge=-1, le=1023), dims: int = Query(2, ge=2, le=3),
                state: ServerState = Depends(get_state)) -> dict:
     """PCA of the hidden states after `layer` (−1: the token embeddings) at every position."""
-    from mechvis.analysis import hidden_state_projection
 
     stored = _run(run_id, state)
     if layer >= state.model.cfg.n_layers:
@@ -214,7 +226,6 @@ def projection(run_id: str = RunId, layer: int = Query(-1, ge=-1, le=1023), dims
 @router.get("/{run_id}/activations")
 def activations(run_id: str = RunId, state: ServerState = Depends(get_state)) -> dict:
     """Per layer: distribution statistics of MLP and attention outputs, residual norms."""
-    from mechvis.analysis import activation_norms, activation_statistics
 
     stored = _run(run_id, state)
     cache, model = stored.trace.run.cache, state.model
@@ -235,7 +246,6 @@ def activations(run_id: str = RunId, state: ServerState = Depends(get_state)) ->
 def rollout_row(run_id: str = RunId, position: int = Query(ge=0, le=1_000_000), state: ServerState = Depends(get_state)) -> dict:
     """Attention rollout (Abnar & Zuidema 2020): the row of the query at `position`
     (`rollout_rows`: k·N² per layer, not the whole matrix's N³)."""
-    from mechvis.analysis import rollout_rows
 
     stored = _run(run_id, state)
     n = len(stored.trace.run.tokens)
@@ -254,7 +264,6 @@ class AttributionRequest(BaseModel):
 @router.post("/{run_id}/attribution")
 def attribution(body: AttributionRequest, run_id: str = RunId, state: ServerState = Depends(get_state)) -> dict:
     """Input attribution toward the token at `position` (its logit at position − 1), on demand."""
-    from mechvis.analysis import gradient_x_input, occlusion
 
     stored = _run(run_id, state)
     tokens = stored.trace.run.tokens
@@ -280,8 +289,6 @@ class AblationRequest(BaseModel):
 def ablation(body: AblationRequest, run_id: str = RunId, state: ServerState = Depends(get_state)) -> dict:
     """Ablate the heads on the run's whole sequence; Δp of each token (p under the ablation − p
     of the original run, from the model's next-token distributions)."""
-    from mechvis.analysis import token_signals
-    from mechvis.interventions import ablate_heads, intervene, reference_tokens
 
     stored = _run(run_id, state)
     model, tokens = state.model, stored.trace.run.tokens
@@ -308,7 +315,6 @@ def ablation(body: AblationRequest, run_id: str = RunId, state: ServerState = De
 @router.get("/{run_id}/image", response_class=Response, responses={200: {"content": {"image/png": {}}}})
 def run_image(run_id: str = RunId, state: ServerState = Depends(get_state)) -> Response:
     """The run's image (re-encoded as PNG)."""
-    import io
 
     stored = _run(run_id, state)
     image = stored.extras.get("image")
@@ -325,7 +331,6 @@ def vision(run_id: str = RunId, position: int = Query(ge=0, le=1_000_000), layer
     """Where the token at `position` looks in the image at `layer` (`image_attention`: each head's
     map renormalised over the image, the image mass, region metrics) and the hotspots of the
     head-mean map."""
-    from mechvis.analysis.vision import hotspots, image_attention
 
     stored = _run(run_id, state)
     run = stored.trace.run
@@ -355,7 +360,6 @@ def vision_rollout_row(run_id: str = RunId, position: int = Query(ge=0, le=1_000
     language-model rollout into the image tokens, carried through the vision encoder onto the
     image patches (`map`, row-major over `patch_rows` × `patch_cols`, sums to 1), and the share of
     its rollout on the image block (`image_mass`). Computed once per run for every position."""
-    from mechvis.analysis.vision import vision_rollout
 
     stored = _run(run_id, state)
     run = stored.trace.run
@@ -381,7 +385,6 @@ def circuitsvis_view(run_id: str = RunId, name: Literal["attention-heads", "topk
     ({"component", "title", "props"}; the page renders it with circuitsvis' bundle served from its
     wheel): "attention-heads", every head of `layer` (AttentionHeads; at most 256 tokens), or
     "topk-tokens", each position's top-10 next tokens and the actual token's rank (TokenLogProbs)."""
-    from mechvis.viz.views import attention_heads_view
 
     stored = _run(run_id, state)
     run = stored.trace.run
@@ -415,11 +418,7 @@ async def sweep(body: SweepRequest, run_id: str = RunId, state: ServerState = De
     probability of the token at `position` (predicted at position − 1), streamed as `progress`
     events (batches done / total), then `result` (effect layer × head, baseline) or `error`.
     Holds the model's lock; a client that goes away stops the sweep at the next batch."""
-    import asyncio
-    import json
-    import threading
 
-    from mechvis.interventions import ablation_sweep, reference_tokens
 
     stored = _run(run_id, state)
     model, tokens = state.model, stored.trace.run.tokens

@@ -6,6 +6,7 @@ check returns the value normalised (e.g. a numpy integer as an int) or raises an
 
 from __future__ import annotations
 
+import difflib
 import math
 import operator
 from collections.abc import Iterable, Sequence
@@ -15,12 +16,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from mechvis._deprecation import deprecated
 from mechvis.errors import InvalidArgumentError, MissingActivationsError
-from mechvis.running import Span, str_tokens_of
+from mechvis.types import Span
 
 if TYPE_CHECKING:
     from transformer_lens import ActivationCache
     from transformer_lens.model_bridge import TransformerBridge
+
 
 
 def _check_cache(cache: object) -> None:
@@ -276,6 +279,35 @@ def check_model(model: object) -> "TransformerBridge":
     return model
 
 
+def cache_and_model(source: object, model: object = None, *, call: str = "analysis") -> tuple["ActivationCache", "TransformerBridge"]:
+    """The cache and model of an analysis's first argument: a `Run` (its cache), a `Trace` (its
+    run's cache) or an `ActivationCache`; the model is the cache's own (`cache.model`). This is the
+    convention of every analysis, `analysis(run_or_cache, *, options)`.
+
+    `model` is the deprecated second positional argument of the old `(cache, model)` form: when
+    given, it warns (naming `call`, the new form) and is used if the source has no model.
+
+    Raises:
+        InvalidArgumentError: a source that is none of these, or a mapping cache with no model."""
+    run = getattr(source, "run", None)  # a Trace
+    cache = getattr(run if run is not None else source, "cache", None) if not _is_cache(source) else source
+    if cache is None:
+        raise InvalidArgumentError(f"{call} takes a Run, a Trace or an ActivationCache (run.cache); got {shown(source)}.")
+    _check_cache(cache)
+    if model is not None:
+        deprecated(f"Passing the model is deprecated: call {call} (the model is the cache's own, cache.model).", stacklevel=4)
+    own = getattr(cache, "model", None)
+    chosen = own if own is not None else model
+    if chosen is None:
+        raise InvalidArgumentError(
+            f"{call} needs the model: this cache has none (a plain dict of tensors); pass an ActivationCache from mechvis.run.")
+    return cache, check_model(chosen)
+
+
+def _is_cache(source: object) -> bool:
+    return hasattr(source, "cache_dict") or (isinstance(source, dict))
+
+
 def check_layers(model: "TransformerBridge", layers: Iterable[int] | None) -> list[int]:
     """Layer indices validated against the model; None = all layers.
 
@@ -312,26 +344,6 @@ def check_positions(n_positions: int, positions: Iterable[int] | None, *, empty:
     return checked
 
 
-def single_token_id(model: "TransformerBridge", token: int | str) -> int:
-    """A token id from an id or a string that must be exactly one token (e.g. ' Paris')."""
-    vocab = model.cfg.d_vocab
-    if not isinstance(token, str):
-        token_id = integer(token)
-        if token_id is None:
-            raise InvalidArgumentError(f"A token is an id or a string; got {token!r}.")
-        if not 0 <= token_id < vocab:
-            raise InvalidArgumentError(f"token id {token_id} is outside the vocabulary (0..{vocab - 1}).")
-        return token_id
-    ids = model.hf_tokenizer.encode(token, add_special_tokens=False)
-    if len(ids) != 1:
-        pieces = str_tokens_of(model, ids)  # decoded whole: a character split into bytes is not U+FFFD
-        raise InvalidArgumentError(
-            f"{token!r} is {len(ids)} tokens {pieces}, not one. Pass a single token "
-            f"(mind the leading space: ' Paris' and 'Paris' differ) or a token id."
-        )
-    return ids[0]
-
-
 def check_names_filter(model: "TransformerBridge", names_filter: object) -> object:
     """A transformer-lens `names_filter` checked before any model work: None (every hook), a
     function name → bool, a hook name the model has, or a list/tuple of hook names (returned as a
@@ -343,7 +355,6 @@ def check_names_filter(model: "TransformerBridge", names_filter: object) -> obje
     Raises:
         InvalidArgumentError: another type, an unknown single name, or a list of which no name is
             the model's (the message suggests the closest names)."""
-    import difflib
 
     if names_filter is None or callable(names_filter):
         return names_filter

@@ -15,21 +15,17 @@ import torch
 from tqdm.auto import tqdm
 
 from mechvis.analysis.repetition import (
-    FEATURES,
-    InductionHeads,
-    RepetitionMonitor,
     auroc,
     average_precision,
     distinct_n,
-    find_induction_heads,
     fit_cusum,
     loop_onset,
-    rep_labels,
     repetition_features,
     seed_score,
     seq_rep_n,
 )
 from mechvis.generation import EntropyTemperature, MonitorTemperature, RepetitionTemperature, generate, teacher_force
+from mechvis.generation.monitor import FEATURES, InductionHeads, RepetitionMonitor, find_induction_heads, rep_labels
 
 if TYPE_CHECKING:
     from transformer_lens.model_bridge import TransformerBridge

@@ -29,6 +29,8 @@ h += down(act(gate(RMSNorm(h))) · up(RMSNorm(h))); final RMSNorm. The lm_head s
 
 from __future__ import annotations
 
+import copy
+import inspect
 import sys
 import types
 import weakref
@@ -37,6 +39,11 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+from torch.nn.modules import module as module_module
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+from transformers.modeling_outputs import BaseModelOutputWithPast
+from transformers.utils.output_capturing import _active_collector
 
 LEAN_MODELS = frozenset({"LlamaModel", "Qwen2Model", "MistralModel"})
 _LAYER_CHILDREN = {"self_attn", "mlp", "input_layernorm", "post_attention_layernorm"}
@@ -54,12 +61,8 @@ def preallocated_cache(decoder: torch.nn.Module, capacity: int) -> tuple[str, ob
     for its text config), with each plain `DynamicLayer` replaced by a `_PreallocatedLayer` for
     `capacity` positions; None where the cache is not built that way (the transformers version,
     or a model that makes its own), so that generate makes its default one."""
-    import inspect
 
     try:
-        from transformers import DynamicCache
-        from transformers.cache_utils import DynamicLayer
-
         cache = DynamicCache(config=decoder.config.get_text_config(decoder=True))
         layers = cache.layers
         if not decoder._supports_default_dynamic_cache():
@@ -84,8 +87,6 @@ _LAYER_CLASS: list = []
 def _preallocated_layer(capacity: int):
     """A `_PreallocatedLayer` (the class is made on first use: transformers is imported lazily)."""
     if not _LAYER_CLASS:
-        from transformers.cache_utils import DynamicLayer
-
         class _PreallocatedLayer(DynamicLayer):
             """`DynamicLayer` whose keys and values are views of the first positions of storage for
             `capacity` positions, into which each update writes. `DynamicLayer.update` concatenates
@@ -192,7 +193,6 @@ class _Plan:
         self.steps = 0  # lean steps this plan computed (the check counts its own, whatever other threads do)
         self.hidden = inner.norm.weight.shape[0]
         self.final_eps = float(inner.norm.variance_epsilon)
-        from transformers.modeling_outputs import BaseModelOutputWithPast
 
         self.output_type = BaseModelOutputWithPast
         fields = getattr(BaseModelOutputWithPast, "__dataclass_fields__", {})
@@ -324,7 +324,6 @@ def acting_hooks(modules) -> bool:
     globally). transformers' output-capturing hooks are not: `capture_outputs` installs them on
     decoder layers and attention modules on first use and leaves them, and they return at once
     while no output collector is active (checked here)."""
-    from torch.nn.modules import module as module_module
 
     if any(getattr(module_module, name, None) for name in ("_global_forward_hooks", "_global_forward_pre_hooks")):
         return True
@@ -380,8 +379,6 @@ def _collector_active() -> bool:
     """Whether transformers' output collector is set in this context (True where it cannot be
     read: another transformers layout, so the hooks count as acting)."""
     try:
-        from transformers.utils.output_capturing import _active_collector
-
         return _active_collector.get() is not None
     except Exception:  # noqa: BLE001
         return True
@@ -407,7 +404,6 @@ def with_lean_steps(decoder: torch.nn.Module) -> torch.nn.Module | None:
     """A shallow copy of `decoder` (an HF causal LM, already a copy made for decoding) whose inner
     model computes single-token decoding steps lean, or None where `_plan` refuses it. Nothing of
     `decoder` is modified; parameters and hooks are shared."""
-    import copy
 
     prefix = getattr(decoder, "base_model_prefix", None)
     inner = decoder._modules.get(prefix) if isinstance(prefix, str) else None
