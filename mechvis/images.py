@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 
 
 
-def load_image(image: object) -> "PIL.Image.Image":
+def load_image(image: object) -> Image.Image:
     """An RGB PIL image from a PIL image, an (H, W, 3) array (uint8, or floats in [0, 1]) or a path."""
 
     if isinstance(image, Image.Image):

@@ -25,14 +25,6 @@ from mechvis.types import Span
 if TYPE_CHECKING:
     from transformer_lens.model_bridge import TransformerBridge
 
-    from mechvis.running import Run
-
-if TYPE_CHECKING:
-    from transformer_lens.model_bridge import TransformerBridge
-
-    from mechvis.running import Run
-
-
 def find_token_spans(
     run: "Run", keyword: str, *, case_sensitive: bool = False, whole_word: bool = True,
     match: str = "spelling", model: "TransformerBridge | None" = None, layer: int | None = None, threshold: float = 0.5,

@@ -23,11 +23,6 @@ if TYPE_CHECKING:
 
 
 pass
-if TYPE_CHECKING:
-    from transformer_lens.model_bridge import TransformerBridge
-
-
-
 # --- which keys each query sees ----------------------------------------------------------------
 
 @dataclass(frozen=True)

@@ -24,12 +24,6 @@ if TYPE_CHECKING:
     from transformer_lens.model_bridge import TransformerBridge
 
 
-if TYPE_CHECKING:
-    from transformer_lens.model_bridge import TransformerBridge
-
-    from mechvis.generation import Trace
-
-
 def stream_image_attention(
     model: "TransformerBridge",
     prompt: str,
