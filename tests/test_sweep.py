@@ -259,7 +259,7 @@ def test_schemas_are_fixed_and_shards_hold_k_items(tiny_dir, tmp_path):
 
 
 def test_a_failed_write_leaves_no_part_and_no_temp_file(tiny_dir, tmp_path, monkeypatch):
-    import mechvis.sweep.runner as runner
+    import mechvis.sweep.shards as shards
 
     dataset = write_jsonl(tmp_path / "d.jsonl", prompts(4))
     calls, write = [], pq.write_table
@@ -271,7 +271,7 @@ def test_a_failed_write_leaves_no_part_and_no_temp_file(tiny_dir, tmp_path, monk
             raise OSError("disk full")
         write(table, handle)
 
-    monkeypatch.setattr(runner.pq, "write_table", crashing)
+    monkeypatch.setattr(shards.pq, "write_table", crashing)
     with pytest.raises(OSError, match="disk full"):
         run_sweep(dataset, tmp_path / "out", ["lens"], model=str(tiny_dir), shard_size=2, progress=False, summary=False)
     files = sorted(p.name for p in (tmp_path / "out" / "lens").iterdir())
