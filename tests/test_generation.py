@@ -272,9 +272,11 @@ def test_sampling_uses_exactly_the_distribution_asked_for(tiny):
 
 def _events_and_trace(stream):
     items = list(stream)
+    assert isinstance(items[0], mechvis.PromptEvent)
     assert isinstance(items[-1], mechvis.Trace)
-    assert all(isinstance(item, mechvis.TokenEvent) for item in items[:-1])
-    return items[:-1], items[-1]
+    assert all(isinstance(item, mechvis.TokenEvent) for item in items[1:-1])
+    assert list(items[0].token_ids) == items[-1].run.tokens[: items[-1].prompt_length].tolist()
+    return items[1:-1], items[-1]
 
 
 def _assert_events_match(events, trace):
@@ -338,6 +340,7 @@ def test_stream_generate_is_cancelled_by_closing_it(tiny):
     handle = model.original_model.get_input_embeddings().register_forward_hook(lambda *args: forwards.append(1))
     try:
         stream = mechvis.stream_generate(model, "Once upon a time", max_new_tokens=100)
+        assert isinstance(next(stream), mechvis.PromptEvent)
         first = [next(stream), next(stream)]
         stream.close()
         assert len(forwards) <= 4  # the prompt, the steps yielded, at most one more running when closed

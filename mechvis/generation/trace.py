@@ -1,5 +1,6 @@
 """What a generation produced: `Trace` (the teacher-forced run plus each step's logits and
-distribution), `TokenEvent` (one streamed token) and `teacher_force`."""
+distribution), `PromptEvent` (the prompt, streamed first), `TokenEvent` (one streamed token) and
+`teacher_force`."""
 
 from __future__ import annotations
 
@@ -59,6 +60,22 @@ class Trace:
     def sampled_not_argmax(self) -> Int[Tensor, " step"]:
         """1 where the sampled token was not the raw logits' argmax."""
         return (self.step_logits.argmax(-1).cpu() != torch.tensor(self.generated_ids)).long()
+
+
+@dataclass(frozen=True)
+class PromptEvent:
+    """The prompt as `stream_generate` decodes it: its first item, before any `TokenEvent`.
+
+    `token_ids` are the prompt's tokens (chat template and image tokens included), `str_tokens`
+    the text each one completes when the prompt is decoded whole (as `Run.str_tokens`: a token
+    ending inside a multi-byte character is "" and the one completing it carries the character),
+    `segments` its spans, sink positions and image grid, `max_new_tokens` the most tokens the
+    generation will decode."""
+
+    token_ids: tuple[int, ...]
+    str_tokens: tuple[str, ...]
+    segments: Segments
+    max_new_tokens: int
 
 
 @dataclass(frozen=True)
