@@ -258,6 +258,26 @@ def test_start_event_prompt_tokens_come_from_decoding_the_prompt_whole(client, m
     assert "".join(start["prompt_tokens"]) == reference and "\ufffd" not in "".join(start["prompt_tokens"])
 
 
+def test_a_request_tokenises_the_prompt_once(client, model, monkeypatch):
+    """The page's prompt tokens are the stream's prompt event's: one tokenisation per request."""
+    import mechvis.generation.streaming as streaming
+    import mechvis.text
+
+    calls = []
+    original = mechvis.text.encode
+
+    def counted(*args, **kwargs):
+        calls.append(args[1])
+        return original(*args, **kwargs)
+
+    for module in (streaming, mechvis, mechvis.text):
+        monkeypatch.setattr(module, "encode", counted)
+    events = sse(generate(client))
+    assert events[0][0] == "start" and events[-1][0] == "analysis"
+    assert calls == ["Once upon a time"]
+    assert events[0][1]["prompt_ids"] == original(model, "Once upon a time").token_ids
+
+
 def test_sampling_same_seed_same_tokens(client):
     settings = dict(temperature=1.3, top_k=50, top_p=0.95, min_p=0.01, seed=7)
     first, second = (sse(generate(client, **settings)) for _ in range(2))
