@@ -542,6 +542,21 @@ def test_sweep_streams_progress_and_equals_the_library(client, model):
     assert streamed[-1][1]["effect"][1][2] == pytest.approx((ablated - clean).item(), abs=1e-5)
 
 
+@pytest.mark.parametrize("method", ["zero", "mean"])
+def test_generating_with_ablated_heads_equals_the_library(client, model, method):
+    """A generation request with `ablate` decodes and analyses under the ablation, as
+    `mechvis.generate` inside `intervene` does, and the model is plain again afterwards."""
+    from mechvis.interventions import ablate_heads, intervene, reference_runs
+
+    events = sse(generate(client, ablate=[[0, 1], [2, 3]], ablate_method=method))
+    assert events[-1][0] == "analysis"
+    reference = reference_runs(model) if method == "mean" else None
+    with intervene(model, ablate_heads(model, [(0, 1), (2, 3)], method=method, reference=reference)):
+        expected = mechvis.generate(model, "Once upon a time", max_new_tokens=6)
+    assert [data["id"] for kind, data in events if kind == "token"] == expected.generated_ids
+    assert not any(hook._forward_hooks for hook in model.hook_dict.values())  # the ablation is gone
+
+
 def test_mean_ablation_equals_the_library(client, model):
     """Mean ablation from the page uses the model's reference runs, computed once per model."""
     from mechvis.interventions import ablate_heads, intervene, reference_runs

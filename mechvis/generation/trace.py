@@ -90,7 +90,7 @@ class TokenEvent:
     raw distribution's top-N. `text` is what the token adds to the decoded whole generated text
     ("" while it ends inside a multi-byte character, whose text comes with the token that
     completes it). `monitor_probability` is the repetition monitor's probability that this token
-    continues a loop, when decoding with `MonitorTemperature`, else None.
+    continues a loop, when decoding with `MonitorTemperature` or a `MonitorRecorder`, else None.
     """
 
     step: int

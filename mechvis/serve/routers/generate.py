@@ -120,13 +120,27 @@ async def generate(body: GenerateRequest, state: ServerState = Depends(get_state
     stop = threading.Event()  # /api/stop asks the generator below to close the stream
     state.cancel = stop
     state.status = "generating"
-    return _EventStream(_generation_events(model, prompt, options, body, state, stop),
+    return _EventStream(_generation_events(model, prompt, options, body, state, stop), lambda: _release(state, stop),
                         media_type="text/event-stream", headers={"X-Accel-Buffering": "no"})
 
 
+def _release(state: ServerState, stop: threading.Event) -> None:
+    """The end of generation `stop` (once; later calls do nothing): the server is idle and takes
+    the next request."""
+    if state.cancel is stop:
+        state.status = "idle"
+        state.cancel = None
+        state.generation_lock.release()
+
+
 class _EventStream(StreamingResponse):
-    """A streaming response that closes its generator however the response ends: a client that
-    goes away leaves it suspended at a `yield`, which Starlette does not close."""
+    """A streaming response that closes its generator however the response ends (a client that
+    goes away leaves it suspended at a `yield`, which Starlette does not close), then calls
+    `on_close` (also when the generator never started)."""
+
+    def __init__(self, content, on_close, **options) -> None:
+        super().__init__(content, **options)
+        self.on_close = on_close
 
     async def stream_response(self, send) -> None:
         try:
@@ -134,6 +148,7 @@ class _EventStream(StreamingResponse):
         finally:
             with anyio.CancelScope(shield=True):
                 await self.body_iterator.aclose()
+            self.on_close()
 
 
 _END = object()
@@ -157,8 +172,8 @@ async def _generation_events(model, prompt, options: dict, body: GenerateRequest
     token_times: list[float] = []
     final = None
     try:
-        if body.ablate:
-            contexts.enter_context(ablated(state, body.ablate, body.ablate_method))
+        if body.ablate:  # (a mean ablation runs the model for its reference: in a thread too)
+            await _in_thread(lambda: contexts.enter_context(ablated(state, body.ablate, body.ablate_method)))
         # fit_context: asked for more than the context holds, decode until it is full, then stop
         # with reason "context" (a prompt that leaves no room is refused by stream_generate).
         stream = await _in_thread(lambda: token_stream(model, prompt, names_filter=tab_hooks(model), fit_context=True, **options))
@@ -211,9 +226,7 @@ async def _generation_events(model, prompt, options: dict, body: GenerateRequest
             if stream is not None:
                 await _in_thread(stream.close)  # the one cancel path: closing the stream stops decoding
             contexts.close()
-            state.status = "idle"
-            state.cancel = None
-            state.generation_lock.release()
+            _release(state, stop)  # before the last event: a client may send the next request on it
     if final is not None:
         yield _event(*final)
 
