@@ -122,8 +122,8 @@ def main() -> None:
         if repeat:
             monitor_totals.append(_stream(url, {**long_body, "schedule": "monitor", "seed": monitor_seed})["stopped"])
         t0 = time.perf_counter()
-        mechvis.generate(model, DEMO_PROMPT, chat=True, max_new_tokens=N_NEW, seed=monitor_seed,
-                         temperature_schedule=mechvis.generation.MonitorTemperature())
+        mechvis.generate(model, DEMO_PROMPT, chat=True, max_new_tokens=N_NEW,
+                         sampling=mechvis.SamplingSettings(seed=monitor_seed, schedule=mechvis.generation.MonitorTemperature()))
         generate_monitor_totals.append(time.perf_counter() - t0)
 
     layer = httpx.get(f"{url}/api/runs/{run_id}/attention/15")

@@ -19,7 +19,7 @@ if "torch" not in _sys.modules and not {"OMP_WAIT_POLICY", "GOMP_SPINCOUNT"} & s
     _os.environ["OMP_WAIT_POLICY"], _os.environ["GOMP_SPINCOUNT"] = "ACTIVE", "1000"
 
 from mechvis.errors import MechvisError  # noqa: E402
-from mechvis.generation import SamplingSettings, TokenEvent, Trace, generate, stream_generate, teacher_force  # noqa: E402
+from mechvis.generation import PromptEvent, SamplingSettings, TokenEvent, Trace, generate, stream_generate, teacher_force  # noqa: E402
 from mechvis.models import load_model  # noqa: E402
 from mechvis.models.architecture import ArchitectureSummary, inspect_model  # noqa: E402
 from mechvis.running import Run, run  # noqa: E402
@@ -33,6 +33,7 @@ __all__ = [
     "Segments",
     "Span",
     "SamplingSettings",
+    "PromptEvent",
     "TokenEvent",
     "Trace",
     "encode",

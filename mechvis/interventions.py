@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from mechvis._validation import check_heads, check_integer, check_layers, check_positions, check_real, check_token_ids, shown
 from mechvis.errors import InvalidArgumentError
+from mechvis.generation.recorders import Recorder
 from mechvis.running import run
 from mechvis.text import single_token_id
 
@@ -484,10 +485,11 @@ def steering_vector(model: "TransformerBridge", positive: Sequence[str], negativ
     return mean_of(positive) - mean_of(negative)
 
 
-class KeywordBoost:
-    """HF logits processor for `generate(..., logits_processors=[...])`: adds `bias` (in logits) to
-    every token of each keyword (a token id, or a string tokenised as given: mind the leading
-    space, ' Paris' and 'Paris' are different tokens)."""
+class KeywordBoost(Recorder):
+    """A steerer for `generate(..., recorders=[boost])`: its logits step adds `bias` (in logits)
+    to every token of each keyword (a token id, or a string tokenised as given: mind the leading
+    space, ' Paris' and 'Paris' are different tokens). Also an HF logits processor
+    f(input_ids, scores) → scores."""
 
     def __init__(self, model: "TransformerBridge", keywords: Sequence[int | str], bias: float):
         ids: set[int] = set()
@@ -508,4 +510,6 @@ class KeywordBoost:
         scores = scores.clone()
         scores[:, self.token_ids.to(scores.device)] += self.bias
         return scores
+
+    logits_step = __call__
 

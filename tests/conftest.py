@@ -72,7 +72,7 @@ def streamed_features(monkeypatch):
     """The rows `StreamingFeatures.step` returns while `mechvis.generate` decodes, one per step."""
     import mechvis.generation.decoding.decoder
     import mechvis.generation.decoding.kernels
-    import mechvis.generation.streaming
+    import mechvis.generation.recorders
     from mechvis.generation.monitor import StreamingFeatures
 
     class _Rows(list):
@@ -98,7 +98,7 @@ def streamed_features(monkeypatch):
 
     rows = _Rows()
 
-    monkeypatch.setattr(mechvis.generation.streaming, "StreamingFeatures", Recording)
+    monkeypatch.setattr(mechvis.generation.recorders, "StreamingFeatures", Recording)
     return rows
 
 

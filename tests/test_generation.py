@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import contextlib
+import re
 
+import numpy as np
 import pytest
 import torch
 
 import mechvis
 from mechvis.demo import DEMO_PROMPT, summarise
 from mechvis.errors import InvalidArgumentError
+from mechvis.generation import Recorder, SamplingSettings
 
 
 def _hf_greedy(reference, prompt_ids, n):
@@ -112,9 +115,9 @@ def test_the_batched_kernel_is_kept_only_where_it_is_equal_and_faster(monkeypatc
 def test_sampling_follows_the_settings_and_the_seed(tiny):
     model, _ = tiny("llama")
     state = torch.random.get_rng_state()
-    first = mechvis.generate(model, "Hello", max_new_tokens=8, temperature=1.3, top_k=5, seed=7)
+    first = mechvis.generate(model, "Hello", max_new_tokens=8, sampling=SamplingSettings(temperature=1.3, top_k=5, seed=7))
     assert torch.equal(torch.random.get_rng_state(), state)  # the global generator is untouched
-    again = mechvis.generate(model, "Hello", max_new_tokens=8, temperature=1.3, top_k=5, seed=7)
+    again = mechvis.generate(model, "Hello", max_new_tokens=8, sampling=SamplingSettings(temperature=1.3, top_k=5, seed=7))
     assert first.generated_ids == again.generated_ids
     support = (first.step_distributions > 0).sum(-1)
     assert (support <= 5).all() and (support >= 1).all()
@@ -125,7 +128,7 @@ def test_sampling_follows_the_settings_and_the_seed(tiny):
     top = expected.topk(5, dim=-1)
     renormalised = top.values / top.values.sum(-1, keepdim=True)
     torch.testing.assert_close(first.step_distributions.gather(-1, top.indices), renormalised, atol=1e-5, rtol=1e-4)
-    nucleus = mechvis.generate(model, "Hello", max_new_tokens=4, temperature=1.0, top_p=0.5, seed=1)
+    nucleus = mechvis.generate(model, "Hello", max_new_tokens=4, sampling=SamplingSettings(temperature=1.0, top_p=0.5, seed=1))
     kept = nucleus.step_distributions > 0
     raw = nucleus.step_logits.softmax(-1)
     assert ((raw * kept).sum(-1) >= 0.5 - 1e-6).all()
@@ -142,12 +145,12 @@ def test_chat_mode_uses_the_template(tiny):
 @pytest.mark.parametrize(
     ("options", "message"),
     [
-        (dict(temperature=-0.1), "temperature"),
-        (dict(temperature=float("nan")), "temperature"),
-        (dict(temperature=1.0, top_p=0.0), "top_p"),
-        (dict(temperature=1.0, top_p=1.5), "top_p"),
-        (dict(temperature=1.0, top_k=0), "top_k"),
-        (dict(temperature=1.0, min_p=2.0), "min_p"),
+        (dict(sampling=SamplingSettings(temperature=-0.1)), "temperature"),
+        (dict(sampling=SamplingSettings(temperature=float("nan"))), "temperature"),
+        (dict(sampling=SamplingSettings(temperature=1.0, top_p=0.0)), "top_p"),
+        (dict(sampling=SamplingSettings(temperature=1.0, top_p=1.5)), "top_p"),
+        (dict(sampling=SamplingSettings(temperature=1.0, top_k=0)), "top_k"),
+        (dict(sampling=SamplingSettings(temperature=1.0, min_p=2.0)), "min_p"),
         (dict(max_new_tokens=0), "max_new_tokens"),
         (dict(max_new_tokens=10_000), "context of 256"),
     ],
@@ -258,10 +261,10 @@ def test_sampling_uses_exactly_the_distribution_asked_for(tiny):
     vocabulary: no repetition penalty, no top-k of 50 (HF's default), nothing shipped."""
     model, _ = tiny("llama")
     _with_shipped_generation_config(model)
-    trace = mechvis.generate(model, "Once upon a time", max_new_tokens=6, temperature=1.0, seed=0)
+    trace = mechvis.generate(model, "Once upon a time", max_new_tokens=6, sampling=SamplingSettings(temperature=1.0, seed=0))
     torch.testing.assert_close(trace.step_distributions, trace.step_logits.softmax(-1), atol=1e-6, rtol=0)
     assert (trace.step_distributions > 0).all()
-    hot = mechvis.generate(model, "Once upon a time", max_new_tokens=6, temperature=0.5, top_k=7, seed=0)
+    hot = mechvis.generate(model, "Once upon a time", max_new_tokens=6, sampling=SamplingSettings(temperature=0.5, top_k=7, seed=0))
     expected = (hot.step_logits / 0.5).softmax(-1)
     kept = expected.topk(7).indices
     expected = torch.zeros_like(expected).scatter(-1, kept, expected.gather(-1, kept))
@@ -272,9 +275,11 @@ def test_sampling_uses_exactly_the_distribution_asked_for(tiny):
 
 def _events_and_trace(stream):
     items = list(stream)
+    assert isinstance(items[0], mechvis.PromptEvent)
     assert isinstance(items[-1], mechvis.Trace)
-    assert all(isinstance(item, mechvis.TokenEvent) for item in items[:-1])
-    return items[:-1], items[-1]
+    assert all(isinstance(item, mechvis.TokenEvent) for item in items[1:-1])
+    assert list(items[0].token_ids) == items[-1].run.tokens[: items[-1].prompt_length].tolist()
+    return items[1:-1], items[-1]
 
 
 def _assert_events_match(events, trace):
@@ -307,10 +312,10 @@ def test_stream_generate_events_equal_the_teacher_forced_trace(tiny, case):
     model, _ = tiny("llama")
     options = {
         "greedy": {},
-        "sampled": dict(temperature=0.9, top_p=0.95, seed=3),
+        "sampled": dict(sampling=SamplingSettings(temperature=0.9, top_p=0.95, seed=3)),
         "hooked": {},
-        "schedule": dict(temperature_schedule=EntropyTemperature(), seed=1),
-        "processor": dict(logits_processors=[KeywordBoost(model, [" banana"], bias=3.0)], temperature=1.0, seed=2),
+        "schedule": dict(sampling=SamplingSettings(schedule=EntropyTemperature(), seed=1)),
+        "processor": dict(recorders=[KeywordBoost(model, [" banana"], bias=3.0)], sampling=SamplingSettings(temperature=1.0, seed=2)),
     }[case]
     context = intervene(model, ablate_heads(model, [(0, 1)])) if case == "hooked" else contextlib.nullcontext()
     with context:
@@ -325,8 +330,8 @@ def test_stream_generate_with_the_monitor_reports_its_probability(tiny):
 
     model, _ = tiny("llama")
     schedule = MonitorTemperature()
-    events, trace = _events_and_trace(mechvis.stream_generate(model, "Once upon a time", max_new_tokens=6, seed=0,
-                                                              temperature_schedule=schedule))
+    events, trace = _events_and_trace(mechvis.stream_generate(model, "Once upon a time", max_new_tokens=6,
+                                                              sampling=SamplingSettings(seed=0, schedule=schedule)))
     _assert_events_match(events, trace)
     for event in events:  # T = low + (high − low)·P
         assert abs(event.temperature - (schedule.low + (schedule.high - schedule.low) * event.monitor_probability)) <= 1e-5
@@ -338,6 +343,7 @@ def test_stream_generate_is_cancelled_by_closing_it(tiny):
     handle = model.original_model.get_input_embeddings().register_forward_hook(lambda *args: forwards.append(1))
     try:
         stream = mechvis.stream_generate(model, "Once upon a time", max_new_tokens=100)
+        assert isinstance(next(stream), mechvis.PromptEvent)
         first = [next(stream), next(stream)]
         stream.close()
         assert len(forwards) <= 4  # the prompt, the steps yielded, at most one more running when closed
@@ -515,3 +521,208 @@ def test_grouped_query_decoding_is_used_where_checked_equal(tiny, architecture, 
     monkeypatch.setitem(AttentionInterface._global_mapping, _GROUPED_ATTENTION, mechvis.generation.decoding.kernels._grouped_eager_attention)
     attentions = [module for module in _decoder(model).modules() if hasattr(module, "num_key_value_groups")]
     assert all(module.config._attn_implementation == "eager" for module in attentions)
+
+
+# --- recorders and the deprecated keyword forms ---
+
+def _same_trace(a, b):
+    assert a.generated_ids == b.generated_ids
+    for name in ("step_logits", "step_distributions", "step_temperatures"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+    assert a.settings == b.settings and a.stop_reason == b.stop_reason
+
+
+def _deprecated_cases(model):
+    from mechvis.generation import EntropyTemperature, MonitorTemperature, ProcessLogits, find_induction_heads
+    from mechvis.interventions import KeywordBoost
+
+    boost = KeywordBoost(model, [" banana"], bias=3.0)
+    induction = find_induction_heads(model, threshold=0.0, top=2)
+    monitor = MonitorTemperature(induction=induction)
+    return {  # old keywords, the new call, what the warning says to pass
+        "sampled": (dict(temperature=0.9, top_p=0.95, seed=3), dict(sampling=SamplingSettings(temperature=0.9, top_p=0.95, seed=3)),
+                    "pass sampling=SamplingSettings(temperature=0.9, top_p=0.95, seed=3)"),
+        "min_p top_k": (dict(temperature=1.2, top_k=20, min_p=0.05, seed=4),
+                        dict(sampling=SamplingSettings(temperature=1.2, top_k=20, min_p=0.05, seed=4)),
+                        "pass sampling=SamplingSettings(temperature=1.2, top_k=20, min_p=0.05, seed=4)"),
+        "schedule": (dict(temperature_schedule=EntropyTemperature(), seed=1),
+                     dict(sampling=SamplingSettings(schedule=EntropyTemperature(), seed=1)), "pass sampling=SamplingSettings(schedule="),
+        "monitor": (dict(temperature_schedule=monitor, seed=0), dict(sampling=SamplingSettings(schedule=monitor, seed=0)),
+                    "pass sampling=SamplingSettings(schedule=MonitorTemperature"),
+        "processors": (dict(logits_processors=[boost]), dict(recorders=[boost]), "pass recorders=[ProcessLogits(processor)"),
+        "function": (dict(logits_processors=[_boost_first_token], temperature=1.0, seed=5),
+                     dict(recorders=[ProcessLogits(_boost_first_token)], sampling=SamplingSettings(temperature=1.0, seed=5)),
+                     "pass recorders=[ProcessLogits(processor)"),
+    }
+
+
+def _boost_first_token(input_ids, scores):
+    return scores + 5.0 * torch.nn.functional.one_hot(torch.tensor([3]), scores.shape[-1])
+
+
+def test_deprecated_keywords_warn_and_give_identical_traces(tiny):
+    from mechvis.errors import MechvisDeprecationWarning
+
+    model, _ = tiny("llama")
+    for name, (old, new, message) in _deprecated_cases(model).items():
+        with pytest.warns(MechvisDeprecationWarning, match=re.escape(message)):
+            deprecated = mechvis.generate(model, "Once upon a time", max_new_tokens=6, analysis_pass=False, **old)
+        _same_trace(deprecated, mechvis.generate(model, "Once upon a time", max_new_tokens=6, analysis_pass=False, **new))
+        with pytest.warns(MechvisDeprecationWarning, match=r"stream_generate\(.*\) is deprecated"):
+            old_items = list(mechvis.stream_generate(model, "Once upon a time", max_new_tokens=6, analysis_pass=False, **old))
+        new_items = list(mechvis.stream_generate(model, "Once upon a time", max_new_tokens=6, analysis_pass=False, **new))
+        assert old_items[:-1] == new_items[:-1], name  # the prompt event and every token event, value for value
+        _same_trace(old_items[-1], new_items[-1])
+
+
+def test_the_new_calls_do_not_warn(tiny):
+    import warnings
+
+    from mechvis.generation import EntropyTemperature
+
+    model, _ = tiny("llama")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        mechvis.generate(model, "Hello", max_new_tokens=2, sampling=SamplingSettings(schedule=EntropyTemperature(), seed=1),
+                         analysis_pass=False)
+
+
+def test_bad_sampling_and_recorders(tiny):
+    from mechvis.generation import ProcessLogits
+
+    model, _ = tiny("llama")
+    cases = [
+        (dict(sampling=0.7), InvalidArgumentError, r"sampling must be a mechvis.SamplingSettings.*got 0\.7"),
+        (dict(sampling=SamplingSettings(temperature=0.5), temperature=0.7), InvalidArgumentError, "sampling settings once"),
+        (dict(recorders=5), InvalidArgumentError, r"recorders must be a list.*got 5"),
+        (dict(recorders=[_boost_first_token]), InvalidArgumentError, r"recorder 0 is not.*ProcessLogits\(f\)"),
+        (dict(recorders=ProcessLogits(_boost_first_token)), InvalidArgumentError, r"pass \[recorder\]"),
+        (dict(recorders=[ProcessLogits(lambda ids, scores: None)]), InvalidArgumentError, "returned None"),
+        (dict(temprature=0.7), TypeError, "unexpected keyword argument 'temprature'"),
+    ]
+    for options, error, message in cases:
+        with pytest.raises(error, match=message):
+            mechvis.generate(model, "Hello", max_new_tokens=2, **options)
+    with pytest.raises(InvalidArgumentError, match="not callable"):
+        ProcessLogits(3)
+    settings = SamplingSettings(temperature=np.float32(0.5), top_k=np.int64(3))
+    mechvis.generate(model, "Hello", max_new_tokens=2, sampling=settings, analysis_pass=False)
+    assert type(settings.temperature) is np.float32  # the caller's settings are not changed
+
+
+def test_the_prompt_event_comes_first(tiny):
+    model, _ = tiny("llama")
+    prompt = "Tokyo 東京 is great 🎉"
+    stream = mechvis.stream_generate(model, prompt, max_new_tokens=3)
+    event = next(stream)
+    stream.close()
+    assert isinstance(event, mechvis.PromptEvent)
+    run = mechvis.run(model, prompt, names_filter=lambda name: False)
+    assert list(event.token_ids) == run.tokens.tolist() and list(event.str_tokens) == run.str_tokens
+    assert event.segments == mechvis.encode(model, prompt).segments and event.max_new_tokens == 3
+    # fit_context: more tokens than fit decode until the context is full, and the event says how many
+    room = model.cfg.n_ctx - len(event.token_ids)
+    *_, trace = stream = list(mechvis.stream_generate(model, prompt, max_new_tokens=room + 50, fit_context=True,
+                                                      analysis_pass=False))
+    assert stream[0].max_new_tokens == room and len(trace.generated_ids) <= room
+    with pytest.raises(InvalidArgumentError, match="context"):
+        next(mechvis.stream_generate(model, prompt, max_new_tokens=room + 1))
+
+
+class _Everything(Recorder):
+    """Records every callback, and counts its hooks' calls."""
+
+    def __init__(self, where):
+        self.where, self.calls, self.steps, self.hooked = where, [], [], 0
+
+    def start(self, model, prompt):
+        self.calls.append(("start", prompt))
+
+    def _hook(self, *args, **kwargs):
+        self.hooked += 1
+
+    def hook_points(self, model):
+        return [("blocks.0.hook_resid_post", self._hook)] if self.where == "bridge" else []
+
+    def module_hooks(self, model, *, bridge):
+        if self.where == "bridge":
+            return [] if bridge else None  # None: this recorder needs the bridge
+        return [(model.blocks[0]._modules["_original_component"], self._hook)]  # the HF decoder layer
+
+    def step(self, event):
+        self.steps.append(event)
+
+    def finish(self, trace):
+        self.calls.append(("finish", trace))
+
+    @property
+    def result(self):
+        return len(self.steps)
+
+
+@pytest.mark.parametrize("where", ["bridge", "modules"])
+def test_a_user_recorder_sees_every_step(tiny, where):
+    from mechvis.generation.decoding import decoder
+
+    model, _ = tiny("llama")
+    recorder = _Everything(where)
+    decoders = []
+    original = decoder._decoder
+    with pytest.MonkeyPatch.context() as patch:  # which model the decode runs
+        patch.setattr("mechvis.generation.streaming._decoder", lambda *a, **k: decoders.append(original(*a, **k)) or decoders[-1])
+        items = list(mechvis.stream_generate(model, "Once upon a time", max_new_tokens=5, recorders=[recorder],
+                                             sampling=SamplingSettings(temperature=1.0, seed=0)))
+    prompt, events, trace = items[0], items[1:-1], items[-1]
+    assert recorder.calls == [("start", prompt), ("finish", trace)]
+    assert recorder.steps == events and recorder.result == len(trace.generated_ids) == 5
+    assert recorder.hooked == len(events)  # one forward per decoded token; removed before the analysis pass
+    assert decoders[0] is not model.original_model  # no intervention: the fast path was offered ...
+    plain = mechvis.generate(model, "Once upon a time", max_new_tokens=5, sampling=SamplingSettings(temperature=1.0, seed=0))
+    torch.testing.assert_close(trace.run.logits, plain.run.logits, atol=0, rtol=0)  # the analysis pass runs without hooks
+    if where == "modules":  # recording on the HF modules changes nothing: the same fast decode
+        _same_trace(trace, plain)
+    else:  # ... which a hook-point hook leaves for the bridge: the same logits up to rounding
+        assert trace.generated_ids == plain.generated_ids
+        torch.testing.assert_close(trace.step_logits, plain.step_logits, atol=1e-4, rtol=0)
+
+
+def test_a_logits_step_steers_exactly_as_the_processor(tiny):
+    """A recorder whose logits step changes the scores samples exactly as the same function
+    given as a logits processor (and KeywordBoost as a recorder as as a processor)."""
+    import warnings
+
+    from mechvis.generation import ProcessLogits
+    from mechvis.interventions import KeywordBoost
+
+    model, _ = tiny("llama")
+    settings = SamplingSettings(temperature=0.8, top_k=40, seed=11)
+
+    class Boost(Recorder):
+        logits_step = staticmethod(_boost_first_token)
+
+    boost = KeywordBoost(model, [" banana", " apple"], bias=4.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        processed = mechvis.generate(model, "Once upon a time", max_new_tokens=8, sampling=settings,
+                                     logits_processors=[_boost_first_token, boost])
+    for recorders in ([Boost(), boost], [ProcessLogits(_boost_first_token), ProcessLogits(boost)]):
+        steered = mechvis.generate(model, "Once upon a time", max_new_tokens=8, sampling=settings, recorders=recorders)
+        _same_trace(steered, processed)
+    plain = mechvis.generate(model, "Once upon a time", max_new_tokens=8, sampling=settings, analysis_pass=False)
+    assert not torch.equal(plain.step_distributions, processed.step_distributions)  # the steps did steer
+
+
+def test_the_monitor_as_a_recorder(tiny, streamed_features):
+    from mechvis.analysis.repetition import repetition_features
+    from mechvis.generation import MonitorRecorder, RepetitionMonitor, find_induction_heads
+
+    model, _ = tiny("llama")
+    induction = find_induction_heads(model, threshold=0.0, top=3)
+    monitor = RepetitionMonitor([0.0] * 8, [1.0] * 8, [0.0, 0.0, 0.0, 0.0, 0.5, 2.0, 2.0, 2.0], -1.0)
+    recorder = MonitorRecorder(monitor, induction)
+    items = list(mechvis.stream_generate(model, "one two one two one two", max_new_tokens=8, recorders=[recorder]))
+    events, trace = items[1:-1], items[-1]
+    assert streamed_features.paths == ["modules"]  # the HF modules' fast path
+    assert [event.monitor_probability for event in events] == recorder.result.tolist() == recorder.probabilities
+    torch.testing.assert_close(recorder.result, monitor.score(repetition_features(model, trace, induction)), atol=1e-5, rtol=0)
+    _same_trace(trace, mechvis.generate(model, "one two one two one two", max_new_tokens=8))  # greedy, as without it

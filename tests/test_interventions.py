@@ -181,7 +181,7 @@ def test_interventions_act_the_same_while_generating(tiny, make):
 def test_keyword_boost(tiny):
     model, _ = tiny("llama")
     boost = KeywordBoost(model, [" banana"], bias=100.0)
-    trace = mechvis.generate(model, PROMPT, max_new_tokens=3, logits_processors=[boost])
+    trace = mechvis.generate(model, PROMPT, max_new_tokens=3, recorders=[boost])
     banana = model.hf_tokenizer.encode(" banana", add_special_tokens=False)
     assert trace.generated_ids == banana * 3
     with pytest.raises(InvalidArgumentError, match="No keywords"):

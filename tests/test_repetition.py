@@ -14,7 +14,7 @@ from mechvis.generation.monitor import FEATURES, RepetitionMonitor, find_inducti
 from mechvis.analysis.repetition import auroc, average_precision, cusum_alarm, fit_cusum, distinct_n, loop_onset, repetition_features, seed_score, seq_rep_n
 from mechvis.cli import main
 from mechvis.errors import InvalidArgumentError
-from mechvis.generation import EntropyTemperature, MonitorTemperature, RepetitionTemperature
+from mechvis.generation import EntropyTemperature, MonitorTemperature, ProcessLogits, RepetitionTemperature, SamplingSettings
 from mechvis.interventions import ablate_heads, intervene
 from tests.reference import hf_attentions
 
@@ -167,7 +167,8 @@ def test_shipped_monitor_loads():
 
 def test_entropy_temperature_is_applied_each_step(tiny):
     model, _ = tiny("llama")
-    trace = mechvis.generate(model, "Hello there", max_new_tokens=6, temperature_schedule=EntropyTemperature(base=1.2, n=0.5, theta=2.0), seed=0)
+    trace = mechvis.generate(model, "Hello there", max_new_tokens=6,
+                             sampling=SamplingSettings(schedule=EntropyTemperature(base=1.2, n=0.5, theta=2.0), seed=0))
     for step in range(len(trace.generated_ids)):
         log_probs = trace.step_logits[step].log_softmax(-1)
         entropy = -(log_probs.exp() * log_probs).sum()
@@ -200,8 +201,8 @@ def test_monitor_temperature_streams_the_features_of_the_finished_trace(tiny, st
     monitor = RepetitionMonitor([0.0] * 8, [1.0] * 8, [0.0, 0.0, 0.0, 0.0, 0.5, 2.0, 2.0, 2.0], -1.0)
     schedule = MonitorTemperature(low=0.4, high=2.0, monitor=monitor, induction=induction)
     with intervene(model, *([ablate_heads(model, [(0, 1)])] if extra == "ablation" else [])):
-        trace = mechvis.generate(model, LOOPY, max_new_tokens=24, temperature_schedule=schedule, seed=0,
-                                 logits_processors=[_boost_token_5] if extra == "processor" else [])
+        trace = mechvis.generate(model, LOOPY, max_new_tokens=24, sampling=SamplingSettings(schedule=schedule, seed=0),
+                                 recorders=[ProcessLogits(_boost_token_5)] if extra == "processor" else [])
         offline = repetition_features(model, trace, induction)  # the teacher-forced pass, after the fact
     assert len(streamed_features) == len(trace.generated_ids) == 24 and len(trace.run.tokens) > 8 + 24
     # Without an intervention the decode keeps the HF modules' fast path, recorded by module hooks.

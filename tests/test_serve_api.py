@@ -258,6 +258,26 @@ def test_start_event_prompt_tokens_come_from_decoding_the_prompt_whole(client, m
     assert "".join(start["prompt_tokens"]) == reference and "\ufffd" not in "".join(start["prompt_tokens"])
 
 
+def test_a_request_tokenises_the_prompt_once(client, model, monkeypatch):
+    """The page's prompt tokens are the stream's prompt event's: one tokenisation per request."""
+    import mechvis.generation.streaming as streaming
+    import mechvis.text
+
+    calls = []
+    original = mechvis.text.encode
+
+    def counted(*args, **kwargs):
+        calls.append(args[1])
+        return original(*args, **kwargs)
+
+    for module in (streaming, mechvis, mechvis.text):
+        monkeypatch.setattr(module, "encode", counted)
+    events = sse(generate(client))
+    assert events[0][0] == "start" and events[-1][0] == "analysis"
+    assert calls == ["Once upon a time"]
+    assert events[0][1]["prompt_ids"] == original(model, "Once upon a time").token_ids
+
+
 def test_sampling_same_seed_same_tokens(client):
     settings = dict(temperature=1.3, top_k=50, top_p=0.95, min_p=0.01, seed=7)
     first, second = (sse(generate(client, **settings)) for _ in range(2))
@@ -520,6 +540,21 @@ def test_sweep_streams_progress_and_equals_the_library(client, model):
 
         ablated = model.run_with_hooks(ids[None, : position + 1], fwd_hooks=[("blocks.1.attn.hook_z", zero)])[0, -2].double().softmax(-1)[target]
     assert streamed[-1][1]["effect"][1][2] == pytest.approx((ablated - clean).item(), abs=1e-5)
+
+
+@pytest.mark.parametrize("method", ["zero", "mean"])
+def test_generating_with_ablated_heads_equals_the_library(client, model, method):
+    """A generation request with `ablate` decodes and analyses under the ablation, as
+    `mechvis.generate` inside `intervene` does, and the model is plain again afterwards."""
+    from mechvis.interventions import ablate_heads, intervene, reference_runs
+
+    events = sse(generate(client, ablate=[[0, 1], [2, 3]], ablate_method=method))
+    assert events[-1][0] == "analysis"
+    reference = reference_runs(model) if method == "mean" else None
+    with intervene(model, ablate_heads(model, [(0, 1), (2, 3)], method=method, reference=reference)):
+        expected = mechvis.generate(model, "Once upon a time", max_new_tokens=6)
+    assert [data["id"] for kind, data in events if kind == "token"] == expected.generated_ids
+    assert not any(hook._forward_hooks for hook in model.hook_dict.values())  # the ablation is gone
 
 
 def test_mean_ablation_equals_the_library(client, model):

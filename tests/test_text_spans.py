@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 import mechvis
 from mechvis.analysis.spans import find_token_spans
+from mechvis.generation import ProcessLogits
 from mechvis.text import _windowed_ends, decode_tokens, encode
 
 SMOL_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
@@ -246,7 +247,7 @@ def test_teacher_forced_and_generated_texts_hold_whole_characters(tiny_llama, to
     _check_trace(forced, tokenizer)
     continuation = tokenizer.encode(CONTINUATION, add_special_tokens=False)
     generated = mechvis.generate(tiny_llama, "My favourite city:", max_new_tokens=len(continuation),
-                                 logits_processors=[_Force(continuation)])
+                                 recorders=[ProcessLogits(_Force(continuation))])
     assert generated.generated_ids == continuation
     _check_trace(generated, tokenizer)
     assert generated.run.offsets == forced.run.offsets and generated.run.str_tokens == forced.run.str_tokens
@@ -260,7 +261,7 @@ def test_a_generation_cut_inside_a_character(tiny_llama, tokenizer):
     """A trace ending on the first bytes of 東: its text is the tokenizer's decode (with the
     replacement character it gives), and the prompt's offsets are unchanged."""
     continuation = tokenizer.encode(" 東京", add_special_tokens=False)[:2]
-    trace = mechvis.generate(tiny_llama, "City:", max_new_tokens=2, logits_processors=[_Force(continuation)])
+    trace = mechvis.generate(tiny_llama, "City:", max_new_tokens=2, recorders=[ProcessLogits(_Force(continuation))])
     ids = trace.run.tokens.tolist()
     assert trace.run.text == tokenizer.decode(ids)
     assert "".join(trace.run.str_tokens) == trace.run.text
@@ -285,7 +286,7 @@ def test_embedded_model_finds_whole_characters(embedded):
     _check_trace(forced, tokenizer)
     continuation = tokenizer.encode(CONTINUATION, add_special_tokens=False)
     generated = mechvis.generate(embedded, "My favourite city:", max_new_tokens=len(continuation),
-                                 logits_processors=[_Force(continuation)])
+                                 recorders=[ProcessLogits(_Force(continuation))])
     _check_trace(generated, tokenizer)
     messages = [{"role": "system", "content": "user"}, {"role": "user", "content": "user"}]
     chat = mechvis.run(embedded, messages, chat=True, names_filter=lambda name: False)

@@ -445,12 +445,12 @@ def test_generate_with_an_image(tiny_llava):
 def test_monitor_temperature_with_an_image(tiny_llava, streamed_features):
     from mechvis.generation.monitor import find_induction_heads
     from mechvis.analysis.repetition import repetition_features
-    from mechvis.generation import MonitorTemperature
+    from mechvis.generation import MonitorTemperature, SamplingSettings
 
     bridge, _, _ = tiny_llava
     induction = find_induction_heads(bridge, threshold=0.0, top=2)
-    trace = mechvis.generate(bridge, "What do you see?", image=_picture(3), max_new_tokens=8, seed=0,
-                             temperature_schedule=MonitorTemperature(induction=induction))
+    trace = mechvis.generate(bridge, "What do you see?", image=_picture(3), max_new_tokens=8,
+                             sampling=SamplingSettings(seed=0, schedule=MonitorTemperature(induction=induction)))
     assert len(streamed_features) == len(trace.generated_ids) == 8
     offline = repetition_features(bridge, trace, induction)  # the image tokens are part of the prefix
     torch.testing.assert_close(torch.stack(streamed_features), offline.values, atol=1e-4, rtol=1e-4)

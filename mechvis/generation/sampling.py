@@ -30,7 +30,9 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class SamplingSettings:
-    """How tokens were chosen. temperature 0 is greedy; top_k / top_p / min_p None are off."""
+    """How tokens are chosen (`generate(..., sampling=SamplingSettings(...))`) and were
+    (`Trace.settings`). temperature 0 is greedy; top_k / top_p / min_p None are off; a schedule
+    sets each step's temperature (the fixed one is then 1)."""
 
     temperature: float = 0.0
     top_k: int | None = None

@@ -70,10 +70,9 @@ class MonitorTemperature:
     """Loop-breaking temperature from the model's internals: T_t = low + (high − low) · P_t, with
     P_t the repetition monitor's probability that token t continues a loop, computed while
     decoding from the state that produces token t (`StreamingFeatures`: the signals
-    `repetition_features` reads from the finished trace, by the same formulas). Without an
-    intervention or image the signals are recorded by forward hooks on the HF modules, so decoding
-    keeps the fast path (22–24 tokens/s streamed on the embedded model at N ≈ 500, against ~9
-    through the bridge); with either, by hook-point hooks through the bridge.
+    `repetition_features` reads from the finished trace, by the same formulas), recorded by
+    `mechvis.generation.MonitorRecorder` (its docstring says on which path). The monitor without
+    a temperature: `recorders=[MonitorRecorder()]`.
 
     monitor: None for the weights shipped with mechvis. induction: None to find the heads
     (`find_induction_heads`) at the start of each generate call.
@@ -98,8 +97,6 @@ class _ScheduledTemperature:
     def __init__(self, temperature_of: Callable[[Tensor, Tensor], Tensor]):
         self.temperature_of = temperature_of
         self.temperatures: list[float] = []
-        self.monitor_probabilities: list[float] = []  # MonitorTemperature's P of each step
-        self.on_modules = False  # MonitorTemperature's signals recorded on the HF modules, not the bridge
 
     def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
         temperature = self.temperature_of(input_ids, scores).clamp_min(1e-4)

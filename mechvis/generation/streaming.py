@@ -1,9 +1,10 @@
-"""`stream_generate` and `generate`: HF's KV-cached decoding with events per token, then one
-teacher-forced analysis pass."""
+"""`stream_generate` and `generate`: HF's KV-cached decoding with events per token and the
+recorders plugged into it (`mechvis.generation.recorders`), then one teacher-forced analysis pass."""
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import queue
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -14,11 +15,19 @@ from torch import Tensor
 from transformers import LogitsProcessorList
 from transformers.generation.streamers import BaseStreamer
 
-from mechvis._validation import check_bool, check_names_filter, integer
+from mechvis._deprecation import deprecated
+from mechvis._validation import check_bool, check_names_filter, integer, shown
 from mechvis.errors import InvalidArgumentError
 from mechvis.generation.decoding.decoder import _decoder
 from mechvis.generation.decoding.lean import preallocated_cache
-from mechvis.generation.monitor import RepetitionMonitor, StreamingFeatures, find_induction_heads
+from mechvis.generation.recorders import (
+    MonitorRecorder,
+    ProcessLogits,
+    Recorder,
+    _checked_recorders,
+    _decode_hooks,
+    _MonitorTemperatureRecorder,
+)
 from mechvis.generation.sampling import (
     SamplingSettings,
     _checked_processors,
@@ -27,63 +36,114 @@ from mechvis.generation.sampling import (
     _sampling_processors,
     _step_distributions,
 )
-from mechvis.generation.schedules import MonitorTemperature, TemperatureSchedule, _entropy, _ScheduledTemperature
-from mechvis.generation.trace import TokenEvent, Trace, _analysed_trace, _eos_ids, _TextDeltas
+from mechvis.generation.schedules import MonitorTemperature, _entropy, _ScheduledTemperature
+from mechvis.generation.trace import PromptEvent, TokenEvent, Trace, _analysed_trace, _eos_ids, _TextDeltas
 from mechvis.images import encode_with_image
-from mechvis.text import encode
-from mechvis.types import Encoded, Prompt
+from mechvis.text import encode, str_tokens_of
+from mechvis.types import Prompt
 
 if TYPE_CHECKING:
     from transformer_lens.model_bridge import TransformerBridge
-
-
 
 
 class _Cancelled(Exception):
     """Raised inside the decoding thread when the consumer stops iterating."""
 
 
+_SAMPLING_KEYWORDS = {"temperature": "temperature", "top_k": "top_k", "top_p": "top_p", "min_p": "min_p", "seed": "seed",
+                      "temperature_schedule": "schedule"}
+
+
+def _from_deprecated(function: str, sampling: object, recorders: object, legacy: dict) -> tuple[object, object]:
+    """`sampling` and `recorders` with the deprecated keywords of `legacy` (temperature, top_k,
+    top_p, min_p, seed, temperature_schedule, logits_processors) turned into them, each with a
+    warning naming the new form.
+
+    Raises:
+        TypeError: an unknown keyword (as Python's own message).
+        InvalidArgumentError: sampling= together with the old keywords; bad logits_processors."""
+    for name in legacy:
+        if name not in _SAMPLING_KEYWORDS and name != "logits_processors":
+            raise TypeError(f"{function}() got an unexpected keyword argument {name!r}")
+    old = {name: value for name, value in legacy.items() if name in _SAMPLING_KEYWORDS}
+    if old:
+        if sampling is not None:
+            raise InvalidArgumentError(f"Pass the sampling settings once: sampling=SamplingSettings(...), not also {', '.join(old)}.")
+        arguments = ", ".join(f"{_SAMPLING_KEYWORDS[name]}={shown(value, 40)}" for name, value in old.items())
+        deprecated(f"{function}({', '.join(f'{name}=...' for name in old)}) is deprecated: pass "
+                   f"sampling=SamplingSettings({arguments}) (mechvis.SamplingSettings; the old keywords go in the "
+                   f"next release).", stacklevel=4)
+        sampling = SamplingSettings(**{_SAMPLING_KEYWORDS[name]: value for name, value in old.items()})
+    if "logits_processors" in legacy:
+        processors = _checked_processors(legacy["logits_processors"])
+        deprecated(f"{function}(logits_processors=[...]) is deprecated: pass recorders=[ProcessLogits(processor), ...] "
+                   f"(mechvis.generation.ProcessLogits; a KeywordBoost is a recorder itself: recorders=[boost]; the old "
+                   f"keyword goes in the next release).", stacklevel=4)
+        recorders = [ProcessLogits(checked.processor, index=checked.index) for checked in processors] + list(
+            _checked_recorders(recorders)
+        )
+    return sampling, recorders
+
+
+def _checked_sampling(sampling: object, recorders: object) -> tuple[SamplingSettings, list[Recorder]]:
+    """The checked sampling settings (a schedule samples at temperature 1, which it rescales)
+    and recorders, `MonitorTemperature`'s recorder last (its temperature follows every other
+    logits step).
+
+    Raises:
+        InvalidArgumentError: bad settings or recorders."""
+    if sampling is None:
+        sampling = SamplingSettings()
+    if not isinstance(sampling, SamplingSettings):
+        raise InvalidArgumentError(f"sampling must be a mechvis.SamplingSettings (or None: greedy); got {shown(sampling)}.")
+    if sampling.schedule is not None:  # the schedule sets each step's temperature
+        sampling = dataclasses.replace(sampling, temperature=1.0)
+    else:
+        sampling = dataclasses.replace(sampling)  # validate() normalises a copy, not the caller's value
+    sampling.validate()
+    plugged = _checked_recorders(recorders)
+    if isinstance(sampling.schedule, MonitorTemperature):
+        plugged.append(_MonitorTemperatureRecorder(sampling.schedule))
+    return sampling, plugged
+
+
 def stream_generate(
     model: "TransformerBridge",
     prompt: Prompt,
     *,
+    sampling: SamplingSettings | None = None,
+    recorders: Sequence[Recorder] = (),
     chat: bool = False,
     max_new_tokens: int = 64,
-    temperature: float = 0.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    min_p: float | None = None,
-    seed: int | None = None,
-    temperature_schedule: TemperatureSchedule | None = None,
-    logits_processors: Sequence[Callable[[Tensor, Tensor], Tensor]] = (),
     image: object | None = None,
     names_filter: Callable[[str], bool] | Sequence[str] | str | None = None,
     top_n: int = 10,
     analysis_pass: bool = True,
-) -> Iterator["TokenEvent | Trace"]:
-    """Generate as `generate` does, yielding a `TokenEvent` for each token as soon as it is
-    decoded, then the analysed `Trace` as the last item.
+    fit_context: bool = False,
+    **deprecated_keywords,
+) -> Iterator["PromptEvent | TokenEvent | Trace"]:
+    """Generate as `generate` does, yielding a `PromptEvent` (the prompt's tokens) first, a
+    `TokenEvent` for each token as soon as it is decoded, then the analysed `Trace` as the
+    last item.
 
     Decoding is HF's KV-cached `generate`, run in a worker thread; the events' values equal the
     trace's (`step_logits`, `step_distributions`, `step_temperatures`) exactly. Closing the
     iterator (or breaking out of a loop over it) cancels decoding: the step running finishes,
-    no further step starts, and no trace is built. `trace.stop_reason` is "eos" or
-    "max_new_tokens".
+    no further step starts, no trace is built and no recorder's `finish` is called.
+    `trace.stop_reason` is "eos" or "max_new_tokens".
 
-    Args: as `generate`, plus `top_n`, the number of most probable tokens in each event (1–1000).
+    Args: as `generate`, plus `top_n`, the number of most probable tokens in each event (1–1000),
+        and `fit_context`: True decodes a `max_new_tokens` beyond what fits after the prompt
+        until the context is full (the prompt event's `max_new_tokens` says how many) instead
+        of refusing it.
 
     Raises:
         InvalidArgumentError: bad settings, a prompt too long for the context (before decoding).
     """
-
-
-    if temperature_schedule is not None:
-        temperature = 1.0  # the schedule sets each step's temperature
+    settings, recorders = _checked_sampling(*_from_deprecated("stream_generate", sampling, recorders, deprecated_keywords))
     chat = check_bool(chat, "chat")
     analysis_pass = check_bool(analysis_pass, "analysis_pass")
-    settings = SamplingSettings(temperature, top_k, top_p, min_p, seed, temperature_schedule)
-    settings.validate()
-    user_processors = _checked_processors(logits_processors)
+    fit_context = check_bool(fit_context, "fit_context")
     names_filter = check_names_filter(model, names_filter)
     checked = integer(top_n)
     if checked is None or not 1 <= checked <= 1000:
@@ -99,12 +159,21 @@ def stream_generate(
     if checked is None or checked < 1:
         raise InvalidArgumentError(f"max_new_tokens must be a positive integer; got {max_new_tokens!r}.")
     max_new_tokens = checked
+    room = n_ctx - len(encoded.token_ids)
+    if fit_context and 1 <= room < max_new_tokens:
+        max_new_tokens = room
     if len(encoded.token_ids) + max_new_tokens > n_ctx:
         raise InvalidArgumentError(
             f"The prompt ({len(encoded.token_ids)} tokens) plus max_new_tokens ({max_new_tokens}) exceeds "
             f"this model's context of {n_ctx} tokens; lower max_new_tokens to at most "
             f"{n_ctx - len(encoded.token_ids)}."
         )
+    prompt_event = PromptEvent(
+        token_ids=tuple(encoded.token_ids),
+        str_tokens=tuple(str_tokens_of(model, encoded.token_ids)),
+        segments=encoded.segments,
+        max_new_tokens=max_new_tokens,
+    )
     device = model.cfg.device
     prompt_ids = torch.tensor([encoded.token_ids], device=device)
     prompt_length = len(encoded.token_ids)
@@ -113,8 +182,16 @@ def stream_generate(
     cancelled = threading.Event()
     raw, processed = _Recorder(), _Recorder()
     text = _TextDeltas(tokenizer)  # also holds the ids decoded so far
+    monitor = next((recorder for recorder in reversed(recorders) if isinstance(recorder, MonitorRecorder)), None)
+    if isinstance(monitor, _MonitorTemperatureRecorder):
+        scheduled = monitor.scheduled
+    elif settings.schedule is not None:
+        schedule = settings.schedule
+        scheduled = _ScheduledTemperature(lambda ids, scores: schedule.temperature(_entropy(scores), ids[:, prompt_length:]))
+    else:
+        scheduled = None
 
-    def token_event(token_id: int, scheduled: "_ScheduledTemperature | None") -> TokenEvent:
+    def token_event(token_id: int) -> TokenEvent:
         logits = raw.latest
         log_probs = logits.log_softmax(-1)
         probs = log_probs.exp()
@@ -137,12 +214,12 @@ def stream_generate(
             temperature=scheduled.temperatures[-1] if scheduled else settings.temperature,
             top_ids=tuple(top.indices[:top_n].tolist()),
             top_probs=tuple(top.values[:top_n].tolist()),
-            monitor_probability=scheduled.monitor_probabilities[-1] if scheduled and scheduled.monitor_probabilities else None,
+            monitor_probability=monitor.probabilities[-1] if monitor is not None and monitor.probabilities else None,
         )
 
     class Streamer(BaseStreamer):
-        def __init__(self, scheduled: "_ScheduledTemperature | None") -> None:
-            self.scheduled, self.prompt_seen = scheduled, False
+        def __init__(self) -> None:
+            self.prompt_seen = False
 
         def put(self, value: Tensor) -> None:
             if not self.prompt_seen:  # generate first hands the streamer the prompt
@@ -150,7 +227,10 @@ def stream_generate(
                 return
             if cancelled.is_set():
                 raise _Cancelled
-            events.put(("token", token_event(int(value.reshape(-1)[0]), self.scheduled)))
+            event = token_event(int(value.reshape(-1)[0]))
+            for recorder in recorders:
+                recorder.step(event)
+            events.put(("token", event))
 
         def end(self) -> None:
             pass
@@ -169,21 +249,21 @@ def stream_generate(
             # Inference mode: ~3% less per-op overhead in the decoding loop than no_grad.
             with torch.inference_mode(), torch.random.fork_rng(devices=[] if device == "cpu" else None), \
                     contextlib.ExitStack() as stack:
-                scheduled = None
+                for recorder in recorders:
+                    recorder.start(model, prompt_event)
                 decoder = _decoder(model, with_image=bool(extra))
-                if isinstance(temperature_schedule, MonitorTemperature):
-                    scheduled = stack.enter_context(
-                        _monitor_temperature(model, temperature_schedule, encoded, bridge=decoder is model.original_model)
-                    )
-                    if not scheduled.on_modules:  # the monitor's hook-point hooks: decode through the bridge
-                        decoder = model.original_model
+                bridge, points, module_hooks = _decode_hooks(model, recorders, bridge=decoder is model.original_model)
+                if bridge:  # a hook-point hook, an image, or a recorder that needs the bridge
+                    decoder = model.original_model
+                for module, hook in module_hooks:
+                    stack.callback(module.register_forward_hook(hook).remove)
+                if points:
+                    stack.enter_context(model.hooks(fwd_hooks=points))
                 stack.enter_context(_neutral_generation_config(decoder))
-                if temperature_schedule is not None and scheduled is None:
-                    schedule = temperature_schedule
-                    scheduled = _ScheduledTemperature(
-                        lambda ids, scores: schedule.temperature(_entropy(scores), ids[:, prompt_length:])
-                    )
-                processors = [raw, *user_processors, *([scheduled] if scheduled else []), *_sampling_processors(settings), processed]
+                steps = [recorder.logits_step for recorder in recorders if recorder.logits_step is not None]
+                if scheduled is not None and not isinstance(monitor, _MonitorTemperatureRecorder):
+                    steps.append(scheduled)
+                processors = [raw, *steps, *_sampling_processors(settings), processed]
                 options["logits_processor"] = LogitsProcessorList(processors)
                 preallocated = preallocated_cache(decoder, prompt_length + max_new_tokens)
                 if preallocated is not None:
@@ -194,9 +274,9 @@ def stream_generate(
                 if settings.seed is not None:
                     torch.manual_seed(settings.seed)
                 output = decoder.generate(
-                    prompt_ids, attention_mask=torch.ones_like(prompt_ids), streamer=Streamer(scheduled), **extra, **options
+                    prompt_ids, attention_mask=torch.ones_like(prompt_ids), streamer=Streamer(), **extra, **options
                 )
-            events.put(("done", (output, scheduled)))
+            events.put(("done", output))
         except _Cancelled:
             events.put(("cancelled", None))
         except BaseException as error:  # handed to the consumer, raised there
@@ -205,6 +285,7 @@ def stream_generate(
     worker = threading.Thread(target=decode, name="mechvis-decode", daemon=True)
     worker.start()
     try:
+        yield prompt_event
         while True:
             kind, payload = events.get()
             if kind == "token":
@@ -218,7 +299,7 @@ def stream_generate(
     finally:
         cancelled.set()
         worker.join()
-    output, scheduled = payload
+    output = payload
     generated_ids = output.sequences[0, prompt_length:].tolist()
     eos = _eos_ids(model)
     trace = _analysed_trace(
@@ -234,6 +315,8 @@ def stream_generate(
         forward=analysis_pass,
     )
     trace.stop_reason = "eos" if generated_ids and generated_ids[-1] in eos else "max_new_tokens"
+    for recorder in recorders:
+        recorder.finish(trace)
     yield trace
 
 
@@ -257,18 +340,14 @@ def generate(
     model: "TransformerBridge",
     prompt: Prompt,
     *,
+    sampling: SamplingSettings | None = None,
+    recorders: Sequence[Recorder] = (),
     chat: bool = False,
     max_new_tokens: int = 64,
-    temperature: float = 0.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    min_p: float | None = None,
-    seed: int | None = None,
-    temperature_schedule: TemperatureSchedule | None = None,
-    logits_processors: Sequence[Callable[[Tensor, Tensor], Tensor]] = (),
     image: object | None = None,
     names_filter: Callable[[str], bool] | Sequence[str] | str | None = None,
     analysis_pass: bool = True,
+    **deprecated_keywords,
 ) -> Trace:
     """Generate up to `max_new_tokens` (stopping at the model's end-of-sequence token) and analyse:
     `stream_generate` run to the end.
@@ -279,21 +358,28 @@ def generate(
 
     Args:
         prompt, chat: as in `mechvis.run` (chat mode uses the model's chat template).
-        temperature: 0 for greedy decoding, else sampling at that temperature.
-        top_k, top_p, min_p: truncation of the sampling distribution (None = off).
-        seed: seeds the sampler without touching the global random state.
-        temperature_schedule: a per-step temperature (EntropyTemperature, RepetitionTemperature
-            or MonitorTemperature) replacing the fixed `temperature`; sampling then uses it with
-            top_k/top_p/min_p. Each step's temperature is in `Trace.step_temperatures`.
+        sampling: how tokens are chosen, `mechvis.SamplingSettings(temperature, top_k, top_p,
+            min_p, seed, schedule)`; None is greedy. temperature 0 is greedy, else sampling at
+            that temperature; top_k / top_p / min_p truncate the distribution (None = off);
+            seed seeds the sampler without touching the global random state; schedule, a
+            per-step temperature (EntropyTemperature, RepetitionTemperature or
+            MonitorTemperature), replaces the fixed temperature (each step's is in
+            `Trace.step_temperatures`).
+        recorders: `mechvis.generation.Recorder`s run alongside the decode (hooks, a logits step
+            applied before temperature and truncation, callbacks per step): e.g. `MonitorRecorder`,
+            `ProcessLogits(f)` for an HF-style processor f(input_ids, scores) → scores,
+            `mechvis.interventions.KeywordBoost`. (Hook interventions apply through
+            `with mechvis.interventions.intervene(model, ...)` around this call.)
         image: for a vision-language model, the image (as in `mechvis.run`).
-        logits_processors: HF-style processors f(input_ids, scores) → scores applied before
-            sampling, e.g. `mechvis.interventions.KeywordBoost`. (Hook interventions apply
-            through `with mechvis.interventions.intervene(model, ...)` around this call.)
         names_filter: hooks to cache in the analysis pass (None: all).
         analysis_pass: False skips the teacher-forced analysis pass: `trace.run` then has the
             tokens and texts, an empty cache and logits of shape (pos, 0) (the step logits are
             kept). For inputs whose full pass would not fit in memory: `mechvis report`'s
             long-context path analyses the tokens with `mechvis.analysis.analyse_long` instead.
+
+    Deprecated keywords (one release): temperature, top_k, top_p, min_p, seed and
+    temperature_schedule (pass `sampling=SamplingSettings(...)`), logits_processors (pass
+    `recorders=[ProcessLogits(f), ...]`); each warns with `MechvisDeprecationWarning`.
 
     Long prompts are prefilled in chunks of queries (HF's `prefill_chunk_size`, see
     `_prefill_chunk`) so that eager attention never holds a (heads, N, N) score matrix.
@@ -301,55 +387,9 @@ def generate(
     Raises:
         InvalidArgumentError: bad settings, or a prompt plus max_new_tokens beyond the context.
     """
+    sampling, recorders = _from_deprecated("generate", sampling, recorders, deprecated_keywords)
     *_, trace = stream_generate(
-        model, prompt, chat=chat, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-        top_p=top_p, min_p=min_p, seed=seed, temperature_schedule=temperature_schedule,
-        logits_processors=logits_processors, image=image, names_filter=names_filter, analysis_pass=analysis_pass,
+        model, prompt, sampling=sampling, recorders=recorders, chat=chat, max_new_tokens=max_new_tokens, image=image,
+        names_filter=names_filter, analysis_pass=analysis_pass,
     )
     return trace
-
-
-@contextlib.contextmanager
-def _monitor_temperature(
-    model: "TransformerBridge", schedule: MonitorTemperature, encoded: Encoded, *, bridge: bool = True
-) -> Iterator[_ScheduledTemperature]:
-    """While active, hooks stream the monitor's signals and keep each step's logits (as the model
-    returns them, before any logits processor); the processor yielded sets the temperature.
-
-    When the decode runs the HF modules without the bridge (`bridge=False`: no intervention, no
-    image), the signals are recorded by forward hooks on those modules
-    (`StreamingFeatures.module_hooks`), so decoding keeps the fast path: the bridge's hooked
-    forward cost ~3× a plain step on the embedded model. Otherwise (or when the model does not
-    expose eager attention weights) by hook-point hooks, and the decode must go through the
-    bridge: `scheduled.on_modules` says which."""
-    monitor = schedule.monitor if schedule.monitor is not None else RepetitionMonitor.load()
-    streaming = StreamingFeatures(
-        model,
-        schedule.induction if schedule.induction is not None else find_induction_heads(model),
-        prompt_length=len(encoded.token_ids),
-        sinks=encoded.segments.sink_positions,
-    )
-    latest: dict[str, Tensor] = {}
-
-    def keep_logits(module: torch.nn.Module, args: tuple, output) -> None:
-        latest["logits"] = output.logits[0, -1]
-
-    def temperature(input_ids: Tensor, scores: Tensor) -> Tensor:
-        loop_probability = monitor.probability(streaming.step(input_ids[0], latest["logits"])[None])
-        scheduled.monitor_probabilities.append(float(loop_probability.reshape(-1)[0]))
-        return (schedule.low + (schedule.high - schedule.low) * loop_probability).to(scores.device)
-
-    scheduled = _ScheduledTemperature(temperature)
-    module_hooks = None if bridge else streaming.module_hooks(model)
-    scheduled.on_modules = module_hooks is not None
-    handles = [model.original_model.register_forward_hook(keep_logits)]
-    try:
-        if module_hooks is not None:
-            handles += [module.register_forward_hook(hook) for module, hook in module_hooks]
-            yield scheduled
-        else:
-            with model.hooks(fwd_hooks=streaming.hooks()):
-                yield scheduled
-    finally:
-        for handle in handles:
-            handle.remove()

@@ -1,5 +1,6 @@
 """What a generation produced: `Trace` (the teacher-forced run plus each step's logits and
-distribution), `TokenEvent` (one streamed token) and `teacher_force`."""
+distribution), `PromptEvent` (the prompt, streamed first), `TokenEvent` (one streamed token) and
+`teacher_force`."""
 
 from __future__ import annotations
 
@@ -62,6 +63,22 @@ class Trace:
 
 
 @dataclass(frozen=True)
+class PromptEvent:
+    """The prompt as `stream_generate` decodes it: its first item, before any `TokenEvent`.
+
+    `token_ids` are the prompt's tokens (chat template and image tokens included), `str_tokens`
+    the text each one completes when the prompt is decoded whole (as `Run.str_tokens`: a token
+    ending inside a multi-byte character is "" and the one completing it carries the character),
+    `segments` its spans, sink positions and image grid, `max_new_tokens` the most tokens the
+    generation will decode."""
+
+    token_ids: tuple[int, ...]
+    str_tokens: tuple[str, ...]
+    segments: Segments
+    max_new_tokens: int
+
+
+@dataclass(frozen=True)
 class TokenEvent:
     """One decoded token, as `stream_generate` yields it, before the next step runs.
 
@@ -73,7 +90,7 @@ class TokenEvent:
     raw distribution's top-N. `text` is what the token adds to the decoded whole generated text
     ("" while it ends inside a multi-byte character, whose text comes with the token that
     completes it). `monitor_probability` is the repetition monitor's probability that this token
-    continues a loop, when decoding with `MonitorTemperature`, else None.
+    continues a loop, when decoding with `MonitorTemperature` or a `MonitorRecorder`, else None.
     """
 
     step: int

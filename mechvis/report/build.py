@@ -45,7 +45,7 @@ from mechvis.analysis.vision import (
     vision_rollout_hooks,
 )
 from mechvis.errors import InvalidArgumentError, MissingActivationsError, UnsupportedArchitectureError
-from mechvis.generation import Trace, generate
+from mechvis.generation import SamplingSettings, Trace, generate
 from mechvis.generation.monitor import RepetitionFeatures, RepetitionMonitor, find_induction_heads, rep_labels
 from mechvis.images import encode_with_image, load_image, with_text_appended
 from mechvis.interventions import AblationSweep, ablation_sweep, target_probability
@@ -194,8 +194,8 @@ def _build_report_data(stages, model, prompt, chat, max_new_tokens, layers, temp
         )
     if trace is None:
         # On the long path no teacher-forced pass: analyse_long recomputes what the report needs in bounded memory.
-        trace = generate(model, prompt, chat=chat, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, image=image,
-                         analysis_pass=not long_context)
+        trace = generate(model, prompt, chat=chat, max_new_tokens=max_new_tokens,
+                         sampling=SamplingSettings(temperature=temperature, seed=seed), image=image, analysis_pass=not long_context)
     run = trace.run
     stages.update()
     if long_context:

@@ -1,5 +1,6 @@
-"""The one place the app meets the decoding loop: `token_stream` yields one `mechvis.TokenEvent`
-per decoded token, then the analysed `Trace` (`mechvis.stream_generate`; `close()` cancels)."""
+"""The one place the app meets the decoding loop: `token_stream` yields the prompt's
+`mechvis.PromptEvent`, one `mechvis.TokenEvent` per decoded token, then the analysed `Trace`
+(`mechvis.stream_generate`; `close()` cancels)."""
 
 from __future__ import annotations
 

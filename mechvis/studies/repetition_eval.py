@@ -4,6 +4,7 @@ training prompts and scores every signal on the held-out ones."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import statistics
@@ -24,7 +25,14 @@ from mechvis.analysis.repetition import (
     seed_score,
     seq_rep_n,
 )
-from mechvis.generation import EntropyTemperature, MonitorTemperature, RepetitionTemperature, generate, teacher_force
+from mechvis.generation import (
+    EntropyTemperature,
+    MonitorTemperature,
+    RepetitionTemperature,
+    SamplingSettings,
+    generate,
+    teacher_force,
+)
 from mechvis.generation.monitor import FEATURES, InductionHeads, RepetitionMonitor, find_induction_heads, rep_labels
 
 if TYPE_CHECKING:
@@ -121,8 +129,9 @@ def build_corpus(
     corpus = []
     jobs = [(index, prompt, chat, sampled) for index, (prompt, chat) in enumerate(PROMPTS[:n_prompts]) for sampled in (False, True)]
     for index, prompt, chat, sampled in tqdm(jobs, desc="generating the corpus", unit="sequence"):
-        options = dict(temperature=1.0, top_p=0.95, seed=index) if sampled else {}
-        trace = generate(model, prompt, chat=chat, max_new_tokens=max_new_tokens, names_filter=analysis_hooks(model, layer), **options)
+        sampling = SamplingSettings(temperature=1.0, top_p=0.95, seed=index) if sampled else None
+        trace = generate(model, prompt, chat=chat, max_new_tokens=max_new_tokens, names_filter=analysis_hooks(model, layer),
+                         sampling=sampling)
         if len(trace.generated_ids) < 8:
             continue
         corpus.append(LabelledSequence(
@@ -232,21 +241,21 @@ def compare_samplers(
     from `monitor`) on the same prompts: seq-rep-4, distinct-2, the mean log-probability of the
     generated text under the model (nats/token) and the mean temperature used."""
     samplers = {
-        "greedy": {},
-        "T=0.7": dict(temperature=0.7),
-        "T=0.8": dict(temperature=0.8),  # about the dynamic samplers' mean temperature
-        "T=1.0": dict(temperature=1.0),
-        "EDT (T0=1, N=0.8, θ=1)": dict(temperature_schedule=EntropyTemperature()),
-        "repetition-aware (0.7→1.6)": dict(temperature_schedule=RepetitionTemperature()),
-        "monitor-aware (0.7→1.6)": dict(temperature_schedule=MonitorTemperature(monitor=monitor, induction=induction)),
+        "greedy": None,
+        "T=0.7": SamplingSettings(temperature=0.7),
+        "T=0.8": SamplingSettings(temperature=0.8),  # about the dynamic samplers' mean temperature
+        "T=1.0": SamplingSettings(temperature=1.0),
+        "EDT (T0=1, N=0.8, θ=1)": SamplingSettings(schedule=EntropyTemperature()),
+        "repetition-aware (0.7→1.6)": SamplingSettings(schedule=RepetitionTemperature()),
+        "monitor-aware (0.7→1.6)": SamplingSettings(schedule=MonitorTemperature(monitor=monitor, induction=induction)),
     }
     results = {}
-    jobs = [(name, options, index, prompt, chat) for name, options in samplers.items()
+    jobs = [(name, sampling, index, prompt, chat) for name, sampling in samplers.items()
             for index, (prompt, chat) in enumerate(PROMPTS[:n_prompts])]
     per_sampler: dict[str, list[tuple[float, float, float, float]]] = {name: [] for name in samplers}
-    for name, options, index, prompt, chat in tqdm(jobs, desc="comparing samplers", unit="sequence"):
-        seeded = dict(options, seed=index) if options else options
-        trace = generate(model, prompt, chat=chat, max_new_tokens=max_new_tokens, names_filter=[], **seeded)
+    for name, sampling, index, prompt, chat in tqdm(jobs, desc="comparing samplers", unit="sequence"):
+        seeded = dataclasses.replace(sampling, seed=index) if sampling is not None else None
+        trace = generate(model, prompt, chat=chat, max_new_tokens=max_new_tokens, names_filter=[], sampling=seeded)
         ids = torch.tensor(trace.generated_ids)
         log_probability = trace.step_logits.log_softmax(-1).gather(-1, ids[:, None]).mean().item()
         per_sampler[name].append((seq_rep_n(trace.generated_ids, 4), distinct_n(trace.generated_ids, 2), log_probability,

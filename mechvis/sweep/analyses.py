@@ -397,7 +397,9 @@ def forward_pass(model: "TransformerBridge", item: Item, hooks: list[str]) -> Fo
     names_filter = names if names else (lambda name: False)
     prompt = item.model_prompt
     if item.generates:
-        trace = mechvis.generate(model, prompt, chat=item.chat, image=item.image, names_filter=names_filter, **item.generate)
+        options = dict(item.generate)  # max_new_tokens and the sampling settings (dataset.GENERATE_FIELDS)
+        sampling = mechvis.SamplingSettings(**{key: options.pop(key) for key in ("temperature", "top_k", "top_p", "seed") if key in options})
+        trace = mechvis.generate(model, prompt, chat=item.chat, image=item.image, names_filter=names_filter, sampling=sampling, **options)
         return Forward(trace.run, trace.prompt_length - 1, trace)
     if item.continuation is not None:
         if item.image is not None:

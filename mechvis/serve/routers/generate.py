@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import logging
@@ -12,18 +11,17 @@ import time
 import uuid
 from typing import Literal
 
+import anyio
 from fastapi import APIRouter, Depends, HTTPException
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-import mechvis
 from mechvis import generation
 from mechvis.errors import MechvisError
-from mechvis.images import encode_with_image
+from mechvis.generation import PromptEvent, SamplingSettings, Trace
 from mechvis.serve.runs import ablated, store_trace, tab_hooks
 from mechvis.serve.state import ServerState, get_state
 from mechvis.serve.streaming import token_stream
-from mechvis.text import str_tokens_of
 
 router = APIRouter(tags=["generation"])
 
@@ -81,12 +79,11 @@ def _prompt_and_options(body: GenerateRequest, state: ServerState) -> tuple[obje
         image = state.images.get(body.image_id)
         if image is None:
             raise HTTPException(404, "No such image; upload it again.")
-    options = dict(
-        chat=body.mode == "chat", max_new_tokens=body.max_new_tokens, temperature=body.temperature,
-        top_k=body.top_k or None, top_p=body.top_p if body.top_p < 1.0 else None, min_p=body.min_p or None,
-        seed=body.seed, temperature_schedule=schedules[body.schedule]() if body.schedule != "off" else None,
-        image=image, top_n=body.top_n,
+    sampling = SamplingSettings(
+        temperature=body.temperature, top_k=body.top_k or None, top_p=body.top_p if body.top_p < 1.0 else None,
+        min_p=body.min_p or None, seed=body.seed, schedule=schedules[body.schedule]() if body.schedule != "off" else None,
     )
+    options = dict(chat=body.mode == "chat", max_new_tokens=body.max_new_tokens, sampling=sampling, image=image, top_n=body.top_n)
     return prompt, options
 
 
@@ -120,106 +117,118 @@ async def generate(body: GenerateRequest, state: ServerState = Depends(get_state
     prompt, options = _prompt_and_options(body, state)
     if not state.generation_lock.acquire(blocking=False):
         raise HTTPException(409, "busy: a generation is running; wait for it or stop it.")
-    cancel = threading.Event()
-    state.cancel = cancel
+    stop = threading.Event()  # /api/stop asks the generator below to close the stream
+    state.cancel = stop
     state.status = "generating"
-    loop = asyncio.get_running_loop()
-    queue: asyncio.Queue = asyncio.Queue()
+    return _EventStream(_generation_events(model, prompt, options, body, state, stop), lambda: _release(state, stop),
+                        media_type="text/event-stream", headers={"X-Accel-Buffering": "no"})
+
+
+def _release(state: ServerState, stop: threading.Event) -> None:
+    """The end of generation `stop` (once; later calls do nothing): the server is idle and takes
+    the next request."""
+    if state.cancel is stop:
+        state.status = "idle"
+        state.cancel = None
+        state.generation_lock.release()
+
+
+class _EventStream(StreamingResponse):
+    """A streaming response that closes its generator however the response ends (a client that
+    goes away leaves it suspended at a `yield`, which Starlette does not close), then calls
+    `on_close` (also when the generator never started)."""
+
+    def __init__(self, content, on_close, **options) -> None:
+        super().__init__(content, **options)
+        self.on_close = on_close
+
+    async def stream_response(self, send) -> None:
+        try:
+            await super().stream_response(send)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self.body_iterator.aclose()
+            self.on_close()
+
+
+_END = object()
+
+
+async def _in_thread(function, *args):
+    """`function(*args)` in a worker thread: the event loop keeps serving (/api/stop, other routes)."""
+    return await anyio.to_thread.run_sync(function, *args)
+
+
+async def _generation_events(model, prompt, options: dict, body: GenerateRequest, state: ServerState, stop: threading.Event):
+    """The server-sent events of one generation: one generator over `stream_generate`'s items
+    (the prompt event's tokens are the ones the page shows). Every way a generation ends (the
+    trace, /api/stop, the client going away, an error) closes the stream, which cancels
+    decoding, and releases the lock before the last event is sent."""
     run_id = uuid.uuid4().hex[:12]
     tokenizer = model.hf_tokenizer
-
-    def put(item) -> None:
-        try:
-            loop.call_soon_threadsafe(queue.put_nowait, item)
-        except RuntimeError:  # the event loop has closed (the server is shutting down): nobody listens
-            pass
-
-    def work() -> None:
-        contexts = contextlib.ExitStack()
-        started = time.perf_counter()
-        token_times: list[float] = []
-        finals: list = []
+    contexts = contextlib.ExitStack()
+    stream = None
+    started = time.perf_counter()
+    token_times: list[float] = []
+    final = None
+    try:
+        if body.ablate:  # (a mean ablation runs the model for its reference: in a thread too)
+            await _in_thread(lambda: contexts.enter_context(ablated(state, body.ablate, body.ablate_method)))
+        # fit_context: asked for more than the context holds, decode until it is full, then stop
+        # with reason "context" (a prompt that leaves no room is refused by stream_generate).
+        stream = await _in_thread(lambda: token_stream(model, prompt, names_filter=tab_hooks(model), fit_context=True, **options))
+        events: list[dict] = []
         context_bound = False
-        try:
-            if options["image"] is None:
-                ids = mechvis.encode(model, prompt, chat=options["chat"]).token_ids
+        trace = None
+        while not stop.is_set():
+            item = await _in_thread(next, stream, _END)
+            if item is _END:
+                break
+            if isinstance(item, PromptEvent):
+                context_bound = item.max_new_tokens < options["max_new_tokens"]
+                # With an image, the page shows the prompt once analysed (one chip for the image tokens).
+                texts = None if options["image"] is not None else list(item.str_tokens)
+                yield _event("start", {"run": run_id, "prompt_ids": list(item.token_ids), "prompt_tokens": texts,
+                                       "max_new_tokens": item.max_new_tokens})
+            elif isinstance(item, Trace):
+                trace = item
+                break
             else:
-                ids = encode_with_image(model, prompt, options["image"], chat=options["chat"])[0].token_ids
-            # Asked for more than the context holds: decode until it is full, then stop with
-            # reason "context" (a prompt that leaves no room is refused by stream_generate).
-            room = model.cfg.n_ctx - len(ids)
-            if 1 <= room < options["max_new_tokens"]:
-                options["max_new_tokens"], context_bound = room, True
-            # With an image, the page shows the prompt once analysed (one chip for the image tokens).
-            # Each token's text from decoding the prompt whole, as runs have them: a token that ends
-            # inside a character (bytes of 🎉) is "" and the token completing it carries the character.
-            texts = None if options["image"] is not None else str_tokens_of(model, ids)
-            put(("start", {"run": run_id, "prompt_ids": ids, "prompt_tokens": texts,
-                           "max_new_tokens": options["max_new_tokens"]}))
-            if body.ablate:
-                contexts.enter_context(ablated(state, body.ablate, body.ablate_method))
-            stream = token_stream(model, prompt, names_filter=tab_hooks(model), **options)
-            events: list[dict] = []
-            trace = None
-            try:
-                for item in stream:
-                    if cancel.is_set():
-                        break
-                    if hasattr(item, "run") and hasattr(item, "generated_ids"):
-                        trace = item
-                        break
-                    token_times.append(time.perf_counter())
-                    payload = _token_payload(item, tokenizer.decode)
-                    events.append(payload)
-                    put(("token", payload))
-            finally:
-                if trace is None:
-                    stream.close()
-            timing = {
-                "time_to_first_token_ms": (token_times[0] - started) * 1000 if token_times else None,
-                "ms_per_token": (token_times[-1] - token_times[0]) * 1000 / (len(token_times) - 1) if len(token_times) > 1 else None,
-            }
-            if trace is None:
-                finals.append(("stopped", {"reason": "cancelled", **timing}))
-                return
-            reason = getattr(trace, "stop_reason", None) or (
+                token_times.append(time.perf_counter())
+                payload = _token_payload(item, tokenizer.decode)
+                events.append(payload)
+                yield _event("token", payload)
+        timing = {
+            "time_to_first_token_ms": (token_times[0] - started) * 1000 if token_times else None,
+            "ms_per_token": (token_times[-1] - token_times[0]) * 1000 / (len(token_times) - 1) if len(token_times) > 1 else None,
+        }
+        if trace is None:
+            final = ("stopped", {"reason": "cancelled", **timing})
+        else:
+            reason = trace.stop_reason or (
                 "max_new_tokens" if len(trace.generated_ids) >= options["max_new_tokens"] else "eos")
             if reason == "max_new_tokens" and context_bound:
                 reason = "context"  # the context is full (the request asked for more)
-            put(("stopped", {"reason": reason, **timing}))
+            yield _event("stopped", {"reason": reason, **timing})
             state.status = "analysing"
             analysed = time.perf_counter()
-            stored = store_trace(state, run_id, trace, body.model_dump(), events, timing, image=options["image"])
+            stored = await _in_thread(lambda: store_trace(state, run_id, trace, body.model_dump(), events, timing,
+                                                          image=options["image"]))
             timing["analysis_ms"] = (time.perf_counter() - analysed) * 1000
-            finals.append(("analysis", {"run": run_id, "n_tokens": len(stored.trace.run.str_tokens), **timing}))
-        except MechvisError as error:
-            finals.append(("error", {"message": str(error)}))
-        except Exception as error:  # reported to the page; the server keeps serving
-            logging.getLogger("mechvis.serve").exception("generation failed")
-            finals.append(("error", {"message": f"{type(error).__name__}: {error}"}))
-        finally:
+            final = ("analysis", {"run": run_id, "n_tokens": len(stored.trace.run.str_tokens), **timing})
+    except MechvisError as error:
+        final = ("error", {"message": str(error)})
+    except Exception as error:  # reported to the page; the server keeps serving
+        logging.getLogger("mechvis.serve").exception("generation failed")
+        final = ("error", {"message": f"{type(error).__name__}: {error}"})
+    finally:
+        with anyio.CancelScope(shield=True):  # also when the client went away (the task is cancelled)
+            if stream is not None:
+                await _in_thread(stream.close)  # the one cancel path: closing the stream stops decoding
             contexts.close()
-            state.status = "idle"
-            state.cancel = None
-            state.generation_lock.release()
-            for item in finals:
-                put(item)
-            put(None)
-
-    threading.Thread(target=work, name=f"generate-{run_id}", daemon=True).start()
-
-    async def stream_events():
-        try:
-            while True:
-                item = await queue.get()
-                if item is None:
-                    return
-                yield _event(*item)
-        finally:
-            cancel.set()  # the client went away (or the stream ended): stop decoding
-
-    return StreamingResponse(stream_events(), media_type="text/event-stream",
-                             headers={"X-Accel-Buffering": "no"})
+            _release(state, stop)  # before the last event: a client may send the next request on it
+    if final is not None:
+        yield _event(*final)
 
 
 @router.post("/api/stop", response_model=StopResponse)
