@@ -51,12 +51,10 @@ from mechvis.images import encode_with_image, load_image, with_text_appended
 from mechvis.interventions import AblationSweep, ablation_sweep, target_probability
 from mechvis.models.architecture import ArchitectureSummary, inspect_model
 from mechvis.studies.longcontext import (
-    _check_attention,
+    LongContextAnalysis,
     analyse_long,
+    check_long_context_support,
     estimated_cache_bytes,
-    long_image_attention,
-    long_image_dynamics,
-    long_vision_rollout,
     needs_long_context,
 )
 from mechvis.text import encode
@@ -265,7 +263,7 @@ def _needs_long_context(model: "TransformerBridge", prompt: str, chat: bool, max
     if not needs_long_context(model, len(encoded.token_ids) + max_new_tokens):
         return False
     try:
-        _check_attention(model)
+        check_long_context_support(model)
     except UnsupportedArchitectureError as error:
         logging.getLogger("mechvis.report").warning("A full cache of this input may not fit in memory, but %s The report "
                                                     "uses the full cache.", error)
@@ -317,7 +315,7 @@ def _long_context_report_data(
                           high_entropy=min(10, max(1, n - 1)),
                           keep_residuals=range(model.cfg.n_layers) if image_args.get("image_queries") else [middle],
                           **repetition_args, **image_args)
-    vision = _long_vision_result(model, trace, image, result) if image_args.get("image_queries") else None
+    vision = _vision_result(model, trace, image, result) if image_args.get("image_queries") else None
     rolled = result.rollout
     if rolled is not None and len(rolled.queries) != len(queries):
         rolled = RolloutRows(rolled.rows[: len(queries)], queries, rolled.head_fusion, rolled.residual_weight, rolled.layers)
@@ -335,38 +333,23 @@ def _long_context_report_data(
                       repetition, projection, vision=vision, notes=[note], next_ranks=result.next_ranks)
 
 
-def _long_vision_result(model: "TransformerBridge", trace: Trace, image: object, result) -> VisionResult:
-    """`_vision_result` from `analyse_long`'s image rows, rollout rows and residual streams."""
-
+def _vision_result(model: "TransformerBridge", trace: Trace, image: object, long: "LongContextAnalysis | None" = None) -> VisionResult:
+    """The vision section from the rows of the trace's full cache, or of `analyse_long`'s result
+    (`long`: image rows, rollout rows and residual streams): the same analyses read either."""
     run = trace.run
+    source = run if long is None else long
     grid = run.segments.image_grid
     queries = list(trace.generated_positions) or [len(run.tokens) - 1]
-    attention = long_image_attention(result, grid, query_positions=queries)
+    attention = image_attention(source, grid=grid, query_positions=queries)
+    unmapped = (InvalidArgumentError,) if long is None else (InvalidArgumentError, MissingActivationsError)
     try:
-        rolled = long_vision_rollout(result, model, grid, query_positions=queries)
-    except (InvalidArgumentError, MissingActivationsError):  # layouts whose vision rollout is not mapped yet
+        rolled = vision_rollout(source, grid=grid, query_positions=queries)
+    except unmapped:  # layouts whose vision rollout is not mapped yet
         rolled = None
-    dynamics = long_image_dynamics(result, trace) if trace.generated_ids else None
-    states = {f"blocks.{layer}.hook_resid_post": residual[None] for layer, residual in result.residuals.items()}
+    dynamics = image_dynamics(source, trace=trace) if trace.generated_ids else None
+    states = run.cache if long is None else {f"blocks.{layer}.hook_resid_post": residual[None] for layer, residual in long.residuals.items()}
     try:
         crossing = cross_modal(states, model, grid)
-    except (MissingActivationsError, InvalidArgumentError):
-        crossing = None
-    return _vision_from(image, grid, attention, rolled, dynamics, crossing)
-
-
-def _vision_result(model: "TransformerBridge", trace: Trace, image: object) -> VisionResult:
-    run = trace.run
-    grid = run.segments.image_grid
-    queries = list(trace.generated_positions) or [len(run.tokens) - 1]
-    attention = image_attention(run.cache, model, grid, query_positions=queries)
-    try:
-        rolled = vision_rollout(run.cache, model, grid, query_positions=queries)
-    except InvalidArgumentError:  # layouts whose vision rollout is not mapped yet
-        rolled = None
-    dynamics = image_dynamics(model, trace) if trace.generated_ids else None
-    try:
-        crossing = cross_modal(run.cache, model, grid)
     except (MissingActivationsError, InvalidArgumentError):
         crossing = None
     return _vision_from(image, grid, attention, rolled, dynamics, crossing)

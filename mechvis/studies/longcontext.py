@@ -43,6 +43,7 @@ from transformer_lens.model_bridge.generalized_components.position_embeddings_at
     PositionEmbeddingsAttentionBridge,
 )
 
+from mechvis._deprecation import deprecated
 from mechvis._numerics import row_entropy
 from mechvis._validation import (
     _indices,
@@ -56,19 +57,13 @@ from mechvis._validation import (
 )
 from mechvis.analysis.activations import ActivationNorms, ActivationStatistics, layer_statistics
 from mechvis.analysis.attention import HeadEntropy, RolloutRows
-from mechvis.analysis.dynamics import DEFAULT_REGIONS, _assemble, _boxes, _image_grid, _keep, _summarise
+from mechvis.analysis.dynamics import DEFAULT_REGIONS, image_dynamics
 from mechvis.analysis.lens import LogitLens, lens_hook_names, logit_lens, unembed_logits
 from mechvis.analysis.repetition import SeedScore
 from mechvis.analysis.residual import LayerSimilarity, LogitAttribution, direct_logit_attribution
+from mechvis.analysis.rows import Reads, select_recorded
 from mechvis.analysis.tokens import HighEntropyPositions, TokenSignals, _block_signals, high_entropy_positions
-from mechvis.analysis.vision import (
-    VisionRollout,
-    _check_llava_layout,
-    _from_rows,
-    _llava_onto_patches,
-    _qwen_onto_patches,
-    _qwen_visual,
-)
+from mechvis.analysis.vision import image_attention, vision_rollout
 from mechvis.errors import InvalidArgumentError, UnsupportedArchitectureError
 from mechvis.generation.monitor import InductionHeads, RepetitionFeatures, feature_layer, feature_values
 from mechvis.models.architecture import LayerAttention, attention_layout
@@ -116,6 +111,35 @@ class LongContextAnalysis:
     seed: "SeedScore | None" = None  # the seed's loop score of the generated tokens (with `prompt_length`)
     # rank of token t + 1 in the distribution predicted at t (0 = top), the last position's -1
     next_ranks: Tensor | None = None
+    model: Any = field(default=None, repr=False, compare=False)  # the model analysed (the row source's)
+
+    # --- a row source (mechvis.analysis.rows): image_attention(result, ...), image_dynamics(result, trace=...),
+    # vision_rollout(result, ...) read the image rows, rollout rows and hooks this forward kept.
+    @property
+    def n_positions(self) -> int:
+        return self.tokens.numel()
+
+    @property
+    def hooks(self) -> dict[str, Tensor]:
+        return self.captured
+
+    def attention_rows(self, reads: Reads) -> Float[Tensor, "layer head query key"]:
+        if self.image_rows is None:
+            raise InvalidArgumentError(
+                "This analysis kept no image rows: run analyse_long with image_queries= and image_positions= (the image tokens)."
+            )
+        recorded = (range(self.image_rows.shape[0]), self.image_queries, self.image_positions)
+        return select_recorded(self.image_rows, recorded, reads, "analyse_long's image_queries and image_positions")
+
+    def rollout_rows(self, queries: Sequence[int], head_fusion: str, residual_weight: float) -> Float[Tensor, "query key"]:
+        rolled = self.rollout
+        if rolled is None or any(query not in rolled.queries for query in queries):
+            raise InvalidArgumentError(f"analyse_long computed rollout rows for {None if rolled is None else rolled.queries}; "
+                                       f"include the queries {list(queries)} in its queries=.")
+        if (head_fusion, residual_weight) != (rolled.head_fusion, rolled.residual_weight):
+            raise InvalidArgumentError(f"analyse_long's rollout rows fuse heads by {rolled.head_fusion!r} with residual weight "
+                                       f"{rolled.residual_weight}; ask for the same, or pass those to analyse_long.")
+        return rolled.rows[[rolled.queries.index(query) for query in queries]].double()
 
 
 class _Intercepted(Exception):
@@ -123,8 +147,11 @@ class _Intercepted(Exception):
     blocked attention instead of the bridge's full N × N one."""
 
 
-def _check_attention(model: "TransformerBridge") -> None:
-    """Refuse, before any work, attention variants the blocked path does not reproduce."""
+def check_long_context_support(model: "TransformerBridge") -> None:
+    """Refuse, before any work, attention variants the blocked path does not reproduce.
+
+    Raises:
+        UnsupportedArchitectureError: learned sinks, gated, split or non-rotary attention, ..."""
 
     config = model.cfg
     for layer, block in enumerate(model.blocks):
@@ -548,7 +575,7 @@ def analyse_long(
     unknown = [name for name in capture if name not in model.hook_dict]
     if unknown:
         raise InvalidArgumentError(f"No hook {unknown[0]!r} in this model to capture.")
-    _check_attention(model)
+    check_long_context_support(model)
 
     # Per-block scratch (scores, patterns, logits: 1–48 MB of varying sizes) gets its own mappings, so
     # glibc's heap cannot fragment under it; freed memory is trimmed between stages.
@@ -684,7 +711,7 @@ def analyse_long(
         # --- repetition signals ---------------------------------------------------------------------------
         repetition = seed = None
         if states:
-            feature_layer = feature_layer(model, None)
+            resid_layer = feature_layer(model, None)
             n_heads = model.cfg.n_heads
 
             def pattern_rows(layer: int) -> Tensor:
@@ -695,7 +722,7 @@ def analyse_long(
                     rows[head] = stored
                 return rows
 
-            values = feature_values(torch.cat(state_logits), recorder.residuals[feature_layer + 1], tokens, pattern_rows, states,
+            values = feature_values(torch.cat(state_logits), recorder.residuals[resid_layer + 1], tokens, pattern_rows, states,
                                      induction=induction, n_layers=n_layers, sinks=sinks, prompt_length=prompt_length,
                                      recurrence_window=64)
             repetition = RepetitionFeatures([s + 1 for s in states], values)
@@ -720,7 +747,7 @@ def analyse_long(
         image_rows = torch.stack([state.image_rows for state in recorder.layers]) if image_query_list else None
         return LongContextAnalysis(tokens, signals, lens, head_entropy_result, norms, statistics, similarity, rollout, dla,
                                    repetition, block_size, high, kept, seconds, image_rows, image_query_list,
-                                   image_position_list, recorder.captured_activations, seed, next_ranks)
+                                   image_position_list, recorder.captured_activations, seed, next_ranks, model)
 
 
 def _seed_score(logits: Float[Tensor, "state vocab"], recorder: _Recorder, states: list[int]) -> "SeedScore":
@@ -802,93 +829,45 @@ def needs_long_context(model: "TransformerBridge", n_tokens: int, *, available_b
     return estimated_cache_bytes(model, n_tokens) > available_bytes // 2
 
 
-# --- image metrics from analyse_long's rows (a vision-language model's long input) -------------------
-
-
-def _image_rows(result: LongContextAnalysis, query_positions: Sequence[int]) -> tuple[Tensor, list[int]]:
-    """The kept image rows (layer, head, query, cell) of `query_positions`, in their order."""
-    if result.image_rows is None:
-        raise InvalidArgumentError(
-            "This analysis kept no image rows: run analyse_long with image_queries= and image_positions= (the image tokens)."
-        )
-    queries = check_positions(result.tokens.numel(), query_positions)
-    missing = [query for query in queries if query not in result.image_queries]
-    if missing:
-        raise InvalidArgumentError(
-            f"Query position {missing[0]} was not among analyse_long's image_queries {result.image_queries}; include it there."
-        )
-    return result.image_rows[:, :, [result.image_queries.index(query) for query in queries]], queries
-
-
-def _check_grid(result: LongContextAnalysis, grid: "ImageGrid") -> None:
-    if list(grid.positions) != result.image_positions:
-        raise InvalidArgumentError("The grid's image positions are not the image_positions analyse_long kept rows for.")
+# --- deprecated (one release): the image metrics of analyse_long's rows under their own names ------------
 
 
 def long_image_attention(
     result: LongContextAnalysis, grid: "ImageGrid", *, query_positions: Sequence[int], sink_cells: Sequence[int] = (),
 ) -> "ImageAttention":
-    """`mechvis.analysis.vision.image_attention` (every layer) from `analyse_long`'s image rows:
-    equal to the cache-based result on the same input.
-
-    Raises:
-        InvalidArgumentError: no image rows kept, a query that was not among `image_queries`, a
-            grid whose positions are not the kept `image_positions`, a sink cell outside the grid."""
-
-    _check_grid(result, grid)
-    rows, queries = _image_rows(result, query_positions)
-    return _from_rows(list(range(rows.shape[0])), queries, grid, rows, sink_cells)
+    """Deprecated: `image_attention(result, grid=grid, query_positions=..., sink_cells=...)`."""
+    deprecated("long_image_attention(result, grid, ...) is deprecated: call image_attention(result, grid=grid, query_positions=..., "
+               "sink_cells=...) (analyse_long's result is a row source).")
+    return image_attention(_with_model(result, None), grid=grid, query_positions=query_positions, sink_cells=sink_cells)
 
 
 def long_image_dynamics(
     result: LongContextAnalysis, trace: "Trace", *, regions: "Sequence[str] | None" = None, sink_cells: Sequence[int] = (),
 ) -> "ImageDynamics":
-    """`mechvis.analysis.dynamics.image_dynamics` (every layer) from `analyse_long`'s image rows of
-    the queries that produced the generated tokens (positions P + s − 1), equal to the cache-based
-    result. `regions` default to the dynamics' DEFAULT_REGIONS.
-
-    Raises:
-        InvalidArgumentError: as `long_image_attention`; a trace without an image or generated tokens."""
-
-    grid = _image_grid(trace)
-    _check_grid(result, grid)
-    boxes = _boxes(DEFAULT_REGIONS if regions is None else regions)
-    rows, queries = _image_rows(result, [position - 1 for position in trace.generated_positions])
-    tokens = trace.run.str_tokens[trace.prompt_length :]
-    return _assemble([_summarise(rows, grid, boxes, _keep(grid, sink_cells))], tokens, list(range(rows.shape[0])), grid,
-                     queries, boxes)
+    """Deprecated: `image_dynamics(result, trace=trace, regions=..., sink_cells=...)`."""
+    deprecated("long_image_dynamics(result, trace, ...) is deprecated: call image_dynamics(result, trace=trace, ...) "
+               "(analyse_long's result is a row source).")
+    return image_dynamics(_with_model(result, None), trace=trace, regions=DEFAULT_REGIONS if regions is None else regions,
+                          sink_cells=sink_cells)
 
 
 def long_vision_rollout(
     result: LongContextAnalysis, model: "TransformerBridge", grid: "ImageGrid", *, query_positions: Sequence[int],
 ) -> "VisionRollout":
-    """`mechvis.analysis.vision.vision_rollout` from `analyse_long`'s rollout rows (the language
-    model's e_qᵀ Â_L ⋯ Â_1, same head fusion and residual weight) restricted to the image tokens,
-    times the vision tower's rollout from the hooks `capture` kept
-    (`mechvis.analysis.vision.vision_rollout_hooks`): equal to the cache-based result.
-
-    Raises:
-        InvalidArgumentError: a query without a rollout row, a layout vision_rollout does not map,
-            a grid whose merge size is not the tower's.
-        MissingActivationsError: the vision tower's hooks were not captured."""
-
+    """Deprecated: `vision_rollout(result, grid=grid, query_positions=..., head_fusion=..., residual_weight=...)`
+    with analyse_long's head fusion and residual weight."""
+    deprecated("long_vision_rollout(result, model, grid, ...) is deprecated: call vision_rollout(result, grid=grid, "
+               "query_positions=...) (analyse_long's result is a row source).")
     rolled = result.rollout
-    queries = check_positions(result.tokens.numel(), query_positions)
-    if rolled is None or any(query not in rolled.queries for query in queries):
-        raise InvalidArgumentError(f"analyse_long computed rollout rows for {None if rolled is None else rolled.queries}; "
-                                   f"include the queries {queries} in its queries=.")
-    visual = _qwen_visual(model)
-    if visual is None:
-        _check_llava_layout(model, grid)
-    elif grid.merge_size != visual.spatial_merge_size:
-        raise InvalidArgumentError(f"This grid merges {grid.merge_size} × {grid.merge_size} patches; the vision tower merges {visual.spatial_merge_size}.")
-    rows = rolled.rows[[rolled.queries.index(query) for query in queries]].double()
-    to_image = rows[:, list(grid.positions)]  # (query, image token)
-    if visual is None:
-        onto_patches, vision_layers = _llava_onto_patches(result.captured, model, grid, to_image, rolled.head_fusion, rolled.residual_weight)
-        patch_shape = (grid.rows, grid.cols)
-    else:
-        onto_patches, vision_layers = _qwen_onto_patches(result.captured, visual, grid, to_image, rolled.head_fusion, rolled.residual_weight)
-        patch_shape = (grid.rows * grid.merge_size, grid.cols * grid.merge_size)
-    maps = onto_patches / onto_patches.sum(-1, keepdim=True)
-    return VisionRollout(queries, grid, patch_shape, maps.float(), to_image.sum(-1).float(), vision_layers)
+    fusion = dict(head_fusion=rolled.head_fusion, residual_weight=rolled.residual_weight) if rolled is not None else {}
+    return vision_rollout(_with_model(result, model), grid=grid, query_positions=query_positions, **fusion)
+
+
+def _with_model(result: LongContextAnalysis, model: "TransformerBridge | None") -> LongContextAnalysis:
+    if not isinstance(result, LongContextAnalysis):
+        raise InvalidArgumentError(f"Expected analyse_long's result; got {shown(result)}.")
+    if result.model is None and model is not None:
+        return dataclasses.replace(result, model=model)
+    if result.model is None:
+        raise InvalidArgumentError("This analysis does not name its model; pass it (LongContextAnalysis.model).")
+    return result
