@@ -78,8 +78,8 @@ def test_image_dynamics_is_one_function_for_every_executor(generation):
     recorded = record_while_decoding(bridge, PROMPT, image=picture, max_new_tokens=5, names_filter=None)
     assert len(recorded.trace.run.cache.keys()) > 0 and recorded.queries == [p - 1 for p in recorded.trace.generated_positions]
     _same_dynamics(image_dynamics(recorded, sink_cells=[0]), image_dynamics(recorded.trace, sink_cells=[0]))
-    layer_one = image_dynamics(recorded, layers=[1], regions={"corner": (0, 0, 2, 2)})
-    _same_dynamics(layer_one, image_dynamics(recorded.trace, layers=[1], regions={"corner": (0, 0, 2, 2)}))
+    layer_one = image_dynamics(recorded, layers=[1], regions={"corner": (0, 0, 0.5, 0.5)})
+    _same_dynamics(layer_one, image_dynamics(recorded.trace, layers=[1], regions={"corner": (0, 0, 0.5, 0.5)}))
 
 
 def test_vision_rollout_is_one_function_for_every_executor(generation):
@@ -180,3 +180,25 @@ def test_deprecated_model_forms(generation, tiny_llama):
     _close(old.mass["briefly"], keyword_dynamics(text, keyword_spans=spans).mass["briefly"], "keyword mass")
     with pytest.raises(TypeError):
         image_attention(run.cache, bridge, grid, grid, query_positions=generated)
+
+
+def test_analyse_long_takes_grouped_reads_and_options(tiny_llama):
+    """`analyse_long(model, tokens, reads=LongReads(...), options=LongOptions(...))` equals the old
+    flat keywords, which still work and warn naming the grouped call; mixing both is refused."""
+    from mechvis.studies.longcontext import LongOptions, LongReads, analyse_long
+
+    tokens = torch.arange(3, 43) % tiny_llama.cfg.d_vocab
+    grouped = analyse_long(tiny_llama, tokens, reads=LongReads(queries=[-1, 5], sink_positions=[0, 1]),
+                           options=LongOptions(k=3, head_fusion="max"), block_size=9, progress=False)
+    with pytest.warns(MechvisDeprecationWarning, match=r"reads=LongReads\(queries=\.\.\., sink_positions=\.\.\.\), options=LongOptions\(k=\.\.\., head_fusion=\.\.\.\)"):
+        flat = analyse_long(tiny_llama, tokens, queries=[-1, 5], sink_positions=[0, 1], k=3, head_fusion="max", block_size=9,
+                            progress=False)
+    torch.testing.assert_close(grouped.rollout.rows, flat.rollout.rows, atol=0, rtol=0)
+    torch.testing.assert_close(grouped.entropy.sink_mass, flat.entropy.sink_mass, atol=0, rtol=0)
+    assert grouped.rollout.head_fusion == "max" and grouped.signals.top_ids.shape[-1] == 3
+    with pytest.raises(TypeError, match="both flat and in reads="):
+        analyse_long(tiny_llama, tokens, reads=LongReads(), queries=[-1], progress=False)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'query'"):
+        analyse_long(tiny_llama, tokens, query=[-1], progress=False)
+    with pytest.raises(InvalidArgumentError, match="options must be a LongOptions"):
+        analyse_long(tiny_llama, tokens, options={"k": 3}, progress=False)

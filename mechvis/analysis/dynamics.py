@@ -29,6 +29,7 @@ from mechvis.analysis.regions import Box, box_weights, resolve_box
 from mechvis.analysis.rows import Reads, is_model, row_source, trace_of
 from mechvis.analysis.vision import region_metrics
 from mechvis.errors import InvalidArgumentError, MissingActivationsError
+from mechvis.results import Result
 from mechvis.generation.trace import Trace
 from mechvis.types import ImageGrid, Span
 
@@ -41,7 +42,7 @@ DEFAULT_REGIONS = ("top-left", "top-right", "bottom-left", "bottom-right", "cent
 
 
 @dataclass
-class ImageDynamics:
+class ImageDynamics(Result):
     """Image-attention metrics of each generated token (module docstring), per layer × head × token;
     `maps` is the head-mean renormalised map per layer × token."""
 
@@ -56,6 +57,10 @@ class ImageDynamics:
     region_mass: dict[str, Float[Tensor, "layer head token"]]
     region_area: dict[str, float]
     maps: Float[Tensor, "layer token cell"]
+
+    units = {"image_mass": "probability", "normalised_entropy": "fraction of log N", "peak_to_mean": "ratio",
+             "centre": "cells", "maps": "probability"}
+    label_fields = {"token": ("query_positions",)}
 
     def region_enrichment(self, region: str) -> Float[Tensor, "layer head token"]:
         """Region mass / region area: 1 for attention spread as the area, > 1 for a preference."""
@@ -177,7 +182,7 @@ def _legacy_model_first(name: str, new: str, source: object, legacy: tuple) -> t
 
 
 @dataclass
-class KeywordDynamics:
+class KeywordDynamics(Result):
     """Attention of each generated token (its producing state, module docstring) to keyword spans
     of the prompt, per layer × head × token, in [0, 1]; `mass[k]` for keyword k."""
 
@@ -186,6 +191,8 @@ class KeywordDynamics:
     keywords: list[str]
     key_positions: dict[str, list[int]]
     mass: dict[str, Float[Tensor, "layer head token"]] = field(default_factory=dict)
+
+    units = {"mass": "probability"}
 
     def per_layer(self, keyword: str) -> Float[Tensor, "layer token"]:
         """Head-mean mass on `keyword` per layer × generated token."""

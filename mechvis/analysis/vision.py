@@ -32,6 +32,7 @@ from mechvis.analysis.information import grid_regions, region_token_information
 from mechvis.analysis.regions import NAMED_REGIONS, region_mass
 from mechvis.analysis.rows import Reads, image_grid_of, row_source
 from mechvis.errors import InvalidArgumentError
+from mechvis.results import Result
 from mechvis.models.architecture import pattern_hook
 from mechvis.types import ImageGrid
 
@@ -41,7 +42,7 @@ if TYPE_CHECKING:
 
 
 @dataclass
-class RegionMetrics:
+class RegionMetrics(Result):
     """Concentration and location of attention maps q over the grid (leading dims of the input).
 
     entropy in nats; normalised_entropy = entropy / log N; effective_number = exp(entropy);
@@ -49,6 +50,9 @@ class RegionMetrics:
     90% of the mass; peak_to_mean = N · max q; centre = mass-weighted (row, col);
     spatial_variance = mass-weighted squared distance to the centre (cells²).
     """
+
+    units = {"entropy": "nats", "normalised_entropy": "fraction of log N", "effective_number": "cells", "gini": "fraction",
+             "k90": "cells", "k90_fraction": "fraction", "peak_to_mean": "ratio", "centre": "cells", "spatial_variance": "cells²"}
 
     entropy: Float[Tensor, "..."]
     normalised_entropy: Float[Tensor, "..."]
@@ -98,9 +102,11 @@ def region_metrics(maps: Float[Tensor, "... n"], grid: ImageGrid, *, coverage: f
 
 
 @dataclass
-class ImageAttention:
+class ImageAttention(Result):
     """Attention from query positions to the image, per layer × head × query: the image mass and
     the region metrics of the attention renormalised over the image (sink cells masked)."""
+
+    units = {"image_mass": "probability", "maps": "probability"}
 
     layers: list[int]
     query_positions: list[int]
@@ -180,7 +186,7 @@ def _from_rows(
 
 
 @dataclass
-class Hotspot:
+class Hotspot(Result):
     """A connected region of cells with more than `threshold_factor` times the uniform share."""
 
     cells: list[int]
@@ -220,7 +226,7 @@ def jensen_shannon_distance(p: Float[Tensor, "... n"], q: Float[Tensor, "... n"]
 
 
 @dataclass
-class HeadClusters:
+class HeadClusters:  # not a Result: its `labels` field would shadow Result.labels()
     """Heads (flattened over any leading layer dimension, row-major) grouped by the distance of
     their image maps. `scores[k]` is the mean silhouette of the cut into k clusters."""
 
@@ -344,7 +350,7 @@ def silhouette(distance: Float[Tensor, "n n"], labels: Sequence[int]) -> float:
 
 
 @dataclass
-class VisionRollout:
+class VisionRollout(Result):
     """Rollout from query positions through the language model into the image block, then through
     the vision encoder onto the image patches.
 
@@ -359,6 +365,8 @@ class VisionRollout:
     maps: Float[Tensor, "query patch"]
     image_mass: Float[Tensor, " query"]
     vision_layers: list[int]
+
+    units = {"maps": "fraction", "image_mass": "fraction"}
 
 
 def vision_rollout(
@@ -516,7 +524,7 @@ def _qwen_onto_patches(
 
 
 @dataclass
-class Comparison:
+class Comparison(Result):
     """Image-attention metrics of two conditions (e.g. an image with and without an object), each
     averaged over layers, heads and queries, with their differences (b − a); `distances` between
     the two conditions' mean maps (grid cells)."""

@@ -50,12 +50,14 @@ from mechvis.generation.monitor import RepetitionFeatures, RepetitionMonitor, fi
 from mechvis.images import encode_with_image, load_image, with_text_appended
 from mechvis.interventions import AblationSweep, ablation_sweep, target_probability
 from mechvis.models.architecture import ArchitectureSummary, inspect_model
+from mechvis.studies import longcontext
 from mechvis.studies.longcontext import (
     LongContextAnalysis,
+    LongOptions,
+    LongReads,
     analyse_long,
     check_long_context_support,
     estimated_cache_bytes,
-    needs_long_context,
 )
 from mechvis.text import encode
 from mechvis.viz.views import rounded
@@ -260,7 +262,7 @@ def _needs_long_context(model: "TransformerBridge", prompt: str, chat: bool, max
 
 
     encoded = encode_with_image(model, prompt, image, chat=chat)[0] if image is not None else encode(model, prompt, chat=chat)
-    if not needs_long_context(model, len(encoded.token_ids) + max_new_tokens):
+    if not longcontext.needs_long_context(model, len(encoded.token_ids) + max_new_tokens):  # looked up at call time (tests replace it)
         return False
     try:
         check_long_context_support(model)
@@ -299,23 +301,22 @@ def _long_context_report_data(
         repetition_args = dict(prompt_length=trace.prompt_length, induction=find_induction_heads(model))
     middle = model.cfg.n_layers // 2
     grid = run.segments.image_grid
-    image_args, vision_queries = {}, []
+    image_reads, vision_queries, forward_inputs = {}, [], None
+    if image is not None:
+        forward_inputs = with_text_appended(encode_with_image(model, prompt, image, chat=chat)[1], len(trace.generated_ids))
     if image is not None and grid is not None:
         vision_queries = list(trace.generated_positions) or [n - 1]  # as `_vision_result`
         dynamics_queries = [position - 1 for position in trace.generated_positions]  # `image_dynamics`' rows
-        image_args = dict(forward_inputs=with_text_appended(encode_with_image(model, prompt, image, chat=chat)[1], len(trace.generated_ids)),
-                          image_queries=sorted(set(vision_queries) | set(dynamics_queries)), image_positions=list(grid.positions),
-                          capture=[name for name in vision_rollout_hooks(model) if name in model.hook_dict])
-    elif image is not None:
-        image_args = dict(forward_inputs=with_text_appended(encode_with_image(model, prompt, image, chat=chat)[1], len(trace.generated_ids)))
+        image_reads = dict(image_queries=sorted(set(vision_queries) | set(dynamics_queries)), image_positions=list(grid.positions),
+                           capture=[name for name in vision_rollout_hooks(model) if name in model.hook_dict])
     rollout_queries = list(dict.fromkeys(queries + vision_queries))  # the report's rows, then the vision rollout's
-    result = analyse_long(model, run.tokens, queries=rollout_queries,
-                          lens_positions=list(range(max(0, n - lens_positions), n)), sink_positions=run.segments.sink_positions,
-                          attribution=attribution, attribution_position=n - 2 if trace.generated_ids else -1,
-                          high_entropy=min(10, max(1, n - 1)),
-                          keep_residuals=range(model.cfg.n_layers) if image_args.get("image_queries") else [middle],
-                          **repetition_args, **image_args)
-    vision = _vision_result(model, trace, image, result) if image_args.get("image_queries") else None
+    reads = LongReads(queries=rollout_queries, lens_positions=list(range(max(0, n - lens_positions), n)),
+                      sink_positions=run.segments.sink_positions,
+                      keep_residuals=range(model.cfg.n_layers) if image_reads else [middle], **image_reads)
+    options = LongOptions(attribution=attribution, attribution_position=n - 2 if trace.generated_ids else -1,
+                          high_entropy=min(10, max(1, n - 1)), **repetition_args)
+    result = analyse_long(model, run.tokens, reads=reads, options=options, forward_inputs=forward_inputs)
+    vision = _vision_result(model, trace, image, result) if image_reads else None
     rolled = result.rollout
     if rolled is not None and len(rolled.queries) != len(queries):
         rolled = RolloutRows(rolled.rows[: len(queries)], queries, rolled.head_fusion, rolled.residual_weight, rolled.layers)
@@ -347,9 +348,8 @@ def _vision_result(model: "TransformerBridge", trace: Trace, image: object, long
     except unmapped:  # layouts whose vision rollout is not mapped yet
         rolled = None
     dynamics = image_dynamics(source, trace=trace) if trace.generated_ids else None
-    states = run.cache if long is None else {f"blocks.{layer}.hook_resid_post": residual[None] for layer, residual in long.residuals.items()}
     try:
-        crossing = cross_modal(states, model, grid)
+        crossing = cross_modal(source, grid=grid)
     except (MissingActivationsError, InvalidArgumentError):
         crossing = None
     return _vision_from(image, grid, attention, rolled, dynamics, crossing)

@@ -11,12 +11,12 @@ from mechvis.studies.executors import record_attention_rows, record_while_decodi
 from mechvis.studies.attribution import InputAttribution, gradient_x_input, occlusion
 from mechvis.studies.gradients import attention_gradient_relevancy, integrated_gradients, pixel_integrated_gradients
 from mechvis.studies.instructions import InstructionCheck, instruction_attention_check
-from mechvis.studies.longcontext import LongContextAnalysis, analyse_long
+from mechvis.studies.longcontext import LongContextAnalysis, LongOptions, LongReads, analyse_long
 from mechvis.studies.streamed import stream_image_attention, stream_image_dynamics
 from mechvis.studies.vision import VisualInformation, visual_information
 
 __all__ = [
-    "InputAttribution", "InstructionCheck", "LongContextAnalysis", "VisualInformation", "analyse_long",
+    "InputAttribution", "InstructionCheck", "LongContextAnalysis", "LongOptions", "LongReads", "VisualInformation", "analyse_long",
     "attention_gradient_relevancy", "gradient_x_input", "instruction_attention_check", "integrated_gradients",
     "occlusion", "pixel_integrated_gradients", "record_attention_rows", "record_while_decoding", "stream_image_attention", "stream_image_dynamics", "visual_information",
 ]

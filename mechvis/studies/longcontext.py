@@ -46,10 +46,10 @@ from transformer_lens.model_bridge.generalized_components.position_embeddings_at
 from mechvis._deprecation import deprecated
 from mechvis._numerics import row_entropy
 from mechvis._validation import (
-    _indices,
     check_bool,
     check_integer,
     check_k,
+    check_layers,
     check_positions,
     check_real,
     check_token_ids,
@@ -65,6 +65,7 @@ from mechvis.analysis.rows import Reads, select_recorded
 from mechvis.analysis.tokens import HighEntropyPositions, TokenSignals, _block_signals, high_entropy_positions
 from mechvis.analysis.vision import image_attention, vision_rollout
 from mechvis.errors import InvalidArgumentError, UnsupportedArchitectureError
+from mechvis.results import Result
 from mechvis.generation.monitor import InductionHeads, RepetitionFeatures, feature_layer, feature_values
 from mechvis.models.architecture import LayerAttention, attention_layout
 from mechvis.models.loading import large_allocations_mapped, release_freed_memory
@@ -85,7 +86,7 @@ _LOGIT_ROWS = 256  # rows of logits decoded at once (256 × 49,152 float32 = 50 
 
 
 @dataclass
-class LongContextAnalysis:
+class LongContextAnalysis(Result):
     """What `analyse_long` computed for one sequence; every field is the type the cache-based
     analysis of the same name returns (None where not requested)."""
 
@@ -121,7 +122,9 @@ class LongContextAnalysis:
 
     @property
     def hooks(self) -> dict[str, Tensor]:
-        return self.captured
+        """The hooks `capture` kept and the kept residual streams (`blocks.ℓ.hook_resid_post`), batch dimension first."""
+        residuals = {f"blocks.{layer}.hook_resid_post": residual[None] for layer, residual in self.residuals.items()}
+        return {**self.captured, **residuals}
 
     def attention_rows(self, reads: Reads) -> Float[Tensor, "layer head query key"]:
         if self.image_rows is None:
@@ -459,9 +462,123 @@ def _tokens_of(model: "TransformerBridge", prompt_or_tokens: "str | Sequence[int
     return tokens
 
 
+def _blocked_forward(model: "TransformerBridge", tokens: Tensor, recorder: _Recorder, forward_inputs: "dict[str, Any] | None",
+                     progress: bool) -> None:
+    """The executor of `analyse_long`: one forward pass through the bridge whose attention runs in
+    query blocks (`recorder`'s), keeping the reductions and rows the recorder was told to keep,
+    stopped before the unembedding; the bridge is left as it was, whatever happens."""
+    n, n_layers = tokens.numel(), model.cfg.n_layers
+    attentions = [block.attn for block in model.blocks]
+    handles = recorder.raw_hooks()
+    for layer, attention in enumerate(attentions):
+        object.__setattr__(attention, "forward", recorder._attention_forward(layer))  # the bridge's __setattr__ would pass it to the HF module
+    recorder.progress = tqdm(total=n_layers, desc=f"long context ({n} tokens)", unit="layer", disable=not progress)
+    # The blocked attention reads each layer's mask from its layout, never the mask tensor HF builds
+    # for the layers: with eager attention that is an N × N float32 tensor (268 MB at 8,192 tokens),
+    # with SDPA none for a causal unpadded sequence. Only the mask HF builds changes, for this forward.
+    hf_config = model.original_model.config
+    # (a vision-language model's text config only: its vision tower keeps eager attention, whose
+    # pattern hooks `capture` may read)
+    text_config = getattr(hf_config, "text_config", None)
+    configs = [hf_config] if text_config is None or text_config is hf_config else [text_config]
+    implementations = [config._attn_implementation for config in configs]
+    for config in configs:
+        config._attn_implementation = "sdpa"
+    try:
+        with torch.no_grad():
+            try:
+                model.run_with_hooks(tokens[None].to(model.cfg.device), fwd_hooks=recorder.hooks(), return_type=None,
+                                     **(forward_inputs or {}))
+            except _StopForward:
+                pass
+    finally:  # the bridge as it was, whatever happened
+        for config, implementation in zip(configs, implementations):
+            config._attn_implementation = implementation
+        for attention in attentions:
+            attention.__dict__.pop("forward", None)
+        for handle in handles:
+            handle.remove()
+        recorder.progress.close()
+        recorder.progress = None
+
+
 def default_block_size(model: "TransformerBridge", n_positions: int) -> int:
     """Queries per block so one block's scores (heads × block × N float32) stay under 48 MB."""
     return int(max(16, min(n_positions, _SCORE_BYTES // (4 * model.cfg.n_heads * max(n_positions, 1)))))
+
+
+@dataclass(frozen=True)
+class LongReads:
+    """What `analyse_long`'s blocked forward keeps besides its per-block reductions: the rows and
+    hooks the analyses read afterwards (`LongContextAnalysis` is a row source,
+    `mechvis.analysis.rows`). Positions may be negative (from the end).
+
+    queries: positions whose rollout rows to compute (None or empty: no rollout; `vision_rollout`
+        reads them). lens_positions: positions the logit lens decodes (default: the last 16, as
+        the report); include_resid_mid: also decode each block's resid_mid (as `logit_lens`).
+    sink_positions: positions whose attention mass `HeadEntropy.sink_mass` holds.
+    image_queries, image_positions: query positions and the image tokens' positions whose
+        attention weights every layer keeps (`image_rows`: layer × head × query × cell, the rows
+        `image_attention` and `image_dynamics` read).
+    capture: hook names kept whole (`captured`), e.g. the vision tower's attention patterns
+        `vision_rollout` reads (`mechvis.analysis.vision.vision_rollout_hooks`).
+    keep_residuals: layers whose `hook_resid_post` (pos, d_model) the result keeps (`residuals`;
+        `cross_modal` and `hidden_state_projection` read them)."""
+
+    queries: Sequence[int] | None = (-1,)
+    lens_positions: Sequence[int] | None = None
+    include_resid_mid: bool = False
+    sink_positions: Sequence[int] = (0,)
+    image_queries: Sequence[int] = ()
+    image_positions: Sequence[int] = ()
+    capture: Sequence[str] = ()
+    keep_residuals: Sequence[int] = ()
+
+
+@dataclass(frozen=True)
+class LongOptions:
+    """The options of the analyses `analyse_long` reduces its rows to.
+
+    attribution: (answer, counterfactual or None) for direct logit attribution at
+        `attribution_position` (per head), or None to skip it.
+    prompt_length: with generated tokens from this position on, the repetition signals of every
+        generated token (`repetition_features`; `induction` from `find_induction_heads`) and the
+        seed's loop score.
+    head_fusion, residual_weight: as in `rollout_rows`. k: top tokens kept by the token signals
+        and the lens. high_entropy: how many highest-entropy positions (all but the last, as the
+        report) get `high_entropy_positions`' top-k tokens and own logits (0: none)."""
+
+    attribution: tuple[int | str, int | str | None] | None = None
+    attribution_position: int = -1
+    prompt_length: int | None = None
+    induction: "InductionHeads | None" = None
+    head_fusion: str = "mean"
+    residual_weight: float = 0.5
+    k: int = 5
+    high_entropy: int = 10
+
+
+def _grouped(reads: LongReads | None, options: LongOptions | None, keywords: dict[str, Any]) -> tuple[LongReads, LongOptions]:
+    """`reads` and `options` with the deprecated flat keywords of the old signature folded in (warned)."""
+    groups = {"reads": (LongReads, reads), "options": (LongOptions, options)}
+    names = {field.name: group for group, (kind, _) in groups.items() for field in dataclasses.fields(kind)}
+    unknown = [name for name in keywords if name not in names]
+    if unknown:
+        raise TypeError(f"analyse_long() got an unexpected keyword argument {unknown[0]!r}")
+    out = {}
+    for group, (kind, given) in groups.items():
+        flat = {name: value for name, value in keywords.items() if names[name] == group}
+        if flat and given is not None:
+            raise TypeError(f"analyse_long() got {sorted(flat)} both flat and in {group}=; pass them in {group}= only.")
+        if given is not None and not isinstance(given, kind):
+            raise InvalidArgumentError(f"{group} must be a {kind.__name__}; got {shown(given)}.")
+        out[group] = given if given is not None else kind(**flat)
+    if keywords:
+        shown_reads = ", ".join(f"{name}=..." for name in keywords if names[name] == "reads")
+        shown_options = ", ".join(f"{name}=..." for name in keywords if names[name] == "options")
+        deprecated(f"analyse_long's flat keyword arguments are deprecated: call analyse_long(model, tokens, "
+                   f"reads=LongReads({shown_reads}), options=LongOptions({shown_options})).", stacklevel=4)
+    return out["reads"], out["options"]
 
 
 def analyse_long(
@@ -469,55 +586,28 @@ def analyse_long(
     prompt_or_tokens: "str | Sequence[int] | Tensor",
     *,
     chat: bool = False,
-    queries: Sequence[int] | None = (-1,),
-    lens_positions: Sequence[int] | None = None,
-    include_resid_mid: bool = False,
-    sink_positions: Sequence[int] = (0,),
-    attribution: tuple[int | str, int | str | None] | None = None,
-    attribution_position: int = -1,
-    prompt_length: int | None = None,
-    induction: "InductionHeads | None" = None,
-    head_fusion: str = "mean",
-    residual_weight: float = 0.5,
-    block_size: int | None = None,
-    k: int = 5,
-    high_entropy: int = 10,
-    keep_residuals: Sequence[int] = (),
+    reads: LongReads | None = None,
+    options: LongOptions | None = None,
     forward_inputs: "dict[str, Any] | None" = None,
-    image_queries: Sequence[int] = (),
-    image_positions: Sequence[int] = (),
-    capture: Sequence[str] = (),
+    block_size: int | None = None,
     progress: bool = True,
+    **deprecated_keywords: Any,
 ) -> LongContextAnalysis:
     """Every report metric of one long sequence, in memory that grows with N (never N²) apart
-    from the per-block attention scores (heads × `block_size` × N).
+    from the per-block attention scores (heads × `block_size` × N): the blocked forward (the
+    executor) records per-block reductions and the declared rows (`reads`), then the analyses
+    reduce them (`options`).
 
     Args:
         prompt_or_tokens: a prompt (tokenised as `mechvis.encode` does; `chat` as there) or token ids.
-        queries: query positions (negative from the end) whose rollout rows to compute; None or
-            empty for no rollout.
-        lens_positions: positions the logit lens decodes (default: the last 16, as the report).
-        include_resid_mid: also decode each block's resid_mid (as `logit_lens`).
-        sink_positions: positions whose attention mass `HeadEntropy.sink_mass` holds.
-        attribution: (answer, counterfactual or None) for direct logit attribution at
-            `attribution_position` (per head), or None to skip it.
-        prompt_length: with generated tokens from this position on, the repetition signals of
-            every generated token (`repetition_features`; `induction` from `find_induction_heads`).
-        head_fusion, residual_weight: as in `rollout_rows`.
-        block_size: queries per attention block (default: `default_block_size`).
-        k: top tokens kept by the token signals and the lens.
-        high_entropy: how many highest-entropy positions (all but the last, as the report) get
-            `high_entropy_positions`' top-k tokens and own logits (0: none).
-        keep_residuals: layers whose `hook_resid_post` (pos, d_model) the result keeps (e.g. for
-            `hidden_state_projection` on a cache-like {name: tensor[None]} dict).
+        reads: what the forward keeps for the analyses that read rows (`LongReads`; default: the
+            last position's rollout row, the last 16 positions' lens, sink position 0).
+        options: the analyses' options (`LongOptions`).
         forward_inputs: extra inputs of the forward pass, e.g. a vision-language model's image
-            inputs (`pixel_values`, ...: the `extra` of `mechvis.running.encode_with_image`).
-        image_queries, image_positions: query positions and the image tokens' positions whose
-            attention weights every layer keeps (`image_rows`: layer × head × query × cell, the
-            rows `image_attention` and `image_dynamics` read; `long_image_attention`,
-            `long_image_dynamics` and `long_vision_rollout` build their results from them).
-        capture: hook names kept whole (`captured`), e.g. the vision tower's attention patterns
-            `vision_rollout` reads (`mechvis.analysis.vision.vision_rollout_hooks`).
+            inputs (`pixel_values`, ...: the `extra` of `mechvis.images.encode_with_image`).
+        block_size: queries per attention block (default: `default_block_size`).
+        deprecated_keywords: the old flat keywords (`queries=`, `k=`, `image_queries=`, ...: the
+            fields of `LongReads` and `LongOptions`); they work for one release and warn.
 
     Returns:
         `LongContextAnalysis`, whose fields equal the cache-based functions' results on the same
@@ -525,16 +615,24 @@ def analyse_long(
         `activation_statistics`, `layer_similarity` over positions 1.., `rollout_rows`,
         `direct_logit_attribution`, `repetition_features`, and with `prompt_length` `seed_score`,
         whose attention term reads the last layer's head-mean rows, reduced to their entropy per
-        query block).
+        query block). It is a row source: `image_attention(result, ...)`, `image_dynamics(result,
+        trace=...)`, `vision_rollout(result, ...)` and `cross_modal(result, ...)` read its rows.
 
     Raises:
         InvalidArgumentError: an input longer than `model.cfg.n_ctx`, a query, lens, sink or
             attribution position outside the sequence, a bad fusion or weight; all before the forward.
         UnsupportedArchitectureError: attention the blocked path does not reproduce (learned sinks,
             gated or non-rotary attention, ...).
+        TypeError: an unknown keyword, or a keyword given both flat and in `reads`/`options`.
     """
-
-
+    reads, options = _grouped(reads, options, deprecated_keywords)
+    queries, lens_positions, include_resid_mid, sink_positions = (
+        reads.queries, reads.lens_positions, reads.include_resid_mid, reads.sink_positions)
+    image_queries, image_positions, capture, keep_residuals = (
+        reads.image_queries, reads.image_positions, reads.capture, reads.keep_residuals)
+    attribution, attribution_position, prompt_length, induction = (
+        options.attribution, options.attribution_position, options.prompt_length, options.induction)
+    head_fusion, residual_weight, k, high_entropy = options.head_fusion, options.residual_weight, options.k, options.high_entropy
     started = time.perf_counter()
     seconds: dict[str, float] = {}
     chat, include_resid_mid, progress = (check_bool(value, name) for value, name in (
@@ -565,7 +663,8 @@ def analyse_long(
     if block_size is None:
         block_size = default_block_size(model, n)
     block_size = check_integer(block_size, "block_size", low=1)
-    kept_layers = _indices(keep_residuals, n_layers, "layer", "this model")
+    empty = isinstance(keep_residuals, Sequence) and not isinstance(keep_residuals, str) and len(keep_residuals) == 0
+    kept_layers = [] if empty else check_layers(model, keep_residuals)
     image_query_list = check_positions(n, image_queries, empty=True)
     image_position_list = check_positions(n, image_positions, empty=True)
     if bool(image_query_list) != bool(image_position_list):
@@ -582,38 +681,7 @@ def analyse_long(
     with large_allocations_mapped():
         recorder = _Recorder(model, n, block_size, sinks, states, induction.heads, lens_list, include_resid_mid, dla_position,
                              image_query_list, image_position_list, capture)
-        attentions = [block.attn for block in model.blocks]
-        handles = recorder.raw_hooks()
-        for layer, attention in enumerate(attentions):
-            object.__setattr__(attention, "forward", recorder._attention_forward(layer))  # the bridge's __setattr__ would pass it to the HF module
-        recorder.progress = tqdm(total=n_layers, desc=f"long context ({n} tokens)", unit="layer", disable=not progress)
-        # The blocked attention reads each layer's mask from its layout, never the mask tensor HF builds
-        # for the layers: with eager attention that is an N × N float32 tensor (268 MB at 8,192 tokens),
-        # with SDPA none for a causal unpadded sequence. Only the mask HF builds changes, for this forward.
-        hf_config = model.original_model.config
-        # (a vision-language model's text config only: its vision tower keeps eager attention, whose
-        # pattern hooks `capture` may read)
-        text_config = getattr(hf_config, "text_config", None)
-        configs = [hf_config] if text_config is None or text_config is hf_config else [text_config]
-        implementations = [config._attn_implementation for config in configs]
-        for config in configs:
-            config._attn_implementation = "sdpa"
-        try:
-            with torch.no_grad():
-                try:
-                    model.run_with_hooks(tokens[None].to(model.cfg.device), fwd_hooks=recorder.hooks(), return_type=None,
-                                         **(forward_inputs or {}))
-                except _StopForward:
-                    pass
-        finally:  # the bridge as it was, whatever happened
-            for config, implementation in zip(configs, implementations):
-                config._attn_implementation = implementation
-            for attention in attentions:
-                attention.__dict__.pop("forward", None)
-            for handle in handles:
-                handle.remove()
-            recorder.progress.close()
-            recorder.progress = None
+        _blocked_forward(model, tokens, recorder, forward_inputs, progress)
         seconds["forward"] = time.perf_counter() - started
         release_freed_memory()
         if any(residual is None for residual in recorder.residuals):
@@ -638,7 +706,6 @@ def analyse_long(
             mean, std, percentiles, kurtosis = (torch.cat(parts) for parts in zip(*per_layer))
             statistics[kind] = ActivationStatistics(kind, mean, std, percentiles, kurtosis)
         similarity_positions = list(range(min(1, n - 1), n))
-        gram = torch.zeros(n_layers + 1, n_layers + 1)
         units = [torch.nn.functional.normalize(residual[similarity_positions], dim=-1) for residual in recorder.residuals]
         gram = torch.stack([torch.stack([(a * b).sum() for b in units]) for a in units]) / len(similarity_positions)
         del units
