@@ -687,29 +687,9 @@ def analyse_long(
         if any(residual is None for residual in recorder.residuals):
             raise UnsupportedArchitectureError("The forward pass did not reach every layer's residual stream hook.")
 
-        # --- attention reductions -> HeadEntropy --------------------------------------------------------
-        layers = list(range(n_layers))
-        entropy = torch.stack([state.entropy for state in recorder.layers])
-        sink_mass = torch.stack([state.sink_mass for state in recorder.layers])
-        log_visible = torch.stack([recorder.layout[layer].visible_keys(n) for layer in layers]).float().log()[:, None, :]
-        normalised = torch.where(log_visible > 0, entropy / log_visible.clamp_min(1e-12), torch.nan)
-        head_entropy_result = HeadEntropy(layers, entropy, normalised, sink_mass, tuple(sinks))
+        head_entropy_result = _head_entropy(recorder, sinks)
 
-        # --- residual streams -> norms, statistics, similarity ------------------------------------------
-        norms = {}
-        for kind, per_layer in recorder.norms.items():
-            stacked_norms = torch.stack(per_layer)
-            change = (stacked_norms[1:] - stacked_norms[:-1]) / stacked_norms[:-1].clamp_min(torch.finfo(stacked_norms.dtype).tiny)
-            norms[kind] = ActivationNorms(kind, stacked_norms, change)
-        statistics = {}
-        for kind, per_layer in recorder.statistics.items():
-            mean, std, percentiles, kurtosis = (torch.cat(parts) for parts in zip(*per_layer))
-            statistics[kind] = ActivationStatistics(kind, mean, std, percentiles, kurtosis)
-        similarity_positions = list(range(min(1, n - 1), n))
-        units = [torch.nn.functional.normalize(residual[similarity_positions], dim=-1) for residual in recorder.residuals]
-        gram = torch.stack([torch.stack([(a * b).sum() for b in units]) for a in units]) / len(similarity_positions)
-        del units
-        similarity = LayerSimilarity(["embed"] + [str(i) for i in layers], gram, similarity_positions)
+        norms, statistics, similarity = _residual_summaries(recorder)
         seconds["reductions"] = time.perf_counter() - started - sum(seconds.values())
 
         # --- logits in row blocks -> token signals -------------------------------------------------------
@@ -795,26 +775,63 @@ def analyse_long(
             repetition = RepetitionFeatures([s + 1 for s in states], values)
             seed = _seed_score(torch.cat(state_logits), recorder, states)
 
-        # --- rollout rows: top layer first ----------------------------------------------------------------
         rollout = None
         if query_list:
-            rows = torch.zeros(len(query_list), n, dtype=torch.float64)
-            rows[torch.arange(len(query_list)), torch.tensor(query_list)] = 1.0
-            handles = recorder.raw_hooks()
-            try:
-                with torch.no_grad():
-                    for layer in tqdm(list(reversed(layers)), desc="rollout rows", unit="layer", disable=not progress):
-                        rows = recorder.rollout_factor_rows(layer, rows, head_fusion, residual_weight)
-            finally:
-                for handle in handles:
-                    handle.remove()
-            rollout = RolloutRows(rows.float(), query_list, head_fusion, residual_weight, layers)
+            rollout = _rollout_rows(recorder, query_list, head_fusion, residual_weight, progress)
             seconds["rollout"] = time.perf_counter() - started - sum(seconds.values())
         kept = {layer: recorder.residuals[layer + 1] for layer in kept_layers}
         image_rows = torch.stack([state.image_rows for state in recorder.layers]) if image_query_list else None
         return LongContextAnalysis(tokens, signals, lens, head_entropy_result, norms, statistics, similarity, rollout, dla,
                                    repetition, block_size, high, kept, seconds, image_rows, image_query_list,
                                    image_position_list, recorder.captured_activations, seed, next_ranks, model)
+
+
+def _head_entropy(recorder: _Recorder, sinks: list[int]) -> HeadEntropy:
+    """`head_entropy` from the row entropies and sink masses the blocked forward reduced per block."""
+    n, layers = recorder.n, list(range(len(recorder.layers)))
+    entropy = torch.stack([state.entropy for state in recorder.layers])
+    sink_mass = torch.stack([state.sink_mass for state in recorder.layers])
+    log_visible = torch.stack([recorder.layout[layer].visible_keys(n) for layer in layers]).float().log()[:, None, :]
+    normalised = torch.where(log_visible > 0, entropy / log_visible.clamp_min(1e-12), torch.nan)
+    return HeadEntropy(layers, entropy, normalised, sink_mass, tuple(sinks))
+
+
+def _residual_summaries(recorder: _Recorder) -> tuple[dict[str, ActivationNorms], dict[str, ActivationStatistics], LayerSimilarity]:
+    """`activation_norms`, `activation_statistics` and `layer_similarity` (positions 1..) from the
+    norms and statistics the forward's hooks reduced and the residual streams it kept."""
+    n = recorder.n
+    norms = {}
+    for kind, per_layer in recorder.norms.items():
+        stacked_norms = torch.stack(per_layer)
+        change = (stacked_norms[1:] - stacked_norms[:-1]) / stacked_norms[:-1].clamp_min(torch.finfo(stacked_norms.dtype).tiny)
+        norms[kind] = ActivationNorms(kind, stacked_norms, change)
+    statistics = {}
+    for kind, per_layer in recorder.statistics.items():
+        mean, std, percentiles, kurtosis = (torch.cat(parts) for parts in zip(*per_layer))
+        statistics[kind] = ActivationStatistics(kind, mean, std, percentiles, kurtosis)
+    similarity_positions = list(range(min(1, n - 1), n))
+    units = [torch.nn.functional.normalize(residual[similarity_positions], dim=-1) for residual in recorder.residuals]
+    gram = torch.stack([torch.stack([(a * b).sum() for b in units]) for a in units]) / len(similarity_positions)
+    del units
+    similarity = LayerSimilarity(["embed"] + [str(i) for i in range(len(recorder.layers))], gram, similarity_positions)
+    return norms, statistics, similarity
+
+
+def _rollout_rows(recorder: _Recorder, query_list: list[int], head_fusion: str, residual_weight: float, progress: bool) -> RolloutRows:
+    """`rollout_rows` for `query_list`: a second pass from the top layer down, each layer's queries
+    and keys recomputed from its stored input residual (`_Recorder.rollout_factor_rows`)."""
+    layers = list(range(len(recorder.layers)))
+    rows = torch.zeros(len(query_list), recorder.n, dtype=torch.float64)
+    rows[torch.arange(len(query_list)), torch.tensor(query_list)] = 1.0
+    handles = recorder.raw_hooks()
+    try:
+        with torch.no_grad():
+            for layer in tqdm(list(reversed(layers)), desc="rollout rows", unit="layer", disable=not progress):
+                rows = recorder.rollout_factor_rows(layer, rows, head_fusion, residual_weight)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return RolloutRows(rows.float(), query_list, head_fusion, residual_weight, layers)
 
 
 def _seed_score(logits: Float[Tensor, "state vocab"], recorder: _Recorder, states: list[int]) -> "SeedScore":
