@@ -112,8 +112,7 @@ def _keep(grid: ImageGrid, sink_cells: Sequence[int]) -> Tensor:
     return keep
 
 
-def _assemble(parts: list[dict], tokens, layers, grid, queries, boxes) -> ImageDynamics:
-    joined = {name: torch.cat([part[name] for part in parts], dim=-2 if name in ("centre", "maps") else -1) for name in parts[0]}
+def _assemble(joined: dict, tokens, layers, grid, queries, boxes) -> ImageDynamics:
     return ImageDynamics(
         tokens, layers, grid, queries, joined["image_mass"], joined["normalised_entropy"], joined["peak_to_mean"],
         joined["centre"], {name: joined["regions"][i] for i, name in enumerate(boxes)},
@@ -168,7 +167,7 @@ def image_dynamics(
         raise MissingActivationsError(f"{error} (or record the rows while decoding: mechvis.studies.executors.record_while_decoding, "
                                       "which needs no cache)") from None
     tokens = trace.run.str_tokens[trace.prompt_length :]
-    return _assemble([_summarise(rows, grid, boxes, _keep(grid, sink_cells))], tokens, chosen, grid, queries, boxes)
+    return _assemble(_summarise(rows, grid, boxes, _keep(grid, sink_cells)), tokens, chosen, grid, queries, boxes)
 
 
 def _legacy_model_first(name: str, new: str, source: object, legacy: tuple) -> tuple[object, object, tuple]:
