@@ -1,6 +1,6 @@
 """Peak memory of attention dynamics over a 128-token generation with 576 image tokens (LLaVA-1.5's
 24 × 24 grid: CLIP at 336 px with 14 px patches) on a tiny random LLaVA (8 layers × 8 heads):
-`stream_image_dynamics` (hooks summarise each decode step's query row as it is computed) against
+`record_while_decoding` + `image_dynamics` (hooks keep each decode step's query row over the image) against
 `generate` caching the attention patterns, then `image_dynamics` on the teacher-forced pass. Each
 measurement runs in its own process; the peak is VmHWM reset after the model loads (see
 benchmarks/vision_memory.py). The two results must agree (≤ 1e-4), else the benchmark fails."""
@@ -22,17 +22,18 @@ def _worker(mode: str) -> None:
     import mechvis
     from mechvis.analysis import hooks_for
     from mechvis.analysis.dynamics import image_dynamics
-    from mechvis.studies.streamed import stream_image_dynamics
+    from mechvis.studies.executors import record_while_decoding
 
     bridge, image = _tiny_llava(image_size=336, patch_size=14, layers=LAYERS, heads=HEADS)  # 24 × 24 = 576 image tokens
     prompt = "Describe this picture in detail."
     before = _reset_peak()
     if mode == "stream":
-        trace, dynamics = stream_image_dynamics(bridge, prompt, image, max_new_tokens=NEW_TOKENS)
+        recorded = record_while_decoding(bridge, prompt, image=image, max_new_tokens=NEW_TOKENS)
+        trace, dynamics = recorded.trace, image_dynamics(recorded)
     else:
         trace = mechvis.generate(bridge, prompt, image=image, max_new_tokens=NEW_TOKENS,
                                  names_filter=hooks_for(bridge, "attention"))
-        dynamics = image_dynamics(bridge, trace)
+        dynamics = image_dynamics(trace)
     after = _status_kb("VmHWM")
     if after <= before:
         raise RuntimeError(f"peak memory did not rise above {before} kB while computing: the measurement measures nothing")

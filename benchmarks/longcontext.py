@@ -25,8 +25,7 @@ _CHILD = """
 import gc, json, sys, time
 import torch
 import mechvis
-from mechvis.analysis import analyse_long
-from mechvis.studies.longcontext import real_text_tokens
+from mechvis.studies.longcontext import LongOptions, LongReads, analyse_long, real_text_tokens
 
 def status(field):
     with open("/proc/self/status") as handle:
@@ -47,7 +46,7 @@ with open("/proc/self/clear_refs", "w") as handle:
 if status("VmHWM") > loaded * 1.05 + (64 << 20):
     raise RuntimeError("the resident high-water mark could not be reset; the analysis's own peak is unknown")
 start = time.perf_counter()
-result = analyse_long(model, tokens, queries=[-1], attribution=(int(tokens[-1]), None), progress=False)
+result = analyse_long(model, tokens, reads=LongReads(queries=[-1]), options=LongOptions(attribution=(int(tokens[-1]), None)), progress=False)
 seconds = time.perf_counter() - start
 analysis_peak = status("VmHWM")
 print(json.dumps({"n": n, "seconds": seconds, "stages": result.seconds, "load_seconds": load_seconds,

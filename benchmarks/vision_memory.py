@@ -69,16 +69,16 @@ def _reset_peak() -> int:
 def _worker(mode: str) -> None:
     import mechvis
     from mechvis.analysis.vision import image_attention
-    from mechvis.studies.streamed import stream_image_attention
+    from mechvis.studies.executors import record_attention_rows
 
     bridge, image = _tiny_llava()
     before = _reset_peak()
     prompt = "Where is the object in this picture?"
     if mode == "stream":
-        result = stream_image_attention(bridge, prompt, image, query_positions=[-1])
+        result = image_attention(record_attention_rows(bridge, prompt, image=image, query_positions=[-1]), query_positions=[-1])
     else:
         run = mechvis.run(bridge, prompt, image=image)
-        result = image_attention(run.cache, bridge, run.segments.image_grid, query_positions=[-1])
+        result = image_attention(run, query_positions=[-1])
     after = _status_kb("VmHWM")
     if after <= before:
         raise RuntimeError(f"peak memory did not rise above {before} kB while computing: the measurement measures nothing")

@@ -225,12 +225,12 @@ def test_vision_report_on_a_half_precision_llava(tokenizer_dir, tmp_path, dtype)
     run, full = mechvis.run(model, prompt, image=picture), mechvis.run(reference, prompt, image=picture)
     tol = TOLERANCE[dtype]
     grid, queries = run.segments.image_grid, [len(run.tokens) - 1]
-    half_attention = image_attention(run.cache, model, grid, query_positions=queries)
-    full_attention = image_attention(full.cache, reference, full.segments.image_grid, query_positions=queries)
+    half_attention = image_attention(run.cache, grid=grid, query_positions=queries)
+    full_attention = image_attention(full.cache, grid=full.segments.image_grid, query_positions=queries)
     _close(half_attention.image_mass, full_attention.image_mass, tol)
     _close(half_attention.metrics.normalised_entropy, full_attention.metrics.normalised_entropy, tol)
-    _close(vision_rollout(run.cache, model, grid, query_positions=queries).maps,
-           vision_rollout(full.cache, reference, full.segments.image_grid, query_positions=queries).maps, tol)
+    _close(vision_rollout(run.cache, grid=grid, query_positions=queries).maps,
+           vision_rollout(full.cache, grid=full.segments.image_grid, query_positions=queries).maps, tol)
     half_info = visual_information(model, prompt, picture, " A picture")
     full_info = visual_information(reference, prompt, picture, " A picture")
     _close(half_info.pointwise, full_info.pointwise, tol, scale=10)

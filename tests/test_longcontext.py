@@ -370,7 +370,6 @@ def test_image_metrics_from_the_long_path_equal_the_cache_based_ones(tiny_llava,
     functions on the trace's full cache (≤ 1e-5), as do the text metrics."""
     from mechvis.analysis.crossmodal import cross_modal
     from mechvis.analysis.dynamics import image_dynamics
-    from mechvis.studies.longcontext import long_image_attention, long_image_dynamics, long_vision_rollout
     from mechvis.analysis.vision import image_attention, vision_rollout
 
     bridge, _, _ = tiny_llava
@@ -380,31 +379,30 @@ def test_image_metrics_from_the_long_path_equal_the_cache_based_ones(tiny_llava,
     run, grid = trace.run, trace.run.segments.image_grid
     result = _long_image_analysis(bridge, trace, picture, prompt, block_size=block_size)
     generated = list(trace.generated_positions)
-    long, cached = long_image_attention(result, grid, query_positions=generated), image_attention(run.cache, bridge, grid, query_positions=generated)
+    long, cached = image_attention(result, grid=grid, query_positions=generated), image_attention(run.cache, grid=grid, query_positions=generated)
     assert long.query_positions == cached.query_positions and long.layers == cached.layers
     _close(long.image_mass, cached.image_mass, "image mass")
     _close(long.maps, cached.maps, "image maps")
     for name in ("entropy", "normalised_entropy", "gini", "k90", "peak_to_mean", "centre", "spatial_variance"):
         _close(getattr(long.metrics, name), getattr(cached.metrics, name), name)
     assert float(cached.image_mass.max()) > 0.01  # the rows do hold image mass
-    long_dynamics, cached_dynamics = long_image_dynamics(result, trace), image_dynamics(bridge, trace)
+    long_dynamics, cached_dynamics = image_dynamics(result, trace=trace), image_dynamics(trace)
     assert long_dynamics.query_positions == cached_dynamics.query_positions
     for name in ("image_mass", "normalised_entropy", "peak_to_mean", "centre", "maps"):
         _close(getattr(long_dynamics, name), getattr(cached_dynamics, name), name)
     for region, mass in cached_dynamics.region_mass.items():
         _close(long_dynamics.region_mass[region], mass, region)
-    long_rollout, cached_rollout = (long_vision_rollout(result, bridge, grid, query_positions=generated),
-                                    vision_rollout(run.cache, bridge, grid, query_positions=generated))
+    long_rollout, cached_rollout = (vision_rollout(result, grid=grid, query_positions=generated),
+                                    vision_rollout(run.cache, grid=grid, query_positions=generated))
     assert long_rollout.patch_shape == cached_rollout.patch_shape and long_rollout.vision_layers == cached_rollout.vision_layers
     _close(long_rollout.maps, cached_rollout.maps, "vision rollout maps")
     _close(long_rollout.image_mass, cached_rollout.image_mass, "rollout image mass")
-    states = {f"blocks.{layer}.hook_resid_post": residual[None] for layer, residual in result.residuals.items()}
-    long_crossing, cached_crossing = cross_modal(states, bridge, grid), cross_modal(run.cache, bridge, grid)
+    long_crossing, cached_crossing = cross_modal(result, grid=grid), cross_modal(run.cache, grid=grid)
     _close(long_crossing.alignment, cached_crossing.alignment, "alignment")
     _close(long_crossing.modality_gap, cached_crossing.modality_gap, "modality gap")
     _close(result.entropy.entropy, head_entropy(run.cache, bridge).entropy, "head entropy")
     with pytest.raises(InvalidArgumentError, match="image_queries"):
-        long_image_attention(result, grid, query_positions=[3])
+        image_attention(result, grid=grid, query_positions=[3])
 
 
 def test_report_with_an_image_takes_the_long_path_with_its_image_metrics(tiny_llava, monkeypatch):

@@ -674,7 +674,7 @@ def test_vision_rollout_overlay_equals_the_library_and_hf_attentions(tiny_llava)
     ids = torch.tensor([t["id"] for t in run["tokens"]])
     full = mechvis.run(bridge, "Where is it?", image=picture)  # the prompt, fp32, every hook
     assert full.tokens.tolist() == ids[: run["prompt_length"]].tolist()
-    library = vision_rollout(full.cache, bridge, full.segments.image_grid, query_positions=[image_token, prompt_end])
+    library = vision_rollout(full.cache, grid=full.segments.image_grid, query_positions=[image_token, prompt_end])
     for row, position in enumerate((image_token, prompt_end)):
         np.testing.assert_allclose(served[position]["map"], library.maps[row].numpy(), atol=1e-4)
         assert served[position]["image_mass"] == pytest.approx(library.image_mass[row].item(), abs=1e-4)

@@ -493,7 +493,7 @@ def test_image_sweep_on_real_photos_against_hf_attentions(tokenizer_dir, tmp_pat
         from mechvis.analysis.vision import vision_rollout
 
         run = mechvis.run(bridge, item.model_prompt, chat=item.chat, image=item.image)
-        rolled = vision_rollout(run.cache, bridge, run.segments.image_grid, query_positions=[len(run.tokens) - 1])
+        rolled = vision_rollout(run.cache, grid=run.segments.image_grid, query_positions=[len(run.tokens) - 1])
         patch_map = rolled.maps[0].double().numpy()
         peak_row, peak_col = np.unravel_index(patch_map.argmax(), rolled.patch_shape)
         assert set(got["rollout_peak_row"]) == {peak_row} and set(got["rollout_peak_col"]) == {peak_col}

@@ -208,7 +208,7 @@ CASES = {
     ),
     "cache 5": (lambda model, run: high_entropy_positions(model, run.logits, cache=5), InvalidArgumentError, r"cache must be an ActivationCache"),
     "keyword_spans tuples": (
-        lambda model, run: keyword_dynamics(model, mechvis.teacher_force(model, PROMPT, " mat"), {"cat": [(1, 2)]}), InvalidArgumentError,
+        lambda model, run: keyword_dynamics(mechvis.teacher_force(model, PROMPT, " mat"), keyword_spans={"cat": [(1, 2)]}), InvalidArgumentError,
         r"keyword_spans\['cat'\] must be a mechvis\.Span",
     ),
     "hull_area coverage 'x'": (lambda model, run: hull_area(torch.ones(4), GRID, coverage="x"), InvalidArgumentError, r"coverage must be a finite number in \(0\.0, 1\.0\]"),

@@ -121,7 +121,7 @@ def test_image_attention_matches_hf_attentions(tiny):
     result = mechvis.run(model, "a b c d e f g h i j k l then the question about the picture is")
     grid = ImageGrid(3, 4, tuple(range(1, 13)))  # stand-in "image" tokens laid out 3 × 4
     queries = [14, 15, 16]
-    attention = image_attention(result.cache, model, grid, query_positions=queries, sink_cells=[0])
+    attention = image_attention(result.cache, grid=grid, query_positions=queries, sink_cells=[0])
     expected = hf_attentions(reference, result.tokens.tolist())[:, :, queries][..., 1:13]
     np.testing.assert_allclose(attention.image_mass.numpy(), expected.sum(-1), atol=1e-5)
     kept = expected.copy()
@@ -131,4 +131,4 @@ def test_image_attention_matches_hf_attentions(tiny):
     with pytest.raises(InvalidArgumentError, match="needs 12"):
         ImageGrid(3, 4, (1, 2))
     with pytest.raises(InvalidArgumentError, match="sink cell"):
-        image_attention(result.cache, model, grid, query_positions=queries, sink_cells=[12])
+        image_attention(result.cache, grid=grid, query_positions=queries, sink_cells=[12])

@@ -80,7 +80,7 @@ def test_chat_with_an_image_and_image_metrics(tiny_llava):
     assert result.text.startswith("<|im_start|>user") and result.segments.image_grid is not None
     grid = result.segments.image_grid
     last = len(result.tokens) - 1
-    attention = image_attention(result.cache, bridge, grid, query_positions=[last - 1, last])
+    attention = image_attention(result.cache, grid=grid, query_positions=[last - 1, last])
     assert attention.image_mass.shape == (2, 4, 2) and (attention.image_mass > 0).all()
     torch.testing.assert_close(attention.maps.sum(-1), torch.ones(2, 4, 2))
     assert "vision_encoder.hook_vision_embed" in result.cache
@@ -191,7 +191,7 @@ def test_qwen_vl_vision_rollout_matches_numpy_on_the_towers_own_attention(kind, 
     image_positions = tuple(p for p, t in enumerate(ids[0].tolist()) if t == 49_155)
     grid = ImageGrid(2, 3, image_positions, merge_size=2)
     queries = [ids.shape[1] - 3, ids.shape[1] - 1]
-    rolled = vision_rollout(cache, bridge, grid, query_positions=queries)
+    rolled = vision_rollout(cache, grid=grid, query_positions=queries)
 
     module = importlib.import_module(type(reference).__module__)
     chunks = []
@@ -262,17 +262,17 @@ def test_qwen_vl_run_with_its_processor_then_vision_rollout(kind, tokenizer_dir,
     assert (result.logits.log_softmax(-1) - expected).abs().max() <= 1e-4
     grid = result.segments.image_grid
     assert (grid.rows, grid.cols, grid.merge_size) == (2, 3, 2)
-    rolled = vision_rollout(result.cache, bridge, grid, query_positions=[-1])
+    rolled = vision_rollout(result.cache, grid=grid, query_positions=[-1])
     assert rolled.patch_shape == (4, 6) and rolled.maps.shape == (1, 24)
     assert float(rolled.maps.sum()) == pytest.approx(1.0, abs=1e-5) and bool((rolled.maps >= 0).all())
     from mechvis.analysis.vision import ImageGrid
     from mechvis.errors import MissingActivationsError
 
     with pytest.raises(InvalidArgumentError, match="merges 1 × 1 patches; the vision tower merges 2"):
-        vision_rollout(result.cache, bridge, ImageGrid(4, 6, tuple(range(24))), query_positions=[-1])
+        vision_rollout(result.cache, grid=ImageGrid(4, 6, tuple(range(24))), query_positions=[-1])
     language_only = mechvis.run(bridge, "Where is the red part?", image=picture, names_filter=lambda name: name.endswith("attn.hook_pattern"))
     with pytest.raises(MissingActivationsError, match="vision_encoder.hook_in"):
-        vision_rollout(language_only.cache, bridge, grid, query_positions=[-1])
+        vision_rollout(language_only.cache, grid=grid, query_positions=[-1])
     from mechvis.report import write_report
 
     write_report(bridge, "Describe it.", tmp_path / "q.html", json_path=tmp_path / "q.json", image=picture, max_new_tokens=3)
@@ -382,7 +382,7 @@ def test_vision_rollout_matches_numpy_on_hf_attentions(tiny_llava):
     result = mechvis.run(bridge, "Where is it?", image=picture)
     grid = result.segments.image_grid
     queries = [len(result.tokens) - 2, len(result.tokens) - 1]
-    rolled = vision_rollout(result.cache, bridge, grid, query_positions=queries)
+    rolled = vision_rollout(result.cache, grid=grid, query_positions=queries)
     inputs = processor(text="<image>\nWhere is it?", images=picture, return_tensors="pt")
     with torch.no_grad():
         language = torch.stack(reference(**inputs, output_attentions=True).attentions)[:, 0].double().numpy()
@@ -416,7 +416,7 @@ def test_visual_information_and_compare(tiny_llava):
     torch.testing.assert_close(information.pointwise, information.with_image - information.with_blank)
 
     runs = [mechvis.run(bridge, "Where is it?", image=image) for image in (picture, other)]
-    attentions = [image_attention(r.cache, bridge, r.segments.image_grid, query_positions=[-1]) for r in runs]
+    attentions = [image_attention(r.cache, grid=r.segments.image_grid, query_positions=[-1]) for r in runs]
     comparison = compare(*attentions)
     first, second, delta = comparison.table["image mass"]
     assert first == pytest.approx(attentions[0].image_mass.mean().item()) and delta == pytest.approx(second - first)
@@ -438,7 +438,7 @@ def test_generate_with_an_image(tiny_llava):
     teacher_forced = trace.run.logits[trace.prompt_length - 1 : -1].log_softmax(-1)
     assert (teacher_forced - trace.step_logits.log_softmax(-1)).abs().max() <= 1e-4
     grid = trace.run.segments.image_grid
-    dynamics = image_attention(trace.run.cache, bridge, grid, query_positions=list(trace.generated_positions))
+    dynamics = image_attention(trace.run.cache, grid=grid, query_positions=list(trace.generated_positions))
     assert dynamics.image_mass.shape == (2, 4, len(trace.generated_ids))  # attention to the image, token by token
 
 
@@ -456,15 +456,16 @@ def test_monitor_temperature_with_an_image(tiny_llava, streamed_features):
     torch.testing.assert_close(torch.stack(streamed_features), offline.values, atol=1e-4, rtol=1e-4)
 
 
-def test_streamed_image_attention_equals_the_cached_one(tiny_llava):
+def test_recorded_image_attention_equals_the_cached_one(tiny_llava):
     from mechvis.analysis.vision import image_attention
-    from mechvis.studies.streamed import stream_image_attention
+    from mechvis.studies.executors import record_attention_rows
 
     bridge, _, _ = tiny_llava
     picture = _picture(8)
     result = mechvis.run(bridge, "Where is the cat?", image=picture)
-    cached = image_attention(result.cache, bridge, result.segments.image_grid, query_positions=[-2, -1], sink_cells=[0])
-    streamed = stream_image_attention(bridge, "Where is the cat?", picture, query_positions=[-2, -1], sink_cells=[0])
+    cached = image_attention(result.cache, grid=result.segments.image_grid, query_positions=[-2, -1], sink_cells=[0])
+    recorded = record_attention_rows(bridge, "Where is the cat?", image=picture, query_positions=[-2, -1])
+    streamed = image_attention(recorded, query_positions=[-2, -1], sink_cells=[0])
     torch.testing.assert_close(streamed.image_mass, cached.image_mass)
     torch.testing.assert_close(streamed.maps, cached.maps)
     torch.testing.assert_close(streamed.metrics.entropy, cached.metrics.entropy)
@@ -486,7 +487,7 @@ def test_report_with_an_image(tiny_llava, tmp_path):
 
 def test_vision_entry_points_reject_bad_input(tiny_llava):
     from mechvis.analysis.vision import ImageGrid, vision_rollout
-    from mechvis.studies.streamed import stream_image_attention
+    from mechvis.studies.executors import record_attention_rows
     from mechvis.studies.vision import visual_information
 
     bridge, _, _ = tiny_llava
@@ -496,9 +497,9 @@ def test_vision_entry_points_reject_bad_input(tiny_llava):
     result = mechvis.run(bridge, "Where?", image=picture)
     merged = ImageGrid(2, 2, tuple(result.segments.image_grid.positions[:4]), merge_size=2)
     with pytest.raises(InvalidArgumentError, match="not mapped yet"):
-        vision_rollout(result.cache, bridge, merged, query_positions=[-1])
+        vision_rollout(result.cache, grid=merged, query_positions=[-1])
     with pytest.raises(InvalidArgumentError, match="position"):
-        stream_image_attention(bridge, "Where?", picture, query_positions=[500])
+        record_attention_rows(bridge, "Where?", image=picture, query_positions=[500])
 
 
 def test_hooked_generation_with_an_image_equals_the_teacher_forced_pass(tiny_llava):

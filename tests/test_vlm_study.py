@@ -43,7 +43,7 @@ def test_cross_modal_matches_hf_hidden_states(tiny_llava):  # noqa: F811
     inputs = processor(text="<image>\nWhere is the bright square?", images=square_image(), return_tensors="pt")
     with torch.no_grad():
         hidden = reference(**inputs, output_hidden_states=True).hidden_states  # embeddings, then after each layer
-    measured = cross_modal(result.cache, bridge, grid)
+    measured = cross_modal(result.cache, grid=grid)
     for layer in measured.layers:
         states = hidden[layer + 1][0].double().numpy()
         if layer == bridge.cfg.n_layers - 1:  # HF's last hidden state is after the final norm: use the cache's own
@@ -58,7 +58,7 @@ def test_cross_modal_matches_hf_hidden_states(tiny_llava):  # noqa: F811
     assert 0 not in measured.text_positions and not set(measured.text_positions) & set(grid.positions)
     assert len(cross_modal_figure(measured).axes) == 1
     with pytest.raises(InvalidArgumentError, match="outside the image"):
-        cross_modal(result.cache, bridge, grid, text_positions=[grid.positions[0]])
+        cross_modal(result.cache, grid=grid, text_positions=[grid.positions[0]])
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +121,7 @@ def test_image_dynamics_matches_numpy_on_hf_attentions(tiny_llava):  # noqa: F81
     bridge, reference, processor = tiny_llava
     picture = square_image()
     trace = image_trace(bridge, "What do you see?", picture)
-    dynamics = image_dynamics(bridge, trace, sink_cells=[0])
+    dynamics = image_dynamics(trace, sink_cells=[0])
     grid = trace.run.segments.image_grid
     attentions = _hf_rows(reference, processor, trace, picture)
     queries = [p - 1 for p in trace.generated_positions]
@@ -138,14 +138,15 @@ def test_image_dynamics_matches_numpy_on_hf_attentions(tiny_llava):  # noqa: F81
     assert dynamics.image_mass.shape == (2, 4, len(trace.generated_ids)) and len(dynamics.tokens) == len(trace.generated_ids)
 
 
-def test_streamed_dynamics_equal_the_teacher_forced_ones(tiny_llava):  # noqa: F811
+def test_dynamics_recorded_while_decoding_equal_the_teacher_forced_ones(tiny_llava):  # noqa: F811
     from mechvis.analysis.dynamics import image_dynamics
-    from mechvis.studies.streamed import stream_image_dynamics
+    from mechvis.studies.executors import record_while_decoding
 
     bridge, _, _ = tiny_llava
     picture = square_image()
-    trace, streamed = stream_image_dynamics(bridge, "What do you see?", picture, max_new_tokens=6, names_filter=None)
-    offline = image_dynamics(bridge, trace)
+    recorded = record_while_decoding(bridge, "What do you see?", image=picture, max_new_tokens=6, names_filter=None)
+    trace, streamed = recorded.trace, image_dynamics(recorded)
+    offline = image_dynamics(trace)
     assert len(trace.run.cache.keys()) > 0
     for name in ("image_mass", "normalised_entropy", "peak_to_mean", "centre", "maps"):
         torch.testing.assert_close(getattr(streamed, name), getattr(offline, name), atol=1e-4, rtol=0)
@@ -175,17 +176,17 @@ def test_dynamics_see_a_preferred_square(model_name, request):
         with bridge.hooks(fwd_hooks=_prefer_bright(bridge, grid, picture)):
             trace = image_trace(bridge, prompt, picture)
         traces.append(trace)
-        attentions.append(image_attention(trace.run.cache, bridge, grid, query_positions=[p - 1 for p in trace.generated_positions]))
+        attentions.append(image_attention(trace.run.cache, grid=grid, query_positions=[p - 1 for p in trace.generated_positions]))
     if model_name == "llava":  # the preference is the model's own: its predictions change
         plain_trace = image_trace(bridge, prompt, square_image(True, size))
         assert (plain_trace.run.logits - traces[0].run.logits).abs().max() > 1e-3
-    dynamics = image_dynamics(bridge, traces[0])
+    dynamics = image_dynamics(traces[0])
     enrichment = dynamics.region_enrichment("top-left").mean().item()
     assert enrichment > 1.5  # the square's quadrant gets more than its area share
     assert enrichment > max(dynamics.region_enrichment(r).mean().item() for r in ("top-right", "bottom-left", "bottom-right"))
     peaks = dynamics.peaks("top-left", top=2)
     assert len(peaks) == 2 and peaks[0][2] >= peaks[1][2] and peaks[0][1] == dynamics.tokens[peaks[0][0]]
-    plain = image_dynamics(bridge, traces[1])
+    plain = image_dynamics(traces[1])
     assert plain.region_enrichment("top-left").mean().item() == pytest.approx(1.0, abs=0.6)  # no square: no boost
     comparison = compare(*attentions)
     first, second, delta = comparison.table["top-left mass"]
@@ -200,7 +201,7 @@ def test_dynamics_reject_a_trace_without_an_image(tiny):
     model, _ = tiny("llama")
     trace = mechvis.teacher_force(model, "Hello there", " friend")
     with pytest.raises(InvalidArgumentError, match="no image"):
-        image_dynamics(model, trace)
+        image_dynamics(trace)
 
 
 def test_keyword_dynamics_match_hf_attentions(tiny):
@@ -212,7 +213,7 @@ def test_keyword_dynamics_match_hf_attentions(tiny):
     model, reference = tiny("llama")
     trace = mechvis.teacher_force(model, "Answer briefly and list three colours: red", " blue green yellow")
     spans = {word: find_token_spans(trace.run, word) for word in ("briefly", "colours")}
-    dynamics = keyword_dynamics(model, trace, spans)
+    dynamics = keyword_dynamics(trace, keyword_spans=spans)
     attentions = hf_attentions(reference, trace.run.tokens.tolist())
     queries = [p - 1 for p in trace.generated_positions]
     for word in spans:
@@ -221,7 +222,7 @@ def test_keyword_dynamics_match_hf_attentions(tiny):
     assert dynamics.per_layer("briefly").shape == (model.cfg.n_layers, len(trace.generated_ids))
     assert len(keyword_dynamics_figure(dynamics).axes) == 4
     with pytest.raises(InvalidArgumentError, match="no token span"):
-        keyword_dynamics(model, trace, {"absent": []})
+        keyword_dynamics(trace, keyword_spans={"absent": []})
 
 
 def test_report_has_geometry_dynamics_information_and_cross_modal_sections(tiny_llava, tmp_path, monkeypatch):  # noqa: F811

@@ -19,8 +19,11 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from mechvis._deprecation import deprecated
 from mechvis._validation import activation, check_layers, check_positions
+from mechvis.analysis.rows import image_grid_of, row_source
 from mechvis.errors import InvalidArgumentError
+from mechvis.results import Result
 from mechvis.types import ImageGrid
 
 if TYPE_CHECKING:
@@ -29,7 +32,7 @@ if TYPE_CHECKING:
 
 
 @dataclass
-class CrossModal:
+class CrossModal(Result):
     """Per-layer alignment and modality gap between image-token and text-token hidden states."""
 
     layers: list[int]
@@ -39,20 +42,38 @@ class CrossModal:
     modality_gap: Float[Tensor, " layer"]
     centroid_distance: Float[Tensor, " layer"]
 
+    units = {"alignment": "cosine", "modality_gap": "cosine", "centroid_distance": "residual-stream norm units"}
+
 
 def cross_modal(
-    cache: "ActivationCache",
-    model: "TransformerBridge",
-    grid: ImageGrid,
-    *,
+    source: object,
+    *legacy: object,
+    grid: ImageGrid | None = None,
     text_positions: Sequence[int] | None = None,
     layers: Sequence[int] | None = None,
 ) -> CrossModal:
-    """Alignment and modality gap (module docstring) from the cached `blocks.ℓ.hook_resid_post`.
-    Text positions default to every position outside the image except position 0 (the attention
-    sink, whose state is an outlier in norm and direction)."""
-    chosen = check_layers(model, layers)
-    states = torch.stack([activation(cache, f"blocks.{layer}.hook_resid_post") for layer in chosen]).double()
+    """Alignment and modality gap (module docstring) from `blocks.ℓ.hook_resid_post` of `source`:
+    a Run, Trace or ActivationCache, or `analyse_long`'s result with those layers' residual
+    streams kept (`keep_residuals`; `mechvis.analysis.rows`). `grid` defaults to the run's image
+    grid. Text positions default to every position outside the image except position 0 (the
+    attention sink, whose state is an outlier in norm and direction).
+
+    The old form `cross_modal(cache, model, grid, ...)` still works for one release and warns.
+
+    Raises:
+        InvalidArgumentError: no grid, bad layers or positions, text positions inside the image.
+        MissingActivationsError: a residual stream that is not there."""
+    model = None
+    if legacy:
+        if len(legacy) > 2:
+            raise TypeError(f"cross_modal() takes the run or cache and keyword options; got {1 + len(legacy)} positional arguments.")
+        deprecated("cross_modal(cache, model, grid, ...) is deprecated: call cross_modal(run_or_cache, grid=grid, ...) "
+                   "(the model is the cache's own).")
+        model, grid = legacy[0], (legacy[1] if len(legacy) == 2 else grid)
+    rows_from = row_source(source, model, call="cross_modal(run_or_cache, grid=...)")
+    grid = image_grid_of(source, grid)
+    chosen = check_layers(rows_from.model, layers)
+    states = torch.stack([activation(rows_from.hooks, f"blocks.{layer}.hook_resid_post") for layer in chosen]).double()
     n_positions = states.shape[1]
     image = check_positions(n_positions, grid.positions)
     if text_positions is None:

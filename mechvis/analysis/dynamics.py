@@ -4,8 +4,9 @@ layer — to the image (a VLM trace) or to instruction keyword spans (any trace)
 Convention: generated token s (at position P + s, P the prompt length) is described by the
 attention of the state that *produced* it, the query at position P + s − 1 (whose logits it was
 drawn from), as in mechvis.analysis.repetition. So every row is available while decoding, before
-the token is sampled, and the streamed computation (`stream_image_dynamics`, hooks on the decode's
-forward passes) sees exactly the rows of the teacher-forced one (`image_dynamics`).
+the token is sampled, and rows recorded while decoding (`mechvis.studies.executors.
+record_while_decoding`, hooks on the decode's forward passes) are exactly the rows of the
+teacher-forced cache: `image_dynamics` reads either (`mechvis.analysis.rows`).
 
 Per generated token × layer × head (image): image_mass = Σ_cells a (the attention on the image
 tokens, in [0, 1]); on q = a_img / Σ a_img (sink cells masked): normalised entropy H(q) / ln N,
@@ -22,13 +23,14 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from mechvis._deprecation import moved_names
-from mechvis._validation import activation, check_layers, check_spans, shown
+from mechvis._deprecation import deprecated, moved_names
+from mechvis._validation import check_layers, check_spans, shown
 from mechvis.analysis.regions import Box, box_weights, resolve_box
+from mechvis.analysis.rows import Reads, is_model, row_source, trace_of
 from mechvis.analysis.vision import region_metrics
 from mechvis.errors import InvalidArgumentError, MissingActivationsError
+from mechvis.results import Result
 from mechvis.generation.trace import Trace
-from mechvis.models.architecture import pattern_hook
 from mechvis.types import ImageGrid, Span
 
 if TYPE_CHECKING:
@@ -40,7 +42,7 @@ DEFAULT_REGIONS = ("top-left", "top-right", "bottom-left", "bottom-right", "cent
 
 
 @dataclass
-class ImageDynamics:
+class ImageDynamics(Result):
     """Image-attention metrics of each generated token (module docstring), per layer × head × token;
     `maps` is the head-mean renormalised map per layer × token."""
 
@@ -55,6 +57,10 @@ class ImageDynamics:
     region_mass: dict[str, Float[Tensor, "layer head token"]]
     region_area: dict[str, float]
     maps: Float[Tensor, "layer token cell"]
+
+    units = {"image_mass": "probability", "normalised_entropy": "fraction of log N", "peak_to_mean": "ratio",
+             "centre": "cells", "maps": "probability"}
+    label_fields = {"token": ("query_positions",)}
 
     def region_enrichment(self, region: str) -> Float[Tensor, "layer head token"]:
         """Region mass / region area: 1 for attention spread as the area, > 1 for a preference."""
@@ -106,8 +112,7 @@ def _keep(grid: ImageGrid, sink_cells: Sequence[int]) -> Tensor:
     return keep
 
 
-def _assemble(parts: list[dict], tokens, layers, grid, queries, boxes) -> ImageDynamics:
-    joined = {name: torch.cat([part[name] for part in parts], dim=-2 if name in ("centre", "maps") else -1) for name in parts[0]}
+def _assemble(joined: dict, tokens, layers, grid, queries, boxes) -> ImageDynamics:
     return ImageDynamics(
         tokens, layers, grid, queries, joined["image_mass"], joined["normalised_entropy"], joined["peak_to_mean"],
         joined["centre"], {name: joined["regions"][i] for i, name in enumerate(boxes)},
@@ -125,31 +130,58 @@ def _image_grid(trace: "Trace") -> ImageGrid:
 
 
 def image_dynamics(
-    model: "TransformerBridge",
-    trace: "Trace",
-    *,
+    source: object,
+    *legacy: object,
+    trace: "Trace | None" = None,
     layers: Sequence[int] | None = None,
     regions: Sequence[str] | Mapping[str, Box] = DEFAULT_REGIONS,
     sink_cells: Sequence[int] = (),
 ) -> ImageDynamics:
-    """Image dynamics from the trace's teacher-forced pass (its cache must hold the attention
-    patterns: generate with names_filter=None or hooks_for(model, "attention")). `regions`: names
-    of NAMED_REGIONS or {name: (top, left, bottom, right)}."""
+    """Image dynamics of a generation (module docstring): the rows of the states that produced
+    the generated tokens (positions P + s − 1) over the image tokens, reduced per token.
+
+    `source` supplies the rows (`mechvis.analysis.rows`): a Trace whose teacher-forced cache holds
+    the attention patterns (generate with names_filter=None or hooks_for(model, "attention")), the
+    `RecordedRows` of `mechvis.studies.executors.record_while_decoding` (hooks while decoding, no
+    cache), or `analyse_long`'s result with `trace=` the generation it analysed: the result is the
+    same for each. `regions`: names of NAMED_REGIONS or {name: (top, left, bottom, right)}.
+
+    The old form `image_dynamics(model, trace, ...)` still works for one release and warns.
+
+    Raises:
+        InvalidArgumentError: no trace, a trace without an image or generated tokens, bad layers,
+            regions or sink cells, rows the executor did not record.
+        MissingActivationsError: a cache without the attention patterns."""
+    source, model, _ = _legacy_model_first("image_dynamics", "image_dynamics(trace, ...)", source, legacy)
+    trace = trace if trace is not None else trace_of(source)
+    if trace is None:
+        raise InvalidArgumentError("image_dynamics needs the generation: pass a Trace, rows recorded while decoding, or trace=.")
     grid = _image_grid(trace)
-    chosen = check_layers(model, layers)
+    rows_from = row_source(source, model, call="image_dynamics(trace, ...)")
+    chosen = check_layers(rows_from.model, layers)
     boxes = _boxes(regions)
     queries = [position - 1 for position in trace.generated_positions]
-    cells = list(grid.positions)
     try:
-        rows = torch.stack([activation(trace.run.cache, pattern_hook(layer))[:, queries][..., cells] for layer in chosen])
+        rows = rows_from.attention_rows(Reads(tuple(chosen), tuple(queries), tuple(grid.positions)))
     except MissingActivationsError as error:
-        raise MissingActivationsError(f"{error} (or use stream_image_dynamics, which needs no cache)") from None
+        raise MissingActivationsError(f"{error} (or record the rows while decoding: mechvis.studies.executors.record_while_decoding, "
+                                      "which needs no cache)") from None
     tokens = trace.run.str_tokens[trace.prompt_length :]
-    return _assemble([_summarise(rows, grid, boxes, _keep(grid, sink_cells))], tokens, chosen, grid, queries, boxes)
+    return _assemble(_summarise(rows, grid, boxes, _keep(grid, sink_cells)), tokens, chosen, grid, queries, boxes)
+
+
+def _legacy_model_first(name: str, new: str, source: object, legacy: tuple) -> tuple[object, object, tuple]:
+    """(source, model, rest) of the old form `name(model, trace, *rest)`, warning."""
+    if not legacy:
+        return source, None, ()
+    if not is_model(source):
+        raise TypeError(f"{name}() takes the trace and keyword options; got {1 + len(legacy)} positional arguments.")
+    deprecated(f"{name}(model, trace, ...) is deprecated: call {new} (the model is the cache's own).", stacklevel=4)
+    return legacy[0], source, legacy[1:]
 
 
 @dataclass
-class KeywordDynamics:
+class KeywordDynamics(Result):
     """Attention of each generated token (its producing state, module docstring) to keyword spans
     of the prompt, per layer × head × token, in [0, 1]; `mass[k]` for keyword k."""
 
@@ -159,24 +191,42 @@ class KeywordDynamics:
     key_positions: dict[str, list[int]]
     mass: dict[str, Float[Tensor, "layer head token"]] = field(default_factory=dict)
 
+    units = {"mass": "probability"}
+
     def per_layer(self, keyword: str) -> Float[Tensor, "layer token"]:
         """Head-mean mass on `keyword` per layer × generated token."""
         return self.mass[keyword].mean(1)
 
 
 def keyword_dynamics(
-    model: "TransformerBridge",
-    trace: "Trace",
-    keyword_spans: Mapping[str, Sequence[Span]],
-    *,
+    source: object,
+    *legacy: object,
+    keyword_spans: Mapping[str, Sequence[Span]] | None = None,
     layers: Sequence[int] | None = None,
 ) -> KeywordDynamics:
     """For each keyword (e.g. from find_token_spans on trace.run), the attention mass of every
     generated token to the keyword's positions, per layer × head (chain-of-thought step analysis:
-    which step looked back at which part of the instruction)."""
+    which step looked back at which part of the instruction). `source`: a Trace with the attention
+    patterns, or rows an executor recorded for the generation (`mechvis.analysis.rows`).
+
+    The old form `keyword_dynamics(model, trace, keyword_spans, ...)` still works for one release
+    and warns.
+
+    Raises:
+        InvalidArgumentError: no generated tokens, keyword spans that are not {keyword: [Span]},
+            a keyword without positions or outside the prompt, bad layers."""
+    source, model, rest = _legacy_model_first("keyword_dynamics", "keyword_dynamics(trace, keyword_spans=..., ...)", source, legacy)
+    if rest:
+        if len(rest) > 1 or keyword_spans is not None:
+            raise TypeError("keyword_dynamics() got keyword_spans twice or too many positional arguments.")
+        keyword_spans = rest[0]
+    trace = trace_of(source)
+    if trace is None:
+        raise InvalidArgumentError("keyword_dynamics needs the generation: pass a Trace or rows recorded while decoding.")
     if not trace.generated_ids:
         raise InvalidArgumentError("The trace generated no tokens.")
-    chosen = check_layers(model, layers)
+    rows_from = row_source(source, model, call="keyword_dynamics(trace, keyword_spans=...)")
+    chosen = check_layers(rows_from.model, layers)
     queries = [position - 1 for position in trace.generated_positions]
     if not isinstance(keyword_spans, Mapping):
         raise InvalidArgumentError(
@@ -191,8 +241,9 @@ def keyword_dynamics(
         if positions[-1] >= trace.prompt_length:
             raise InvalidArgumentError(f"The keyword {keyword!r} lies outside the prompt.")
         keys[keyword] = positions
-    rows = torch.stack([activation(trace.run.cache, pattern_hook(layer))[:, queries] for layer in chosen]).double()
-    masses = {keyword: rows[..., positions].sum(-1).float() for keyword, positions in keys.items()}
+    columns = sorted({p for positions in keys.values() for p in positions})
+    rows = rows_from.attention_rows(Reads(tuple(chosen), tuple(queries), tuple(columns))).double()
+    masses = {keyword: rows[..., [columns.index(p) for p in positions]].sum(-1).float() for keyword, positions in keys.items()}
     return KeywordDynamics(trace.run.str_tokens[trace.prompt_length :], chosen, list(keys), keys, masses)
 
 

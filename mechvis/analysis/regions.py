@@ -16,6 +16,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from mechvis.errors import InvalidArgumentError
+from mechvis.results import Result
 from mechvis.types import ImageGrid
 
 Box = tuple[float, float, float, float]
@@ -34,7 +35,7 @@ NAMED_REGIONS: dict[str, Box] = {
 
 
 @dataclass
-class RegionMass:
+class RegionMass(Result):
     """Attention on a box. mass = Σ_cells w_c q_c (q renormalised over the grid, w_c the fraction
     of cell c inside the box), in [0, 1]; area = Σ w_c / N, the box's share of the image;
     enrichment = mass / area (1: as much as a uniform map, > 1: the box is preferred)."""
@@ -43,6 +44,8 @@ class RegionMass:
     mass: Float[Tensor, "..."]
     area: float
     enrichment: Float[Tensor, "..."]
+
+    units = {"mass": "probability", "area": "fraction", "enrichment": "ratio"}
 
 
 def resolve_box(box: Box | str) -> Box:

@@ -24,13 +24,15 @@ from scipy.spatial.distance import jensenshannon, pdist, squareform
 from torch import Tensor
 from transformers.vision_utils import get_vision_window_index
 
-from mechvis._deprecation import moved_names
-from mechvis._validation import activation, check_layers, check_positions, require_hooks
-from mechvis.analysis.attention import attention_patterns, augmented_attention, rollout_matrix, rollout_product
+from mechvis._deprecation import deprecated, moved_names
+from mechvis._validation import activation, check_layers, check_positions, check_real, require_hooks
+from mechvis.analysis.attention import augmented_attention, rollout_matrix, rollout_product
 from mechvis.analysis.geometry import earth_movers_distance, hausdorff_distance, map_geometry
 from mechvis.analysis.information import grid_regions, region_token_information
 from mechvis.analysis.regions import NAMED_REGIONS, region_mass
+from mechvis.analysis.rows import Reads, image_grid_of, row_source
 from mechvis.errors import InvalidArgumentError
+from mechvis.results import Result
 from mechvis.models.architecture import pattern_hook
 from mechvis.types import ImageGrid
 
@@ -40,7 +42,7 @@ if TYPE_CHECKING:
 
 
 @dataclass
-class RegionMetrics:
+class RegionMetrics(Result):
     """Concentration and location of attention maps q over the grid (leading dims of the input).
 
     entropy in nats; normalised_entropy = entropy / log N; effective_number = exp(entropy);
@@ -48,6 +50,9 @@ class RegionMetrics:
     90% of the mass; peak_to_mean = N · max q; centre = mass-weighted (row, col);
     spatial_variance = mass-weighted squared distance to the centre (cells²).
     """
+
+    units = {"entropy": "nats", "normalised_entropy": "fraction of log N", "effective_number": "cells", "gini": "fraction",
+             "k90": "cells", "k90_fraction": "fraction", "peak_to_mean": "ratio", "centre": "cells", "spatial_variance": "cells²"}
 
     entropy: Float[Tensor, "..."]
     normalised_entropy: Float[Tensor, "..."]
@@ -97,9 +102,11 @@ def region_metrics(maps: Float[Tensor, "... n"], grid: ImageGrid, *, coverage: f
 
 
 @dataclass
-class ImageAttention:
+class ImageAttention(Result):
     """Attention from query positions to the image, per layer × head × query: the image mass and
     the region metrics of the attention renormalised over the image (sink cells masked)."""
+
+    units = {"image_mass": "probability", "maps": "probability"}
 
     layers: list[int]
     query_positions: list[int]
@@ -115,22 +122,53 @@ class ImageAttention:
 
 
 def image_attention(
-    cache: "ActivationCache",
-    model: "TransformerBridge",
-    grid: ImageGrid,
-    *,
+    source: object,
+    *legacy: object,
+    grid: ImageGrid | None = None,
     query_positions: Sequence[int],
     layers: Sequence[int] | None = None,
     sink_cells: Sequence[int] = (),
 ) -> ImageAttention:
-    """Attention of `query_positions` (e.g. the generated tokens) to the grid's image tokens."""
-    chosen = check_layers(model, layers)
-    n_positions = activation(cache, pattern_hook(chosen[0])).shape[-1]
-    queries = check_positions(n_positions, query_positions)
-    check_positions(n_positions, grid.positions)
-    cells = list(grid.positions)
-    rows = torch.stack([activation(cache, pattern_hook(layer))[:, queries][..., cells] for layer in chosen])
+    """Attention of `query_positions` (e.g. the generated tokens) to the grid's image tokens, per
+    layer × head × query: the image mass and the region metrics of the attention renormalised over
+    the image (`sink_cells` masked).
+
+    `source` is anything that supplies attention rows (`mechvis.analysis.rows`): a Run, a Trace or
+    an ActivationCache with the attention patterns, a `RecordedRows` from
+    `mechvis.studies.executors.record_attention_rows` (one forward keeping only these rows), or
+    `analyse_long`'s result (the blocked long-context forward): the result is the same for each.
+    `grid` defaults to the run's image grid. Reads layers × queries × image positions.
+
+    The old form `image_attention(cache, model, grid, ...)` still works for one release and warns.
+
+    Raises:
+        InvalidArgumentError: no grid, a layer, query position or sink cell out of range, a query
+            or layer the executor did not record.
+        MissingActivationsError: a cache without the attention patterns."""
+    source, model, grid = _legacy_call("image_attention", source, legacy, grid)
+    rows_from = row_source(source, model, call="image_attention(run_or_cache, grid=..., query_positions=...)")
+    grid = image_grid_of(source, grid)
+    chosen = check_layers(rows_from.model, layers)
+    queries = check_positions(rows_from.n_positions, query_positions)
+    check_positions(rows_from.n_positions, grid.positions)
+    rows = rows_from.attention_rows(Reads(tuple(chosen), tuple(queries), tuple(grid.positions)))
     return _from_rows(chosen, queries, grid, rows, sink_cells)
+
+
+def _legacy_call(name: str, source: object, legacy: tuple, grid: ImageGrid | None) -> tuple[object, object, ImageGrid | None]:
+    """(source, model, grid) of the old positional form `name(cache, model, grid, ...)`, warning."""
+    if not legacy:
+        return source, None, grid
+    if len(legacy) > 2:
+        raise TypeError(f"{name}() takes the run or cache and keyword options; got {1 + len(legacy)} positional arguments.")
+    deprecated(f"{name}(cache, model, grid, ...) is deprecated: call {name}(run_or_cache, grid=grid, ...) "
+               "(the model is the cache's own).", stacklevel=4)
+    model = legacy[0]
+    if len(legacy) == 2:
+        if grid is not None:
+            raise TypeError(f"{name}() got the grid both positionally and as grid=.")
+        grid = legacy[1]
+    return source, model, grid
 
 
 def _from_rows(
@@ -148,7 +186,7 @@ def _from_rows(
 
 
 @dataclass
-class Hotspot:
+class Hotspot(Result):
     """A connected region of cells with more than `threshold_factor` times the uniform share."""
 
     cells: list[int]
@@ -188,7 +226,7 @@ def jensen_shannon_distance(p: Float[Tensor, "... n"], q: Float[Tensor, "... n"]
 
 
 @dataclass
-class HeadClusters:
+class HeadClusters:  # not a Result: its `labels` field would shadow Result.labels()
     """Heads (flattened over any leading layer dimension, row-major) grouped by the distance of
     their image maps. `scores[k]` is the mean silhouette of the cut into k clusters."""
 
@@ -312,7 +350,7 @@ def silhouette(distance: Float[Tensor, "n n"], labels: Sequence[int]) -> float:
 
 
 @dataclass
-class VisionRollout:
+class VisionRollout(Result):
     """Rollout from query positions through the language model into the image block, then through
     the vision encoder onto the image patches.
 
@@ -328,12 +366,13 @@ class VisionRollout:
     image_mass: Float[Tensor, " query"]
     vision_layers: list[int]
 
+    units = {"maps": "fraction", "image_mass": "fraction"}
+
 
 def vision_rollout(
-    cache: "ActivationCache",
-    model: "TransformerBridge",
-    grid: ImageGrid,
-    *,
+    source: object,
+    *legacy: object,
+    grid: ImageGrid | None = None,
     query_positions: Sequence[int],
     head_fusion: str = "mean",
     residual_weight: float = 0.5,
@@ -342,6 +381,11 @@ def vision_rollout(
     rollout mapped back to patches (REFERENCES, "Attention rollout"; the same head fusion and
     residual weight in both).
 
+    `source` supplies the language model's rollout rows and the vision tower's hooks
+    (`mechvis.analysis.rows`): a Run, Trace or ActivationCache with the attention patterns and
+    `vision_rollout_hooks(model)`, or `analyse_long`'s result with rollout rows for the queries
+    and those hooks captured. `grid` defaults to the run's image grid.
+
     LLaVA (one image token per patch): the encoder layers the projector sees (the penultimate
     layer for `vision_feature_layer = -2`), CLS dropped as the "default" feature selection does.
     Qwen2-VL / Qwen2.5-VL: every vision block (the merger reads the last), with Qwen2.5-VL's
@@ -349,20 +393,33 @@ def vision_rollout(
     merge_size patches' rollout rows, as the merger concatenates exactly those patches. The
     vision patterns are recomputed from the cached pixels with the tower's own query/key
     projections and 2-D rotary embedding (its attention exposes no pattern hook).
+
+    The old form `vision_rollout(cache, model, grid, ...)` still works for one release and warns.
+
+    Raises:
+        InvalidArgumentError: a layout not mapped yet, a grid whose merge size is not the tower's,
+            a query position out of range or without rollout rows.
+        MissingActivationsError: the patterns or vision-tower hooks are missing.
     """
+    source, model, grid = _legacy_call("vision_rollout", source, legacy, grid)
+    rows_from = row_source(source, model, call="vision_rollout(run_or_cache, grid=..., query_positions=...)")
+    grid = image_grid_of(source, grid)
+    model = rows_from.model
     visual = _qwen_visual(model)
     if visual is None:
         _check_llava_layout(model, grid)
     elif grid.merge_size != visual.spatial_merge_size:
         raise InvalidArgumentError(f"This grid merges {grid.merge_size} × {grid.merge_size} patches; the vision tower merges {visual.spatial_merge_size}.")
-    language = rollout_matrix(attention_patterns(cache, model), head_fusion, residual_weight)
-    queries = check_positions(language.shape[0], query_positions)
-    to_image = language[queries][:, list(grid.positions)]  # (query, image token)
+    if head_fusion not in ("mean", "max", "min"):
+        raise InvalidArgumentError(f"head_fusion must be 'mean', 'max' or 'min'; got {head_fusion!r}.")
+    residual_weight = check_real(residual_weight, "residual_weight", low=0.0, high=1.0)
+    queries = check_positions(rows_from.n_positions, query_positions)
+    to_image = rows_from.rollout_rows(queries, head_fusion, residual_weight).double()[:, list(grid.positions)]  # (query, image token)
     if visual is None:
-        onto_patches, vision_layers = _llava_onto_patches(cache, model, grid, to_image, head_fusion, residual_weight)
+        onto_patches, vision_layers = _llava_onto_patches(rows_from.hooks, model, grid, to_image, head_fusion, residual_weight)
         patch_shape = (grid.rows, grid.cols)
     else:
-        onto_patches, vision_layers = _qwen_onto_patches(cache, visual, grid, to_image, head_fusion, residual_weight)
+        onto_patches, vision_layers = _qwen_onto_patches(rows_from.hooks, visual, grid, to_image, head_fusion, residual_weight)
         patch_shape = (grid.rows * grid.merge_size, grid.cols * grid.merge_size)
     maps = onto_patches / onto_patches.sum(-1, keepdim=True)
     return VisionRollout(queries, grid, patch_shape, maps.float(), to_image.sum(-1).float(), vision_layers)
@@ -467,7 +524,7 @@ def _qwen_onto_patches(
 
 
 @dataclass
-class Comparison:
+class Comparison(Result):
     """Image-attention metrics of two conditions (e.g. an image with and without an object), each
     averaged over layers, heads and queries, with their differences (b − a); `distances` between
     the two conditions' mean maps (grid cells)."""

@@ -10,7 +10,7 @@ recorders=[...])` runs alongside the decode. It may contribute
 and is told of the prompt (`start`), of each decoded token (`step`) and of the analysed trace
 (`finish`); what it recorded is its `result`. The repetition monitor (`MonitorRecorder`, and
 `MonitorTemperature` through it), `ProcessLogits` (any HF-style logits processor),
-`mechvis.interventions.KeywordBoost` and `mechvis.studies.StreamedImageDynamics` are recorders.
+`mechvis.interventions.KeywordBoost` and `mechvis.studies.DecodingRows` (attention rows while decoding) are recorders.
 
 Examples:
     >>> from mechvis.generation import Recorder

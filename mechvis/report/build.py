@@ -50,14 +50,14 @@ from mechvis.generation.monitor import RepetitionFeatures, RepetitionMonitor, fi
 from mechvis.images import encode_with_image, load_image, with_text_appended
 from mechvis.interventions import AblationSweep, ablation_sweep, target_probability
 from mechvis.models.architecture import ArchitectureSummary, inspect_model
+from mechvis.studies import longcontext
 from mechvis.studies.longcontext import (
-    _check_attention,
+    LongContextAnalysis,
+    LongOptions,
+    LongReads,
     analyse_long,
+    check_long_context_support,
     estimated_cache_bytes,
-    long_image_attention,
-    long_image_dynamics,
-    long_vision_rollout,
-    needs_long_context,
 )
 from mechvis.text import encode
 from mechvis.viz.views import rounded
@@ -262,10 +262,10 @@ def _needs_long_context(model: "TransformerBridge", prompt: str, chat: bool, max
 
 
     encoded = encode_with_image(model, prompt, image, chat=chat)[0] if image is not None else encode(model, prompt, chat=chat)
-    if not needs_long_context(model, len(encoded.token_ids) + max_new_tokens):
+    if not longcontext.needs_long_context(model, len(encoded.token_ids) + max_new_tokens):  # looked up at call time (tests replace it)
         return False
     try:
-        _check_attention(model)
+        check_long_context_support(model)
     except UnsupportedArchitectureError as error:
         logging.getLogger("mechvis.report").warning("A full cache of this input may not fit in memory, but %s The report "
                                                     "uses the full cache.", error)
@@ -301,23 +301,22 @@ def _long_context_report_data(
         repetition_args = dict(prompt_length=trace.prompt_length, induction=find_induction_heads(model))
     middle = model.cfg.n_layers // 2
     grid = run.segments.image_grid
-    image_args, vision_queries = {}, []
+    image_reads, vision_queries, forward_inputs = {}, [], None
+    if image is not None:
+        forward_inputs = with_text_appended(encode_with_image(model, prompt, image, chat=chat)[1], len(trace.generated_ids))
     if image is not None and grid is not None:
         vision_queries = list(trace.generated_positions) or [n - 1]  # as `_vision_result`
         dynamics_queries = [position - 1 for position in trace.generated_positions]  # `image_dynamics`' rows
-        image_args = dict(forward_inputs=with_text_appended(encode_with_image(model, prompt, image, chat=chat)[1], len(trace.generated_ids)),
-                          image_queries=sorted(set(vision_queries) | set(dynamics_queries)), image_positions=list(grid.positions),
-                          capture=[name for name in vision_rollout_hooks(model) if name in model.hook_dict])
-    elif image is not None:
-        image_args = dict(forward_inputs=with_text_appended(encode_with_image(model, prompt, image, chat=chat)[1], len(trace.generated_ids)))
+        image_reads = dict(image_queries=sorted(set(vision_queries) | set(dynamics_queries)), image_positions=list(grid.positions),
+                           capture=[name for name in vision_rollout_hooks(model) if name in model.hook_dict])
     rollout_queries = list(dict.fromkeys(queries + vision_queries))  # the report's rows, then the vision rollout's
-    result = analyse_long(model, run.tokens, queries=rollout_queries,
-                          lens_positions=list(range(max(0, n - lens_positions), n)), sink_positions=run.segments.sink_positions,
-                          attribution=attribution, attribution_position=n - 2 if trace.generated_ids else -1,
-                          high_entropy=min(10, max(1, n - 1)),
-                          keep_residuals=range(model.cfg.n_layers) if image_args.get("image_queries") else [middle],
-                          **repetition_args, **image_args)
-    vision = _long_vision_result(model, trace, image, result) if image_args.get("image_queries") else None
+    reads = LongReads(queries=rollout_queries, lens_positions=list(range(max(0, n - lens_positions), n)),
+                      sink_positions=run.segments.sink_positions,
+                      keep_residuals=range(model.cfg.n_layers) if image_reads else [middle], **image_reads)
+    options = LongOptions(attribution=attribution, attribution_position=n - 2 if trace.generated_ids else -1,
+                          high_entropy=min(10, max(1, n - 1)), **repetition_args)
+    result = analyse_long(model, run.tokens, reads=reads, options=options, forward_inputs=forward_inputs)
+    vision = _vision_result(model, trace, image, result) if image_reads else None
     rolled = result.rollout
     if rolled is not None and len(rolled.queries) != len(queries):
         rolled = RolloutRows(rolled.rows[: len(queries)], queries, rolled.head_fusion, rolled.residual_weight, rolled.layers)
@@ -335,38 +334,22 @@ def _long_context_report_data(
                       repetition, projection, vision=vision, notes=[note], next_ranks=result.next_ranks)
 
 
-def _long_vision_result(model: "TransformerBridge", trace: Trace, image: object, result) -> VisionResult:
-    """`_vision_result` from `analyse_long`'s image rows, rollout rows and residual streams."""
-
+def _vision_result(model: "TransformerBridge", trace: Trace, image: object, long: "LongContextAnalysis | None" = None) -> VisionResult:
+    """The vision section from the rows of the trace's full cache, or of `analyse_long`'s result
+    (`long`: image rows, rollout rows and residual streams): the same analyses read either."""
     run = trace.run
+    source = run if long is None else long
     grid = run.segments.image_grid
     queries = list(trace.generated_positions) or [len(run.tokens) - 1]
-    attention = long_image_attention(result, grid, query_positions=queries)
+    attention = image_attention(source, grid=grid, query_positions=queries)
+    unmapped = (InvalidArgumentError,) if long is None else (InvalidArgumentError, MissingActivationsError)
     try:
-        rolled = long_vision_rollout(result, model, grid, query_positions=queries)
-    except (InvalidArgumentError, MissingActivationsError):  # layouts whose vision rollout is not mapped yet
+        rolled = vision_rollout(source, grid=grid, query_positions=queries)
+    except unmapped:  # layouts whose vision rollout is not mapped yet
         rolled = None
-    dynamics = long_image_dynamics(result, trace) if trace.generated_ids else None
-    states = {f"blocks.{layer}.hook_resid_post": residual[None] for layer, residual in result.residuals.items()}
+    dynamics = image_dynamics(source, trace=trace) if trace.generated_ids else None
     try:
-        crossing = cross_modal(states, model, grid)
-    except (MissingActivationsError, InvalidArgumentError):
-        crossing = None
-    return _vision_from(image, grid, attention, rolled, dynamics, crossing)
-
-
-def _vision_result(model: "TransformerBridge", trace: Trace, image: object) -> VisionResult:
-    run = trace.run
-    grid = run.segments.image_grid
-    queries = list(trace.generated_positions) or [len(run.tokens) - 1]
-    attention = image_attention(run.cache, model, grid, query_positions=queries)
-    try:
-        rolled = vision_rollout(run.cache, model, grid, query_positions=queries)
-    except InvalidArgumentError:  # layouts whose vision rollout is not mapped yet
-        rolled = None
-    dynamics = image_dynamics(model, trace) if trace.generated_ids else None
-    try:
-        crossing = cross_modal(run.cache, model, grid)
+        crossing = cross_modal(source, grid=grid)
     except (MissingActivationsError, InvalidArgumentError):
         crossing = None
     return _vision_from(image, grid, attention, rolled, dynamics, crossing)

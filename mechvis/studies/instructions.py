@@ -103,7 +103,7 @@ def instruction_attention_check(
             spans += [span for span in found if span.stop <= trace.prompt_length]
         if not spans:
             raise InvalidArgumentError(f"None of the keywords {list(keywords)} occurs in the prompt {prompt!r}.")
-        dynamics = keyword_dynamics(model, trace, {"keywords": spans})
+        dynamics = keyword_dynamics(trace, keyword_spans={"keywords": spans})
         rows.append(dynamics.mass["keywords"].mean(dim=(1, 2)))
         answers.append(trace.generated_text)
         answer_ids.append(list(trace.generated_ids))

@@ -43,12 +43,13 @@ from transformer_lens.model_bridge.generalized_components.position_embeddings_at
     PositionEmbeddingsAttentionBridge,
 )
 
+from mechvis._deprecation import deprecated
 from mechvis._numerics import row_entropy
 from mechvis._validation import (
-    _indices,
     check_bool,
     check_integer,
     check_k,
+    check_layers,
     check_positions,
     check_real,
     check_token_ids,
@@ -56,20 +57,15 @@ from mechvis._validation import (
 )
 from mechvis.analysis.activations import ActivationNorms, ActivationStatistics, layer_statistics
 from mechvis.analysis.attention import HeadEntropy, RolloutRows
-from mechvis.analysis.dynamics import DEFAULT_REGIONS, _assemble, _boxes, _image_grid, _keep, _summarise
+from mechvis.analysis.dynamics import DEFAULT_REGIONS, image_dynamics
 from mechvis.analysis.lens import LogitLens, lens_hook_names, logit_lens, unembed_logits
 from mechvis.analysis.repetition import SeedScore
 from mechvis.analysis.residual import LayerSimilarity, LogitAttribution, direct_logit_attribution
+from mechvis.analysis.rows import Reads, select_recorded
 from mechvis.analysis.tokens import HighEntropyPositions, TokenSignals, _block_signals, high_entropy_positions
-from mechvis.analysis.vision import (
-    VisionRollout,
-    _check_llava_layout,
-    _from_rows,
-    _llava_onto_patches,
-    _qwen_onto_patches,
-    _qwen_visual,
-)
+from mechvis.analysis.vision import image_attention, vision_rollout
 from mechvis.errors import InvalidArgumentError, UnsupportedArchitectureError
+from mechvis.results import Result
 from mechvis.generation.monitor import InductionHeads, RepetitionFeatures, feature_layer, feature_values
 from mechvis.models.architecture import LayerAttention, attention_layout
 from mechvis.models.loading import large_allocations_mapped, release_freed_memory
@@ -90,7 +86,7 @@ _LOGIT_ROWS = 256  # rows of logits decoded at once (256 × 49,152 float32 = 50 
 
 
 @dataclass
-class LongContextAnalysis:
+class LongContextAnalysis(Result):
     """What `analyse_long` computed for one sequence; every field is the type the cache-based
     analysis of the same name returns (None where not requested)."""
 
@@ -116,6 +112,37 @@ class LongContextAnalysis:
     seed: "SeedScore | None" = None  # the seed's loop score of the generated tokens (with `prompt_length`)
     # rank of token t + 1 in the distribution predicted at t (0 = top), the last position's -1
     next_ranks: Tensor | None = None
+    model: Any = field(default=None, repr=False, compare=False)  # the model analysed (the row source's)
+
+    # --- a row source (mechvis.analysis.rows): image_attention(result, ...), image_dynamics(result, trace=...),
+    # vision_rollout(result, ...) read the image rows, rollout rows and hooks this forward kept.
+    @property
+    def n_positions(self) -> int:
+        return self.tokens.numel()
+
+    @property
+    def hooks(self) -> dict[str, Tensor]:
+        """The hooks `capture` kept and the kept residual streams (`blocks.ℓ.hook_resid_post`), batch dimension first."""
+        residuals = {f"blocks.{layer}.hook_resid_post": residual[None] for layer, residual in self.residuals.items()}
+        return {**self.captured, **residuals}
+
+    def attention_rows(self, reads: Reads) -> Float[Tensor, "layer head query key"]:
+        if self.image_rows is None:
+            raise InvalidArgumentError(
+                "This analysis kept no image rows: run analyse_long with image_queries= and image_positions= (the image tokens)."
+            )
+        recorded = (range(self.image_rows.shape[0]), self.image_queries, self.image_positions)
+        return select_recorded(self.image_rows, recorded, reads, "analyse_long's image_queries and image_positions")
+
+    def rollout_rows(self, queries: Sequence[int], head_fusion: str, residual_weight: float) -> Float[Tensor, "query key"]:
+        rolled = self.rollout
+        if rolled is None or any(query not in rolled.queries for query in queries):
+            raise InvalidArgumentError(f"analyse_long computed rollout rows for {None if rolled is None else rolled.queries}; "
+                                       f"include the queries {list(queries)} in its queries=.")
+        if (head_fusion, residual_weight) != (rolled.head_fusion, rolled.residual_weight):
+            raise InvalidArgumentError(f"analyse_long's rollout rows fuse heads by {rolled.head_fusion!r} with residual weight "
+                                       f"{rolled.residual_weight}; ask for the same, or pass those to analyse_long.")
+        return rolled.rows[[rolled.queries.index(query) for query in queries]].double()
 
 
 class _Intercepted(Exception):
@@ -123,8 +150,11 @@ class _Intercepted(Exception):
     blocked attention instead of the bridge's full N × N one."""
 
 
-def _check_attention(model: "TransformerBridge") -> None:
-    """Refuse, before any work, attention variants the blocked path does not reproduce."""
+def check_long_context_support(model: "TransformerBridge") -> None:
+    """Refuse, before any work, attention variants the blocked path does not reproduce.
+
+    Raises:
+        UnsupportedArchitectureError: learned sinks, gated, split or non-rotary attention, ..."""
 
     config = model.cfg
     for layer, block in enumerate(model.blocks):
@@ -432,9 +462,123 @@ def _tokens_of(model: "TransformerBridge", prompt_or_tokens: "str | Sequence[int
     return tokens
 
 
+def _blocked_forward(model: "TransformerBridge", tokens: Tensor, recorder: _Recorder, forward_inputs: "dict[str, Any] | None",
+                     progress: bool) -> None:
+    """The executor of `analyse_long`: one forward pass through the bridge whose attention runs in
+    query blocks (`recorder`'s), keeping the reductions and rows the recorder was told to keep,
+    stopped before the unembedding; the bridge is left as it was, whatever happens."""
+    n, n_layers = tokens.numel(), model.cfg.n_layers
+    attentions = [block.attn for block in model.blocks]
+    handles = recorder.raw_hooks()
+    for layer, attention in enumerate(attentions):
+        object.__setattr__(attention, "forward", recorder._attention_forward(layer))  # the bridge's __setattr__ would pass it to the HF module
+    recorder.progress = tqdm(total=n_layers, desc=f"long context ({n} tokens)", unit="layer", disable=not progress)
+    # The blocked attention reads each layer's mask from its layout, never the mask tensor HF builds
+    # for the layers: with eager attention that is an N × N float32 tensor (268 MB at 8,192 tokens),
+    # with SDPA none for a causal unpadded sequence. Only the mask HF builds changes, for this forward.
+    hf_config = model.original_model.config
+    # (a vision-language model's text config only: its vision tower keeps eager attention, whose
+    # pattern hooks `capture` may read)
+    text_config = getattr(hf_config, "text_config", None)
+    configs = [hf_config] if text_config is None or text_config is hf_config else [text_config]
+    implementations = [config._attn_implementation for config in configs]
+    for config in configs:
+        config._attn_implementation = "sdpa"
+    try:
+        with torch.no_grad():
+            try:
+                model.run_with_hooks(tokens[None].to(model.cfg.device), fwd_hooks=recorder.hooks(), return_type=None,
+                                     **(forward_inputs or {}))
+            except _StopForward:
+                pass
+    finally:  # the bridge as it was, whatever happened
+        for config, implementation in zip(configs, implementations):
+            config._attn_implementation = implementation
+        for attention in attentions:
+            attention.__dict__.pop("forward", None)
+        for handle in handles:
+            handle.remove()
+        recorder.progress.close()
+        recorder.progress = None
+
+
 def default_block_size(model: "TransformerBridge", n_positions: int) -> int:
     """Queries per block so one block's scores (heads × block × N float32) stay under 48 MB."""
     return int(max(16, min(n_positions, _SCORE_BYTES // (4 * model.cfg.n_heads * max(n_positions, 1)))))
+
+
+@dataclass(frozen=True)
+class LongReads:
+    """What `analyse_long`'s blocked forward keeps besides its per-block reductions: the rows and
+    hooks the analyses read afterwards (`LongContextAnalysis` is a row source,
+    `mechvis.analysis.rows`). Positions may be negative (from the end).
+
+    queries: positions whose rollout rows to compute (None or empty: no rollout; `vision_rollout`
+        reads them). lens_positions: positions the logit lens decodes (default: the last 16, as
+        the report); include_resid_mid: also decode each block's resid_mid (as `logit_lens`).
+    sink_positions: positions whose attention mass `HeadEntropy.sink_mass` holds.
+    image_queries, image_positions: query positions and the image tokens' positions whose
+        attention weights every layer keeps (`image_rows`: layer × head × query × cell, the rows
+        `image_attention` and `image_dynamics` read).
+    capture: hook names kept whole (`captured`), e.g. the vision tower's attention patterns
+        `vision_rollout` reads (`mechvis.analysis.vision.vision_rollout_hooks`).
+    keep_residuals: layers whose `hook_resid_post` (pos, d_model) the result keeps (`residuals`;
+        `cross_modal` and `hidden_state_projection` read them)."""
+
+    queries: Sequence[int] | None = (-1,)
+    lens_positions: Sequence[int] | None = None
+    include_resid_mid: bool = False
+    sink_positions: Sequence[int] = (0,)
+    image_queries: Sequence[int] = ()
+    image_positions: Sequence[int] = ()
+    capture: Sequence[str] = ()
+    keep_residuals: Sequence[int] = ()
+
+
+@dataclass(frozen=True)
+class LongOptions:
+    """The options of the analyses `analyse_long` reduces its rows to.
+
+    attribution: (answer, counterfactual or None) for direct logit attribution at
+        `attribution_position` (per head), or None to skip it.
+    prompt_length: with generated tokens from this position on, the repetition signals of every
+        generated token (`repetition_features`; `induction` from `find_induction_heads`) and the
+        seed's loop score.
+    head_fusion, residual_weight: as in `rollout_rows`. k: top tokens kept by the token signals
+        and the lens. high_entropy: how many highest-entropy positions (all but the last, as the
+        report) get `high_entropy_positions`' top-k tokens and own logits (0: none)."""
+
+    attribution: tuple[int | str, int | str | None] | None = None
+    attribution_position: int = -1
+    prompt_length: int | None = None
+    induction: "InductionHeads | None" = None
+    head_fusion: str = "mean"
+    residual_weight: float = 0.5
+    k: int = 5
+    high_entropy: int = 10
+
+
+def _grouped(reads: LongReads | None, options: LongOptions | None, keywords: dict[str, Any]) -> tuple[LongReads, LongOptions]:
+    """`reads` and `options` with the deprecated flat keywords of the old signature folded in (warned)."""
+    groups = {"reads": (LongReads, reads), "options": (LongOptions, options)}
+    names = {field.name: group for group, (kind, _) in groups.items() for field in dataclasses.fields(kind)}
+    unknown = [name for name in keywords if name not in names]
+    if unknown:
+        raise TypeError(f"analyse_long() got an unexpected keyword argument {unknown[0]!r}")
+    out = {}
+    for group, (kind, given) in groups.items():
+        flat = {name: value for name, value in keywords.items() if names[name] == group}
+        if flat and given is not None:
+            raise TypeError(f"analyse_long() got {sorted(flat)} both flat and in {group}=; pass them in {group}= only.")
+        if given is not None and not isinstance(given, kind):
+            raise InvalidArgumentError(f"{group} must be a {kind.__name__}; got {shown(given)}.")
+        out[group] = given if given is not None else kind(**flat)
+    if keywords:
+        shown_reads = ", ".join(f"{name}=..." for name in keywords if names[name] == "reads")
+        shown_options = ", ".join(f"{name}=..." for name in keywords if names[name] == "options")
+        deprecated(f"analyse_long's flat keyword arguments are deprecated: call analyse_long(model, tokens, "
+                   f"reads=LongReads({shown_reads}), options=LongOptions({shown_options})).", stacklevel=4)
+    return out["reads"], out["options"]
 
 
 def analyse_long(
@@ -442,55 +586,28 @@ def analyse_long(
     prompt_or_tokens: "str | Sequence[int] | Tensor",
     *,
     chat: bool = False,
-    queries: Sequence[int] | None = (-1,),
-    lens_positions: Sequence[int] | None = None,
-    include_resid_mid: bool = False,
-    sink_positions: Sequence[int] = (0,),
-    attribution: tuple[int | str, int | str | None] | None = None,
-    attribution_position: int = -1,
-    prompt_length: int | None = None,
-    induction: "InductionHeads | None" = None,
-    head_fusion: str = "mean",
-    residual_weight: float = 0.5,
-    block_size: int | None = None,
-    k: int = 5,
-    high_entropy: int = 10,
-    keep_residuals: Sequence[int] = (),
+    reads: LongReads | None = None,
+    options: LongOptions | None = None,
     forward_inputs: "dict[str, Any] | None" = None,
-    image_queries: Sequence[int] = (),
-    image_positions: Sequence[int] = (),
-    capture: Sequence[str] = (),
+    block_size: int | None = None,
     progress: bool = True,
+    **deprecated_keywords: Any,
 ) -> LongContextAnalysis:
     """Every report metric of one long sequence, in memory that grows with N (never N²) apart
-    from the per-block attention scores (heads × `block_size` × N).
+    from the per-block attention scores (heads × `block_size` × N): the blocked forward (the
+    executor) records per-block reductions and the declared rows (`reads`), then the analyses
+    reduce them (`options`).
 
     Args:
         prompt_or_tokens: a prompt (tokenised as `mechvis.encode` does; `chat` as there) or token ids.
-        queries: query positions (negative from the end) whose rollout rows to compute; None or
-            empty for no rollout.
-        lens_positions: positions the logit lens decodes (default: the last 16, as the report).
-        include_resid_mid: also decode each block's resid_mid (as `logit_lens`).
-        sink_positions: positions whose attention mass `HeadEntropy.sink_mass` holds.
-        attribution: (answer, counterfactual or None) for direct logit attribution at
-            `attribution_position` (per head), or None to skip it.
-        prompt_length: with generated tokens from this position on, the repetition signals of
-            every generated token (`repetition_features`; `induction` from `find_induction_heads`).
-        head_fusion, residual_weight: as in `rollout_rows`.
-        block_size: queries per attention block (default: `default_block_size`).
-        k: top tokens kept by the token signals and the lens.
-        high_entropy: how many highest-entropy positions (all but the last, as the report) get
-            `high_entropy_positions`' top-k tokens and own logits (0: none).
-        keep_residuals: layers whose `hook_resid_post` (pos, d_model) the result keeps (e.g. for
-            `hidden_state_projection` on a cache-like {name: tensor[None]} dict).
+        reads: what the forward keeps for the analyses that read rows (`LongReads`; default: the
+            last position's rollout row, the last 16 positions' lens, sink position 0).
+        options: the analyses' options (`LongOptions`).
         forward_inputs: extra inputs of the forward pass, e.g. a vision-language model's image
-            inputs (`pixel_values`, ...: the `extra` of `mechvis.running.encode_with_image`).
-        image_queries, image_positions: query positions and the image tokens' positions whose
-            attention weights every layer keeps (`image_rows`: layer × head × query × cell, the
-            rows `image_attention` and `image_dynamics` read; `long_image_attention`,
-            `long_image_dynamics` and `long_vision_rollout` build their results from them).
-        capture: hook names kept whole (`captured`), e.g. the vision tower's attention patterns
-            `vision_rollout` reads (`mechvis.analysis.vision.vision_rollout_hooks`).
+            inputs (`pixel_values`, ...: the `extra` of `mechvis.images.encode_with_image`).
+        block_size: queries per attention block (default: `default_block_size`).
+        deprecated_keywords: the old flat keywords (`queries=`, `k=`, `image_queries=`, ...: the
+            fields of `LongReads` and `LongOptions`); they work for one release and warn.
 
     Returns:
         `LongContextAnalysis`, whose fields equal the cache-based functions' results on the same
@@ -498,16 +615,24 @@ def analyse_long(
         `activation_statistics`, `layer_similarity` over positions 1.., `rollout_rows`,
         `direct_logit_attribution`, `repetition_features`, and with `prompt_length` `seed_score`,
         whose attention term reads the last layer's head-mean rows, reduced to their entropy per
-        query block).
+        query block). It is a row source: `image_attention(result, ...)`, `image_dynamics(result,
+        trace=...)`, `vision_rollout(result, ...)` and `cross_modal(result, ...)` read its rows.
 
     Raises:
         InvalidArgumentError: an input longer than `model.cfg.n_ctx`, a query, lens, sink or
             attribution position outside the sequence, a bad fusion or weight; all before the forward.
         UnsupportedArchitectureError: attention the blocked path does not reproduce (learned sinks,
             gated or non-rotary attention, ...).
+        TypeError: an unknown keyword, or a keyword given both flat and in `reads`/`options`.
     """
-
-
+    reads, options = _grouped(reads, options, deprecated_keywords)
+    queries, lens_positions, include_resid_mid, sink_positions = (
+        reads.queries, reads.lens_positions, reads.include_resid_mid, reads.sink_positions)
+    image_queries, image_positions, capture, keep_residuals = (
+        reads.image_queries, reads.image_positions, reads.capture, reads.keep_residuals)
+    attribution, attribution_position, prompt_length, induction = (
+        options.attribution, options.attribution_position, options.prompt_length, options.induction)
+    head_fusion, residual_weight, k, high_entropy = options.head_fusion, options.residual_weight, options.k, options.high_entropy
     started = time.perf_counter()
     seconds: dict[str, float] = {}
     chat, include_resid_mid, progress = (check_bool(value, name) for value, name in (
@@ -538,7 +663,8 @@ def analyse_long(
     if block_size is None:
         block_size = default_block_size(model, n)
     block_size = check_integer(block_size, "block_size", low=1)
-    kept_layers = _indices(keep_residuals, n_layers, "layer", "this model")
+    empty = isinstance(keep_residuals, Sequence) and not isinstance(keep_residuals, str) and len(keep_residuals) == 0
+    kept_layers = [] if empty else check_layers(model, keep_residuals)
     image_query_list = check_positions(n, image_queries, empty=True)
     image_position_list = check_positions(n, image_positions, empty=True)
     if bool(image_query_list) != bool(image_position_list):
@@ -548,74 +674,22 @@ def analyse_long(
     unknown = [name for name in capture if name not in model.hook_dict]
     if unknown:
         raise InvalidArgumentError(f"No hook {unknown[0]!r} in this model to capture.")
-    _check_attention(model)
+    check_long_context_support(model)
 
     # Per-block scratch (scores, patterns, logits: 1–48 MB of varying sizes) gets its own mappings, so
     # glibc's heap cannot fragment under it; freed memory is trimmed between stages.
     with large_allocations_mapped():
         recorder = _Recorder(model, n, block_size, sinks, states, induction.heads, lens_list, include_resid_mid, dla_position,
                              image_query_list, image_position_list, capture)
-        attentions = [block.attn for block in model.blocks]
-        handles = recorder.raw_hooks()
-        for layer, attention in enumerate(attentions):
-            object.__setattr__(attention, "forward", recorder._attention_forward(layer))  # the bridge's __setattr__ would pass it to the HF module
-        recorder.progress = tqdm(total=n_layers, desc=f"long context ({n} tokens)", unit="layer", disable=not progress)
-        # The blocked attention reads each layer's mask from its layout, never the mask tensor HF builds
-        # for the layers: with eager attention that is an N × N float32 tensor (268 MB at 8,192 tokens),
-        # with SDPA none for a causal unpadded sequence. Only the mask HF builds changes, for this forward.
-        hf_config = model.original_model.config
-        # (a vision-language model's text config only: its vision tower keeps eager attention, whose
-        # pattern hooks `capture` may read)
-        text_config = getattr(hf_config, "text_config", None)
-        configs = [hf_config] if text_config is None or text_config is hf_config else [text_config]
-        implementations = [config._attn_implementation for config in configs]
-        for config in configs:
-            config._attn_implementation = "sdpa"
-        try:
-            with torch.no_grad():
-                try:
-                    model.run_with_hooks(tokens[None].to(model.cfg.device), fwd_hooks=recorder.hooks(), return_type=None,
-                                         **(forward_inputs or {}))
-                except _StopForward:
-                    pass
-        finally:  # the bridge as it was, whatever happened
-            for config, implementation in zip(configs, implementations):
-                config._attn_implementation = implementation
-            for attention in attentions:
-                attention.__dict__.pop("forward", None)
-            for handle in handles:
-                handle.remove()
-            recorder.progress.close()
-            recorder.progress = None
+        _blocked_forward(model, tokens, recorder, forward_inputs, progress)
         seconds["forward"] = time.perf_counter() - started
         release_freed_memory()
         if any(residual is None for residual in recorder.residuals):
             raise UnsupportedArchitectureError("The forward pass did not reach every layer's residual stream hook.")
 
-        # --- attention reductions -> HeadEntropy --------------------------------------------------------
-        layers = list(range(n_layers))
-        entropy = torch.stack([state.entropy for state in recorder.layers])
-        sink_mass = torch.stack([state.sink_mass for state in recorder.layers])
-        log_visible = torch.stack([recorder.layout[layer].visible_keys(n) for layer in layers]).float().log()[:, None, :]
-        normalised = torch.where(log_visible > 0, entropy / log_visible.clamp_min(1e-12), torch.nan)
-        head_entropy_result = HeadEntropy(layers, entropy, normalised, sink_mass, tuple(sinks))
+        head_entropy_result = _head_entropy(recorder, sinks)
 
-        # --- residual streams -> norms, statistics, similarity ------------------------------------------
-        norms = {}
-        for kind, per_layer in recorder.norms.items():
-            stacked_norms = torch.stack(per_layer)
-            change = (stacked_norms[1:] - stacked_norms[:-1]) / stacked_norms[:-1].clamp_min(torch.finfo(stacked_norms.dtype).tiny)
-            norms[kind] = ActivationNorms(kind, stacked_norms, change)
-        statistics = {}
-        for kind, per_layer in recorder.statistics.items():
-            mean, std, percentiles, kurtosis = (torch.cat(parts) for parts in zip(*per_layer))
-            statistics[kind] = ActivationStatistics(kind, mean, std, percentiles, kurtosis)
-        similarity_positions = list(range(min(1, n - 1), n))
-        gram = torch.zeros(n_layers + 1, n_layers + 1)
-        units = [torch.nn.functional.normalize(residual[similarity_positions], dim=-1) for residual in recorder.residuals]
-        gram = torch.stack([torch.stack([(a * b).sum() for b in units]) for a in units]) / len(similarity_positions)
-        del units
-        similarity = LayerSimilarity(["embed"] + [str(i) for i in layers], gram, similarity_positions)
+        norms, statistics, similarity = _residual_summaries(recorder)
         seconds["reductions"] = time.perf_counter() - started - sum(seconds.values())
 
         # --- logits in row blocks -> token signals -------------------------------------------------------
@@ -684,7 +758,7 @@ def analyse_long(
         # --- repetition signals ---------------------------------------------------------------------------
         repetition = seed = None
         if states:
-            feature_layer = feature_layer(model, None)
+            resid_layer = feature_layer(model, None)
             n_heads = model.cfg.n_heads
 
             def pattern_rows(layer: int) -> Tensor:
@@ -695,32 +769,69 @@ def analyse_long(
                     rows[head] = stored
                 return rows
 
-            values = feature_values(torch.cat(state_logits), recorder.residuals[feature_layer + 1], tokens, pattern_rows, states,
+            values = feature_values(torch.cat(state_logits), recorder.residuals[resid_layer + 1], tokens, pattern_rows, states,
                                      induction=induction, n_layers=n_layers, sinks=sinks, prompt_length=prompt_length,
                                      recurrence_window=64)
             repetition = RepetitionFeatures([s + 1 for s in states], values)
             seed = _seed_score(torch.cat(state_logits), recorder, states)
 
-        # --- rollout rows: top layer first ----------------------------------------------------------------
         rollout = None
         if query_list:
-            rows = torch.zeros(len(query_list), n, dtype=torch.float64)
-            rows[torch.arange(len(query_list)), torch.tensor(query_list)] = 1.0
-            handles = recorder.raw_hooks()
-            try:
-                with torch.no_grad():
-                    for layer in tqdm(list(reversed(layers)), desc="rollout rows", unit="layer", disable=not progress):
-                        rows = recorder.rollout_factor_rows(layer, rows, head_fusion, residual_weight)
-            finally:
-                for handle in handles:
-                    handle.remove()
-            rollout = RolloutRows(rows.float(), query_list, head_fusion, residual_weight, layers)
+            rollout = _rollout_rows(recorder, query_list, head_fusion, residual_weight, progress)
             seconds["rollout"] = time.perf_counter() - started - sum(seconds.values())
         kept = {layer: recorder.residuals[layer + 1] for layer in kept_layers}
         image_rows = torch.stack([state.image_rows for state in recorder.layers]) if image_query_list else None
         return LongContextAnalysis(tokens, signals, lens, head_entropy_result, norms, statistics, similarity, rollout, dla,
                                    repetition, block_size, high, kept, seconds, image_rows, image_query_list,
-                                   image_position_list, recorder.captured_activations, seed, next_ranks)
+                                   image_position_list, recorder.captured_activations, seed, next_ranks, model)
+
+
+def _head_entropy(recorder: _Recorder, sinks: list[int]) -> HeadEntropy:
+    """`head_entropy` from the row entropies and sink masses the blocked forward reduced per block."""
+    n, layers = recorder.n, list(range(len(recorder.layers)))
+    entropy = torch.stack([state.entropy for state in recorder.layers])
+    sink_mass = torch.stack([state.sink_mass for state in recorder.layers])
+    log_visible = torch.stack([recorder.layout[layer].visible_keys(n) for layer in layers]).float().log()[:, None, :]
+    normalised = torch.where(log_visible > 0, entropy / log_visible.clamp_min(1e-12), torch.nan)
+    return HeadEntropy(layers, entropy, normalised, sink_mass, tuple(sinks))
+
+
+def _residual_summaries(recorder: _Recorder) -> tuple[dict[str, ActivationNorms], dict[str, ActivationStatistics], LayerSimilarity]:
+    """`activation_norms`, `activation_statistics` and `layer_similarity` (positions 1..) from the
+    norms and statistics the forward's hooks reduced and the residual streams it kept."""
+    n = recorder.n
+    norms = {}
+    for kind, per_layer in recorder.norms.items():
+        stacked_norms = torch.stack(per_layer)
+        change = (stacked_norms[1:] - stacked_norms[:-1]) / stacked_norms[:-1].clamp_min(torch.finfo(stacked_norms.dtype).tiny)
+        norms[kind] = ActivationNorms(kind, stacked_norms, change)
+    statistics = {}
+    for kind, per_layer in recorder.statistics.items():
+        mean, std, percentiles, kurtosis = (torch.cat(parts) for parts in zip(*per_layer))
+        statistics[kind] = ActivationStatistics(kind, mean, std, percentiles, kurtosis)
+    similarity_positions = list(range(min(1, n - 1), n))
+    units = [torch.nn.functional.normalize(residual[similarity_positions], dim=-1) for residual in recorder.residuals]
+    gram = torch.stack([torch.stack([(a * b).sum() for b in units]) for a in units]) / len(similarity_positions)
+    del units
+    similarity = LayerSimilarity(["embed"] + [str(i) for i in range(len(recorder.layers))], gram, similarity_positions)
+    return norms, statistics, similarity
+
+
+def _rollout_rows(recorder: _Recorder, query_list: list[int], head_fusion: str, residual_weight: float, progress: bool) -> RolloutRows:
+    """`rollout_rows` for `query_list`: a second pass from the top layer down, each layer's queries
+    and keys recomputed from its stored input residual (`_Recorder.rollout_factor_rows`)."""
+    layers = list(range(len(recorder.layers)))
+    rows = torch.zeros(len(query_list), recorder.n, dtype=torch.float64)
+    rows[torch.arange(len(query_list)), torch.tensor(query_list)] = 1.0
+    handles = recorder.raw_hooks()
+    try:
+        with torch.no_grad():
+            for layer in tqdm(list(reversed(layers)), desc="rollout rows", unit="layer", disable=not progress):
+                rows = recorder.rollout_factor_rows(layer, rows, head_fusion, residual_weight)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return RolloutRows(rows.float(), query_list, head_fusion, residual_weight, layers)
 
 
 def _seed_score(logits: Float[Tensor, "state vocab"], recorder: _Recorder, states: list[int]) -> "SeedScore":
@@ -802,93 +913,45 @@ def needs_long_context(model: "TransformerBridge", n_tokens: int, *, available_b
     return estimated_cache_bytes(model, n_tokens) > available_bytes // 2
 
 
-# --- image metrics from analyse_long's rows (a vision-language model's long input) -------------------
-
-
-def _image_rows(result: LongContextAnalysis, query_positions: Sequence[int]) -> tuple[Tensor, list[int]]:
-    """The kept image rows (layer, head, query, cell) of `query_positions`, in their order."""
-    if result.image_rows is None:
-        raise InvalidArgumentError(
-            "This analysis kept no image rows: run analyse_long with image_queries= and image_positions= (the image tokens)."
-        )
-    queries = check_positions(result.tokens.numel(), query_positions)
-    missing = [query for query in queries if query not in result.image_queries]
-    if missing:
-        raise InvalidArgumentError(
-            f"Query position {missing[0]} was not among analyse_long's image_queries {result.image_queries}; include it there."
-        )
-    return result.image_rows[:, :, [result.image_queries.index(query) for query in queries]], queries
-
-
-def _check_grid(result: LongContextAnalysis, grid: "ImageGrid") -> None:
-    if list(grid.positions) != result.image_positions:
-        raise InvalidArgumentError("The grid's image positions are not the image_positions analyse_long kept rows for.")
+# --- deprecated (one release): the image metrics of analyse_long's rows under their own names ------------
 
 
 def long_image_attention(
     result: LongContextAnalysis, grid: "ImageGrid", *, query_positions: Sequence[int], sink_cells: Sequence[int] = (),
 ) -> "ImageAttention":
-    """`mechvis.analysis.vision.image_attention` (every layer) from `analyse_long`'s image rows:
-    equal to the cache-based result on the same input.
-
-    Raises:
-        InvalidArgumentError: no image rows kept, a query that was not among `image_queries`, a
-            grid whose positions are not the kept `image_positions`, a sink cell outside the grid."""
-
-    _check_grid(result, grid)
-    rows, queries = _image_rows(result, query_positions)
-    return _from_rows(list(range(rows.shape[0])), queries, grid, rows, sink_cells)
+    """Deprecated: `image_attention(result, grid=grid, query_positions=..., sink_cells=...)`."""
+    deprecated("long_image_attention(result, grid, ...) is deprecated: call image_attention(result, grid=grid, query_positions=..., "
+               "sink_cells=...) (analyse_long's result is a row source).")
+    return image_attention(_with_model(result, None), grid=grid, query_positions=query_positions, sink_cells=sink_cells)
 
 
 def long_image_dynamics(
     result: LongContextAnalysis, trace: "Trace", *, regions: "Sequence[str] | None" = None, sink_cells: Sequence[int] = (),
 ) -> "ImageDynamics":
-    """`mechvis.analysis.dynamics.image_dynamics` (every layer) from `analyse_long`'s image rows of
-    the queries that produced the generated tokens (positions P + s − 1), equal to the cache-based
-    result. `regions` default to the dynamics' DEFAULT_REGIONS.
-
-    Raises:
-        InvalidArgumentError: as `long_image_attention`; a trace without an image or generated tokens."""
-
-    grid = _image_grid(trace)
-    _check_grid(result, grid)
-    boxes = _boxes(DEFAULT_REGIONS if regions is None else regions)
-    rows, queries = _image_rows(result, [position - 1 for position in trace.generated_positions])
-    tokens = trace.run.str_tokens[trace.prompt_length :]
-    return _assemble([_summarise(rows, grid, boxes, _keep(grid, sink_cells))], tokens, list(range(rows.shape[0])), grid,
-                     queries, boxes)
+    """Deprecated: `image_dynamics(result, trace=trace, regions=..., sink_cells=...)`."""
+    deprecated("long_image_dynamics(result, trace, ...) is deprecated: call image_dynamics(result, trace=trace, ...) "
+               "(analyse_long's result is a row source).")
+    return image_dynamics(_with_model(result, None), trace=trace, regions=DEFAULT_REGIONS if regions is None else regions,
+                          sink_cells=sink_cells)
 
 
 def long_vision_rollout(
     result: LongContextAnalysis, model: "TransformerBridge", grid: "ImageGrid", *, query_positions: Sequence[int],
 ) -> "VisionRollout":
-    """`mechvis.analysis.vision.vision_rollout` from `analyse_long`'s rollout rows (the language
-    model's e_qᵀ Â_L ⋯ Â_1, same head fusion and residual weight) restricted to the image tokens,
-    times the vision tower's rollout from the hooks `capture` kept
-    (`mechvis.analysis.vision.vision_rollout_hooks`): equal to the cache-based result.
-
-    Raises:
-        InvalidArgumentError: a query without a rollout row, a layout vision_rollout does not map,
-            a grid whose merge size is not the tower's.
-        MissingActivationsError: the vision tower's hooks were not captured."""
-
+    """Deprecated: `vision_rollout(result, grid=grid, query_positions=..., head_fusion=..., residual_weight=...)`
+    with analyse_long's head fusion and residual weight."""
+    deprecated("long_vision_rollout(result, model, grid, ...) is deprecated: call vision_rollout(result, grid=grid, "
+               "query_positions=...) (analyse_long's result is a row source).")
     rolled = result.rollout
-    queries = check_positions(result.tokens.numel(), query_positions)
-    if rolled is None or any(query not in rolled.queries for query in queries):
-        raise InvalidArgumentError(f"analyse_long computed rollout rows for {None if rolled is None else rolled.queries}; "
-                                   f"include the queries {queries} in its queries=.")
-    visual = _qwen_visual(model)
-    if visual is None:
-        _check_llava_layout(model, grid)
-    elif grid.merge_size != visual.spatial_merge_size:
-        raise InvalidArgumentError(f"This grid merges {grid.merge_size} × {grid.merge_size} patches; the vision tower merges {visual.spatial_merge_size}.")
-    rows = rolled.rows[[rolled.queries.index(query) for query in queries]].double()
-    to_image = rows[:, list(grid.positions)]  # (query, image token)
-    if visual is None:
-        onto_patches, vision_layers = _llava_onto_patches(result.captured, model, grid, to_image, rolled.head_fusion, rolled.residual_weight)
-        patch_shape = (grid.rows, grid.cols)
-    else:
-        onto_patches, vision_layers = _qwen_onto_patches(result.captured, visual, grid, to_image, rolled.head_fusion, rolled.residual_weight)
-        patch_shape = (grid.rows * grid.merge_size, grid.cols * grid.merge_size)
-    maps = onto_patches / onto_patches.sum(-1, keepdim=True)
-    return VisionRollout(queries, grid, patch_shape, maps.float(), to_image.sum(-1).float(), vision_layers)
+    fusion = dict(head_fusion=rolled.head_fusion, residual_weight=rolled.residual_weight) if rolled is not None else {}
+    return vision_rollout(_with_model(result, model), grid=grid, query_positions=query_positions, **fusion)
+
+
+def _with_model(result: LongContextAnalysis, model: "TransformerBridge | None") -> LongContextAnalysis:
+    if not isinstance(result, LongContextAnalysis):
+        raise InvalidArgumentError(f"Expected analyse_long's result; got {shown(result)}.")
+    if result.model is None and model is not None:
+        return dataclasses.replace(result, model=model)
+    if result.model is None:
+        raise InvalidArgumentError("This analysis does not name its model; pass it (LongContextAnalysis.model).")
+    return result

@@ -12,6 +12,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from mechvis.errors import InvalidArgumentError
+from mechvis.results import Result
 from mechvis.images import encode_with_image, load_image, with_text_appended
 
 if TYPE_CHECKING:
@@ -20,13 +21,15 @@ if TYPE_CHECKING:
 
 
 @dataclass
-class VisualInformation:
+class VisualInformation(Result):
     """Visual pointwise information of each continuation token, in nats:
     log p(token | image) − log p(token | blank image) (positive: the image made it likelier)."""
 
     tokens: list[int]
     with_image: Float[Tensor, " token"]
     with_blank: Float[Tensor, " token"]
+
+    units = {"with_image": "nats", "with_blank": "nats"}
 
     @property
     def pointwise(self) -> Float[Tensor, " token"]:

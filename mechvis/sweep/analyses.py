@@ -307,7 +307,7 @@ def _rollout_summary(context: Context, forward: Forward, grid) -> dict[str, floa
     layout is not mapped."""
 
     try:
-        rolled = vision_rollout(forward.run.cache, context.model, grid, query_positions=[forward.answer_position])
+        rolled = vision_rollout(forward.run, grid=grid, query_positions=[forward.answer_position])
     except InvalidArgumentError:  # a layout vision_rollout does not map (e.g. tiled LLaVA-NeXT)
         return dict.fromkeys(("rollout_image_mass", "rollout_peak_row", "rollout_peak_col", "rollout_peak_mass", "rollout_entropy"))
     patch_map = rolled.maps[0].double()
@@ -340,7 +340,7 @@ def image_rows(context: Context, item: Item, forward: Forward, params: dict) -> 
     grid = forward.run.segments.image_grid
     if grid is None:
         raise InvalidArgumentError(f"Item {item.id!r}: this model's image layout has no grid; the image analysis needs one.")
-    attention = image_attention(forward.run.cache, context.model, grid, query_positions=[forward.answer_position])
+    attention = image_attention(forward.run, grid=grid, query_positions=[forward.answer_position])
     mass = attention.image_mass[:, :, 0]  # layer head
     weighted = (attention.maps[:, :, 0] * mass[..., None]).sum(1)  # head-averaged map, by image mass
     metrics = region_metrics(weighted, grid)

@@ -339,7 +339,7 @@ def vision(run_id: str = RunId, position: int = Query(ge=0, le=1_000_000), layer
         raise HTTPException(422, "This run has no image grid.")
     if position >= len(run.tokens) or layer >= state.model.cfg.n_layers:
         raise HTTPException(422, "position or layer out of range.")
-    result = image_attention(run.cache, state.model, grid, query_positions=[position], layers=[layer])
+    result = image_attention(run, grid=grid, query_positions=[position], layers=[layer])
     maps = result.maps[0, :, 0].float()  # head × cell
     mean_map = maps.mean(0)
     metrics = result.metrics
@@ -369,7 +369,7 @@ def vision_rollout_row(run_id: str = RunId, position: int = Query(ge=0, le=1_000
     if position >= len(run.tokens):
         raise HTTPException(422, f"position must be < {len(run.tokens)}.")
     result = _memo(stored, "vision-rollout", lambda: vision_rollout(
-        run.cache, state.model, grid, query_positions=list(range(len(run.tokens)))))
+        run, grid=grid, query_positions=list(range(len(run.tokens)))))
     rows, cols = result.patch_shape
     return {"patch_rows": rows, "patch_cols": cols, "map": result.maps[position].tolist(),
             "image_mass": float(result.image_mass[position]), "vision_layers": result.vision_layers}
