@@ -4,6 +4,7 @@ teacher-forced analysis pass."""
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import queue
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -17,7 +18,7 @@ from transformers.generation.streamers import BaseStreamer
 from mechvis._validation import check_bool, check_names_filter, integer
 from mechvis.errors import InvalidArgumentError
 from mechvis.generation.decoding.decoder import _decoder
-from mechvis.generation.decoding.lean import preallocated_cache
+from mechvis.generation.decoding.cache import preallocated_cache
 from mechvis.generation.monitor import RepetitionMonitor, StreamingFeatures, find_induction_heads
 from mechvis.generation.sampling import (
     SamplingSettings,
@@ -202,7 +203,8 @@ def stream_generate(
         except BaseException as error:  # handed to the consumer, raised there
             events.put(("error", error))
 
-    worker = threading.Thread(target=decode, name="mechvis-decode", daemon=True)
+    # The caller's context (a `mechvis.config_context` block) applies to the decoding thread.
+    worker = threading.Thread(target=contextvars.copy_context().run, args=(decode,), name="mechvis-decode", daemon=True)
     worker.start()
     try:
         while True:
