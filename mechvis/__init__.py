@@ -18,6 +18,7 @@ import sys as _sys
 if "torch" not in _sys.modules and not {"OMP_WAIT_POLICY", "GOMP_SPINCOUNT"} & set(_os.environ):
     _os.environ["OMP_WAIT_POLICY"], _os.environ["GOMP_SPINCOUNT"] = "ACTIVE", "1000"
 
+from mechvis.config import config, config_context  # noqa: E402
 from mechvis.errors import MechvisError  # noqa: E402
 from mechvis.generation import PromptEvent, SamplingSettings, TokenEvent, Trace, generate, stream_generate, teacher_force  # noqa: E402
 from mechvis.models import load_model  # noqa: E402
@@ -36,6 +37,8 @@ __all__ = [
     "PromptEvent",
     "TokenEvent",
     "Trace",
+    "config",
+    "config_context",
     "encode",
     "generate",
     "stream_generate",

@@ -70,8 +70,6 @@ def embedded_reference():
 @pytest.fixture
 def streamed_features(monkeypatch):
     """The rows `StreamingFeatures.step` returns while `mechvis.generate` decodes, one per step."""
-    import mechvis.generation.decoding.decoder
-    import mechvis.generation.decoding.kernels
     import mechvis.generation.recorders
     from mechvis.generation.monitor import StreamingFeatures
 

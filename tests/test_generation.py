@@ -64,19 +64,15 @@ def test_decoding_skips_the_bridge_wrappers_only_while_no_hook_is_active(tiny):
 
 @pytest.mark.parametrize("shape", [(96,), (1, 96), (1, 1, 96)])
 @pytest.mark.parametrize("bias", [True, False])
-def test_single_row_linear_matches_a_float64_product(shape, bias, monkeypatch):
+def test_single_row_linear_matches_a_float64_product(shape, bias):
     """The decoding Linear computes W·x + b for one row (checked in float64) on the same
     parameters; several rows take nn.Linear's own path, bit for bit."""
-    import mechvis.generation.decoding.decoder
-    import mechvis.generation.decoding.kernels
-    import mechvis.generation.streaming
-    from mechvis.generation.decoding.kernels import _SingleRowLinear
     from mechvis.generation.decoding.decoder import _unwrapped
+    from mechvis.generation.decoding.halves import _SingleRowLinear
 
-    monkeypatch.setattr(mechvis.generation.decoding.decoder, "_halves_win", lambda root: True)  # whatever this machine measures
     torch.manual_seed(0)
     linear = torch.nn.Linear(96, 200, bias=bias)
-    decoding = _unwrapped(torch.nn.Sequential(linear))[0]
+    decoding = _unwrapped(torch.nn.Sequential(linear), halves=True, grouped=False)[0]  # whatever this machine measures
     assert type(decoding) is _SingleRowLinear and decoding.weight is linear.weight
     assert type(linear) is torch.nn.Linear  # the model's own module is untouched
     x = torch.randn(shape)
@@ -87,29 +83,31 @@ def test_single_row_linear_matches_a_float64_product(shape, bias, monkeypatch):
     rows = torch.randn(3, 96)
     assert torch.equal(decoding(rows), linear(rows))
     odd = torch.nn.Linear(96, 201)
-    assert type(_unwrapped(torch.nn.Sequential(odd))[0]) is torch.nn.Linear  # halves need an even width
+    assert type(_unwrapped(torch.nn.Sequential(odd), halves=True, grouped=False)[0]) is torch.nn.Linear  # halves need an even width
 
 
 def test_the_batched_kernel_is_kept_only_where_it_is_equal_and_faster(monkeypatch):
-    import mechvis.generation.decoding.decoder
-    import mechvis.generation.decoding.kernels
-    import mechvis.generation.streaming
-    from mechvis.generation.decoding.kernels import _SingleRowLinear, _halves_win
+    import mechvis.generation.decoding.halves
     from mechvis.generation.decoding.decoder import _unwrapped
+    from mechvis.generation.decoding.halves import _halves_win, _SingleRowLinear
+    from mechvis.generation.decoding.memo import VERIFIED
 
     model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.Linear(128, 64))
-    monkeypatch.setattr(mechvis.generation.decoding.kernels, "_KERNEL_CHOICE", {})
-    monkeypatch.setattr(mechvis.generation.decoding.kernels, "_halves_product", lambda weight, x, bias: torch.nn.functional.linear(x, weight) + 1.0)
-    assert not _halves_win(model)  # not equal: never chosen, however fast
-    assert all(type(layer) is torch.nn.Linear for layer in _unwrapped(model))
+    with VERIFIED.isolated():
+        monkeypatch.setattr(mechvis.generation.decoding.halves, "_halves_product", lambda weight, x, bias: torch.nn.functional.linear(x, weight) + 1.0)
+        assert not _halves_win(model)  # not equal: never chosen, however fast
+        assert all(type(layer) is torch.nn.Linear for layer in _unwrapped(model))
     key = (((64, 128), 1), ((128, 64), 1)), torch.get_num_threads()
-    monkeypatch.setattr(mechvis.generation.decoding.kernels, "_KERNEL_CHOICE", {key: True})
-    assert all(type(layer) is _SingleRowLinear for layer in _unwrapped(model))  # measured once per model's shapes, remembered
+    with VERIFIED.isolated():
+        VERIFIED.remember("halves", key, True)
+        assert all(type(layer) is _SingleRowLinear for layer in _unwrapped(model))  # measured once per model's shapes, remembered
+        with mechvis.config_context(fast_decoding=False):
+            assert all(type(layer) is torch.nn.Linear for layer in _unwrapped(model))  # the switch overrides what was measured
     slow = []
-    monkeypatch.setattr(mechvis.generation.decoding.kernels, "_KERNEL_CHOICE", {})
-    monkeypatch.setattr(mechvis.generation.decoding.kernels, "_halves_product", lambda weight, x, bias: slow.append(1) or torch.nn.functional.linear(x, weight))
-    assert not _halves_win(model)  # equal but never faster (it does the same product and more)
-    assert len(slow) >= 2 * 3  # every weight, in every timed pass
+    with VERIFIED.isolated():
+        monkeypatch.setattr(mechvis.generation.decoding.halves, "_halves_product", lambda weight, x, bias: slow.append(1) or torch.nn.functional.linear(x, weight))
+        assert not _halves_win(model)  # equal but never faster (it does the same product and more)
+        assert len(slow) >= 2 * 3  # every weight, in every timed pass
 
 
 def test_sampling_follows_the_settings_and_the_seed(tiny):
@@ -396,8 +394,6 @@ def test_trace_and_run_reprs_are_short_summaries(tiny_llama):
 def test_long_prompts_are_prefilled_in_chunks_with_the_same_decoding(tiny, architecture, monkeypatch):
     """Above the score budget, HF's chunked prefill runs (several multi-token forwards, no (heads, N, N)
     score matrix); the tokens and step logits equal one prefill's and HF's own greedy decoding."""
-    import mechvis.generation.decoding.decoder
-    import mechvis.generation.decoding.kernels
     import mechvis.generation.streaming
 
     model, reference = tiny(architecture)
@@ -469,7 +465,7 @@ def test_grouped_eager_attention_equals_transformers_eager(queries, softcap):
     from transformers.models.gemma2.modeling_gemma2 import eager_attention_forward as gemma2_eager
     from transformers.models.llama.modeling_llama import eager_attention_forward as llama_eager
 
-    from mechvis.generation.decoding.kernels import _grouped_eager_attention
+    from mechvis.generation.decoding.grouped import _grouped_eager_attention
 
     generator = torch.Generator().manual_seed(0)
     heads, kv_heads, keys, head_dim = 6, 2, 9, 8
@@ -494,11 +490,9 @@ def test_grouped_query_decoding_is_used_where_checked_equal(tiny, architecture, 
     """Tiny GQA models (4 query, 2 key/value heads) decode through the grouped attention, with
     greedy tokens and step logits equal to HF's own generate on the untouched model; an attention
     that does not reproduce HF's logits at the first-use check is never used."""
-    import mechvis.generation.decoding.decoder
-    import mechvis.generation.decoding.kernels
-    import mechvis.generation.streaming
-    from mechvis.generation.decoding.kernels import _GROUPED_ATTENTION
+    import mechvis.generation.decoding.grouped
     from mechvis.generation.decoding.decoder import _decoder
+    from mechvis.generation.decoding.grouped import _GROUPED_ATTENTION
 
     model, reference = tiny(architecture)
     attentions = [module for module in _decoder(model).modules() if hasattr(module, "num_key_value_groups")]
@@ -514,11 +508,11 @@ def test_grouped_query_decoding_is_used_where_checked_equal(tiny, architecture, 
     assert (trace.step_logits.log_softmax(-1) - hf_log_probs).abs().max() <= 1e-4
 
     model, _ = tiny(architecture, seed=1)  # a fresh model: the check runs again
-    monkeypatch.setattr(mechvis.generation.decoding.kernels, "_grouped_eager_attention",
+    monkeypatch.setattr(mechvis.generation.decoding.grouped, "_grouped_eager_attention",
                         lambda module, query, key, value, mask, **kwargs: (torch.zeros_like(query.transpose(1, 2)), None))
     from transformers import AttentionInterface
 
-    monkeypatch.setitem(AttentionInterface._global_mapping, _GROUPED_ATTENTION, mechvis.generation.decoding.kernels._grouped_eager_attention)
+    monkeypatch.setitem(AttentionInterface._global_mapping, _GROUPED_ATTENTION, mechvis.generation.decoding.grouped._grouped_eager_attention)
     attentions = [module for module in _decoder(model).modules() if hasattr(module, "num_key_value_groups")]
     assert all(module.config._attn_implementation == "eager" for module in attentions)
 

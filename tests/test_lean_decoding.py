@@ -1,4 +1,4 @@
-"""Lean decoding steps and the preallocated KV cache (`mechvis.generation.decoding.lean`), against
+"""Lean decoding steps (`mechvis.generation.decoding.lean`) and the preallocated KV cache (`.cache`), against
 transformers' own models: teacher-forced full forwards without a cache (eager, float32) and HF
 `generate` with its default cache."""
 
@@ -12,8 +12,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import mechvis
+from mechvis.generation.decoding import decoding_stats
 from mechvis.generation.decoding import lean as lean_decoding
-from mechvis.generation.decoding.lean import _plan, lean_decoding_equal, preallocated_cache, with_lean_steps
+from mechvis.generation.decoding.cache import _preallocated_layer, preallocated_cache
+from mechvis.generation.decoding.lean import _plan, lean_decoding_equal, with_lean_steps
+from mechvis.generation.decoding.memo import VERIFIED
 
 from .tiny import tiny_config, tiny_hf_model
 
@@ -38,6 +41,11 @@ def _qwen2_with_bias():
     return model
 
 
+def _lean_steps() -> int:
+    """Single-token steps the lean path has computed in this process (`decoding_stats`)."""
+    return decoding_stats().get("lean_steps", 0)
+
+
 MODELS = {"llama": lambda: tiny_hf_model("llama"), "qwen2": _qwen2_with_bias, "mistral": _mistral}
 
 
@@ -58,9 +66,9 @@ def test_generation_takes_lean_steps_with_the_logits_of_a_full_hf_forward(tokeni
     hf_model = MODELS[architecture]()
     reference = copy.deepcopy(hf_model)
     model = mechvis.load_model(hf_model, tokenizer=tokenizer, device="cpu")
-    before = lean_decoding.stats["lean_steps"]
+    before = _lean_steps()
     trace = mechvis.generate(model, "The history of the printing press begins in Mainz, where", max_new_tokens=12)
-    assert lean_decoding.stats["lean_steps"] - before >= len(trace.generated_ids) - 1  # the path taken
+    assert _lean_steps() - before >= len(trace.generated_ids) - 1  # the path taken
     ids = trace.run.tokens.tolist()
     full = _teacher_forced(reference, ids)[trace.prompt_length - 1 : -1]
     assert _close(trace.step_logits, full)
@@ -73,13 +81,13 @@ def test_generation_takes_lean_steps_with_the_logits_of_a_full_hf_forward(tokeni
 def test_sampled_streams_are_the_same_with_and_without_lean_steps(tokenizer, monkeypatch):
     model = mechvis.load_model(tiny_hf_model("llama", seed=3), tokenizer=tokenizer, device="cpu")
     options = dict(max_new_tokens=20, temperature=1.3, top_p=0.95, seed=7, analysis_pass=False)
-    before = lean_decoding.stats["lean_steps"]
+    before = _lean_steps()
     lean = list(mechvis.stream_generate(model, "Once upon a time", **options))
-    assert lean_decoding.stats["lean_steps"] > before
+    assert _lean_steps() > before
     monkeypatch.setattr(mechvis.generation.decoding.decoder, "with_lean_steps", lambda decoder: None)
-    before = lean_decoding.stats["lean_steps"]
+    before = _lean_steps()
     plain = list(mechvis.stream_generate(model, "Once upon a time", **options))
-    assert lean_decoding.stats["lean_steps"] == before
+    assert _lean_steps() == before
     assert lean[0] == plain[0]  # the prompt event
     assert [event.token_id for event in lean[1:-1]] == [event.token_id for event in plain[1:-1]]
     assert (lean[-1].step_logits - plain[-1].step_logits).abs().max() <= 1e-5
@@ -105,7 +113,7 @@ IDS = [1, 504, 282, 4649, 314, 260, 2328, 28, 216, 9030, 9863, 30, 657, 3600, 35
 @pytest.mark.parametrize("capacity", [None, 9])  # 9: the storage grows (doubles) mid-decoding
 @pytest.mark.parametrize("halves", [False, True])  # F.linear, or the layers as `_SingleRowLinear`s
 def test_a_lean_step_gives_a_full_forwards_logits_on_a_plain_hf_model(capacity, halves):
-    from mechvis.generation.decoding.kernels import _SingleRowLinear
+    from mechvis.generation.decoding.halves import _SingleRowLinear
     from mechvis.generation.decoding.decoder import _unwrapped
 
     hf_model = tiny_hf_model("llama", seed=5)
@@ -114,9 +122,9 @@ def test_a_lean_step_gives_a_full_forwards_logits_on_a_plain_hf_model(capacity, 
     lean = with_lean_steps(decoder)
     assert lean is not None and lean.model is not hf_model.model and hf_model.model.forward.__func__ is type(hf_model.model).forward
     assert lean.model.__dict__["_mechvis_lean_plan"].halves == halves
-    before = lean_decoding.stats["lean_steps"]
+    before = _lean_steps()
     stepped = _decode(lean, IDS, prefill=6, capacity=capacity)
-    assert lean_decoding.stats["lean_steps"] - before == len(IDS) - 6
+    assert _lean_steps() - before == len(IDS) - 6
     full = _teacher_forced(hf_model, IDS)[6:]
     assert (stepped - full).abs().max() <= 1e-5 * full.abs().max()
 
@@ -126,16 +134,16 @@ def test_a_step_with_a_hook_or_capture_runs_hfs_forward(tokenizer):
     lean = with_lean_steps(hf_model)
     seen = []
     handle = hf_model.model.layers[1].mlp.register_forward_hook(lambda module, args, output: seen.append(output.shape))
-    before = lean_decoding.stats["lean_steps"]
+    before = _lean_steps()
     hooked = _decode(lean, IDS, prefill=6)
     handle.remove()
-    assert lean_decoding.stats["lean_steps"] == before and len(seen) == 1 + len(IDS) - 6  # the hook saw the prefill and every step
+    assert _lean_steps() == before and len(seen) == 1 + len(IDS) - 6  # the hook saw the prefill and every step
     assert (hooked - _teacher_forced(hf_model, IDS)[6:]).abs().max() <= 1e-5 * hooked.abs().max()
     name, cache = preallocated_cache(lean, len(IDS))
     with torch.inference_mode():
         lean(input_ids=torch.tensor([IDS[:6]]), use_cache=True, **{name: cache})
         out = lean(input_ids=torch.tensor([IDS[6:7]]), use_cache=True, output_attentions=True, **{name: cache})
-    assert out.attentions is not None and len(out.attentions) == 3 and lean_decoding.stats["lean_steps"] == before
+    assert out.attentions is not None and len(out.attentions) == 3 and _lean_steps() == before
 
 
 @pytest.mark.parametrize("case", ["gemma2", "gpt2", "sliding window", "q/k norms", "float64", "soft-capping"])
@@ -182,7 +190,7 @@ def test_the_preallocated_cache_holds_what_concatenation_holds(chunks, capacity,
     middle): the same keys and values as transformers' concatenating `DynamicLayer`."""
     from transformers.cache_utils import DynamicLayer
 
-    layer, reference = lean_decoding._preallocated_layer(capacity), DynamicLayer()
+    layer, reference = _preallocated_layer(capacity), DynamicLayer()
     generator = torch.Generator().manual_seed(len(chunks) * 100 + capacity)
     for index, size in enumerate(chunks):
         keys, values = torch.randn(1, 2, size, 4, generator=generator), torch.randn(1, 2, size, 4, generator=generator)
@@ -200,9 +208,9 @@ def test_the_embedded_model_decodes_lean(embedded, embedded_reference):
     from mechvis.generation.decoding.decoder import _decoder
 
     assert "_mechvis_lean_plan" in _decoder(embedded).model.__dict__
-    before = lean_decoding.stats["lean_steps"]
+    before = _lean_steps()
     trace = mechvis.generate(embedded, "The capital of France is", max_new_tokens=8)
-    assert lean_decoding.stats["lean_steps"] - before >= 7
+    assert _lean_steps() - before >= 7
     full = _teacher_forced(embedded_reference, trace.run.tokens.tolist())[trace.prompt_length - 1 : -1]
     assert _close(trace.step_logits, full)
     assert _plan(embedded_reference.model) is not None
@@ -249,9 +257,9 @@ def test_a_module_changed_after_the_first_generate_runs_hfs_forward(tokenizer, c
                 original = mlp.forward
                 mlp.forward = lambda x, original=original: original(x) * 3.0
     prompt = "The history of the printing press begins in Mainz, where"
-    before = lean_decoding.stats["lean_steps"]
+    before = _lean_steps()
     trace = mechvis.generate(model, prompt, max_new_tokens=8, analysis_pass=False)
-    assert lean_decoding.stats["lean_steps"] == before
+    assert _lean_steps() == before
     if change == "attention function":
         # The bridge's own forward does not run HF's attention functions, so the teacher-forced
         # reference is the decoding path without lean steps (HF's modules, with the function).
@@ -270,9 +278,9 @@ def test_a_hook_at_the_first_generate_gets_no_check_tokens_and_does_not_turn_lea
     handle.remove()
     prompt = trace.prompt_length
     assert calls == [prompt] + [1] * (len(trace.generated_ids) - 1)  # the prefill and each step, nothing else
-    before = lean_decoding.stats["lean_steps"]
+    before = _lean_steps()
     trace = mechvis.generate(model, "Once upon a time", max_new_tokens=6, analysis_pass=False)
-    assert lean_decoding.stats["lean_steps"] - before >= len(trace.generated_ids) - 1
+    assert _lean_steps() - before >= len(trace.generated_ids) - 1
 
 
 def test_the_check_counts_its_own_steps_not_other_threads(monkeypatch):
@@ -283,7 +291,7 @@ def test_the_check_counts_its_own_steps_not_other_threads(monkeypatch):
     step = lean_decoding._Plan.step
 
     def elsewhere_too(self, ids, cache):
-        lean_decoding.stats["lean_steps"] += 1  # a step of another plan, meanwhile
+        VERIFIED.count("lean_steps")  # a step of another plan, meanwhile
         return step(self, ids, cache)
 
     monkeypatch.setattr(lean_decoding._Plan, "step", elsewhere_too)

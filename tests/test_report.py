@@ -3,6 +3,7 @@ headless Chromium with no network, that the report renders offline and runs noth
 
 from __future__ import annotations
 
+import io
 import json
 import re
 import shutil
@@ -182,11 +183,36 @@ def test_figures_draw_tokens_as_plain_text(tiny):
     signals = token_signals(result.logits, result.tokens)
     figure = figures.token_entropy_curve(signals, result.str_tokens, sort=True)
     assert isinstance(figure, Figure)
-    figure.canvas.draw()  # math-text parsing of '$x^2$' would raise or mangle here
+    figure.savefig(io.BytesIO(), format="png")  # drawn (Agg): math-text parsing of '$x^2$' would raise or mangle here
     labels = [label.get_text() for label in figure.axes[0].get_xticklabels()]
     assert any("$" in label for label in labels)
     assert figures.display_token("a\nb\tc") == "a↵b⇥c"
     assert figures.display_token("\r\x00\x7f") == "\\r\\x00\\x7f"  # no glyph is missing from the figure font
+
+
+@pytest.mark.parametrize("backend", [None, "svg"])
+def test_figures_leave_the_process_backend_and_pyplot_alone(backend):
+    """Importing the modules that draw and drawing a figure (in a fresh process) neither switches
+    matplotlib's backend (they once called `matplotlib.use("Agg")`) nor loads pyplot."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, io, matplotlib, torch\n"
+        "before = matplotlib.get_backend()\n"
+        "loaded = 'matplotlib.pyplot' in sys.modules\n"
+        "import mechvis.viz.figures, mechvis.report.html, mechvis.sweep.summary, mechvis.studies.repetition_eval\n"
+        "mechvis.viz.figures.image_mass_figure(torch.rand(4)).savefig(io.BytesIO(), format='png')\n"
+        "print(before, matplotlib.get_backend(), loaded or 'matplotlib.pyplot' not in sys.modules)\n"
+    )
+    env = {key: value for key, value in os.environ.items() if key != "MPLBACKEND"}
+    if backend is not None:
+        env["MPLBACKEND"] = backend
+    shown = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout.split()
+    assert shown[0] == shown[1] and shown[2] == "True", shown
+    if backend is not None:
+        assert shown[0] == backend
 
 
 @pytest.mark.integration

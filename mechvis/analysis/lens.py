@@ -137,8 +137,8 @@ def logit_lens(
         n_rows = block.shape[0]
         wide[:n_rows].copy_(block)
         if probs is None:
-            return torch._softmax(wide[:n_rows], -1, False)
-        return torch._softmax(wide[:n_rows], -1, False, out=probs)
+            return torch.softmax(wide[:n_rows], -1)
+        return torch.softmax(wide[:n_rows], -1, out=probs)
 
     def block_rows(block: Tensor, probs: Tensor, targets: Tensor, final_probs: Tensor | None,
                    final_term: Tensor | None, parts: dict[str, list[Tensor]]) -> Tensor:

@@ -4,6 +4,7 @@ recorders plugged into it (`mechvis.generation.recorders`), then one teacher-for
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import dataclasses
 import queue
 import threading
@@ -19,7 +20,7 @@ from mechvis._deprecation import deprecated
 from mechvis._validation import check_bool, check_names_filter, integer, shown
 from mechvis.errors import InvalidArgumentError
 from mechvis.generation.decoding.decoder import _decoder
-from mechvis.generation.decoding.lean import preallocated_cache
+from mechvis.generation.decoding.cache import preallocated_cache
 from mechvis.generation.recorders import (
     MonitorRecorder,
     ProcessLogits,
@@ -282,7 +283,8 @@ def stream_generate(
         except BaseException as error:  # handed to the consumer, raised there
             events.put(("error", error))
 
-    worker = threading.Thread(target=decode, name="mechvis-decode", daemon=True)
+    # The caller's context (a `mechvis.config_context` block) applies to the decoding thread.
+    worker = threading.Thread(target=contextvars.copy_context().run, args=(decode,), name="mechvis-decode", daemon=True)
     worker.start()
     try:
         yield prompt_event

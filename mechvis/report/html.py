@@ -16,7 +16,6 @@ import json
 import warnings
 from pathlib import Path
 
-import matplotlib.pyplot as plt
 from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 
@@ -110,10 +109,9 @@ LAZY_VIEWS = """
 
 
 def figure_html(figure: Figure, caption: str) -> str:
-    """A figure as an inline PNG with an escaped caption; the figure is closed."""
+    """A figure as an inline PNG with an escaped caption."""
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=90)
-    plt.close(figure)
     png = buffer.getvalue()
     width, height = int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")  # IHDR: the layout is known before decoding
     encoded = base64.b64encode(png).decode("ascii")

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 
 from mechvis.analysis.repetition import (
@@ -267,12 +268,8 @@ def compare_samplers(
 
 
 def write_figure(results: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    figure = Figure(figsize=(11, 4))  # not pyplot: the process's backend stays as it is
+    left, right = figure.subplots(1, 2)
     names = list(results["signals"])
     left.barh(names, [results["signals"][n]["auroc"] for n in names], color="#4c72b0")
     left.axvline(0.5, color="grey", linestyle="--", linewidth=1)
@@ -286,7 +283,6 @@ def write_figure(results: dict, path: Path) -> None:
     right.legend()
     figure.tight_layout()
     figure.savefig(path)
-    plt.close(figure)
 
 
 def run_evaluation(model: "TransformerBridge", *, n_prompts: int, max_new_tokens: int, out_dir: Path,

@@ -18,6 +18,7 @@ import math
 from pathlib import Path
 
 import numpy as np
+from matplotlib.figure import Figure
 from scipy import stats
 
 from mechvis.sweep.shards import atomic_write_bytes, read_sweep, swept_analyses
@@ -92,17 +93,13 @@ def summarise(out_dir: "str | Path") -> dict:
     return summary
 
 
-def _figure(name: str, entry: dict):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def _figure(name: str, entry: dict) -> "Figure | None":
     key = entry["key"]
     if key is None or not entry["means"]:
         return None
     metrics = list(dict.fromkeys(row["metric"] for row in entry["means"]))
-    figure, axes = plt.subplots(1, len(metrics), figsize=(3.6 * len(metrics), 3.0), squeeze=False)
+    figure = Figure(figsize=(3.6 * len(metrics), 3.0))  # not pyplot: the process's backend stays as it is
+    axes = figure.subplots(1, len(metrics), squeeze=False)
     for axis, metric in zip(axes[0], metrics):
         rows = [row for row in entry["means"] if row["metric"] == metric]
         for condition in sorted({row["condition"] for row in rows}):
@@ -129,10 +126,7 @@ def write_summary(out_dir: "str | Path") -> dict:
     for name, entry in summary.items():
         figure = _figure(name, entry)
         if figure is not None:
-            import matplotlib.pyplot as plt
-
             atomic_write_bytes(out_dir / f"summary-{name}.png", lambda handle: figure.savefig(handle, format="png", dpi=110))
-            plt.close(figure)
     return summary
 
 

@@ -1,25 +1,27 @@
 """Matplotlib figures, one function per figure, each drawing analysis results (never computing
-metrics). Token strings are shown as data: math-text parsing is off, newlines shown as ↵."""
+metrics). Token strings are shown as data: math-text parsing is off, newlines shown as ↵.
+
+Each figure is a `matplotlib.figure.Figure` made directly, not through pyplot: importing or
+drawing leaves the process's backend and pyplot's figure list alone (nothing to close), and
+`figure.savefig(...)` renders with Agg whatever the backend. Jupyter shows a returned figure
+(the inline backend's formatter handles `Figure`)."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from contextlib import contextmanager
 
-import matplotlib
+import numpy as np
+import torch
+from matplotlib import rc_context
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
-
-from mechvis.analysis.activations import ActivationNorms  # noqa: E402
-from mechvis.analysis.attention import HeadEntropy, Rollout, RolloutRows  # noqa: E402
-from mechvis.analysis.lens import LogitLens  # noqa: E402
-from mechvis.analysis.projection import Projection  # noqa: E402
-from mechvis.analysis.residual import LayerSimilarity, LogitAttribution  # noqa: E402
-from mechvis.analysis.tokens import HighEntropyPositions, TokenSignals  # noqa: E402
+from mechvis.analysis.activations import ActivationNorms
+from mechvis.analysis.attention import HeadEntropy, Rollout, RolloutRows
+from mechvis.analysis.lens import LogitLens
+from mechvis.analysis.projection import Projection
+from mechvis.analysis.residual import LayerSimilarity, LogitAttribution
+from mechvis.analysis.tokens import HighEntropyPositions, TokenSignals
 
 
 def _np(tensor: torch.Tensor) -> np.ndarray:
@@ -30,8 +32,14 @@ def _np(tensor: torch.Tensor) -> np.ndarray:
 
 @contextmanager
 def _plain_text():
-    with plt.rc_context({"text.parse_math": False, "font.size": 8}):
+    with rc_context({"text.parse_math": False, "font.size": 8}):
         yield
+
+
+def _subplots(nrows: int = 1, ncols: int = 1, *, figsize: tuple[float, float], **kwargs):
+    """`pyplot.subplots` without pyplot: a new `Figure` and its axes (`Figure.subplots`)."""
+    figure = Figure(figsize=figsize)
+    return figure, figure.subplots(nrows, ncols, **kwargs)
 
 
 _SHOWN = {"\n": "↵", "\t": "⇥"}
@@ -58,7 +66,7 @@ def token_entropy_curve(signals: TokenSignals, tokens: Sequence[str], *, start: 
     """Entropy (nats) of each position's next-token distribution from `start`; sorted descending
     when `sort`."""
     with _plain_text():
-        figure, axis = plt.subplots(figsize=(10, 3))
+        figure, axis = _subplots(figsize=(10, 3))
         entropy = _np(signals.entropy[start:])
         labels = list(tokens[start:])
         if sort:
@@ -75,7 +83,7 @@ def token_entropy_curve(signals: TokenSignals, tokens: Sequence[str], *, start: 
 def activation_norms_figure(norms: ActivationNorms, tokens: Sequence[str]) -> Figure:
     """Heatmaps: L2 norm per layer × token, and its layer-to-layer relative change."""
     with _plain_text():
-        figure, (top, bottom) = plt.subplots(2, 1, figsize=(10, 6), sharex=True)
+        figure, (top, bottom) = _subplots(2, 1, figsize=(10, 6), sharex=True)
         image = top.imshow(_np(norms.norms), aspect="auto", cmap="viridis")
         figure.colorbar(image, ax=top, label=f"‖{norms.kind}‖₂")
         top.set_ylabel("layer")
@@ -95,7 +103,7 @@ def high_entropy_logits_figure(high: HighEntropyPositions, tokens: Sequence[str]
     says "centred logits" when `high.logit_kind` is "centered_logit")."""
     with _plain_text():
         logits = _np(high.top_logits)
-        figure, axis = plt.subplots(figsize=(min(12, 2 + 1.3 * logits.shape[1]), 0.4 * len(high.positions) + 1.2))
+        figure, axis = _subplots(figsize=(min(12, 2 + 1.3 * logits.shape[1]), 0.4 * len(high.positions) + 1.2))
         axis.imshow(logits, aspect="auto", cmap="magma")
         for row in range(logits.shape[0]):
             for column in range(logits.shape[1]):
@@ -115,7 +123,7 @@ def logit_lens_figure(lens: LogitLens, tokens: Sequence[str]) -> Figure:
     (mean top-1 probability) by layer."""
     with _plain_text():
         n_layers, n_positions = lens.max_probs.shape
-        figure, (table, curve) = plt.subplots(1, 2, figsize=(min(16, 3 + 0.9 * n_positions) + 3, 0.28 * n_layers + 2),
+        figure, (table, curve) = _subplots(1, 2, figsize=(min(16, 3 + 0.9 * n_positions) + 3, 0.28 * n_layers + 2),
                                               gridspec_kw={"width_ratios": [4, 1]})
         table.imshow(_np(lens.max_probs), aspect="auto", cmap="Blues", vmin=0, vmax=1)
         for layer in range(n_layers):
@@ -136,7 +144,7 @@ def logit_lens_figure(lens: LogitLens, tokens: Sequence[str]) -> Figure:
 def head_entropy_figure(entropy: HeadEntropy) -> Figure:
     """Per layer × head: mean normalised attention entropy, and mean attention mass on sinks."""
     with _plain_text():
-        figure, (left, right) = plt.subplots(1, 2, figsize=(10, 0.2 * len(entropy.layers) + 2))
+        figure, (left, right) = _subplots(1, 2, figsize=(10, 0.2 * len(entropy.layers) + 2))
         for axis, values, label, cmap in ((left, entropy.mean_normalised, "entropy / log(visible keys)", "viridis"),
                                           (right, entropy.mean_sink_mass, "attention mass on sinks", "Reds")):
             image = axis.imshow(_np(values), aspect="auto", cmap=cmap, vmin=0, vmax=1)
@@ -153,7 +161,7 @@ def rollout_figure(rollout: "Rollout | RolloutRows", tokens: Sequence[str]) -> F
     query traces back to each input token."""
     with _plain_text():
         rows = getattr(rollout, "rows", None)
-        figure, axis = plt.subplots(figsize=(8, 7 if rows is None else min(7.0, 1.5 + 0.12 * len(rows))))
+        figure, axis = _subplots(figsize=(8, 7 if rows is None else min(7.0, 1.5 + 0.12 * len(rows))))
         keys = tokens[rollout.key_span.start : rollout.key_span.stop] if rollout.key_span else tokens
         image = axis.imshow(_np(rollout.matrix if rows is None else rows), cmap="viridis", aspect="auto")
         figure.colorbar(image, ax=axis, label="rollout")
@@ -170,7 +178,7 @@ def layer_heads_grid_figure(patterns: torch.Tensor, tokens: Sequence[str], layer
         n_heads = patterns.shape[0]
         columns = min(5, n_heads + 1)
         rows = -(-(n_heads + 1) // columns)
-        figure, axes = plt.subplots(rows, columns, figsize=(2.4 * columns, 2.4 * rows), squeeze=False)
+        figure, axes = _subplots(rows, columns, figsize=(2.4 * columns, 2.4 * rows), squeeze=False)
         panels = [(f"L{layer}H{head}", patterns[head]) for head in range(n_heads)] + [(f"L{layer} mean", patterns.mean(0))]
         for axis in axes.flat:
             axis.axis("off")
@@ -184,7 +192,7 @@ def layer_heads_grid_figure(patterns: torch.Tensor, tokens: Sequence[str], layer
 def dla_figure(attribution: LogitAttribution, n_layers: int, n_heads: int, *, top: int = 20) -> Figure:
     """Direct logit attribution: the largest components, and every head as a layer × head map."""
     with _plain_text():
-        figure, (bars, grid) = plt.subplots(1, 2, figsize=(12, max(4, 0.22 * top + 1)))
+        figure, (bars, grid) = _subplots(1, 2, figsize=(12, max(4, 0.22 * top + 1)))
         largest = attribution.top(top)
         bars.barh([label for label, _ in largest][::-1], [value for _, value in largest][::-1],
                   color=["#c44e52" if value < 0 else "#4c72b0" for _, value in largest][::-1])
@@ -206,7 +214,7 @@ def dla_figure(attribution: LogitAttribution, n_layers: int, n_heads: int, *, to
 def layer_similarity_figure(similarity: LayerSimilarity) -> Figure:
     """Cosine similarity of the residual stream between every pair of layers."""
     with _plain_text():
-        figure, axis = plt.subplots(figsize=(6, 5))
+        figure, axis = _subplots(figsize=(6, 5))
         image = axis.imshow(_np(similarity.cosine), cmap="viridis", vmin=-1, vmax=1)
         figure.colorbar(image, ax=axis, label="mean cosine similarity")
         step = max(1, len(similarity.layer_labels) // 16)
@@ -220,7 +228,7 @@ def layer_similarity_figure(similarity: LayerSimilarity) -> Figure:
 def repetition_figure(signals: dict[str, torch.Tensor], labels: torch.Tensor, tokens: Sequence[str]) -> Figure:
     """Repetition signals over the generated tokens, with the text-level loop regions shaded."""
     with _plain_text():
-        figure, axis = plt.subplots(figsize=(10, 3.5))
+        figure, axis = _subplots(figsize=(10, 3.5))
         for name, values in signals.items():
             axis.plot(_np(values), label=name, linewidth=1.2)
         for position, label in enumerate(labels.tolist()):
@@ -236,7 +244,7 @@ def repetition_figure(signals: dict[str, torch.Tensor], labels: torch.Tensor, to
 def projection_figure(projection: Projection) -> Figure:
     """Scatter of the first two principal components, points labelled."""
     with _plain_text():
-        figure, axis = plt.subplots(figsize=(7, 6))
+        figure, axis = _subplots(figsize=(7, 6))
         points = _np(projection.coordinates)
         axis.scatter(points[:, 0], points[:, 1], s=12, c=range(len(points)), cmap="viridis")
         for (x, y), label in zip(points[:, :2], projection.labels):
@@ -252,7 +260,7 @@ def projection_figure(projection: Projection) -> Figure:
 def ablation_figure(effect: torch.Tensor, metric_label: str) -> Figure:
     """Layer × head heatmap of an ablation sweep's effect on a metric (diverging around 0)."""
     with _plain_text():
-        figure, axis = plt.subplots(figsize=(max(5, 0.45 * effect.shape[1] + 2), 0.22 * effect.shape[0] + 1.5))
+        figure, axis = _subplots(figsize=(max(5, 0.45 * effect.shape[1] + 2), 0.22 * effect.shape[0] + 1.5))
         limit = float(effect.abs().max()) or 1.0
         image = axis.imshow(_np(effect), aspect="auto", cmap="RdBu_r", vmin=-limit, vmax=limit)
         figure.colorbar(image, ax=axis, label=f"change in {metric_label} when the head is ablated")
@@ -265,7 +273,7 @@ def ablation_figure(effect: torch.Tensor, metric_label: str) -> Figure:
 def comparison_figure(maps: Sequence[torch.Tensor], grids: Sequence[tuple[int, int]], images: Sequence, titles: Sequence[str]) -> Figure:
     """Attention maps (one per condition, over its rows × cols grid) overlaid on their images."""
     with _plain_text():
-        figure, axes = plt.subplots(1, len(maps), figsize=(4.5 * len(maps), 4.2), squeeze=False)
+        figure, axes = _subplots(1, len(maps), figsize=(4.5 * len(maps), 4.2), squeeze=False)
         for axis, attention, (rows, cols), image, title in zip(axes[0], maps, grids, images, titles):
             picture = np.asarray(image)
             axis.imshow(picture)
@@ -280,7 +288,7 @@ def comparison_figure(maps: Sequence[torch.Tensor], grids: Sequence[tuple[int, i
 def image_mass_figure(mass_per_layer: torch.Tensor) -> Figure:
     """Mean attention mass on the image tokens at each layer (the FastV view)."""
     with _plain_text():
-        figure, axis = plt.subplots(figsize=(6, 3))
+        figure, axis = _subplots(figsize=(6, 3))
         axis.plot(_np(mass_per_layer), marker="o")
         axis.set_xlabel("layer")
         axis.set_ylabel("attention mass on the image")
@@ -293,7 +301,7 @@ def cross_modal_figure(result) -> Figure:
     """Alignment (mean cosine) and modality gap (Liang et al. 2022) between image-token and
     text-token hidden states across layers (a `CrossModal`)."""
     with _plain_text():
-        figure, axis = plt.subplots(figsize=(6, 3))
+        figure, axis = _subplots(figsize=(6, 3))
         axis.plot(result.layers, result.alignment.numpy(), marker="o", label="alignment (mean cosine)")
         axis.plot(result.layers, result.modality_gap.numpy(), marker="s", label="modality gap ‖x̄̂ − ȳ̂‖")
         axis.set_xlabel("layer")
@@ -307,7 +315,7 @@ def cross_modal_figure(result) -> Figure:
 def _lanes(lanes: Sequence[tuple[str, torch.Tensor, float | None, float | None]], tokens: Sequence[str], layers: Sequence[int]) -> Figure:
     """One heatmap lane (layer × generated token) per metric, sharing the token axis."""
     with _plain_text():
-        figure, axes = plt.subplots(len(lanes), 1, figsize=(max(6.0, 0.28 * len(tokens) + 2), 1.1 + 1.3 * len(lanes)), sharex=True, squeeze=False)
+        figure, axes = _subplots(len(lanes), 1, figsize=(max(6.0, 0.28 * len(tokens) + 2), 1.1 + 1.3 * len(lanes)), sharex=True, squeeze=False)
         for axis, (title, values, low, high) in zip(axes[:, 0], lanes):
             image = axis.imshow(values.numpy(), aspect="auto", cmap="viridis", vmin=low, vmax=high, interpolation="nearest")
             axis.set_ylabel("layer", fontsize=8)
@@ -341,7 +349,7 @@ def instruction_check_figure(check) -> Figure:
     """Attention of each prompt's answer to its instruction keywords per layer (an
     `InstructionCheck`), flagged prompts marked ✗."""
     with _plain_text():
-        figure, axis = plt.subplots(figsize=(max(5.0, 0.5 * len(check.layers) + 3), 1.2 + 0.35 * len(check.prompts)))
+        figure, axis = _subplots(figsize=(max(5.0, 0.5 * len(check.layers) + 3), 1.2 + 0.35 * len(check.prompts)))
         image = axis.imshow(check.mass.numpy(), aspect="auto", cmap="viridis", vmin=0, interpolation="nearest")
         flagged = set(check.below)
         labels = [("✗ " if i in flagged else "") + display_token(prompt) for i, prompt in enumerate(check.prompts)]

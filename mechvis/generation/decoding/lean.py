@@ -1,5 +1,7 @@
 """Lean decoding steps: one token of KV-cached decoding of a Llama-family model computed with a
-few tensor operations per layer instead of HF's modules, and the preallocated KV cache they write.
+few tensor operations per layer instead of HF's modules, on the preallocated KV cache (`cache`).
+Reference: the HF model's own forward (its decoder layers' `forward`, modeling_llama.py), to
+≤ 1e-4 of the logits' scale, checked per model at first use (`lean_decoding_equal`).
 
 HF's decoder runs ~60 module and helper calls per layer per token (masks, keyword plumbing,
 deprecation wrappers, attention-interface look-ups, `nn.Module.__call__`). For the embedded model
@@ -30,20 +32,20 @@ h += down(act(gate(RMSNorm(h))) · up(RMSNorm(h))); final RMSNorm. The lm_head s
 from __future__ import annotations
 
 import copy
-import inspect
 import sys
 import types
-import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 from torch.nn.modules import module as module_module
-from transformers import DynamicCache
-from transformers.cache_utils import DynamicLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast
 from transformers.utils.output_capturing import _active_collector
+
+from mechvis.generation.decoding.cache import _all_preallocated, _new_cache
+from mechvis.generation.decoding.halves import _column
+from mechvis.generation.decoding.memo import VERIFIED
 
 LEAN_MODELS = frozenset({"LlamaModel", "Qwen2Model", "MistralModel"})
 _LAYER_CHILDREN = {"self_attn", "mlp", "input_layernorm", "post_attention_layernorm"}
@@ -52,90 +54,7 @@ _MODEL_CHILDREN = {"embed_tokens", "layers", "norm", "rotary_emb"}
 _ALLOWED_KEYWORDS = {"input_ids", "attention_mask", "position_ids", "cache", "past_key_values", "use_cache",
                      "cache_position", "inputs_embeds", "return_dict", "output_attentions", "output_hidden_states"}
 
-stats = {"lean_steps": 0}  # decoding steps computed here (tests read it to know which path ran)
 
-
-# ----------------------------------------------------------------------------- the KV cache
-def preallocated_cache(decoder: torch.nn.Module, capacity: int) -> tuple[str, object] | None:
-    """The keyword and the KV cache HF's `generate` would make for `decoder` (a `DynamicCache`
-    for its text config), with each plain `DynamicLayer` replaced by a `_PreallocatedLayer` for
-    `capacity` positions; None where the cache is not built that way (the transformers version,
-    or a model that makes its own), so that generate makes its default one."""
-
-    try:
-        cache = DynamicCache(config=decoder.config.get_text_config(decoder=True))
-        layers = cache.layers
-        if not decoder._supports_default_dynamic_cache():
-            return None
-    except Exception:  # noqa: BLE001 - another transformers layout, or a model with its own cache: generate's
-        return None
-    replaced = False
-    for index, layer in enumerate(layers):
-        if type(layer) is DynamicLayer:
-            layers[index] = _preallocated_layer(capacity)
-            replaced = True
-    if not replaced:
-        return None
-    # transformers 5.24 renamed generate's and the models' `past_key_values` to `cache`.
-    keyword = "cache" if "cache" in inspect.signature(type(decoder).forward).parameters else "past_key_values"
-    return keyword, cache
-
-
-_LAYER_CLASS: list = []
-
-
-def _preallocated_layer(capacity: int):
-    """A `_PreallocatedLayer` (the class is made on first use: transformers is imported lazily)."""
-    if not _LAYER_CLASS:
-        class _PreallocatedLayer(DynamicLayer):
-            """`DynamicLayer` whose keys and values are views of the first positions of storage for
-            `capacity` positions, into which each update writes. `DynamicLayer.update` concatenates
-            the whole cache with the new states at every step (2 copies of N positions per layer
-            per token): at N ≈ 3,000 the embedded model's steps took 51–55 ms that way and 45–49
-            ms here. The values are the same (each step's states written once); the storage
-            doubles if a step goes past it, and is rebuilt from the current states if another
-            method (crop, reorder, reset, offload) replaced them."""
-
-            def __init__(self, capacity: int) -> None:
-                super().__init__()
-                self.capacity = capacity
-                self._stores: tuple[Tensor, Tensor] | None = None
-                self._views: tuple = (None, None)
-
-            def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
-                if not self.is_initialized:
-                    self.lazy_initialization(key_states, value_states)
-                length = self.get_seq_length()
-                end = length + key_states.shape[-2]
-                stores = self._stores
-                if (stores is None or self.keys is not self._views[0] or self.values is not self._views[1]
-                        or end > stores[0].shape[-2] or stores[0].shape[:2] != key_states.shape[:2]
-                        or stores[1].shape[:2] != value_states.shape[:2] or stores[0].dtype != key_states.dtype
-                        or stores[0].device != key_states.device):
-                    size = max(end, self.capacity, 2 * length)
-                    stores = tuple(
-                        states.new_empty((*states.shape[:2], size, states.shape[-1])) for states in (key_states, value_states)
-                    )
-                    if length:
-                        stores[0][..., :length, :] = self.keys
-                        stores[1][..., :length, :] = self.values
-                    self._stores = stores
-                stores[0][..., length:end, :] = key_states
-                stores[1][..., length:end, :] = value_states
-                self.keys, self.values = stores[0][..., :end, :], stores[1][..., :end, :]
-                self._views = (self.keys, self.values)
-                return self.keys, self.values
-
-        _LAYER_CLASS.append(_PreallocatedLayer)
-    return _LAYER_CLASS[0](capacity)
-
-
-def _all_preallocated(cache: object) -> bool:
-    layers = getattr(cache, "layers", None)
-    return bool(_LAYER_CLASS) and bool(layers) and all(type(layer) is _LAYER_CLASS[0] for layer in layers)
-
-
-# ----------------------------------------------------------------------------- the lean step
 @dataclass(frozen=True)
 class _Layer:
     index: int
@@ -173,13 +92,6 @@ def _product(linear: torch.nn.Linear) -> Callable[[Tensor | None, Tensor], Tenso
 
         return halves_product
     return lambda column, x: torch.nn.functional.linear(x, weight, bias)
-
-
-def _column(x: Tensor) -> Tensor:
-    """The one-row input `x` as the halves product reads it (`_halves_product` and `_product`): a
-    column with stride in_features, the layout that takes MKL's fast batched kernel."""
-    width = x.shape[-1]
-    return x.reshape(1, width).T.expand(2, width, 1)
 
 
 class _Plan:
@@ -227,7 +139,8 @@ class _Plan:
         return cache
 
     def step(self, ids: Tensor, cache) -> Tensor:
-        """The final-normed hidden state (1, 1, d_model) of token `ids` at the next position."""
+        """The final-normed hidden state (1, 1, d_model) of token `ids` at the next position: what
+        the inner model's `forward` (`LlamaModel.forward` and kin) returns as `last_hidden_state`."""
         rms_norm, softmax, matmul = torch.nn.functional.rms_norm, torch.nn.functional.softmax, torch.matmul
         inner, width = self.inner, (self.hidden,)
         length = cache.get_seq_length()
@@ -253,7 +166,7 @@ class _Plan:
             gated = layer.act(layer.gate(x_column, x)) * layer.up(x_column, x)
             h = h + layer.down(column(gated), gated)
         self.steps += 1
-        stats["lean_steps"] += 1
+        VERIFIED.count("lean_steps")
         return rms_norm(h, width, inner.norm.weight, self.final_eps)
 
 
@@ -422,30 +335,26 @@ def with_lean_steps(decoder: torch.nn.Module) -> torch.nn.Module | None:
     return clone
 
 
-_EQUAL: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-
-
 def lean_decoding_equal(root: torch.nn.Module, decoder: torch.nn.Module, lean: torch.nn.Module) -> bool:
     """Whether `lean` (`with_lean_steps(decoder)`) takes the lean step and gives `decoder`'s logits
     (≤ 1e-4 of their scale) on 4 decoding steps after an 8-token prefill of random tokens:
     checked once per `root` (the model both were made from) and `plan_signature` (its modules'
-    classes and their forwards). While a hook that could act is on a module the step runs, no
-    check runs (it would feed the hook random tokens, and the steps would not be lean): False,
-    not remembered."""
+    classes and their forwards), remembered in `VERIFIED` ("lean"). While a hook that could act
+    is on a module the step runs, no check runs (it would feed the hook random tokens, and the
+    steps would not be lean): False, not remembered."""
     plan: _Plan = lean._modules[lean.base_model_prefix].__dict__["_mechvis_lean_plan"]
     if plan.hooked():
         return False
-    signature = plan_signature(plan.modules)
-    remembered = _EQUAL.setdefault(root, {})
-    if signature in remembered:
-        return remembered[signature]
-    equal = False
+    return VERIFIED.verified("lean", plan_signature(plan.modules), lambda: _steps_equal(plan, decoder, lean), model=root)
+
+
+def _steps_equal(plan: "_Plan", decoder: torch.nn.Module, lean: torch.nn.Module) -> bool:
     try:
         vocab = decoder.config.get_text_config(decoder=True).vocab_size
         ids = torch.randint(0, vocab, (1, 12), generator=torch.Generator().manual_seed(0))
         ids = ids.to(next(decoder.parameters()).device)
         with torch.inference_mode():
-            (name, plain_cache), (_, lean_cache) = preallocated_cache(decoder, 12), preallocated_cache(decoder, 12)
+            (name, plain_cache), (_, lean_cache) = _new_cache(decoder, 12), _new_cache(decoder, 12)
             ones = torch.ones_like(ids)
             decoder(input_ids=ids[:, :8], attention_mask=ones[:, :8], use_cache=True, **{name: plain_cache})
             lean(input_ids=ids[:, :8], attention_mask=ones[:, :8], use_cache=True, **{name: lean_cache})
@@ -456,8 +365,6 @@ def lean_decoding_equal(root: torch.nn.Module, decoder: torch.nn.Module, lean: t
                 plain = decoder(**step, **{name: plain_cache}).logits
                 fast = lean(**step, **{name: lean_cache}).logits
                 equal &= bool((fast - plain).abs().max() <= 1e-4 * plain.abs().max().clamp_min(1))
-            equal &= plan.steps - before == 4
+            return equal and plan.steps - before == 4
     except Exception:  # noqa: BLE001 - a model this check cannot run keeps HF's path
-        equal = False
-    remembered[signature] = equal
-    return equal
+        return False
