@@ -305,9 +305,7 @@ class RepetitionMonitor:
         std with Bessel's correction) with an L2 penalty on the weights, not the bias:
         minimises mean log-loss + (l2 / 2)·‖w‖², i.e. sklearn's LogisticRegression with
         C = 1 / (l2 · n) (Newton–Cholesky solver)."""
-        from sklearn.linear_model import (
-            LogisticRegression,  # scikit-learn takes ~1.5 s to import: loaded when fitting, not with mechvis
-        )
+        from sklearn.linear_model import LogisticRegression  # scikit-learn: ~1.5 s to import, only when fitting
 
         if l2 <= 0:
             raise InvalidArgumentError(f"l2 must be positive; got {l2!r}.")

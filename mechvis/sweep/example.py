@@ -20,6 +20,7 @@ import re
 from pathlib import Path
 from pydoc_data.topics import topics
 
+import matplotlib
 import skimage
 from PIL import Image
 
@@ -50,12 +51,10 @@ def real_sentences(limit: int = 300) -> list[tuple[str, str]]:
 
 def _photo(name: str, source: str):
     if source == "matplotlib":
-        import matplotlib
-
         return Image.open(Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg").convert("RGB")
     if source == "skimage":
         return Image.open(Path(skimage.__file__).parent / "data" / (name + (".jpg" if name == "rocket" else ".png"))).convert("RGB")
-    from sklearn.datasets import load_sample_image  # scikit-learn takes ~1.5 s to import: loaded when used
+    from sklearn.datasets import load_sample_image  # scikit-learn: ~1.5 s to import, only when used
 
     return Image.fromarray(load_sample_image(f"{name}.jpg"))
 
