@@ -282,26 +282,106 @@ def check_model(model: object) -> "TransformerBridge":
 def cache_and_model(source: object, model: object = None, *, call: str = "analysis") -> tuple["ActivationCache", "TransformerBridge"]:
     """The cache and model of an analysis's first argument: a `Run` (its cache), a `Trace` (its
     run's cache) or an `ActivationCache`; the model is the cache's own (`cache.model`). This is the
-    convention of every analysis, `analysis(run_or_cache, *, options)`.
+    convention of every analysis, `analysis(run_or_cache, *, options)`. A plain mapping
+    {hook name: tensor} carries its model with `with_model(mapping, model)`.
 
     `model` is the deprecated second positional argument of the old `(cache, model)` form: when
-    given, it warns (naming `call`, the new form) and is used if the source has no model.
+    given, it warns (naming `call`, the new form) and is used as before (checked, and preferred to
+    the cache's own).
 
     Raises:
-        InvalidArgumentError: a source that is none of these, or a mapping cache with no model."""
-    run = getattr(source, "run", None)  # a Trace
-    cache = getattr(run if run is not None else source, "cache", None) if not _is_cache(source) else source
-    if cache is None:
-        raise InvalidArgumentError(f"{call} takes a Run, a Trace or an ActivationCache (run.cache); got {shown(source)}.")
+        InvalidArgumentError: a source that is none of these, a bad deprecated `model`, or a
+            mapping cache with no model."""
+    if _is_cache(source):
+        cache = source
+    else:
+        run = getattr(source, "run", None)  # a Trace
+        cache = getattr(run if run is not None else source, "cache", None)
+        if cache is None:
+            _check_cache(source)  # the message every analysis gave for a bad cache
+            cache = source
     _check_cache(cache)
     if model is not None:
         deprecated(f"Passing the model is deprecated: call {call} (the model is the cache's own, cache.model).", stacklevel=4)
+        return cache, check_model(model)
     own = getattr(cache, "model", None)
-    chosen = own if own is not None else model
-    if chosen is None:
+    if own is None:
         raise InvalidArgumentError(
-            f"{call} needs the model: this cache has none (a plain dict of tensors); pass an ActivationCache from mechvis.run.")
-    return cache, check_model(chosen)
+            f"{call} needs the model: this cache has none (a plain dict of tensors); pass an ActivationCache from "
+            f"mechvis.run, or mechvis.analysis.with_model(cache, model).")
+    return cache, check_model(own)
+
+
+class ModelCache(dict):
+    """A mapping {hook name: tensor} that knows its model, as an ActivationCache does
+    (`with_model`)."""
+
+    model: "TransformerBridge"
+
+
+def with_model(cache: object, model: "TransformerBridge") -> ModelCache:
+    """`cache` (a mapping {hook name: tensor}, batch dimension first) as a cache that carries
+    `model`, for analyses called on tensors that no `mechvis.run` produced.
+
+    Raises:
+        InvalidArgumentError: `cache` not a mapping, `model` not a hooked model."""
+    _check_cache(cache)
+    out = ModelCache(getattr(cache, "cache_dict", cache))
+    out.model = check_model(model)
+    return out
+
+
+def analysis_form(call: str, *, options: tuple[str, ...] = ()):
+    """Decorator: an analysis written as `func(cache, model, **options)` becomes the public
+    `func(run_or_cache, *, **options)`, the model taken from the cache (`cache_and_model`). `call`
+    is the new form, named by the warnings.
+
+    The old forms keep working for one release, each with a `MechvisDeprecationWarning`:
+    `func(cache, model, ...)` (the model second, positionally or as `model=`), `cache=` as a
+    keyword, and the `options` that used to be positional (after the model), in that order."""
+    import functools
+    import inspect
+
+    def decorate(func):
+        @functools.wraps(func)
+        def wrapper(*args, **kwargs):
+            if args:
+                source, args = args[0], args[1:]
+            elif "run_or_cache" in kwargs:
+                source = kwargs.pop("run_or_cache")
+            elif "cache" in kwargs:
+                source = kwargs.pop("cache")
+                deprecated(f"The keyword cache= is deprecated: call {call}.", stacklevel=3)
+            else:
+                raise TypeError(f"{func.__name__}() needs a Run, a Trace or an ActivationCache: {call}.")
+            by_keyword = "model" in kwargs
+            model = kwargs.pop("model", None)
+            if args and not by_keyword:
+                model, args = args[0], args[1:]
+                if model is None:
+                    raise InvalidArgumentError(f"model must be a model loaded with mechvis.load_model(...); got None. Call {call}.")
+            if args:
+                if len(args) > len(options):
+                    raise TypeError(f"{func.__name__}() takes its options by keyword: {call}.")
+                named = options[: len(args)]
+                deprecated(f"Passing {', '.join(named)} positionally is deprecated: call {call}.", stacklevel=3)
+                for name, value in zip(named, args):
+                    if name in kwargs:
+                        raise TypeError(f"{func.__name__}() got {name} twice.")
+                    kwargs[name] = value
+            cache, model = cache_and_model(source, model, call=call)
+            return func(cache, model, **kwargs)
+
+        parameters = list(inspect.signature(func).parameters.values())[2:]
+        wrapper.__signature__ = inspect.Signature(
+            [inspect.Parameter("run_or_cache", inspect.Parameter.POSITIONAL_ONLY)]
+            + [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in parameters],
+            return_annotation=inspect.signature(func).return_annotation,
+        )
+        wrapper.new_form = call
+        return wrapper
+
+    return decorate
 
 
 def _is_cache(source: object) -> bool:

@@ -19,9 +19,10 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from mechvis._validation import activation, check_layers, check_positions
+from mechvis._validation import analysis_form, activation, check_layers, check_positions
 from mechvis.errors import InvalidArgumentError
 from mechvis.types import ImageGrid
+from mechvis.results import Result
 
 if TYPE_CHECKING:
     from transformer_lens import ActivationCache
@@ -29,8 +30,10 @@ if TYPE_CHECKING:
 
 
 @dataclass
-class CrossModal:
+class CrossModal(Result):
     """Per-layer alignment and modality gap between image-token and text-token hidden states."""
+
+    units = {'alignment': 'cosine similarity', 'modality_gap': 'distance on the unit sphere (unitless)', 'centroid_distance': 'residual-stream units'}
 
     layers: list[int]
     image_positions: list[int]
@@ -40,6 +43,7 @@ class CrossModal:
     centroid_distance: Float[Tensor, " layer"]
 
 
+@analysis_form('cross_modal(run_or_cache, *, grid, text_positions=None, layers=None)', options=('grid',))
 def cross_modal(
     cache: "ActivationCache",
     model: "TransformerBridge",

@@ -10,9 +10,10 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from mechvis._validation import activation, check_integer, check_layers, check_positions, check_tensor, shown
+from mechvis._validation import analysis_form, activation, check_integer, check_layers, check_positions, check_tensor, shown
 from mechvis.errors import InvalidArgumentError
 from mechvis.text import single_token_id, vocabulary_strings
+from mechvis.results import Result
 
 if TYPE_CHECKING:
     from transformer_lens import ActivationCache
@@ -20,11 +21,13 @@ if TYPE_CHECKING:
 
 
 @dataclass
-class Projection:
+class Projection(Result):
     """Points projected on their top principal components.
 
     Each component's sign is fixed so that its largest-magnitude loading is positive.
     """
+
+    units = {'coordinates': 'residual-stream units (along each component)', 'explained_variance_ratio': 'fraction', 'components': 'unit vector', 'mean': 'residual-stream units'}
 
     coordinates: Float[Tensor, "point component"]
     explained_variance_ratio: Float[Tensor, " component"]
@@ -66,6 +69,7 @@ def pca(vectors: Float[Tensor, "point d_model"], labels: Sequence[str], *, n_com
     )
 
 
+@analysis_form('hidden_state_projection(run_or_cache, *, labels, layer=None, positions=None, n_components=2)', options=('labels',))
 def hidden_state_projection(
     cache: "ActivationCache",
     model: "TransformerBridge",

@@ -17,6 +17,7 @@ from torch import Tensor
 
 from mechvis.errors import InvalidArgumentError
 from mechvis.types import ImageGrid
+from mechvis.results import Result
 
 Box = tuple[float, float, float, float]
 
@@ -34,10 +35,12 @@ NAMED_REGIONS: dict[str, Box] = {
 
 
 @dataclass
-class RegionMass:
+class RegionMass(Result):
     """Attention on a box. mass = Σ_cells w_c q_c (q renormalised over the grid, w_c the fraction
     of cell c inside the box), in [0, 1]; area = Σ w_c / N, the box's share of the image;
     enrichment = mass / area (1: as much as a uniform map, > 1: the box is preferred)."""
+
+    units = {'mass': 'probability', 'area': 'fraction (of the image)', 'enrichment': 'ratio (1 = uniform)'}
 
     box: Box
     mass: Float[Tensor, "..."]

@@ -31,6 +31,7 @@ from mechvis.errors import InvalidArgumentError
 from mechvis.generation.monitor import InductionHeads, RepetitionFeatures, cusum_alarm, feature_layer, feature_values
 from mechvis.generation.trace import Trace
 from mechvis.models.architecture import pattern_hook, visible_keys
+from mechvis.results import Result
 
 if TYPE_CHECKING:
     from transformer_lens.model_bridge import TransformerBridge
@@ -62,8 +63,10 @@ def distinct_n(token_ids: Sequence[int], n: int = 2) -> float:
 
 
 @dataclass
-class SeedScore:
+class SeedScore(Result):
     """The seed's collapse score and its terms, per generated token (positions `positions`)."""
+
+    units = {'entropy_term': 'fraction (of log V)', 'activation_rise': 'fraction (min-max scaled)', 'uniformity': 'fraction', 'attention_focus': 'fraction', 'score': 'fraction'}
 
     positions: list[int]
     entropy_term: Float[Tensor, " gen"]  # H_t / log V

@@ -21,6 +21,7 @@ from mechvis._validation import (
 from mechvis.errors import InvalidArgumentError
 from mechvis.running import Run
 from mechvis.types import Span
+from mechvis.results import Result
 
 if TYPE_CHECKING:
     from transformer_lens.model_bridge import TransformerBridge
@@ -76,9 +77,11 @@ def find_token_spans(
 
 
 @dataclass
-class SemanticMatch:
+class SemanticMatch(Result):
     """Cosine similarity of every position to the keyword (`scores`, NaN for positions not
     compared: the first one, a BOS/attention sink) and the spans scoring ≥ threshold."""
+
+    units = {'scores': 'cosine similarity', 'threshold': 'cosine similarity'}
 
     keyword: str
     layer: int | None

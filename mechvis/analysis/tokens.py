@@ -15,6 +15,7 @@ from mechvis.analysis._topk import two_level_topk
 from mechvis.analysis.lens import decode_nested
 from mechvis.errors import InvalidArgumentError
 from mechvis.models.unembedding import INPUT_HOOK, centring_offset
+from mechvis.results import Result
 
 if TYPE_CHECKING:
     from transformer_lens import ActivationCache
@@ -22,12 +23,14 @@ if TYPE_CHECKING:
 
 
 @dataclass
-class TokenSignals:
+class TokenSignals(Result):
     """Signals of the distribution predicted at each position (for the token at position + 1).
 
     All from the temperature-1 distribution p = softmax(logits); entropies in nats.
     `surprisal[t]` is −ln p(token[t + 1]) and NaN at the last position (its next token is unknown).
     """
+
+    units = {'entropy': 'nats', 'varentropy': 'nats²', 'top1_prob': 'probability', 'margin': 'probability', 'surprisal': 'nats', 'top_ids': 'token id', 'top_probs': 'probability'}
 
     entropy: Float[Tensor, " pos"]
     varentropy: Float[Tensor, " pos"]  # Σ p (−ln p − H)², nats²
@@ -135,13 +138,15 @@ def token_signals(
 
 
 @dataclass
-class HighEntropyPositions:
+class HighEntropyPositions(Result):
     """The positions of highest entropy with their top-k candidates, their log-probabilities
     (nats) and logits (the seed's "logits heatmap with top-k at high-entropy tokens").
 
     `logit_kind` names what `top_logits` holds: "logit" (the model's own logits, equal to the
     plain HF model's) or "centered_logit" (logit − mean logit over the vocabulary, what a
     compatibility-mode bridge outputs)."""
+
+    units = {'entropy': 'nats', 'top_ids': 'token id', 'top_logits': "logit (the model's own) or centred logit: see logit_kind", 'top_log_probs': 'nats (log-probability)'}
 
     positions: list[int]
     entropy: Float[Tensor, " n"]

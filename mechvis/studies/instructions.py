@@ -29,6 +29,7 @@ from mechvis.analysis.dynamics import keyword_dynamics
 from mechvis.analysis.spans import find_token_spans, semantic_token_spans
 from mechvis.errors import InvalidArgumentError
 from mechvis.generation import generate
+from mechvis.results import Result
 
 if TYPE_CHECKING:
     from transformer_lens.model_bridge import TransformerBridge
@@ -36,10 +37,12 @@ if TYPE_CHECKING:
 
 
 @dataclass
-class InstructionCheck:
+class InstructionCheck(Result):
     """Attention of each prompt's answer to its instruction keywords: `mass[p, ℓ]` (mean over
     generated tokens and heads, in [0, 1]), `score[p]` its mean over layers, `below` the prompts
     with score < threshold."""
+
+    units = {'mass': 'probability', 'threshold': 'probability'}
 
     prompts: list[str]
     keywords: list[str]
