@@ -279,7 +279,9 @@ def check_model(model: object) -> "TransformerBridge":
     return model
 
 
-def cache_and_model(source: object, model: object = None, *, call: str = "analysis") -> tuple["ActivationCache", "TransformerBridge"]:
+def cache_and_model(
+    source: object, model: object = None, *, call: str = "analysis", warn: bool = True,
+) -> tuple["ActivationCache", "TransformerBridge"]:
     """The cache and model of an analysis's first argument: a `Run` (its cache), a `Trace` (its
     run's cache) or an `ActivationCache`; the model is the cache's own (`cache.model`). This is the
     convention of every analysis, `analysis(run_or_cache, *, options)`. A plain mapping
@@ -302,7 +304,8 @@ def cache_and_model(source: object, model: object = None, *, call: str = "analys
             cache = source
     _check_cache(cache)
     if model is not None:
-        deprecated(f"Passing the model is deprecated: call {call} (the model is the cache's own, cache.model).", stacklevel=4)
+        if warn:
+            deprecated(f"Passing the model is deprecated: call {call} (the model is the cache's own, cache.model).", stacklevel=4)
         return cache, check_model(model)
     own = getattr(cache, "model", None)
     if own is None:
@@ -360,16 +363,19 @@ def analysis_form(call: str, *, options: tuple[str, ...] = ()):
                 model, args = args[0], args[1:]
                 if model is None:
                     raise InvalidArgumentError(f"model must be a model loaded with mechvis.load_model(...); got None. Call {call}.")
+            warned = False
             if args:
                 if len(args) > len(options):
                     raise TypeError(f"{func.__name__}() takes its options by keyword: {call}.")
                 named = options[: len(args)]
-                deprecated(f"Passing {', '.join(named)} positionally is deprecated: call {call}.", stacklevel=3)
+                deprecated(f"Passing {'the model and ' if model is not None else ''}{', '.join(named)} positionally is "
+                           f"deprecated: call {call} (the model is the cache's own, cache.model).", stacklevel=3)
+                warned = True
                 for name, value in zip(named, args):
                     if name in kwargs:
                         raise TypeError(f"{func.__name__}() got {name} twice.")
                     kwargs[name] = value
-            cache, model = cache_and_model(source, model, call=call)
+            cache, model = cache_and_model(source, model, call=call, warn=not warned)
             return func(cache, model, **kwargs)
 
         parameters = list(inspect.signature(func).parameters.values())[2:]

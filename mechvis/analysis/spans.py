@@ -11,8 +11,11 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from mechvis._deprecation import deprecated
 from mechvis._validation import (
     activation,
+    cache_and_model,
+    check_model,
     check_bool,
     check_layers,
     check_real,
@@ -42,7 +45,7 @@ def find_token_spans(
 
     Matching uses character offsets, so a word split into several tokens, or sharing a token
     with a neighbouring space, is found; each occurrence gives one span.
-    `match="semantic"` finds positions by meaning instead (needs `model`; `layer`, `threshold`:
+    `match="semantic"` finds positions by meaning instead (the model is the run's cache's own; `layer`, `threshold`:
     see mechvis.analysis.spans.semantic_token_spans, which also returns every score).
 
     Raises:
@@ -107,10 +110,25 @@ def _keyword_vector(model: "TransformerBridge", keyword: str, layer: int | None)
     return kept["x"].mean(0)
 
 
-def semantic_token_spans(run: "Run", keyword: str, model: "TransformerBridge", *, layer: int | None = None, threshold: float = 0.5) -> SemanticMatch:
+def semantic_token_spans(run: "Run", keyword: str, *old: object, layer: int | None = None, threshold: float = 0.5,
+                         model: "TransformerBridge | None" = None) -> SemanticMatch:
     """Positions of `run` whose representation is closest in meaning to `keyword` (module
     docstring). `layer` None compares input embeddings; a layer compares residual streams (the run's
-    cache must hold blocks.{layer}.hook_resid_post)."""
+    cache must hold blocks.{layer}.hook_resid_post). The model is the run's cache's own; the old
+    form `semantic_token_spans(run, keyword, model, ...)` (or `model=`) still works, with a
+    `MechvisDeprecationWarning`."""
+    if len(old) > 1:
+        raise TypeError("semantic_token_spans takes its options by keyword: semantic_token_spans(run, keyword, *, layer=None, threshold=0.5).")
+    if old:
+        model = old[0]
+        if model is None:
+            raise InvalidArgumentError("model must be a model loaded with mechvis.load_model(...); got None.")
+    if model is not None:
+        deprecated("Passing the model is deprecated: call semantic_token_spans(run, keyword, *, layer=None, threshold=0.5) "
+                   "(the model is the run's cache's own).", stacklevel=3)
+        model = check_model(model)
+    else:
+        _, model = cache_and_model(run, call="semantic_token_spans(run, keyword, *, layer=None, threshold=0.5)")
     threshold = check_real(threshold, "threshold", low=-1.0, high=1.0, hint=" (a cosine similarity)")
     if not isinstance(keyword, str):
         raise InvalidArgumentError(f"keyword must be a string (the text to find); got {shown(keyword)}.")

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 import torch
 from tqdm.auto import tqdm
 
-from mechvis._validation import check_layers
+from mechvis._validation import check_layers, with_model
 from mechvis.analysis import (
     activation_norms,
     direct_logit_attribution,
@@ -205,24 +205,24 @@ def _build_report_data(stages, model, prompt, chat, max_new_tokens, layers, temp
     stages.set_postfix_str("token and lens analyses")
     n = len(run.tokens)
     signals = token_signals(run.logits, run.tokens)
-    high = high_entropy_positions(model, run.logits[:-1] if n > 1 else run.logits, n=min(10, max(1, n - 1)), k=5,
-                                  cache=run.cache)  # the model's own logits, not the centred ones
-    lens = logit_lens(run.cache, model, positions=list(range(max(0, n - lens_positions), n)))
+    high = high_entropy_positions(run, logits=run.logits[:-1] if n > 1 else run.logits, n=min(10, max(1, n - 1)), k=5,
+                                  own_logits=True)  # the model's own logits, not the centred ones
+    lens = logit_lens(run, positions=list(range(max(0, n - lens_positions), n)))
     stages.update()
     stages.set_postfix_str("attention, residual and activation analyses")
-    entropy = head_entropy(run.cache, model, sink_positions=run.segments.sink_positions)
-    rolled = rollout_rows(run.cache, model, _rollout_queries(rollout_queries, trace.prompt_length, n))
-    rollout_matrix = rollout(run.cache, model) if full_rollout else None
-    norms = activation_norms(run.cache, model, "resid_post")
-    similarity = layer_similarity(run.cache, model)
+    entropy = head_entropy(run, sink_positions=run.segments.sink_positions)
+    rolled = rollout_rows(run, queries=_rollout_queries(rollout_queries, trace.prompt_length, n))
+    rollout_matrix = rollout(run) if full_rollout else None
+    norms = activation_norms(run, kind="resid_post")
+    similarity = layer_similarity(run)
     attribution = None
     if trace.generated_ids:
         last = trace.prompt_length + len(trace.generated_ids) - 1
         runner_up = run.logits[last - 1].topk(2).indices.tolist()
         answer = trace.generated_ids[-1]
         counterfactual = runner_up[1] if runner_up[0] == answer else runner_up[0]
-        attribution = direct_logit_attribution(run.cache, model, answer, counterfactual, position=last - 1)
-    projection = hidden_state_projection(run.cache, model, run.str_tokens, layer=model.cfg.n_layers // 2,
+        attribution = direct_logit_attribution(run, answer=answer, counterfactual=counterfactual, position=last - 1)
+    projection = hidden_state_projection(run, labels=run.str_tokens, layer=model.cfg.n_layers // 2,
                                          positions=list(range(1, n)) if n > 2 else None)
     stages.update()
     stages.set_postfix_str("repetition signals")
@@ -321,7 +321,8 @@ def _long_context_report_data(
     rolled = result.rollout
     if rolled is not None and len(rolled.queries) != len(queries):
         rolled = RolloutRows(rolled.rows[: len(queries)], queries, rolled.head_fusion, rolled.residual_weight, rolled.layers)
-    projection = hidden_state_projection({f"blocks.{middle}.hook_resid_post": result.residuals[middle][None]}, model, run.str_tokens,
+    projection = hidden_state_projection(with_model({f"blocks.{middle}.hook_resid_post": result.residuals[middle][None]}, model),
+                                         labels=run.str_tokens,
                                          layer=middle, positions=list(range(1, n)) if n > 2 else None)
     repetition = None
     if result.repetition is not None:
@@ -349,7 +350,7 @@ def _long_vision_result(model: "TransformerBridge", trace: Trace, image: object,
     dynamics = long_image_dynamics(result, trace) if trace.generated_ids else None
     states = {f"blocks.{layer}.hook_resid_post": residual[None] for layer, residual in result.residuals.items()}
     try:
-        crossing = cross_modal(states, model, grid)
+        crossing = cross_modal(with_model(states, model), grid=grid)
     except (MissingActivationsError, InvalidArgumentError):
         crossing = None
     return _vision_from(image, grid, attention, rolled, dynamics, crossing)
@@ -366,7 +367,7 @@ def _vision_result(model: "TransformerBridge", trace: Trace, image: object) -> V
         rolled = None
     dynamics = image_dynamics(model, trace) if trace.generated_ids else None
     try:
-        crossing = cross_modal(run.cache, model, grid)
+        crossing = cross_modal(run, grid=grid)
     except (MissingActivationsError, InvalidArgumentError):
         crossing = None
     return _vision_from(image, grid, attention, rolled, dynamics, crossing)

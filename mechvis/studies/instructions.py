@@ -102,7 +102,7 @@ def instruction_attention_check(
         spans = []
         for keyword in keywords:
             found = (find_token_spans(trace.run, keyword) if match == "spelling"
-                     else semantic_token_spans(trace.run, keyword, model, threshold=semantic_threshold).spans)
+                     else semantic_token_spans(trace.run, keyword, threshold=semantic_threshold).spans)
             spans += [span for span in found if span.stop <= trace.prompt_length]
         if not spans:
             raise InvalidArgumentError(f"None of the keywords {list(keywords)} occurs in the prompt {prompt!r}.")

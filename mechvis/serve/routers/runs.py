@@ -107,7 +107,7 @@ def attention_layer(run_id: str = RunId, layer: int = Path(ge=0, le=1023), state
 
     if layer >= state.model.cfg.n_layers:
         raise HTTPException(422, f"layer must be < {state.model.cfg.n_layers}.")
-    pattern = attention_patterns(stored.trace.run.cache, state.model, [layer])[0]
+    pattern = attention_patterns(stored.trace.run, layers=[layer])[0]
     data = (pattern.float() * 255).round_().clamp_(0, 255).to(torch.uint8).contiguous()
     return Response(data.numpy().tobytes(), media_type="application/octet-stream",
                     headers={"X-Shape": ",".join(map(str, data.shape))})
@@ -119,7 +119,7 @@ def heads(run_id: str = RunId, state: ServerState = Depends(get_state)) -> dict:
 
     stored = _run(run_id, state)
     result = _memo(stored, "heads", lambda: head_entropy(
-        stored.trace.run.cache, state.model, sink_positions=stored.trace.run.segments.sink_positions or (0,)))
+        stored.trace.run, sink_positions=stored.trace.run.segments.sink_positions or (0,)))
     return {
         "layers": result.layers,
         "entropy": [_clean(row) for row in result.mean_normalised.tolist()],
@@ -134,7 +134,7 @@ def heads(run_id: str = RunId, state: ServerState = Depends(get_state)) -> dict:
 @router.get("/{run_id}/similarity")
 def similarity(run_id: str = RunId, state: ServerState = Depends(get_state)) -> dict:
     stored = _run(run_id, state)
-    result = _memo(stored, "similarity", lambda: layer_similarity(stored.trace.run.cache, state.model))
+    result = _memo(stored, "similarity", lambda: layer_similarity(stored.trace.run))
     return {"labels": result.layer_labels, "cosine": result.cosine.tolist()}
 
 
@@ -151,10 +151,10 @@ def lens(run_id: str = RunId, position: int | None = Query(None, ge=0, le=1_000_
         if position >= len(stored.trace.run.tokens):
             raise HTTPException(422, f"position must be < {len(stored.trace.run.tokens)}.")
         if "lens" not in stored.extras:  # the whole run's lens, once tab 6 has asked for it, holds this row
-            result = _memo(stored, f"lens/{position}", lambda: logit_lens(cache, state.model, positions=[position], k=3))
+            result = _memo(stored, f"lens/{position}", lambda: logit_lens(cache, positions=[position], k=3))
             return _lens_payload(result)
         return _lens_payload(stored.extras["lens"], position)
-    return _lens_payload(_memo(stored, "lens", lambda: logit_lens(cache, state.model, k=3)))
+    return _lens_payload(_memo(stored, "lens", lambda: logit_lens(cache, k=3)))
 
 
 def _lens_payload(result, position: int | None = None) -> dict:
@@ -184,7 +184,7 @@ def dla(run_id: str = RunId, position: int = Query(ge=1, le=1_000_000), per: Lit
     tokens = stored.trace.run.tokens
     if position >= len(tokens):
         raise HTTPException(422, f"position must be < {len(tokens)}.")
-    result = direct_logit_attribution(stored.trace.run.cache, state.model, int(tokens[position]),
+    result = direct_logit_attribution(stored.trace.run, answer=int(tokens[position]),
                                       position=position - 1, heads=per == "head")
     return {"labels": result.labels, "contributions": result.contributions.tolist(),
             "bias": result.unembed_bias, "model_value": result.model_value}
@@ -217,7 +217,7 @@ def projection(run_id: str = RunId, layer: int = Query(-1, ge=-1, le=1023), dims
     if layer >= state.model.cfg.n_layers:
         raise HTTPException(422, f"layer must be < {state.model.cfg.n_layers}.")
     run = stored.trace.run
-    result = hidden_state_projection(run.cache, state.model, run.str_tokens, layer=None if layer < 0 else layer,
+    result = hidden_state_projection(run, labels=run.str_tokens, layer=None if layer < 0 else layer,
                                      n_components=dims)
     return {"coordinates": result.coordinates.tolist(), "labels": result.labels,
             "explained": getattr(result, "explained_variance_ratio", torch.zeros(0)).tolist()}
@@ -233,10 +233,10 @@ def activations(run_id: str = RunId, state: ServerState = Depends(get_state)) ->
     def compute():
         out = {}
         for kind in ("mlp_post", "attn_out"):
-            stats = activation_statistics(cache, model, kind)
+            stats = activation_statistics(cache, kind=kind)
             out[kind] = {"mean": stats.mean.tolist(), "std": stats.std.tolist(), "kurtosis": stats.kurtosis.tolist(),
                          "percentiles": stats.percentiles.tolist(), "levels": list(stats.percentile_levels)}
-        out["resid_norms"] = activation_norms(cache, model, "resid_post").norms.tolist()
+        out["resid_norms"] = activation_norms(cache, kind="resid_post").norms.tolist()
         return out
 
     return _memo(stored, "activations", compute)
@@ -251,7 +251,7 @@ def rollout_row(run_id: str = RunId, position: int = Query(ge=0, le=1_000_000), 
     n = len(stored.trace.run.tokens)
     if position >= n:
         raise HTTPException(422, f"position must be < {n}.")
-    result = _memo(stored, f"rollout/{position}", lambda: rollout_rows(stored.trace.run.cache, state.model, [position]))
+    result = _memo(stored, f"rollout/{position}", lambda: rollout_rows(stored.trace.run, queries=[position]))
     return {"row": result.rows[0].tolist()}
 
 
