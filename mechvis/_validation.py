@@ -390,6 +390,51 @@ def analysis_form(call: str, *, options: tuple[str, ...] = ()):
     return decorate
 
 
+def trace_form(call: str, *, options: tuple[str, ...] = ()):
+    """Decorator: an analysis of a generation written as `func(model, trace, **options)` becomes
+    the public `func(trace, *, **options)`, the model taken from the trace's cache. The old form
+    `func(model, trace, ...)` (and the `options` that used to be positional after the trace, in
+    that order) keeps working for one release, with a `MechvisDeprecationWarning` naming `call`."""
+    import functools
+    import inspect
+
+    def decorate(func):
+        @functools.wraps(func)
+        def wrapper(*args, **kwargs):
+            model = kwargs.pop("model", None)
+            if args and model is None and hasattr(args[0], "cfg") and hasattr(args[0], "hook_dict"):
+                model, args = args[0], args[1:]
+            if args:
+                trace, args = args[0], args[1:]
+            elif "trace" in kwargs:
+                trace = kwargs.pop("trace")
+            else:
+                raise TypeError(f"{func.__name__}() needs a Trace: {call}.")
+            if len(args) > len(options):
+                raise TypeError(f"{func.__name__}() takes its options by keyword: {call}.")
+            for name, value in zip(options, args):
+                if name in kwargs:
+                    raise TypeError(f"{func.__name__}() got {name} twice.")
+                kwargs[name] = value
+            if model is not None or args:
+                deprecated(f"{func.__name__}(model, trace, ...) is deprecated: call {call} (the model is the trace's cache's own).",
+                           stacklevel=3)
+            if model is None:
+                _, model = cache_and_model(trace, call=call)
+            return func(check_model(model), trace, **kwargs)
+
+        parameters = list(inspect.signature(func).parameters.values())[2:]
+        wrapper.__signature__ = inspect.Signature(
+            [inspect.Parameter("trace", inspect.Parameter.POSITIONAL_ONLY)]
+            + [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in parameters],
+            return_annotation=inspect.signature(func).return_annotation,
+        )
+        wrapper.new_form = call
+        return wrapper
+
+    return decorate
+
+
 def _is_cache(source: object) -> bool:
     return hasattr(source, "cache_dict") or (isinstance(source, dict))
 

@@ -26,7 +26,7 @@ from torch import Tensor
 
 from mechvis._deprecation import moved_names
 from mechvis._numerics import row_entropy
-from mechvis._validation import activation
+from mechvis._validation import activation, trace_form
 from mechvis.errors import InvalidArgumentError
 from mechvis.generation.monitor import InductionHeads, RepetitionFeatures, cusum_alarm, feature_layer, feature_values
 from mechvis.generation.trace import Trace
@@ -76,6 +76,7 @@ class SeedScore(Result):
     score: Float[Tensor, " gen"]
 
 
+@trace_form("seed_score(trace, *, alpha=1.0, beta=1.0, delta=1.0)")
 def seed_score(
     model: "TransformerBridge", trace: "Trace", *, alpha: float = 1.0, beta: float = 1.0, delta: float = 1.0
 ) -> SeedScore:
@@ -109,6 +110,7 @@ def seed_score(
     return SeedScore(list(trace.generated_positions), *(t.float() for t in (entropy_term, rise, uniformity, focus, score)))
 
 
+@trace_form("repetition_features(trace, *, induction, layer=None, recurrence_window=64)", options=("induction",))
 def repetition_features(
     model: "TransformerBridge",
     trace: "Trace",

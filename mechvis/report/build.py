@@ -230,12 +230,12 @@ def _build_report_data(stages, model, prompt, chat, max_new_tokens, layers, temp
     repetition = None
     if len(trace.generated_ids) >= 2:
         induction = find_induction_heads(model)
-        features = repetition_features(model, trace, induction)
+        features = repetition_features(trace, induction=induction)
         monitor = RepetitionMonitor.load()
         probability = monitor.score(features)
         labels = rep_labels(trace.generated_ids)
         repetition = RepetitionResult(labels, loop_onset(labels), monitor.first_alarm(probability),
-                                      seq_rep_n(trace.generated_ids), probability, seed_score(model, trace).score, features)
+                                      seq_rep_n(trace.generated_ids), probability, seed_score(trace).score, features)
     stages.update()
     stages.close()
     sweep, target_label = None, ""

@@ -51,7 +51,7 @@ def _repetition(state: ServerState, model, trace) -> dict:
     try:
         if "induction" not in state.model_extras:
             state.model_extras["induction"] = find_induction_heads(model)
-        features = repetition_features(model, trace, state.model_extras["induction"])
+        features = repetition_features(trace, induction=state.model_extras["induction"])
         monitor = RepetitionMonitor.load()
         probability = monitor.score(features)
         result.update(
@@ -66,7 +66,7 @@ def _repetition(state: ServerState, model, trace) -> dict:
     onset = loop_onset(labels)
     result.update(labels=labels.tolist(), onset=onset)
     try:
-        seed = seed_score(model, trace)
+        seed = seed_score(trace)
         result["seed"] = seed.to_dict(("entropy_term", "activation_rise", "uniformity", "attention_focus", "score"))
     except Exception as error:
         result["seed_error"] = str(error)

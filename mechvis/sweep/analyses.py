@@ -277,7 +277,7 @@ def repetition_rows(context: Context, item: Item, forward: Forward, params: dict
     monitor = context.once("monitor", RepetitionMonitor.load)
     induction = context.once("induction", lambda: find_induction_heads(model))
     trace = forward.trace
-    features = repetition_features(model, trace, induction, layer=(2 * model.cfg.n_layers) // 3)
+    features = repetition_features(trace, induction=induction, layer=(2 * model.cfg.n_layers) // 3)
     probability = monitor.score(features)
     alarm = monitor.first_alarm(probability)
     n = len(trace.generated_ids)
