@@ -56,11 +56,10 @@ def find_token_spans(
         raise InvalidArgumentError(f"keyword must be a string (the text to find); got {shown(keyword)}.")
     case_sensitive, whole_word = check_bool(case_sensitive, "case_sensitive"), check_bool(whole_word, "whole_word")
     if match == "semantic":
-        pass
-
-        if model is None:
-            raise InvalidArgumentError('match="semantic" needs the model (model=...).')
-        return semantic_token_spans(run, keyword, model, layer=layer, threshold=threshold).spans
+        if model is not None:
+            deprecated("find_token_spans(..., model=...) is deprecated: the model is the run's cache's own "
+                       "(find_token_spans(run, keyword, match=\"semantic\", layer=..., threshold=...)).", stacklevel=3)
+        return semantic_token_spans(run, keyword, layer=layer, threshold=threshold, model=model).spans
     if match != "spelling":
         raise InvalidArgumentError(f"match must be 'spelling' or 'semantic'; got {match!r}.")
     if not keyword.strip():
