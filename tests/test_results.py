@@ -134,8 +134,8 @@ def test_result_classes_declare_units_for_their_tensor_fields():
     assert len(classes) >= 30
     for cls in classes:
         assert issubclass(cls, Result), cls
-        missing = [name for name, dims in cls.dimensions().items() if name not in cls.units and dims != ("k",)]
-        assert not missing or cls.__name__ in {"LogitLens"}, (cls, missing)
+        missing = [name for name in cls.dimensions() if name not in cls.units]
+        assert not missing, (cls, missing)
 
 
 def test_head_entropy_frame_against_a_hand_built_one(model_run):
@@ -305,6 +305,9 @@ def test_semantic_spans_take_the_model_from_the_run(model_run):
     _same(old, new)
     assert any("semantic_token_spans(run, keyword" in message for message in messages)
     assert find_token_spans(run, " John", match="semantic", threshold=0.5) == new.spans
+    with pytest.warns(MechvisDeprecationWarning) as record:
+        assert find_token_spans(run, " John", match="semantic", model=model, threshold=0.5) == new.spans
+    assert len(record) == 1 and "find_token_spans" in str(record[0].message)
     _check_result(new)
 
 

@@ -59,7 +59,10 @@ def find_token_spans(
         if model is not None:
             deprecated("find_token_spans(..., model=...) is deprecated: the model is the run's cache's own "
                        "(find_token_spans(run, keyword, match=\"semantic\", layer=..., threshold=...)).", stacklevel=3)
-        return semantic_token_spans(run, keyword, layer=layer, threshold=threshold, model=model).spans
+            model = check_model(model)
+        else:
+            _, model = cache_and_model(run, call='find_token_spans(run, keyword, *, match="semantic", layer=None, threshold=0.5)')
+        return _semantic_token_spans(run, keyword, model, layer=layer, threshold=threshold).spans
     if match != "spelling":
         raise InvalidArgumentError(f"match must be 'spelling' or 'semantic'; got {match!r}.")
     if not keyword.strip():
@@ -128,6 +131,10 @@ def semantic_token_spans(run: "Run", keyword: str, *old: object, layer: int | No
         model = check_model(model)
     else:
         _, model = cache_and_model(run, call="semantic_token_spans(run, keyword, *, layer=None, threshold=0.5)")
+    return _semantic_token_spans(run, keyword, model, layer=layer, threshold=threshold)
+
+
+def _semantic_token_spans(run: "Run", keyword: str, model: "TransformerBridge", *, layer: int | None, threshold: float) -> SemanticMatch:
     threshold = check_real(threshold, "threshold", low=-1.0, high=1.0, hint=" (a cosine similarity)")
     if not isinstance(keyword, str):
         raise InvalidArgumentError(f"keyword must be a string (the text to find); got {shown(keyword)}.")
