@@ -361,8 +361,10 @@ def analysis_form(call: str, *, options: tuple[str, ...] = ()):
             model = kwargs.pop("model", None)
             if args and not by_keyword:
                 model, args = args[0], args[1:]
-                if model is None:
-                    raise InvalidArgumentError(f"model must be a model loaded with mechvis.load_model(...); got None. Call {call}.")
+                if not (hasattr(model, "cfg") and hasattr(model, "hook_dict")):
+                    raise InvalidArgumentError(
+                        f"model must be a model loaded with mechvis.load_model(...); got {shown(model)}. The model is the "
+                        f"cache's own and options are keyword-only: call {call}.")
             warned = False
             if args:
                 if len(args) > len(options):

@@ -321,3 +321,11 @@ def test_mechvis_raises_no_deprecation_warning_on_the_report_path(model_run):
         warnings.simplefilter("error", MechvisDeprecationWarning)
         data = build_report_data(model, PROMPT, max_new_tokens=3, lens_positions=4)
         json.dumps(report_json(data), allow_nan=True)
+
+
+def test_a_positional_option_is_refused_with_the_new_call(model_run):
+    _, run = model_run
+    with pytest.raises(InvalidArgumentError, match=r"keyword-only: call activation_norms\(run_or_cache, \*, kind="):
+        activation_norms(run, "attn_out")
+    with pytest.raises(InvalidArgumentError, match="mechvis.load_model"):
+        head_entropy(run.cache, "model")
