@@ -86,8 +86,8 @@ def measure(model, result) -> Iterator[tuple[str, tuple[list[float], float, floa
     cases = {
         "token signals": (lambda: token_signals(logits, tokens), lambda: logits.log_softmax(-1)),
         "token signals (tight)": (lambda: token_signals(logits, tokens), blocked_log_softmax),
-        "head entropy": (lambda: head_entropy(cache, model), elementwise_pass),
-        "logit lens": (lambda: logit_lens(cache, model, positions=lens_positions), unembedding_matmuls),
+        "head entropy": (lambda: head_entropy(cache), elementwise_pass),
+        "logit lens": (lambda: logit_lens(cache, positions=lens_positions), unembedding_matmuls),
     }
     with torch.no_grad():
         for name, (ours, limit) in cases.items():

@@ -67,7 +67,7 @@ def main() -> None:
     loop_tokens, loop_signals = _best_of(1, lambda: _loop_token_signals(logits, result.tokens))
     np.testing.assert_allclose(signals.entropy.numpy(), [row[0] for row in loop_signals], atol=1e-3)
 
-    ours_heads, entropy = _best_of(3, lambda: head_entropy(result.cache, model))
+    ours_heads, entropy = _best_of(3, lambda: head_entropy(result.cache))
     loop_heads, (loop_normalised, loop_sink) = _best_of(1, lambda: _loop_head_entropy(patterns))
     np.testing.assert_allclose(entropy.normalised[..., 1:].numpy(), loop_normalised[..., 1:].numpy(), atol=1e-4)
     np.testing.assert_allclose(entropy.sink_mass.numpy(), loop_sink.numpy(), atol=1e-6)

@@ -27,7 +27,7 @@ def _plain_loop(model, items) -> float:
     start = time.perf_counter()
     for item in items:
         trace = mechvis.teacher_force(model, item.prompt, item.continuation, names_filter=hooks_for(model, "similarity"))
-        lens = logit_lens(trace.run.cache, model, positions=[trace.prompt_length - 1], target=trace.generated_ids[0], k=3)
+        lens = logit_lens(trace.run, positions=[trace.prompt_length - 1], target=trace.generated_ids[0], k=3)
         lens.top_probs.tolist()
     return time.perf_counter() - start
 

@@ -279,29 +279,162 @@ def check_model(model: object) -> "TransformerBridge":
     return model
 
 
-def cache_and_model(source: object, model: object = None, *, call: str = "analysis") -> tuple["ActivationCache", "TransformerBridge"]:
+def cache_and_model(
+    source: object, model: object = None, *, call: str = "analysis", warn: bool = True,
+) -> tuple["ActivationCache", "TransformerBridge"]:
     """The cache and model of an analysis's first argument: a `Run` (its cache), a `Trace` (its
     run's cache) or an `ActivationCache`; the model is the cache's own (`cache.model`). This is the
-    convention of every analysis, `analysis(run_or_cache, *, options)`.
+    convention of every analysis, `analysis(run_or_cache, *, options)`. A plain mapping
+    {hook name: tensor} carries its model with `with_model(mapping, model)`.
 
     `model` is the deprecated second positional argument of the old `(cache, model)` form: when
-    given, it warns (naming `call`, the new form) and is used if the source has no model.
+    given, it warns (naming `call`, the new form) and is used as before (checked, and preferred to
+    the cache's own).
 
     Raises:
-        InvalidArgumentError: a source that is none of these, or a mapping cache with no model."""
-    run = getattr(source, "run", None)  # a Trace
-    cache = getattr(run if run is not None else source, "cache", None) if not _is_cache(source) else source
-    if cache is None:
-        raise InvalidArgumentError(f"{call} takes a Run, a Trace or an ActivationCache (run.cache); got {shown(source)}.")
+        InvalidArgumentError: a source that is none of these, a bad deprecated `model`, or a
+            mapping cache with no model."""
+    if _is_cache(source):
+        cache = source
+    else:
+        run = getattr(source, "run", None)  # a Trace
+        cache = getattr(run if run is not None else source, "cache", None)
+        if cache is None:
+            _check_cache(source)  # the message every analysis gave for a bad cache
+            cache = source
     _check_cache(cache)
     if model is not None:
-        deprecated(f"Passing the model is deprecated: call {call} (the model is the cache's own, cache.model).", stacklevel=4)
+        if warn:
+            deprecated(f"Passing the model is deprecated: call {call} (the model is the cache's own, cache.model).", stacklevel=4)
+        return cache, check_model(model)
     own = getattr(cache, "model", None)
-    chosen = own if own is not None else model
-    if chosen is None:
+    if own is None:
         raise InvalidArgumentError(
-            f"{call} needs the model: this cache has none (a plain dict of tensors); pass an ActivationCache from mechvis.run.")
-    return cache, check_model(chosen)
+            f"{call} needs the model: this cache has none (a plain dict of tensors); pass an ActivationCache from "
+            f"mechvis.run, or mechvis.analysis.with_model(cache, model).")
+    return cache, check_model(own)
+
+
+class ModelCache(dict):
+    """A mapping {hook name: tensor} that knows its model, as an ActivationCache does
+    (`with_model`)."""
+
+    model: "TransformerBridge"
+
+
+def with_model(cache: object, model: "TransformerBridge") -> ModelCache:
+    """`cache` (a mapping {hook name: tensor}, batch dimension first) as a cache that carries
+    `model`, for analyses called on tensors that no `mechvis.run` produced.
+
+    Raises:
+        InvalidArgumentError: `cache` not a mapping, `model` not a hooked model."""
+    _check_cache(cache)
+    out = ModelCache(getattr(cache, "cache_dict", cache))
+    out.model = check_model(model)
+    return out
+
+
+def analysis_form(call: str, *, options: tuple[str, ...] = ()):
+    """Decorator: an analysis written as `func(cache, model, **options)` becomes the public
+    `func(run_or_cache, *, **options)`, the model taken from the cache (`cache_and_model`). `call`
+    is the new form, named by the warnings.
+
+    The old forms keep working for one release, each with a `MechvisDeprecationWarning`:
+    `func(cache, model, ...)` (the model second, positionally or as `model=`), `cache=` as a
+    keyword, and the `options` that used to be positional (after the model), in that order."""
+    import functools
+    import inspect
+
+    def decorate(func):
+        @functools.wraps(func)
+        def wrapper(*args, **kwargs):
+            if args:
+                source, args = args[0], args[1:]
+            elif "run_or_cache" in kwargs:
+                source = kwargs.pop("run_or_cache")
+            elif "cache" in kwargs:
+                source = kwargs.pop("cache")
+                deprecated(f"The keyword cache= is deprecated: call {call}.", stacklevel=3)
+            else:
+                raise TypeError(f"{func.__name__}() needs a Run, a Trace or an ActivationCache: {call}.")
+            by_keyword = "model" in kwargs
+            model = kwargs.pop("model", None)
+            if args and not by_keyword:
+                model, args = args[0], args[1:]
+                if not (hasattr(model, "cfg") and hasattr(model, "hook_dict")):
+                    raise InvalidArgumentError(
+                        f"model must be a model loaded with mechvis.load_model(...); got {shown(model)}. The model is the "
+                        f"cache's own and options are keyword-only: call {call}.")
+            warned = False
+            if args:
+                if len(args) > len(options):
+                    raise TypeError(f"{func.__name__}() takes its options by keyword: {call}.")
+                named = options[: len(args)]
+                deprecated(f"Passing {'the model and ' if model is not None else ''}{', '.join(named)} positionally is "
+                           f"deprecated: call {call} (the model is the cache's own, cache.model).", stacklevel=3)
+                warned = True
+                for name, value in zip(named, args):
+                    if name in kwargs:
+                        raise TypeError(f"{func.__name__}() got {name} twice.")
+                    kwargs[name] = value
+            cache, model = cache_and_model(source, model, call=call, warn=not warned)
+            return func(cache, model, **kwargs)
+
+        parameters = list(inspect.signature(func).parameters.values())[2:]
+        wrapper.__signature__ = inspect.Signature(
+            [inspect.Parameter("run_or_cache", inspect.Parameter.POSITIONAL_ONLY)]
+            + [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in parameters],
+            return_annotation=inspect.signature(func).return_annotation,
+        )
+        wrapper.new_form = call
+        return wrapper
+
+    return decorate
+
+
+def trace_form(call: str, *, options: tuple[str, ...] = ()):
+    """Decorator: an analysis of a generation written as `func(model, trace, **options)` becomes
+    the public `func(trace, *, **options)`, the model taken from the trace's cache. The old form
+    `func(model, trace, ...)` (and the `options` that used to be positional after the trace, in
+    that order) keeps working for one release, with a `MechvisDeprecationWarning` naming `call`."""
+    import functools
+    import inspect
+
+    def decorate(func):
+        @functools.wraps(func)
+        def wrapper(*args, **kwargs):
+            model = kwargs.pop("model", None)
+            if args and model is None and hasattr(args[0], "cfg") and hasattr(args[0], "hook_dict"):
+                model, args = args[0], args[1:]
+            if args:
+                trace, args = args[0], args[1:]
+            elif "trace" in kwargs:
+                trace = kwargs.pop("trace")
+            else:
+                raise TypeError(f"{func.__name__}() needs a Trace: {call}.")
+            if len(args) > len(options):
+                raise TypeError(f"{func.__name__}() takes its options by keyword: {call}.")
+            for name, value in zip(options, args):
+                if name in kwargs:
+                    raise TypeError(f"{func.__name__}() got {name} twice.")
+                kwargs[name] = value
+            if model is not None or args:
+                deprecated(f"{func.__name__}(model, trace, ...) is deprecated: call {call} (the model is the trace's cache's own).",
+                           stacklevel=3)
+            if model is None:
+                _, model = cache_and_model(trace, call=call)
+            return func(check_model(model), trace, **kwargs)
+
+        parameters = list(inspect.signature(func).parameters.values())[2:]
+        wrapper.__signature__ = inspect.Signature(
+            [inspect.Parameter("trace", inspect.Parameter.POSITIONAL_ONLY)]
+            + [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in parameters],
+            return_annotation=inspect.signature(func).return_annotation,
+        )
+        wrapper.new_form = call
+        return wrapper
+
+    return decorate
 
 
 def _is_cache(source: object) -> bool:

@@ -31,7 +31,7 @@ def summarise(model: "TransformerBridge", trace: Trace, *, n_heads: int = 8) -> 
         source = position - 1  # the logits at position − 1 predicted this token
         probability = (-signals.surprisal[source]).exp().item()
         lines.append(f"  {position:>4}  {run.str_tokens[position]!r:<18}{signals.entropy[source].item():>14.3f}  {probability:>8.3f}")
-    entropy = head_entropy(run.cache, model)
+    entropy = head_entropy(run)
     kinds = entropy.classify()
     sink_heads = sum(kind == "sink" for _, _, kind in kinds)
     ranked = [(layer, head, value) for layer, head, value in entropy.ranked() if (layer, head, "sink") not in kinds]

@@ -33,7 +33,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 import numpy as np
@@ -55,6 +55,10 @@ LABEL_FIELDS: dict[str, tuple[str, ...]] = {
     "feature": ("names", "features"),
     "cell": ("cells",),
     "k": (),
+    "component": ("labels", "component_labels"),
+    "point": ("labels",),
+    "prompt": ("prompts",),
+    "percentile": ("percentile_levels",),
 }
 
 
@@ -77,34 +81,66 @@ def dimension_names(annotation: object) -> tuple[str, ...] | None:
     return tuple(match.group(1).split()) if match else None
 
 
-def jsonable(value: object) -> object:
+def jsonable(value: object, *, decimals: int | None = None, strict: bool = False) -> object:
     """`value` as JSON-ready Python: tensors and arrays as nested lists (floats, or ints for integer
     dtypes; bfloat16/float16 as float32 values), tuples as lists, results and dataclasses as dicts,
-    paths and other objects as their `str`. NaN and infinities stay floats (JSON writers decide).
+    paths and other objects as their `str`. NaN and infinities stay floats (JSON writers decide)
+    unless `strict`, which writes them as None (strict JSON has neither). `decimals` rounds the
+    floats of tensors and arrays (in float64, so that 0.123 stays 0.123 in JSON).
 
         >>> jsonable({"x": torch.tensor([1.0, float("nan")]), "k": (1, 2)})
         {'x': [1.0, nan], 'k': [1, 2]}
+        >>> jsonable(torch.tensor([0.123456, float("inf")]), decimals=3, strict=True)
+        [0.123, None]
     """
+    options = {"decimals": decimals, "strict": strict}
     if isinstance(value, Result):
-        return value.to_dict()
+        return value.to_dict(**options)
+    if isinstance(value, np.ndarray):
+        if value.dtype.kind not in "biuf":
+            return jsonable(value.tolist(), decimals=decimals, strict=strict)
+        value = torch.from_numpy(np.ascontiguousarray(value))
     if isinstance(value, torch.Tensor):
         value = value.detach().cpu()
-        if value.is_floating_point() or value.is_complex():
-            value = value.float() if value.dtype in (torch.bfloat16, torch.float16) else value
-        return value.tolist()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
+        if value.is_floating_point():
+            if decimals is not None:
+                value = torch.round(value.double(), decimals=decimals)
+            elif value.dtype in (torch.bfloat16, torch.float16):
+                value = value.float()
+        out = value.tolist()
+        return _finite(out) if strict and value.is_floating_point() else out
     if isinstance(value, np.generic):
-        return value.item()
+        return jsonable(value.item(), **options)
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {field.name: jsonable(getattr(value, field.name)) for field in dataclasses.fields(value)}
+        return {field.name: jsonable(getattr(value, field.name), **options) for field in dataclasses.fields(value)}
     if isinstance(value, Mapping):
-        return {str(key) if not isinstance(key, (int, float, bool)) else key: jsonable(item) for key, item in value.items()}
+        return {str(key) if not isinstance(key, (int, float, bool)) else key: jsonable(item, **options) for key, item in value.items()}
     if isinstance(value, (list, tuple, set, frozenset)):
-        return [jsonable(item) for item in value]
-    if value is None or isinstance(value, (bool, int, float, str)):
+        return [jsonable(item, **options) for item in value]
+    if isinstance(value, float):
+        return None if strict and not math.isfinite(value) else value
+    if value is None or isinstance(value, (bool, int, str)):
         return value
     return str(value)
+
+
+def _finite(values: object) -> object:
+    """Nested lists with NaN and infinities as None."""
+    if isinstance(values, list):
+        return [_finite(item) for item in values]
+    return None if isinstance(values, float) and not math.isfinite(values) else values
+
+
+class _LabelsMethod:
+    """`result.labels()` is `result.axis_labels()`. Results whose dataclass field is itself named
+    `labels` (the component names of a residual decomposition or a logit attribution, the point
+    names of a projection) keep that field, and give their dimension labels by `axis_labels()`.
+    The class attribute reads as absent, so that such a field stays a required dataclass field."""
+
+    def __get__(self, obj: object, owner: type | None = None) -> object:
+        if obj is None:
+            raise AttributeError("labels")
+        return obj.axis_labels
 
 
 class Result:
@@ -132,8 +168,11 @@ class Result:
         fields = {field.name for field in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else set(out)
         return {name: dims for name, dims in out.items() if name in fields}
 
-    def labels(self) -> dict[str, list]:
-        """{dimension: labels} for every dimension whose labels a field of this result holds."""
+    labels = _LabelsMethod()
+
+    def axis_labels(self) -> dict[str, list]:
+        """{dimension: labels} for every dimension whose labels a field of this result holds
+        (`labels()` is the same, where the class has no field of its own named `labels`)."""
         out: dict[str, list] = {}
         sources = {**LABEL_FIELDS, **self.label_fields}
         for dims in self.dimensions().values():
@@ -152,12 +191,31 @@ class Result:
         return self.units.get(field)
 
     # -- serialisation -----------------------------------------------------------------------
-    def to_dict(self) -> dict[str, Any]:
-        """Every dataclass field as JSON-ready values (`jsonable`); what the JSON export and the
-        web app send."""
+    def to_dict(
+        self, fields: Sequence[str] | Mapping[str, str] | None = None, *, decimals: int | None = None, strict: bool = False,
+    ) -> dict[str, Any]:
+        """JSON-ready values (`jsonable`): what the JSON export, the report and the web app send.
+
+        Args:
+            fields: None for every dataclass field; else the attributes to send (fields or
+                properties, e.g. `HeadEntropy.mean_normalised`), as names or as {key: attribute}
+                where the payload names a value otherwise.
+            decimals: round float tensors to this many decimals (None: as they are).
+            strict: NaN and infinities as None (strict JSON), else kept as floats.
+
+        Raises:
+            InvalidArgumentError: a name that is not an attribute of this result.
+        """
         if not dataclasses.is_dataclass(self):
             raise TypeError(f"{type(self).__name__} is not a dataclass")
-        return {field.name: jsonable(getattr(self, field.name)) for field in dataclasses.fields(self) if field.repr or field.compare}
+        if fields is None:
+            chosen = {field.name: field.name for field in dataclasses.fields(self) if field.repr or field.compare}
+        else:
+            chosen = dict(fields) if isinstance(fields, Mapping) else {name: name for name in fields}
+        unknown = [name for name in chosen.values() if not hasattr(self, name)]
+        if unknown:
+            raise InvalidArgumentError(f"{unknown} are not attributes of {type(self).__name__}.")
+        return {key: jsonable(getattr(self, name), decimals=decimals, strict=strict) for key, name in chosen.items()}
 
     def to_frame(self, fields: list[str] | None = None):
         """A long-format pandas DataFrame: one row per element of each tensor field (or of
@@ -175,7 +233,7 @@ class Result:
         unknown = [name for name in chosen if name not in dims]
         if unknown:
             raise InvalidArgumentError(f"{unknown} are not tensor fields of {type(self).__name__}; choose from {sorted(dims)}.")
-        labels = self.labels()
+        labels = self.axis_labels()
         frames = []
         for name in chosen:
             value = getattr(self, name)

@@ -11,11 +11,11 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from mechvis._validation import activation, check_positions
-from mechvis.text import single_token_id
-from mechvis.models.architecture import LayerAttention
 from mechvis.analysis.lens import LogitLens, _layer_label, decode_nested, lens_hook_names, unembed_logits
 from mechvis.analysis.tokens import TokenSignals
 from mechvis.errors import InvalidArgumentError
+from mechvis.models.architecture import LayerAttention
+from mechvis.text import single_token_id
 
 
 def logit_lens(
@@ -81,7 +81,7 @@ def logit_lens(
 _BLOCK_ELEMENTS = 1 << 18  # logits per row block: 1 MB of float32, small enough to stay in cache
 
 
-def _block_signals(
+def block_signals(
     logits: Float[Tensor, "rows vocab"], next_ids: Int[Tensor, " rows"], k: int
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     log_probs = logits.log_softmax(-1)
@@ -110,7 +110,7 @@ def token_signals(
     if tokens is not None:
         next_ids[:-1] = tokens[1:].to(logits.device)
     blocks = [
-        _block_signals(block.float(), block_next, max(k, 2))
+        block_signals(block.float(), block_next, max(k, 2))
         for block, block_next in zip(logits.split(rows_per_block), next_ids.split(rows_per_block))
     ]
     entropy, varentropy, top_probs, top_ids, surprisal = (torch.cat(parts) for parts in zip(*blocks))

@@ -3,6 +3,7 @@ embeddings and attentions."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -44,8 +45,11 @@ def test_semantic_match_on_embeddings_and_hidden_states(tiny):
     bos = [model.hf_tokenizer.bos_token_id] if model.hf_tokenizer.bos_token_id is not None else []
     alone = hf_forward(reference, bos + ids).hidden_states[layer + 1][0, len(bos):].double().numpy().mean(0)
     np.testing.assert_allclose(at_layer.scores[1:].numpy(), _cosine(hidden, alone)[1:], atol=1e-4)
+    # The model is the run's cache's own (issue 24): without model= the same spans; a cache that
+    # knows no model (a plain dict of tensors) still says what is missing.
+    assert find_token_spans(run, keyword, match="semantic", threshold=0.99) == match.spans
     with pytest.raises(InvalidArgumentError, match="needs the model"):
-        find_token_spans(run, keyword, match="semantic")
+        find_token_spans(dataclasses.replace(run, cache=dict(run.cache.cache_dict)), keyword, match="semantic")
     with pytest.raises(InvalidArgumentError, match="match"):
         find_token_spans(run, keyword, match="sound")
     with pytest.raises(InvalidArgumentError, match="threshold"):

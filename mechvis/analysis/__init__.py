@@ -46,6 +46,7 @@ from mechvis.analysis.residual import (
 )
 from mechvis.analysis.tokens import HighEntropyPositions, TokenSignals, high_entropy_positions, token_signals
 from mechvis._deprecation import moved_names
+from mechvis._validation import with_model
 from mechvis.errors import InvalidArgumentError
 
 if TYPE_CHECKING:
@@ -93,7 +94,7 @@ __all__ = [
     "cross_modal", "discrete_mutual_information", "earth_movers_distance", "grid_regions", "hausdorff_distance",
     "hull_area", "image_dynamics", "keyword_dynamics",
     "map_geometry", "mass_contour", "named_region_masses", "region_mass",
-    "region_token_information", "semantic_token_spans",
+    "region_token_information", "semantic_token_spans", "with_model",
 ]
 
 

@@ -11,8 +11,9 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from mechvis._validation import stacked
+from mechvis._validation import analysis_form, stacked
 from mechvis.errors import InvalidArgumentError
+from mechvis.results import Result
 
 if TYPE_CHECKING:
     from transformer_lens import ActivationCache
@@ -34,15 +35,18 @@ def activation_hook_names(model: "TransformerBridge", kind: ActivationKind) -> l
 
 
 @dataclass
-class ActivationNorms:
+class ActivationNorms(Result):
     """L2 norm of an activation per layer × position, and the norm's relative change from one
     layer to the next: change_rate[ℓ − 1] = (‖x_ℓ‖ − ‖x_{ℓ−1}‖) / ‖x_{ℓ−1}‖ (layers 1..L−1)."""
+
+    units = {'norms': 'L2 norm (activation units)', 'change_rate': 'fraction (relative change)'}
 
     kind: str
     norms: Float[Tensor, "layer pos"]
     change_rate: Float[Tensor, "layer_minus_1 pos"]
 
 
+@analysis_form('activation_norms(run_or_cache, *, kind="resid_post")', options=('kind',))
 def activation_norms(cache: "ActivationCache", model: "TransformerBridge", kind: ActivationKind = "resid_post") -> ActivationNorms:
     """‖x‖₂ of `kind` ("resid_post", "attn_out", "mlp_out" or "mlp_post") at every layer and token."""
     norms = stacked(cache, activation_hook_names(model, kind)).float().norm(dim=-1)
@@ -74,9 +78,11 @@ def _percentiles(values: Float[Tensor, "row n"], levels: tuple[float, ...]) -> F
 
 
 @dataclass
-class ActivationStatistics:
+class ActivationStatistics(Result):
     """Distribution of an activation's values per layer, over every position and unit.
     `kurtosis` is the excess kurtosis (0 for a Gaussian); `percentiles[:, i]` is PERCENTILES[i]."""
+
+    units = {'mean': 'activation units', 'std': 'activation units', 'percentiles': 'activation units', 'kurtosis': 'excess kurtosis (unitless)'}
 
     kind: str
     mean: Float[Tensor, " layer"]
@@ -86,6 +92,7 @@ class ActivationStatistics:
     percentile_levels: tuple[float, ...] = PERCENTILES
 
 
+@analysis_form('activation_statistics(run_or_cache, *, kind="mlp_post")', options=('kind',))
 def activation_statistics(
     cache: "ActivationCache", model: "TransformerBridge", kind: ActivationKind = "mlp_post"
 ) -> ActivationStatistics:

@@ -16,6 +16,7 @@ from mechvis._deprecation import moved_names
 from mechvis._numerics import _LN2, _log2_, row_entropy
 from mechvis._validation import (
     activation,
+    analysis_form,
     check_integer,
     check_layers,
     check_positions,
@@ -25,6 +26,7 @@ from mechvis._validation import (
 )
 from mechvis.errors import InvalidArgumentError
 from mechvis.models.architecture import LayerAttention, attention_layout, pattern_hook
+from mechvis.results import Result
 from mechvis.types import Span
 
 if TYPE_CHECKING:
@@ -33,6 +35,7 @@ if TYPE_CHECKING:
 
 
 
+@analysis_form('attention_patterns(run_or_cache, *, layers=None)', options=('layers',))
 def attention_patterns(
     cache: "ActivationCache", model: "TransformerBridge", layers: Sequence[int] | None = None
 ) -> Float[Tensor, "layer head query key"]:
@@ -41,12 +44,14 @@ def attention_patterns(
 
 
 @dataclass
-class HeadEntropy:
+class HeadEntropy(Result):
     """Per layer × head × query position: entropy of the attention row in nats, the same divided by
     log(visible keys) (NaN where a query sees a single key), and the mass on sink positions.
 
     Entropy of each head's own row; the entropy of a head-averaged pattern is a different number.
     """
+
+    units = {'entropy': 'nats', 'normalised': 'fraction (of log visible keys)', 'sink_mass': 'probability'}
 
     layers: list[int]
     entropy: Float[Tensor, "layer head query"]  # nats
@@ -123,6 +128,7 @@ def _visible_row_entropy(
     return torch.cat(parts, dim=-1)
 
 
+@analysis_form('head_entropy(run_or_cache, *, layers=None, sink_positions=(0,))')
 def head_entropy(
     cache: "ActivationCache",
     model: "TransformerBridge",
@@ -159,10 +165,12 @@ def head_entropy(
 
 
 @dataclass
-class Rollout:
+class Rollout(Result):
     """Attention rollout: `matrix[q, k]` is how much of query q's representation traces back to
     input token k through every layer's attention and residual path. Rows sum to 1 (before any
     key span restriction; `span_mass` keeps what the span held)."""
+
+    units = {'matrix': 'probability (rows sum to 1)', 'span_mass': 'probability'}
 
     matrix: Float[Tensor, "query key"]
     head_fusion: str
@@ -201,6 +209,7 @@ def rollout_matrix(
     return rollout_product(augmented_attention(patterns, head_fusion, residual_weight))
 
 
+@analysis_form('rollout(run_or_cache, *, head_fusion="mean", residual_weight=0.5, layers=None, key_span=None)')
 def rollout(
     cache: "ActivationCache",
     model: "TransformerBridge",
@@ -222,7 +231,7 @@ def rollout(
     chosen = check_layers(model, layers)
     key_span = None if key_span is None else check_span(key_span, "key_span")
     residual_weight = check_real(residual_weight, "residual_weight", low=0.0, high=1.0)
-    result = rollout_matrix(attention_patterns(cache, model, chosen), head_fusion, residual_weight)
+    result = rollout_matrix(attention_patterns.__wrapped__(cache, model, chosen), head_fusion, residual_weight)
     result, span_mass = _restricted_to_span(result, key_span)
     return Rollout(result.float(), head_fusion, residual_weight, chosen, key_span, span_mass)
 
@@ -242,12 +251,14 @@ def _restricted_to_span(
 
 
 @dataclass
-class RolloutRows:
+class RolloutRows(Result):
     """Attention rollout for chosen query rows only: `rows[i, k]` equals `Rollout.matrix[queries[i], k]`.
 
     The full matrix costs N² memory and an N³ product; k rows cost k·N per layer to hold and
     k·N² to propagate, which is what long contexts and reports need.
     """
+
+    units = {'rows': 'probability (rows sum to 1)', 'span_mass': 'probability'}
 
     rows: Float[Tensor, "query key"]
     queries: list[int]
@@ -269,6 +280,7 @@ def propagate_rollout_rows(
     return rows @ augmented
 
 
+@analysis_form('rollout_rows(run_or_cache, *, queries, head_fusion=..., residual_weight=..., layers=..., key_span=...)', options=('queries',))
 def rollout_rows(
     cache: "ActivationCache",
     model: "TransformerBridge",
@@ -308,8 +320,10 @@ def rollout_rows(
 
 
 @dataclass
-class SpanAttention:
+class SpanAttention(Result):
     """Attention mass from each query position to the union of key spans, per layer × head."""
+
+    units = {'mass': 'probability'}
 
     layers: list[int]
     query_positions: list[int]
@@ -329,6 +343,7 @@ class SpanAttention:
         return [(self.layers[i // n_heads], i % n_heads, flat[i].item()) for i in order]
 
 
+@analysis_form('attention_to_spans(run_or_cache, *, key_spans, query_positions=None, layers=None)', options=('key_spans',))
 def attention_to_spans(
     cache: "ActivationCache",
     model: "TransformerBridge",
@@ -345,7 +360,7 @@ def attention_to_spans(
     """
     key_spans = check_spans(key_spans, "key_spans")
     chosen = check_layers(model, layers)
-    patterns = attention_patterns(cache, model, chosen)
+    patterns = attention_patterns.__wrapped__(cache, model, chosen)
     n_positions = patterns.shape[-1]
     queries = check_positions(n_positions, query_positions if query_positions is not None else [-1])
     keys = sorted({p for span in key_spans for p in span.positions})

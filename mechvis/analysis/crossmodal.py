@@ -27,8 +27,7 @@ from mechvis.results import Result
 from mechvis.types import ImageGrid
 
 if TYPE_CHECKING:
-    from transformer_lens import ActivationCache
-    from transformer_lens.model_bridge import TransformerBridge
+    pass
 
 
 @dataclass

@@ -29,12 +29,11 @@ from mechvis.analysis.regions import Box, box_weights, resolve_box
 from mechvis.analysis.rows import Reads, is_model, row_source, trace_of
 from mechvis.analysis.vision import region_metrics
 from mechvis.errors import InvalidArgumentError, MissingActivationsError
-from mechvis.results import Result
 from mechvis.generation.trace import Trace
+from mechvis.results import Result
 from mechvis.types import ImageGrid, Span
 
 if TYPE_CHECKING:
-    from transformer_lens.model_bridge import TransformerBridge
 
     from mechvis.generation import Trace
 

@@ -25,6 +25,7 @@ from torch import Tensor
 
 from mechvis._validation import check_real, check_tensor, shown
 from mechvis.errors import InvalidArgumentError
+from mechvis.results import Result
 from mechvis.types import ImageGrid
 
 
@@ -60,11 +61,13 @@ def top_mass_cells(q: Float[Tensor, " cell"], grid: ImageGrid, coverage: float =
 
 
 @dataclass
-class MassContour:
+class MassContour(Result):
     """The level set holding `coverage` of the mass: `level` is the iso-value (between the
     smallest value inside and the largest outside), `cells` the area inside in cells (fraction:
     of the N cells), `contours` the iso-lines from skimage.measure.find_contours in (row, col)
     cell coordinates (closed: the map is padded with zeros)."""
+
+    units = {'coverage': 'fraction', 'level': 'probability', 'cells': 'cells', 'fraction': 'fraction (of the image)'}
 
     coverage: float
     level: float
@@ -87,9 +90,11 @@ def mass_contour(q: Float[Tensor, " cell"], grid: ImageGrid, coverage: float = 0
 
 
 @dataclass
-class HullArea:
+class HullArea(Result):
     """Convex hull (scipy.spatial.ConvexHull) of the unit squares of the cells holding `coverage`
     of the mass: area in cells² and as a fraction of the image (≤ 1)."""
+
+    units = {'coverage': 'fraction', 'cells': 'cells²', 'fraction': 'fraction (of the image)'}
 
     coverage: float
     cells: float
@@ -111,8 +116,10 @@ def _diagonal(grid: ImageGrid) -> float:
 
 
 @dataclass
-class MapDistance:
+class MapDistance(Result):
     """A distance between two maps in grid cells and as a fraction of the image diagonal."""
+
+    units = {'cells': 'cells', 'fraction': 'fraction (of the image diagonal)'}
 
     cells: float
     fraction: float
@@ -157,9 +164,11 @@ def earth_movers_distance(a: Float[Tensor, " cell"], b: Float[Tensor, " cell"], 
 
 
 @dataclass
-class MapGeometry:
+class MapGeometry(Result):
     """contour_50 / contour_90: the level sets holding 50 % / 90 % of the mass; hull_90: the
     convex hull of the cells holding 90 %."""
+
+    units = {}
 
     contour_50: MassContour
     contour_90: MassContour
@@ -172,8 +181,10 @@ def map_geometry(q: Float[Tensor, " cell"], grid: ImageGrid) -> MapGeometry:
 
 
 @dataclass
-class GeometryComparison:
+class GeometryComparison(Result):
     """Geometry of two maps on the same grid (condition A and B) and the distances between them."""
+
+    units = {}
 
     a: MapGeometry
     b: MapGeometry

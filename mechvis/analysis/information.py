@@ -28,11 +28,14 @@ from torch import Tensor
 
 from mechvis._validation import check_integer, shown
 from mechvis.errors import InvalidArgumentError
+from mechvis.results import Result
 
 
 @dataclass
-class RegionTokenInformation:
+class RegionTokenInformation(Result):
     """I(R; T) in nats with its parts: H(R), H(R | T), and normalised = I / H(R) in [0, 1]."""
+
+    units = {'mutual_information': 'nats', 'region_entropy': 'nats', 'conditional_entropy': 'nats', 'normalised': 'fraction', 'joint': 'probability'}
 
     mutual_information: float
     region_entropy: float
@@ -79,8 +82,10 @@ def region_token_information(
 
 
 @dataclass
-class DiscreteInformation:
+class DiscreteInformation(Result):
     """Mutual information of paired discrete samples, in nats: plug-in and Miller–Madow."""
+
+    units = {'plug_in': 'nats', 'miller_madow': 'nats', 'n': 'samples'}
 
     plug_in: float
     miller_madow: float

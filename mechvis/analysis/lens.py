@@ -13,9 +13,10 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from mechvis._validation import activation, check_bool, check_k, check_model, check_positions
+from mechvis._validation import activation, analysis_form, check_bool, check_k, check_model, check_positions
 from mechvis.analysis._topk import two_level_topk
 from mechvis.errors import InvalidArgumentError
+from mechvis.results import Result
 from mechvis.text import single_token_id, vocabulary_strings
 
 if TYPE_CHECKING:
@@ -62,13 +63,15 @@ def _layer_label(hook_name: str) -> str:
 
 
 @dataclass
-class LogitLens:
+class LogitLens(Result):
     """The logit lens over layers × positions. Probabilities are in [0, 1]; entropies and KL in nats.
 
     Rows are `layer_labels`: "embed" (the token embeddings), then "0", "1", ... (each block's
     output, resid_post) with "i.mid" (after block i's attention) when requested. The last row is
     the model's own output distribution.
     """
+
+    units = {'top_ids': 'token id', 'top_probs': 'probability', 'target_ids': 'token id', 'target_probs': 'probability', 'target_ranks': "rank (0 = the layer's top token)", 'entropy': 'nats', 'kl_from_final': 'nats', 'max_probs': 'probability'}
 
     layer_labels: list[str]
     positions: list[int]
@@ -88,6 +91,7 @@ class LogitLens:
         return self.max_probs.mean(dim=1)
 
 
+@analysis_form('logit_lens(run_or_cache, *, positions=None, target=None, k=5, include_resid_mid=False)')
 def logit_lens(
     cache: "ActivationCache",
     model: "TransformerBridge",

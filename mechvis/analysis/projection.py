@@ -10,8 +10,9 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from mechvis._validation import activation, check_integer, check_layers, check_positions, check_tensor, shown
+from mechvis._validation import activation, analysis_form, check_integer, check_layers, check_positions, check_tensor, shown
 from mechvis.errors import InvalidArgumentError
+from mechvis.results import Result
 from mechvis.text import single_token_id, vocabulary_strings
 
 if TYPE_CHECKING:
@@ -20,11 +21,13 @@ if TYPE_CHECKING:
 
 
 @dataclass
-class Projection:
+class Projection(Result):
     """Points projected on their top principal components.
 
     Each component's sign is fixed so that its largest-magnitude loading is positive.
     """
+
+    units = {'coordinates': 'residual-stream units (along each component)', 'explained_variance_ratio': 'fraction', 'components': 'unit vector', 'mean': 'residual-stream units'}
 
     coordinates: Float[Tensor, "point component"]
     explained_variance_ratio: Float[Tensor, " component"]
@@ -66,6 +69,7 @@ def pca(vectors: Float[Tensor, "point d_model"], labels: Sequence[str], *, n_com
     )
 
 
+@analysis_form('hidden_state_projection(run_or_cache, *, labels, layer=None, positions=None, n_components=2)', options=('labels',))
 def hidden_state_projection(
     cache: "ActivationCache",
     model: "TransformerBridge",

@@ -40,6 +40,8 @@ class RegionMass(Result):
     of cell c inside the box), in [0, 1]; area = Σ w_c / N, the box's share of the image;
     enrichment = mass / area (1: as much as a uniform map, > 1: the box is preferred)."""
 
+    units = {'mass': 'probability', 'area': 'fraction (of the image)', 'enrichment': 'ratio (1 = uniform)'}
+
     box: Box
     mass: Float[Tensor, "..."]
     area: float

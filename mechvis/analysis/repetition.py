@@ -26,11 +26,12 @@ from torch import Tensor
 
 from mechvis._deprecation import moved_names
 from mechvis._numerics import row_entropy
-from mechvis._validation import activation
+from mechvis._validation import activation, trace_form
 from mechvis.errors import InvalidArgumentError
 from mechvis.generation.monitor import InductionHeads, RepetitionFeatures, cusum_alarm, feature_layer, feature_values
 from mechvis.generation.trace import Trace
 from mechvis.models.architecture import pattern_hook, visible_keys
+from mechvis.results import Result
 
 if TYPE_CHECKING:
     from transformer_lens.model_bridge import TransformerBridge
@@ -62,8 +63,10 @@ def distinct_n(token_ids: Sequence[int], n: int = 2) -> float:
 
 
 @dataclass
-class SeedScore:
+class SeedScore(Result):
     """The seed's collapse score and its terms, per generated token (positions `positions`)."""
+
+    units = {'entropy_term': 'fraction (of log V)', 'activation_rise': 'fraction (min-max scaled)', 'uniformity': 'fraction', 'attention_focus': 'fraction', 'score': 'fraction'}
 
     positions: list[int]
     entropy_term: Float[Tensor, " gen"]  # H_t / log V
@@ -73,6 +76,7 @@ class SeedScore:
     score: Float[Tensor, " gen"]
 
 
+@trace_form("seed_score(trace, *, alpha=1.0, beta=1.0, delta=1.0)")
 def seed_score(
     model: "TransformerBridge", trace: "Trace", *, alpha: float = 1.0, beta: float = 1.0, delta: float = 1.0
 ) -> SeedScore:
@@ -106,6 +110,7 @@ def seed_score(
     return SeedScore(list(trace.generated_positions), *(t.float() for t in (entropy_term, rise, uniformity, focus, score)))
 
 
+@trace_form("repetition_features(trace, *, induction, layer=None, recurrence_window=64)", options=("induction",))
 def repetition_features(
     model: "TransformerBridge",
     trace: "Trace",

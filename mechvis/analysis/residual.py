@@ -16,7 +16,8 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from mechvis._validation import activation, check_bool, check_layers, check_positions, stacked
+from mechvis._validation import activation, analysis_form, check_bool, check_layers, check_positions, stacked
+from mechvis.results import Result
 from mechvis.text import single_token_id
 
 if TYPE_CHECKING:
@@ -24,6 +25,7 @@ if TYPE_CHECKING:
     from transformer_lens.model_bridge import TransformerBridge
 
 
+@analysis_form('head_results(run_or_cache, *, layer)', options=('layer',))
 def head_results(cache: "ActivationCache", model: "TransformerBridge", layer: int) -> Float[Tensor, "head pos d_model"]:
     """Each attention head's write to the residual stream at `layer` (without the output bias).
 
@@ -54,16 +56,19 @@ def _attention_bias(model: "TransformerBridge", layer: int, like: Tensor) -> Ten
 
 
 @dataclass
-class ResidualDecomposition:
+class ResidualDecomposition(Result):
     """Parts of the residual stream entering `upto_layer` (the final stream when it equals
     n_layers): they sum to it exactly (in float32, whatever the model's dtype). Labels: "embed", "pos_embed", "L{i}.attn" (or per head
     "L{i}H{h}" plus "L{i}.attn_bias"), "L{i}.mlp"."""
+
+    units = {'components': 'residual-stream units (float32)'}
 
     labels: list[str]
     components: Float[Tensor, "component pos d_model"]
     upto_layer: int
 
 
+@analysis_form('decompose_residual(run_or_cache, *, upto_layer=None, heads=False)')
 def decompose_residual(
     cache: "ActivationCache", model: "TransformerBridge", *, upto_layer: int | None = None, heads: bool = False
 ) -> ResidualDecomposition:
@@ -82,7 +87,7 @@ def decompose_residual(
         parts.append(activation(cache, "hook_pos_embed").float())
     for layer in range(upto):
         if heads:
-            per_head = head_results(cache, model, layer)
+            per_head = head_results.__wrapped__(cache, model, layer)
             labels += [f"L{layer}H{head}" for head in range(per_head.shape[0])] + [f"L{layer}.attn_bias"]
             parts += [*per_head, _attention_bias(model, layer, embed)]
         else:
@@ -94,7 +99,7 @@ def decompose_residual(
 
 
 @dataclass
-class LogitAttribution:
+class LogitAttribution(Result):
     """Direct logit attribution at one position: each component's contribution to
     logit(answer) − logit(counterfactual) (`value_kind` "logit_difference", the same as the plain
     HF model's), or to the answer's *centred* logit alone (`value_kind` "centered_logit":
@@ -103,6 +108,8 @@ class LogitAttribution:
 
     `contributions` plus `unembed_bias` sum to `model_value` (before any logit soft-cap).
     """
+
+    units = {'contributions': "logit (the model's own) difference, or centred logit: see value_kind", 'unembed_bias': 'logit', 'model_value': "logit (the model's own) difference, or centred logit: see value_kind"}
 
     labels: list[str]
     contributions: Float[Tensor, " component"]
@@ -119,6 +126,7 @@ class LogitAttribution:
         return [(self.labels[i], self.contributions[i].item()) for i in order.tolist()]
 
 
+@analysis_form('direct_logit_attribution(run_or_cache, *, answer, counterfactual=None, position=-1, heads=True)', options=('answer', 'counterfactual'))
 def direct_logit_attribution(
     cache: "ActivationCache",
     model: "TransformerBridge",
@@ -131,7 +139,7 @@ def direct_logit_attribution(
     """Attribute the logit of `answer` minus that of `counterfactual` at `position` (or, with no
     counterfactual, the answer's centred logit: see LogitAttribution) to the embeddings, each
     attention head (or layer) and each MLP, through the final norm's cached scale."""
-    decomposition = decompose_residual(cache, model, heads=heads)
+    decomposition = decompose_residual.__wrapped__(cache, model, heads=heads)
     (position,) = check_positions(decomposition.components.shape[1], [position])
     answer_id = single_token_id(model, answer)
     counterfactual_id = None if counterfactual is None else single_token_id(model, counterfactual)
@@ -159,17 +167,20 @@ def direct_logit_attribution(
 
 
 @dataclass
-class LayerSimilarity:
+class LayerSimilarity(Result):
     """Cosine similarity between the residual streams after each layer, averaged over positions.
 
     Rows and columns are "embed", "0", ..., str(n_layers − 1).
     """
+
+    units = {'cosine': 'cosine similarity'}
 
     layer_labels: list[str]
     cosine: Float[Tensor, "layer layer"]
     positions: list[int]
 
 
+@analysis_form('layer_similarity(run_or_cache, *, positions=None)')
 def layer_similarity(
     cache: "ActivationCache", model: "TransformerBridge", *, positions: Sequence[int] | None = None
 ) -> LayerSimilarity:

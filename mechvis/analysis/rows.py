@@ -33,7 +33,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from mechvis._validation import activation, cache_and_model, check_positions
+from mechvis._validation import activation, cache_and_model
 from mechvis.analysis.attention import rollout_matrix
 from mechvis.errors import InvalidArgumentError, MechvisDeprecationWarning
 from mechvis.models.architecture import pattern_hook

@@ -11,14 +11,18 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from mechvis._deprecation import deprecated
 from mechvis._validation import (
     activation,
+    cache_and_model,
     check_bool,
     check_layers,
+    check_model,
     check_real,
     shown,
 )
 from mechvis.errors import InvalidArgumentError
+from mechvis.results import Result
 from mechvis.running import Run
 from mechvis.types import Span
 
@@ -33,7 +37,7 @@ def find_token_spans(
 
     Matching uses character offsets, so a word split into several tokens, or sharing a token
     with a neighbouring space, is found; each occurrence gives one span.
-    `match="semantic"` finds positions by meaning instead (needs `model`; `layer`, `threshold`:
+    `match="semantic"` finds positions by meaning instead (the model is the run's cache's own; `layer`, `threshold`:
     see mechvis.analysis.spans.semantic_token_spans, which also returns every score).
 
     Raises:
@@ -44,11 +48,13 @@ def find_token_spans(
         raise InvalidArgumentError(f"keyword must be a string (the text to find); got {shown(keyword)}.")
     case_sensitive, whole_word = check_bool(case_sensitive, "case_sensitive"), check_bool(whole_word, "whole_word")
     if match == "semantic":
-        pass
-
-        if model is None:
-            raise InvalidArgumentError('match="semantic" needs the model (model=...).')
-        return semantic_token_spans(run, keyword, model, layer=layer, threshold=threshold).spans
+        if model is not None:
+            deprecated("find_token_spans(..., model=...) is deprecated: the model is the run's cache's own "
+                       "(find_token_spans(run, keyword, match=\"semantic\", layer=..., threshold=...)).", stacklevel=3)
+            model = check_model(model)
+        else:
+            _, model = cache_and_model(run, call='find_token_spans(run, keyword, *, match="semantic", layer=None, threshold=0.5)')
+        return _semantic_token_spans(run, keyword, model, layer=layer, threshold=threshold).spans
     if match != "spelling":
         raise InvalidArgumentError(f"match must be 'spelling' or 'semantic'; got {match!r}.")
     if not keyword.strip():
@@ -68,9 +74,11 @@ def find_token_spans(
 
 
 @dataclass
-class SemanticMatch:
+class SemanticMatch(Result):
     """Cosine similarity of every position to the keyword (`scores`, NaN for positions not
     compared: the first one, a BOS/attention sink) and the spans scoring ≥ threshold."""
+
+    units = {'scores': 'cosine similarity', 'threshold': 'cosine similarity'}
 
     keyword: str
     layer: int | None
@@ -96,10 +104,29 @@ def _keyword_vector(model: "TransformerBridge", keyword: str, layer: int | None)
     return kept["x"].mean(0)
 
 
-def semantic_token_spans(run: "Run", keyword: str, model: "TransformerBridge", *, layer: int | None = None, threshold: float = 0.5) -> SemanticMatch:
+def semantic_token_spans(run: "Run", keyword: str, *old: object, layer: int | None = None, threshold: float = 0.5,
+                         model: "TransformerBridge | None" = None) -> SemanticMatch:
     """Positions of `run` whose representation is closest in meaning to `keyword` (module
     docstring). `layer` None compares input embeddings; a layer compares residual streams (the run's
-    cache must hold blocks.{layer}.hook_resid_post)."""
+    cache must hold blocks.{layer}.hook_resid_post). The model is the run's cache's own; the old
+    form `semantic_token_spans(run, keyword, model, ...)` (or `model=`) still works, with a
+    `MechvisDeprecationWarning`."""
+    if len(old) > 1:
+        raise TypeError("semantic_token_spans takes its options by keyword: semantic_token_spans(run, keyword, *, layer=None, threshold=0.5).")
+    if old:
+        model = old[0]
+        if model is None:
+            raise InvalidArgumentError("model must be a model loaded with mechvis.load_model(...); got None.")
+    if model is not None:
+        deprecated("Passing the model is deprecated: call semantic_token_spans(run, keyword, *, layer=None, threshold=0.5) "
+                   "(the model is the run's cache's own).", stacklevel=3)
+        model = check_model(model)
+    else:
+        _, model = cache_and_model(run, call="semantic_token_spans(run, keyword, *, layer=None, threshold=0.5)")
+    return _semantic_token_spans(run, keyword, model, layer=layer, threshold=threshold)
+
+
+def _semantic_token_spans(run: "Run", keyword: str, model: "TransformerBridge", *, layer: int | None, threshold: float) -> SemanticMatch:
     threshold = check_real(threshold, "threshold", low=-1.0, high=1.0, hint=" (a cosine similarity)")
     if not isinstance(keyword, str):
         raise InvalidArgumentError(f"keyword must be a string (the text to find); got {shown(keyword)}.")

@@ -10,24 +10,30 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from mechvis._validation import activation, check_integer, check_k, check_tensor
+from mechvis._deprecation import deprecated
+from mechvis._validation import activation, cache_and_model, check_bool, check_integer, check_k, check_model, check_tensor
 from mechvis.analysis._topk import two_level_topk
 from mechvis.analysis.lens import decode_nested
 from mechvis.errors import InvalidArgumentError
 from mechvis.models.unembedding import INPUT_HOOK, centring_offset
+from mechvis.results import Result
 
 if TYPE_CHECKING:
     from transformer_lens import ActivationCache
     from transformer_lens.model_bridge import TransformerBridge
 
+    from mechvis.running import Run
+
 
 @dataclass
-class TokenSignals:
+class TokenSignals(Result):
     """Signals of the distribution predicted at each position (for the token at position + 1).
 
     All from the temperature-1 distribution p = softmax(logits); entropies in nats.
     `surprisal[t]` is −ln p(token[t + 1]) and NaN at the last position (its next token is unknown).
     """
+
+    units = {'entropy': 'nats', 'varentropy': 'nats²', 'top1_prob': 'probability', 'margin': 'probability', 'surprisal': 'nats', 'top_ids': 'token id', 'top_probs': 'probability'}
 
     entropy: Float[Tensor, " pos"]
     varentropy: Float[Tensor, " pos"]  # Σ p (−ln p − H)², nats²
@@ -75,7 +81,7 @@ def _rows_signals(
     return entropy, varentropy, top_probs, top_ids, surprisal
 
 
-def _block_signals(
+def block_signals(
     logits: Float[Tensor, "rows vocab"], next_ids: Int[Tensor, " rows"], k: int, scratch: Tensor | None = None
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Signals of any number of rows of float32 logits: (entropy, varentropy, top_probs, top_ids,
@@ -119,7 +125,7 @@ def token_signals(
     next_ids = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
     if tokens is not None:
         next_ids[:-1] = tokens[1:].to(logits.device)
-    entropy, varentropy, top_probs, top_ids, surprisal = _block_signals(logits.float(), next_ids, max(k, 2))
+    entropy, varentropy, top_probs, top_ids, surprisal = block_signals(logits.float(), next_ids, max(k, 2))
     if tokens is None:
         surprisal.fill_(torch.nan)
     surprisal[-1] = torch.nan  # the last position's next token is unknown
@@ -135,13 +141,15 @@ def token_signals(
 
 
 @dataclass
-class HighEntropyPositions:
+class HighEntropyPositions(Result):
     """The positions of highest entropy with their top-k candidates, their log-probabilities
     (nats) and logits (the seed's "logits heatmap with top-k at high-entropy tokens").
 
     `logit_kind` names what `top_logits` holds: "logit" (the model's own logits, equal to the
     plain HF model's) or "centered_logit" (logit − mean logit over the vocabulary, what a
     compatibility-mode bridge outputs)."""
+
+    units = {'entropy': 'nats', 'top_ids': 'token id', 'top_logits': "logit (the model's own) or centred logit: see logit_kind", 'top_log_probs': 'nats (log-probability)'}
 
     positions: list[int]
     entropy: Float[Tensor, " n"]
@@ -153,6 +161,64 @@ class HighEntropyPositions:
 
 
 def high_entropy_positions(
+    run_or_cache: "Run | ActivationCache",
+    *old: object,
+    logits: Float[Tensor, "pos vocab"] | None = None,
+    n: int = 10,
+    k: int = 5,
+    own_logits: bool | None = None,
+    **deprecated_options: object,
+) -> HighEntropyPositions:
+    """The `n` highest-entropy positions of a run's logits (or of `logits`, e.g. a prefix of them),
+    highest first, with their top-k tokens, log-probabilities and logits; the model is the
+    cache's own.
+
+    Args:
+        run_or_cache: a Run or Trace (its logits by default) or an ActivationCache (then pass
+            `logits`).
+        logits: (pos, vocab) logits to rank instead of the run's.
+        n: how many positions; k: how many candidates each.
+        own_logits: True: `top_logits` are the model's own logits (the cache must hold
+            `unembed.hook_in`); False: centred logits; None: the model's own where the cache
+            holds the hook.
+
+    The old form `high_entropy_positions(model, logits, *, n, k, cache=None)` still works, with a
+    `MechvisDeprecationWarning`.
+
+    Raises:
+        InvalidArgumentError: bad logits or k (as `token_signals`), n not a positive integer, a
+            cache without logits.
+        MissingActivationsError: own_logits=True and a cache without `unembed.hook_in`.
+    """
+    if _is_model(run_or_cache) or "model" in deprecated_options:
+        model = deprecated_options.pop("model", run_or_cache)
+        positional = list(old) if "model" not in deprecated_options else [run_or_cache, *old]
+        if positional:
+            logits = positional.pop(0)
+        cache = deprecated_options.pop("cache", None)
+        if positional or deprecated_options:
+            raise TypeError(f"high_entropy_positions() got unexpected arguments {positional or list(deprecated_options)}.")
+        deprecated("high_entropy_positions(model, logits, ...) is deprecated: call high_entropy_positions(run, *, logits=None, "
+                   "n=10, k=5, own_logits=None) (the model is the cache's own).", stacklevel=3)
+        return _high_entropy_positions(check_model(model), logits, n=n, k=k, cache=cache)
+    if old or deprecated_options:
+        raise TypeError("high_entropy_positions takes a Run (or a cache) and keyword options: "
+                        "high_entropy_positions(run, *, logits=None, n=10, k=5, own_logits=None).")
+    cache, model = cache_and_model(run_or_cache, call="high_entropy_positions(run, *, logits=None, n=10, k=5, own_logits=None)")
+    if logits is None:
+        run = getattr(run_or_cache, "run", run_or_cache)
+        logits = getattr(run, "logits", None)
+        if logits is None:
+            raise InvalidArgumentError("high_entropy_positions needs logits: pass a Run, or logits=... with a cache.")
+    own_logits = (INPUT_HOOK in cache) if own_logits is None else check_bool(own_logits, "own_logits")
+    return _high_entropy_positions(model, logits, n=n, k=k, cache=cache if own_logits else None)
+
+
+def _is_model(value: object) -> bool:
+    return hasattr(value, "cfg") and hasattr(value, "hook_dict")
+
+
+def _high_entropy_positions(
     model: "TransformerBridge",
     logits: Float[Tensor, "pos vocab"],
     *,

@@ -33,7 +33,6 @@ from mechvis.analysis.regions import NAMED_REGIONS, region_mass
 from mechvis.analysis.rows import Reads, image_grid_of, row_source
 from mechvis.errors import InvalidArgumentError
 from mechvis.results import Result
-from mechvis.models.architecture import pattern_hook
 from mechvis.types import ImageGrid
 
 if TYPE_CHECKING:

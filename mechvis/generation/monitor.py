@@ -19,6 +19,7 @@ from torch import Tensor
 from mechvis._validation import activation, check_layers
 from mechvis.errors import InvalidArgumentError
 from mechvis.models.architecture import pattern_hook
+from mechvis.results import Result
 
 if TYPE_CHECKING:
     from transformer_lens.model_bridge import TransformerBridge
@@ -42,9 +43,11 @@ def rep_labels(token_ids: Sequence[int], *, n: int = 4, window: int = 200) -> In
 
 
 @dataclass
-class InductionHeads:
+class InductionHeads(Result):
     """Heads found by the repeated-random-tokens probe: `scores[layer, head]` is the mean attention
     from each token of the second copy to the token after its first occurrence."""
+
+    units = {'scores': 'probability'}
 
     scores: Float[Tensor, "layer head"]
     heads: list[tuple[int, int]]
@@ -87,9 +90,11 @@ FEATURES = (
 
 
 @dataclass
-class RepetitionFeatures:
+class RepetitionFeatures(Result):
     """The causal signals of each generated token (`values[:, i]` is FEATURES[i]); higher is
     meant to mean more loop risk for all but activation_z and sink_mass, whose sign is empirical."""
+
+    units = {'values': 'feature units (see FEATURES)'}
 
     positions: list[int]
     values: Float[Tensor, "gen feature"]

@@ -19,8 +19,8 @@ from transformers.generation.streamers import BaseStreamer
 from mechvis._deprecation import deprecated
 from mechvis._validation import check_bool, check_names_filter, integer, shown
 from mechvis.errors import InvalidArgumentError
-from mechvis.generation.decoding.decoder import _decoder
 from mechvis.generation.decoding.cache import preallocated_cache
+from mechvis.generation.decoding.decoder import _decoder
 from mechvis.generation.recorders import (
     MonitorRecorder,
     ProcessLogits,

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 import torch
 from tqdm.auto import tqdm
 
-from mechvis._validation import check_layers
+from mechvis._validation import check_layers, with_model
 from mechvis.analysis import (
     activation_norms,
     direct_logit_attribution,
@@ -25,10 +25,10 @@ from mechvis.analysis import (
 )
 from mechvis.analysis.activations import ActivationNorms
 from mechvis.analysis.attention import HeadEntropy, Rollout, RolloutRows
-from mechvis.analysis.crossmodal import cross_modal
-from mechvis.analysis.dynamics import image_dynamics
-from mechvis.analysis.geometry import map_geometry
-from mechvis.analysis.information import grid_regions, region_token_information
+from mechvis.analysis.crossmodal import CrossModal, cross_modal
+from mechvis.analysis.dynamics import ImageDynamics, image_dynamics
+from mechvis.analysis.geometry import MapGeometry, map_geometry
+from mechvis.analysis.information import RegionTokenInformation, grid_regions, region_token_information
 from mechvis.analysis.lens import LogitLens
 from mechvis.analysis.projection import Projection
 from mechvis.analysis.repetition import loop_onset, repetition_features, seed_score, seq_rep_n
@@ -50,6 +50,7 @@ from mechvis.generation.monitor import RepetitionFeatures, RepetitionMonitor, fi
 from mechvis.images import encode_with_image, load_image, with_text_appended
 from mechvis.interventions import AblationSweep, ablation_sweep, target_probability
 from mechvis.models.architecture import ArchitectureSummary, inspect_model
+from mechvis.results import jsonable
 from mechvis.studies import longcontext
 from mechvis.studies.longcontext import (
     LongContextAnalysis,
@@ -205,36 +206,36 @@ def _build_report_data(stages, model, prompt, chat, max_new_tokens, layers, temp
     stages.set_postfix_str("token and lens analyses")
     n = len(run.tokens)
     signals = token_signals(run.logits, run.tokens)
-    high = high_entropy_positions(model, run.logits[:-1] if n > 1 else run.logits, n=min(10, max(1, n - 1)), k=5,
-                                  cache=run.cache)  # the model's own logits, not the centred ones
-    lens = logit_lens(run.cache, model, positions=list(range(max(0, n - lens_positions), n)))
+    high = high_entropy_positions(run, logits=run.logits[:-1] if n > 1 else run.logits, n=min(10, max(1, n - 1)), k=5,
+                                  own_logits=True)  # the model's own logits, not the centred ones
+    lens = logit_lens(run, positions=list(range(max(0, n - lens_positions), n)))
     stages.update()
     stages.set_postfix_str("attention, residual and activation analyses")
-    entropy = head_entropy(run.cache, model, sink_positions=run.segments.sink_positions)
-    rolled = rollout_rows(run.cache, model, _rollout_queries(rollout_queries, trace.prompt_length, n))
-    rollout_matrix = rollout(run.cache, model) if full_rollout else None
-    norms = activation_norms(run.cache, model, "resid_post")
-    similarity = layer_similarity(run.cache, model)
+    entropy = head_entropy(run, sink_positions=run.segments.sink_positions)
+    rolled = rollout_rows(run, queries=_rollout_queries(rollout_queries, trace.prompt_length, n))
+    rollout_matrix = rollout(run) if full_rollout else None
+    norms = activation_norms(run, kind="resid_post")
+    similarity = layer_similarity(run)
     attribution = None
     if trace.generated_ids:
         last = trace.prompt_length + len(trace.generated_ids) - 1
         runner_up = run.logits[last - 1].topk(2).indices.tolist()
         answer = trace.generated_ids[-1]
         counterfactual = runner_up[1] if runner_up[0] == answer else runner_up[0]
-        attribution = direct_logit_attribution(run.cache, model, answer, counterfactual, position=last - 1)
-    projection = hidden_state_projection(run.cache, model, run.str_tokens, layer=model.cfg.n_layers // 2,
+        attribution = direct_logit_attribution(run, answer=answer, counterfactual=counterfactual, position=last - 1)
+    projection = hidden_state_projection(run, labels=run.str_tokens, layer=model.cfg.n_layers // 2,
                                          positions=list(range(1, n)) if n > 2 else None)
     stages.update()
     stages.set_postfix_str("repetition signals")
     repetition = None
     if len(trace.generated_ids) >= 2:
         induction = find_induction_heads(model)
-        features = repetition_features(model, trace, induction)
+        features = repetition_features(trace, induction=induction)
         monitor = RepetitionMonitor.load()
         probability = monitor.score(features)
         labels = rep_labels(trace.generated_ids)
         repetition = RepetitionResult(labels, loop_onset(labels), monitor.first_alarm(probability),
-                                      seq_rep_n(trace.generated_ids), probability, seed_score(model, trace).score, features)
+                                      seq_rep_n(trace.generated_ids), probability, seed_score(trace).score, features)
     stages.update()
     stages.close()
     sweep, target_label = None, ""
@@ -320,7 +321,8 @@ def _long_context_report_data(
     rolled = result.rollout
     if rolled is not None and len(rolled.queries) != len(queries):
         rolled = RolloutRows(rolled.rows[: len(queries)], queries, rolled.head_fusion, rolled.residual_weight, rolled.layers)
-    projection = hidden_state_projection({f"blocks.{middle}.hook_resid_post": result.residuals[middle][None]}, model, run.str_tokens,
+    projection = hidden_state_projection(with_model({f"blocks.{middle}.hook_resid_post": result.residuals[middle][None]}, model),
+                                         labels=run.str_tokens,
                                          layer=middle, positions=list(range(1, n)) if n > 2 else None)
     repetition = None
     if result.repetition is not None:
@@ -388,28 +390,21 @@ def report_json(data: ReportData) -> dict:
         "generated_text": trace.generated_text,
         "tokens": [{"position": p, "id": int(t), "text": s, "segment": k}
                    for p, (t, s, k) in enumerate(zip(run.tokens.tolist(), run.str_tokens, kinds))],
-        "token_signals": {name: rounded(getattr(data.signals, name))
-                          for name in ("entropy", "varentropy", "top1_prob", "margin", "surprisal")},
+        "token_signals": data.signals.to_dict(("entropy", "varentropy", "top1_prob", "margin", "surprisal"), decimals=4),
         "logit_lens": {
-            "layers": data.lens.layer_labels,
-            "positions": data.lens.positions,
+            **data.lens.to_dict({"layers": "layer_labels", "positions": "positions"}),
             "top1_tokens": [[row[0] for row in layer] for layer in data.lens.top_tokens],
-            "top1_probs": rounded(data.lens.max_probs),
-            "entropy": rounded(data.lens.entropy),
-            "kl_from_final": rounded(data.lens.kl_from_final),
-            "confidence": rounded(data.lens.confidence),
+            **data.lens.to_dict({"top1_probs": "max_probs", "entropy": "entropy", "kl_from_final": "kl_from_final",
+                                 "confidence": "confidence"}, decimals=4),
         },
         "head_entropy": {
-            "layers": data.entropy.layers,
-            "mean_normalised": rounded(data.entropy.mean_normalised),
-            "mean_sink_mass": rounded(data.entropy.mean_sink_mass),
+            **data.entropy.to_dict(("layers", "mean_normalised", "mean_sink_mass"), decimals=4),
             "classification": [{"layer": l, "head": h, "kind": k} for l, h, k in data.entropy.classify()],
         },
-        "rollout": {"head_fusion": data.rollout.head_fusion, "residual_weight": data.rollout.residual_weight,
-                    "queries": data.rollout.queries, "rows": rounded(data.rollout.rows, 4),
-                    "matrix": None if data.rollout_matrix is None else rounded(data.rollout_matrix.matrix, 3)},
-        "activation_norms": {"kind": data.norms.kind, "norms": rounded(data.norms.norms, 3)},
-        "layer_similarity": {"layers": data.similarity.layer_labels, "cosine": rounded(data.similarity.cosine)},
+        "rollout": {**data.rollout.to_dict(("head_fusion", "residual_weight", "queries", "rows"), decimals=4),
+                    "matrix": None if data.rollout_matrix is None else data.rollout_matrix.to_dict(("matrix",), decimals=3)["matrix"]},
+        "activation_norms": data.norms.to_dict(("kind", "norms"), decimals=3),
+        "layer_similarity": data.similarity.to_dict({"layers": "layer_labels", "cosine": "cosine"}, decimals=4),
         "attention_layers": data.attention_layers,
         "direct_logit_attribution": None,
         "repetition": None,
@@ -431,9 +426,9 @@ def report_json(data: ReportData) -> dict:
             "head_clusters": {"labels": vision.clusters.labels, "k": vision.clusters.n_clusters, "metric": vision.clusters.metric,
                               "silhouette_by_k": {str(k): v for k, v in vision.clusters.scores.items()}},
             "geometry": None if vision.geometry is None else {
-                "contour_50_cells": vision.geometry.contour_50.cells, "contour_50_fraction": vision.geometry.contour_50.fraction,
-                "contour_90_cells": vision.geometry.contour_90.cells, "contour_90_fraction": vision.geometry.contour_90.fraction,
-                "hull_90_cells": vision.geometry.hull_90.cells, "hull_90_fraction": vision.geometry.hull_90.fraction,
+                **vision.geometry.contour_50.to_dict({"contour_50_cells": "cells", "contour_50_fraction": "fraction"}),
+                **vision.geometry.contour_90.to_dict({"contour_90_cells": "cells", "contour_90_fraction": "fraction"}),
+                **vision.geometry.hull_90.to_dict({"hull_90_cells": "cells", "hull_90_fraction": "fraction"}),
             },
             "dynamics": None if vision.dynamics is None else {
                 "tokens": vision.dynamics.tokens,
@@ -447,29 +442,20 @@ def report_json(data: ReportData) -> dict:
                 "peaks": {name: [{"index": i, "token": t, "mass": m} for i, t, m in vision.dynamics.peaks(name, top=3)]
                           for name in vision.dynamics.region_mass},
             },
-            "information": None if vision.information is None else {
-                "quadrant_token_mutual_information_nats": vision.information.mutual_information,
-                "quadrant_entropy_nats": vision.information.region_entropy,
-                "normalised": vision.information.normalised,
-            },
-            "cross_modal": None if vision.cross_modal is None else {
-                "layers": vision.cross_modal.layers, "alignment": rounded(vision.cross_modal.alignment),
-                "modality_gap": rounded(vision.cross_modal.modality_gap),
-                "centroid_distance": rounded(vision.cross_modal.centroid_distance),
-            },
+            "information": None if vision.information is None else vision.information.to_dict({
+                "quadrant_token_mutual_information_nats": "mutual_information", "quadrant_entropy_nats": "region_entropy",
+                "normalised": "normalised"}),
+            "cross_modal": None if vision.cross_modal is None else vision.cross_modal.to_dict(
+                ("layers", "alignment", "modality_gap", "centroid_distance"), decimals=4),
             "rollout_map": rounded(vision.rollout.maps.mean(0)) if vision.rollout is not None else None,
             "rollout_patch_shape": list(vision.rollout.patch_shape) if vision.rollout is not None else None,
         }
     if data.ablation is not None:
         result["ablation"] = {"method": data.ablation.method, "target": data.ablation_target,
-                              "baseline": data.ablation.baseline, "effect": rounded(data.ablation.effect)}
+                              "baseline": data.ablation.baseline, "effect": jsonable(data.ablation.effect, decimals=4)}
     if data.attribution is not None:
         result["direct_logit_attribution"] = {
-            "position": data.attribution.position,
-            "answer_id": data.attribution.answer_id,
-            "counterfactual_id": data.attribution.counterfactual_id,
-            "model_value": data.attribution.model_value,
-            "value_kind": data.attribution.value_kind,
+            **data.attribution.to_dict(("position", "answer_id", "counterfactual_id", "model_value", "value_kind")),
             "top": [{"component": label, "value": value} for label, value in data.attribution.top(20)],
         }
     if data.repetition is not None:
@@ -479,8 +465,8 @@ def report_json(data: ReportData) -> dict:
             "loop_onset": rep.loop_onset,
             "monitor_alarm": rep.alarm,
             "seq_rep_4": rep.seq_rep_4,
-            "monitor_probability": rounded(rep.monitor_probability),
-            "seed_score": rounded(rep.seed_score),
-            "features": {name: rounded(rep.features[name]) for name in rep.features.names},
+            "monitor_probability": jsonable(rep.monitor_probability, decimals=4),
+            "seed_score": jsonable(rep.seed_score, decimals=4),
+            "features": {name: jsonable(rep.features[name], decimals=4) for name in rep.features.names},
         }
     return result

@@ -11,6 +11,7 @@ from mechvis.analysis.repetition import loop_onset, repetition_features, seed_sc
 from mechvis.analysis.vision import vision_rollout_hooks
 from mechvis.generation.monitor import RepetitionMonitor, find_induction_heads, rep_labels
 from mechvis.interventions import ablate_heads, intervene, reference_runs
+from mechvis.results import jsonable
 from mechvis.serve.state import ServerState
 from mechvis.serve.store import StoredRun, tensor_bytes
 from mechvis.viz.views import topk_tokens_view
@@ -50,13 +51,13 @@ def _repetition(state: ServerState, model, trace) -> dict:
     try:
         if "induction" not in state.model_extras:
             state.model_extras["induction"] = find_induction_heads(model)
-        features = repetition_features(model, trace, state.model_extras["induction"])
+        features = repetition_features(trace, induction=state.model_extras["induction"])
         monitor = RepetitionMonitor.load()
         probability = monitor.score(features)
         result.update(
             feature_names=list(features.names),
-            features=features.values.T.tolist(),
-            monitor=probability.tolist(),
+            features=jsonable(features.values.T),
+            monitor=jsonable(probability),
             alarm=monitor.first_alarm(probability),
         )
     except Exception as error:  # a model the monitor does not fit: the tab says why
@@ -65,9 +66,8 @@ def _repetition(state: ServerState, model, trace) -> dict:
     onset = loop_onset(labels)
     result.update(labels=labels.tolist(), onset=onset)
     try:
-        seed = seed_score(model, trace)
-        result["seed"] = {name: getattr(seed, name).tolist() for name in
-                          ("entropy_term", "activation_rise", "uniformity", "attention_focus", "score")}
+        seed = seed_score(trace)
+        result["seed"] = seed.to_dict(("entropy_term", "activation_rise", "uniformity", "attention_focus", "score"))
     except Exception as error:
         result["seed_error"] = str(error)
     return result

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from mechvis._validation import check_integer, check_positions, check_token_ids
 from mechvis.errors import InvalidArgumentError
 from mechvis.models.unembedding import INPUT_HOOK, centring_offset
+from mechvis.results import Result
 from mechvis.text import single_token_id
 
 if TYPE_CHECKING:
@@ -33,10 +34,12 @@ SCORES: tuple[str, ...] = ("logit", "logprob", "centered_logit")
 
 
 @dataclass
-class InputAttribution:
+class InputAttribution(Result):
     """How much each input token contributes to the target's `score` at `position`: in logits for
     "logit" and "centered_logit", in nats for "logprob". `target_value` is that score on the
     unchanged input."""
+
+    units = {'scores': "logit (the model's own), centred logit or nats: see score", 'target_value': "logit (the model's own), centred logit or nats: see score"}
 
     method: str
     scores: Float[Tensor, " pos"]

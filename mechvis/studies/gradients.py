@@ -37,6 +37,7 @@ from mechvis._validation import check_positions, check_token_ids, integer
 from mechvis.errors import InvalidArgumentError
 from mechvis.images import encode_with_image
 from mechvis.models.architecture import pattern_hook
+from mechvis.results import Result
 from mechvis.text import single_token_id
 from mechvis.types import ImageGrid
 
@@ -47,9 +48,11 @@ EMBEDDING_HOOK = "blocks.0.hook_resid_pre"
 
 
 @dataclass
-class IntegratedGradients:
+class IntegratedGradients(Result):
     """IG of f = log p(target) at `position` (nats) per input token (summed over the embedding
     dimension), with the completeness check: Σ scores vs f(x) − f(baseline)."""
+
+    units = {'scores': 'nats', 'value': 'nats', 'baseline_value': 'nats', 'delta': 'nats'}
 
     scores: Float[Tensor, " pos"]
     target_id: int
@@ -155,9 +158,11 @@ def integrated_gradients(
 
 
 @dataclass
-class PixelAttribution:
+class PixelAttribution(Result):
     """IG with respect to the pixels the vision tower sees (after the processor's resize and
     normalisation): `saliency` is the signed IG summed over channels, one value per pixel (nats)."""
+
+    units = {'saliency': 'nats', 'value': 'nats', 'baseline_value': 'nats', 'delta': 'nats'}
 
     saliency: Float[Tensor, "height width"]
     value: float
@@ -208,9 +213,11 @@ def pixel_integrated_gradients(
 
 
 @dataclass
-class Relevancy:
+class Relevancy(Result):
     """Chefer et al. 2021 relevancy of each token for log p(target) at `position` (module
     docstring); `matrix` is the final R (pos × pos)."""
+
+    units = {'scores': 'relevancy (unitless)', 'matrix': 'relevancy (unitless)'}
 
     scores: Float[Tensor, " pos"]
     matrix: Float[Tensor, "pos pos"]

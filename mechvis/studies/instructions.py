@@ -29,6 +29,7 @@ from mechvis.analysis.dynamics import keyword_dynamics
 from mechvis.analysis.spans import find_token_spans, semantic_token_spans
 from mechvis.errors import InvalidArgumentError
 from mechvis.generation import generate
+from mechvis.results import Result
 
 if TYPE_CHECKING:
     from transformer_lens.model_bridge import TransformerBridge
@@ -36,10 +37,12 @@ if TYPE_CHECKING:
 
 
 @dataclass
-class InstructionCheck:
+class InstructionCheck(Result):
     """Attention of each prompt's answer to its instruction keywords: `mass[p, ℓ]` (mean over
     generated tokens and heads, in [0, 1]), `score[p]` its mean over layers, `below` the prompts
     with score < threshold."""
+
+    units = {'mass': 'probability', 'threshold': 'probability'}
 
     prompts: list[str]
     keywords: list[str]
@@ -99,7 +102,7 @@ def instruction_attention_check(
         spans = []
         for keyword in keywords:
             found = (find_token_spans(trace.run, keyword) if match == "spelling"
-                     else semantic_token_spans(trace.run, keyword, model, threshold=semantic_threshold).spans)
+                     else semantic_token_spans(trace.run, keyword, threshold=semantic_threshold).spans)
             spans += [span for span in found if span.stop <= trace.prompt_length]
         if not spans:
             raise InvalidArgumentError(f"None of the keywords {list(keywords)} occurs in the prompt {prompt!r}.")

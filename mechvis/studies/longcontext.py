@@ -54,6 +54,7 @@ from mechvis._validation import (
     check_real,
     check_token_ids,
     shown,
+    with_model,
 )
 from mechvis.analysis.activations import ActivationNorms, ActivationStatistics, layer_statistics
 from mechvis.analysis.attention import HeadEntropy, RolloutRows
@@ -62,13 +63,13 @@ from mechvis.analysis.lens import LogitLens, lens_hook_names, logit_lens, unembe
 from mechvis.analysis.repetition import SeedScore
 from mechvis.analysis.residual import LayerSimilarity, LogitAttribution, direct_logit_attribution
 from mechvis.analysis.rows import Reads, select_recorded
-from mechvis.analysis.tokens import HighEntropyPositions, TokenSignals, _block_signals, high_entropy_positions
+from mechvis.analysis.tokens import HighEntropyPositions, TokenSignals, block_signals, high_entropy_positions
 from mechvis.analysis.vision import image_attention, vision_rollout
 from mechvis.errors import InvalidArgumentError, UnsupportedArchitectureError
-from mechvis.results import Result
 from mechvis.generation.monitor import InductionHeads, RepetitionFeatures, feature_layer, feature_values
 from mechvis.models.architecture import LayerAttention, attention_layout
 from mechvis.models.loading import large_allocations_mapped, release_freed_memory
+from mechvis.results import Result
 from mechvis.text import encode, single_token_id
 
 if TYPE_CHECKING:
@@ -707,8 +708,8 @@ def analyse_long(
             if scratch is None:
                 scratch = torch.empty_like(logits)
             block_next = next_ids[start : start + _LOGIT_ROWS]
-            ranks.append((logits > logits.gather(-1, block_next[:, None])).sum(-1))  # before `_block_signals` reuses `logits`
-            blocks.append(_block_signals(logits, block_next, max(k, 2), scratch[: logits.shape[0]]))
+            ranks.append((logits > logits.gather(-1, block_next[:, None])).sum(-1))  # before `block_signals` reuses `logits`
+            blocks.append(block_signals(logits, block_next, max(k, 2), scratch[: logits.shape[0]]))
             inside = state_index[(state_index >= start) & (state_index < start + _LOGIT_ROWS)]
             if len(inside):
                 state_logits.append(logits[inside - start])
@@ -727,7 +728,7 @@ def analyse_long(
                 rows = final[chosen].to(model.cfg.device)
                 chosen_logits = unembed_logits(model, rows).float()
                 unembed_input = {"unembed.hook_in": model.ln_final(rows)[None]}
-            high = high_entropy_positions(model, chosen_logits, n=len(chosen), k=k, cache=unembed_input)
+            high = high_entropy_positions(with_model(unembed_input, model), logits=chosen_logits, n=len(chosen), k=k)
             high = dataclasses.replace(high, positions=[int(chosen[i]) for i in high.positions])
         seconds["token_signals"] = time.perf_counter() - started - sum(seconds.values())
         release_freed_memory()
@@ -743,7 +744,7 @@ def analyse_long(
                 rows_cache[name] = recorder.residuals[int(name.split(".")[1]) + 1][index][None]
             else:
                 rows_cache[name] = recorder.lens_rows[name]
-        lens = logit_lens(rows_cache, model, k=k)
+        lens = logit_lens(with_model(rows_cache, model), k=k)
         lens = dataclasses.replace(lens, positions=lens_list)
         seconds["logit_lens"] = time.perf_counter() - started - sum(seconds.values())
 
@@ -752,7 +753,7 @@ def analyse_long(
         if dla_position is not None:
             dla_cache = dict(recorder.dla_rows)
             dla_cache[f"blocks.{n_layers - 1}.hook_resid_post"] = final[[dla_position]][None]
-            dla = direct_logit_attribution(dla_cache, model, answer, counterfactual, position=0)
+            dla = direct_logit_attribution(with_model(dla_cache, model), answer=answer, counterfactual=counterfactual, position=0)
             dla = dataclasses.replace(dla, position=dla_position)
 
         # --- repetition signals ---------------------------------------------------------------------------

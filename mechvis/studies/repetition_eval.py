@@ -137,8 +137,8 @@ def build_corpus(
             continue
         corpus.append(LabelledSequence(
             prompt, chat, sampled, index % held_out_every == 0, trace.generated_ids,
-            repetition_features(model, trace, induction, layer=layer).values,
-            seed_score(model, trace).score,
+            repetition_features(trace, induction=induction, layer=layer).values,
+            seed_score(trace).score,
             rep_labels(trace.generated_ids),
         ))
     return corpus
@@ -227,10 +227,10 @@ def synthetic_check(model: "TransformerBridge", monitor: RepetitionMonitor, indu
     rows = []
     for n in tqdm(range(1, max_repeats + 1), desc="synthetic check", unit="n"):
         trace = teacher_force(model, " ".join([SYNTHETIC_SENTENCE] * n), " " + SYNTHETIC_SENTENCE, names_filter=analysis_hooks(model, layer))
-        features = repetition_features(model, trace, induction, layer=layer)
+        features = repetition_features(trace, induction=induction, layer=layer)
         token_probability = trace.step_distributions.gather(-1, torch.tensor(trace.generated_ids)[:, None]).mean().item()
         rows.append({"n": n, "repeat_probability": token_probability, "monitor": monitor.score(features).mean().item(),
-                     "seed_score": seed_score(model, trace).score.mean().item()})
+                     "seed_score": seed_score(trace).score.mean().item()})
     monitor_values = [row["monitor"] for row in rows]
     return {"rows": rows, "monitor_rises_monotonically": all(b >= a for a, b in zip(monitor_values, monitor_values[1:]))}
 

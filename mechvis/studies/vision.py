@@ -12,8 +12,8 @@ from jaxtyping import Float
 from torch import Tensor
 
 from mechvis.errors import InvalidArgumentError
-from mechvis.results import Result
 from mechvis.images import encode_with_image, load_image, with_text_appended
+from mechvis.results import Result
 
 if TYPE_CHECKING:
     from transformer_lens.model_bridge import TransformerBridge

@@ -182,7 +182,7 @@ def lens_rows(context: Context, item: Item, forward: Forward, params: dict) -> d
     target is the item's `target`, else its first continuation/generated token, else the final
     layer's top-1 token."""
 
-    lens = logit_lens(forward.run.cache, context.model, positions=[forward.answer_position],
+    lens = logit_lens(forward.run, positions=[forward.answer_position],
                       target=_target(item, forward, context.model), k=params["k"],
                       include_resid_mid=params["include_resid_mid"])
     n = len(lens.layer_labels)
@@ -217,7 +217,7 @@ def heads_rows(context: Context, item: Item, forward: Forward, params: dict) -> 
     normalised entropy (entropy / log visible keys, over queries seeing > 1 key) and the
     attention mass on the sink positions (over queries past the sinks)."""
 
-    result = head_entropy(forward.run.cache, context.model, sink_positions=params["sink_positions"])
+    result = head_entropy(forward.run, sink_positions=params["sink_positions"])
     n_layers, n_heads = result.entropy.shape[:2]
     layers = torch.tensor(result.layers).repeat_interleave(n_heads)
     return {
@@ -277,7 +277,7 @@ def repetition_rows(context: Context, item: Item, forward: Forward, params: dict
     monitor = context.once("monitor", RepetitionMonitor.load)
     induction = context.once("induction", lambda: find_induction_heads(model))
     trace = forward.trace
-    features = repetition_features(model, trace, induction, layer=(2 * model.cfg.n_layers) // 3)
+    features = repetition_features(trace, induction=induction, layer=(2 * model.cfg.n_layers) // 3)
     probability = monitor.score(features)
     alarm = monitor.first_alarm(probability)
     n = len(trace.generated_ids)

@@ -4,6 +4,7 @@ attention travels one layer at a time as binary uint8."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import io
 import json
 import math
@@ -30,6 +31,7 @@ from mechvis.analysis import (
 from mechvis.analysis.vision import hotspots, image_attention, vision_rollout
 from mechvis.errors import MechvisError
 from mechvis.interventions import ablate_heads, ablation_sweep, intervene, reference_tokens
+from mechvis.results import jsonable
 from mechvis.serve.runs import mean_reference as _mean_reference
 from mechvis.serve.state import ServerState, get_state
 from mechvis.serve.store import StoredRun
@@ -86,12 +88,8 @@ def get_run(run_id: str = RunId, state: ServerState = Depends(get_state)) -> dic
         "generated_text": trace.generated_text,
         "events": stored.events,
         "sampled_not_argmax": [int(e["rank"] != 0) for e in stored.events],
-        "signals": {
-            "entropy": _clean(signals.entropy.tolist()), "varentropy": _clean(signals.varentropy.tolist()),
-            "top1": _clean(signals.top1_prob.tolist()), "margin": _clean(signals.margin.tolist()),
-            "surprisal": _clean(signals.surprisal.tolist()), "top_ids": signals.top_ids.tolist(),
-            "top_probs": signals.top_probs.tolist(),
-        },
+        "signals": signals.to_dict({"entropy": "entropy", "varentropy": "varentropy", "top1": "top1_prob", "margin": "margin",
+                                    "surprisal": "surprisal", "top_ids": "top_ids", "top_probs": "top_probs"}, strict=True),
         "repetition": stored.extras.get("repetition", {}),
         "timing": stored.timing,
         "n_layers": model.cfg.n_layers, "n_heads": model.cfg.n_heads,
@@ -107,7 +105,7 @@ def attention_layer(run_id: str = RunId, layer: int = Path(ge=0, le=1023), state
 
     if layer >= state.model.cfg.n_layers:
         raise HTTPException(422, f"layer must be < {state.model.cfg.n_layers}.")
-    pattern = attention_patterns(stored.trace.run.cache, state.model, [layer])[0]
+    pattern = attention_patterns(stored.trace.run, layers=[layer])[0]
     data = (pattern.float() * 255).round_().clamp_(0, 255).to(torch.uint8).contiguous()
     return Response(data.numpy().tobytes(), media_type="application/octet-stream",
                     headers={"X-Shape": ",".join(map(str, data.shape))})
@@ -119,23 +117,21 @@ def heads(run_id: str = RunId, state: ServerState = Depends(get_state)) -> dict:
 
     stored = _run(run_id, state)
     result = _memo(stored, "heads", lambda: head_entropy(
-        stored.trace.run.cache, state.model, sink_positions=stored.trace.run.segments.sink_positions or (0,)))
+        stored.trace.run, sink_positions=stored.trace.run.segments.sink_positions or (0,)))
     return {
-        "layers": result.layers,
-        "entropy": [_clean(row) for row in result.mean_normalised.tolist()],
-        "entropy_nats": [_clean(row) for row in result.entropy.nanmean(-1).tolist()],
-        "sink_mass": [_clean(row) for row in result.mean_sink_mass.tolist()],
+        **result.to_dict({"layers": "layers", "entropy": "mean_normalised"}, strict=True),
+        "entropy_nats": jsonable(result.entropy.nanmean(-1), strict=True),
+        **result.to_dict({"sink_mass": "mean_sink_mass"}, strict=True),
         "classes": [{"layer": l, "head": h, "kind": k} for l, h, k in result.classify()],
-        "row_entropy": [[_clean(r) for r in layer] for layer in result.entropy.tolist()],
-        "row_sink_mass": [[_clean(r) for r in layer] for layer in result.sink_mass.tolist()],
+        **result.to_dict({"row_entropy": "entropy", "row_sink_mass": "sink_mass"}, strict=True),
     }
 
 
 @router.get("/{run_id}/similarity")
 def similarity(run_id: str = RunId, state: ServerState = Depends(get_state)) -> dict:
     stored = _run(run_id, state)
-    result = _memo(stored, "similarity", lambda: layer_similarity(stored.trace.run.cache, state.model))
-    return {"labels": result.layer_labels, "cosine": result.cosine.tolist()}
+    result = _memo(stored, "similarity", lambda: layer_similarity(stored.trace.run))
+    return result.to_dict({"labels": "layer_labels", "cosine": "cosine"}, strict=True)
 
 
 @router.get("/{run_id}/lens")
@@ -151,28 +147,23 @@ def lens(run_id: str = RunId, position: int | None = Query(None, ge=0, le=1_000_
         if position >= len(stored.trace.run.tokens):
             raise HTTPException(422, f"position must be < {len(stored.trace.run.tokens)}.")
         if "lens" not in stored.extras:  # the whole run's lens, once tab 6 has asked for it, holds this row
-            result = _memo(stored, f"lens/{position}", lambda: logit_lens(cache, state.model, positions=[position], k=3))
+            result = _memo(stored, f"lens/{position}", lambda: logit_lens(cache, positions=[position], k=3))
             return _lens_payload(result)
         return _lens_payload(stored.extras["lens"], position)
-    return _lens_payload(_memo(stored, "lens", lambda: logit_lens(cache, state.model, k=3)))
+    return _lens_payload(_memo(stored, "lens", lambda: logit_lens(cache, k=3)))
 
 
 def _lens_payload(result, position: int | None = None) -> dict:
     """A `LogitLens` as JSON (layer × position arrays), or only its column at `position`."""
-    if position is None:
-        columns, positions = slice(None), result.positions
-    else:
+    if position is not None:
         index = result.positions.index(position)
-        columns, positions = slice(index, index + 1), [position]
-    rounded = lambda tensor: torch.round(tensor[:, columns].double(), decimals=4).tolist()  # noqa: E731
-    return {
-        "labels": result.layer_labels,
-        "positions": positions,
-        "top_tokens": [layer[columns] for layer in result.top_tokens],
-        "top_probs": rounded(result.top_probs),
-        "kl": rounded(result.kl_from_final),
-        "entropy": rounded(result.entropy),
-    }
+        columns = slice(index, index + 1)
+        result = dataclasses.replace(
+            result, positions=[position], top_tokens=[layer[columns] for layer in result.top_tokens], target_ids=result.target_ids[columns],
+            **{name: getattr(result, name)[:, columns] for name in
+               ("top_ids", "top_probs", "target_probs", "target_ranks", "entropy", "kl_from_final", "max_probs")})
+    return result.to_dict({"labels": "layer_labels", "positions": "positions", "top_tokens": "top_tokens", "top_probs": "top_probs",
+                           "kl": "kl_from_final", "entropy": "entropy"}, decimals=4)
 
 
 @router.get("/{run_id}/dla")
@@ -184,10 +175,9 @@ def dla(run_id: str = RunId, position: int = Query(ge=1, le=1_000_000), per: Lit
     tokens = stored.trace.run.tokens
     if position >= len(tokens):
         raise HTTPException(422, f"position must be < {len(tokens)}.")
-    result = direct_logit_attribution(stored.trace.run.cache, state.model, int(tokens[position]),
+    result = direct_logit_attribution(stored.trace.run, answer=int(tokens[position]),
                                       position=position - 1, heads=per == "head")
-    return {"labels": result.labels, "contributions": result.contributions.tolist(),
-            "bias": result.unembed_bias, "model_value": result.model_value}
+    return result.to_dict({"labels": "labels", "contributions": "contributions", "bias": "unembed_bias", "model_value": "model_value"})
 
 
 @router.get("/{run_id}/distribution/{step}")
@@ -217,10 +207,9 @@ def projection(run_id: str = RunId, layer: int = Query(-1, ge=-1, le=1023), dims
     if layer >= state.model.cfg.n_layers:
         raise HTTPException(422, f"layer must be < {state.model.cfg.n_layers}.")
     run = stored.trace.run
-    result = hidden_state_projection(run.cache, state.model, run.str_tokens, layer=None if layer < 0 else layer,
+    result = hidden_state_projection(run, labels=run.str_tokens, layer=None if layer < 0 else layer,
                                      n_components=dims)
-    return {"coordinates": result.coordinates.tolist(), "labels": result.labels,
-            "explained": getattr(result, "explained_variance_ratio", torch.zeros(0)).tolist()}
+    return result.to_dict({"coordinates": "coordinates", "labels": "labels", "explained": "explained_variance_ratio"})
 
 
 @router.get("/{run_id}/activations")
@@ -233,10 +222,10 @@ def activations(run_id: str = RunId, state: ServerState = Depends(get_state)) ->
     def compute():
         out = {}
         for kind in ("mlp_post", "attn_out"):
-            stats = activation_statistics(cache, model, kind)
-            out[kind] = {"mean": stats.mean.tolist(), "std": stats.std.tolist(), "kurtosis": stats.kurtosis.tolist(),
-                         "percentiles": stats.percentiles.tolist(), "levels": list(stats.percentile_levels)}
-        out["resid_norms"] = activation_norms(cache, model, "resid_post").norms.tolist()
+            stats = activation_statistics(cache, kind=kind)
+            out[kind] = stats.to_dict({"mean": "mean", "std": "std", "kurtosis": "kurtosis", "percentiles": "percentiles",
+                                       "levels": "percentile_levels"})
+        out["resid_norms"] = activation_norms(cache, kind="resid_post").to_dict(("norms",))["norms"]
         return out
 
     return _memo(stored, "activations", compute)
@@ -251,8 +240,8 @@ def rollout_row(run_id: str = RunId, position: int = Query(ge=0, le=1_000_000), 
     n = len(stored.trace.run.tokens)
     if position >= n:
         raise HTTPException(422, f"position must be < {n}.")
-    result = _memo(stored, f"rollout/{position}", lambda: rollout_rows(stored.trace.run.cache, state.model, [position]))
-    return {"row": result.rows[0].tolist()}
+    result = _memo(stored, f"rollout/{position}", lambda: rollout_rows(stored.trace.run, queries=[position]))
+    return {"row": jsonable(result.rows[0])}
 
 
 class AttributionRequest(BaseModel):
@@ -276,7 +265,7 @@ def attribution(body: AttributionRequest, run_id: str = RunId, state: ServerStat
         result = method(state.model, tokens[: body.position], int(tokens[body.position]), position=body.position - 1)
     finally:
         state.generation_lock.release()
-    return {"method": result.method, "scores": result.scores.tolist(), "target_value": result.target_value, "score": result.score}
+    return result.to_dict(("method", "scores", "target_value", "score"))
 
 
 class AblationRequest(BaseModel):
