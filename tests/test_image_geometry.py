@@ -126,6 +126,7 @@ def _full_transport(coordinates, a, b):
 @settings(max_examples=15, deadline=None)
 @given(st.integers(0, 10_000))
 @example(337)  # scipy's default-tolerance solve was 1.26e-7 off here
+@example(160)  # mechvis's own default-tolerance solve was 2.2e-8 off here
 def test_distances_against_scipy_and_properties(seed):
     from scipy.stats import wasserstein_distance_nd
 
