@@ -119,7 +119,7 @@ def integrated_gradients(
 ) -> IntegratedGradients:
     """Captum IntegratedGradients (Gauss–Legendre, `n_steps` points) of log p(target) at
     `position` with respect to the input embeddings (module docstring); `extra` are a VLM's image
-    inputs (from mechvis.running.encode_with_image). One forward + backward per step (tqdm).
+    inputs (from mechvis.images.encode_with_image). One forward + backward per step (tqdm).
 
     Raises InvalidArgumentError for n_steps < 1, a bad position or a target that is not one token."""
     from captum.attr import IntegratedGradients as CaptumIG  # Captum takes ~3 s to import: loaded when used
