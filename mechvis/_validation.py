@@ -300,7 +300,10 @@ def cache_and_model(
         run = getattr(source, "run", None)  # a Trace
         cache = getattr(run if run is not None else source, "cache", None)
         if cache is None:
-            _check_cache(source)  # the message every analysis gave for a bad cache
+            try:
+                _check_cache(source)  # the message every analysis gave for a bad cache
+            except InvalidArgumentError as error:
+                raise InvalidArgumentError(f"{call} takes a Run, a Trace or a cache: {error}") from None
             cache = source
     _check_cache(cache)
     if model is not None:

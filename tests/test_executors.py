@@ -123,7 +123,7 @@ def test_rows_an_executor_did_not_record_are_refused(generation):
         image_attention(trace.run.cache, query_positions=[-1])
     with pytest.raises(InvalidArgumentError, match="grid must be"):
         image_attention(trace.run, grid=(4, 4), query_positions=[-1])
-    with pytest.raises(InvalidArgumentError, match="Run, a Trace or an ActivationCache"):
+    with pytest.raises(InvalidArgumentError, match=r"must be an ActivationCache \(run\.cache\)"):
         image_attention("cache", grid=trace.run.segments.image_grid, query_positions=[-1])
 
 
