@@ -7,6 +7,8 @@ check returns the value normalised (e.g. a numpy integer as an int) or raises an
 from __future__ import annotations
 
 import difflib
+import functools
+import inspect
 import math
 import operator
 from collections.abc import Iterable, Sequence
@@ -345,8 +347,6 @@ def analysis_form(call: str, *, options: tuple[str, ...] = ()):
     The old forms keep working for one release, each with a `MechvisDeprecationWarning`:
     `func(cache, model, ...)` (the model second, positionally or as `model=`), `cache=` as a
     keyword, and the `options` that used to be positional (after the model), in that order."""
-    import functools
-    import inspect
 
     def decorate(func):
         @functools.wraps(func)
@@ -400,8 +400,6 @@ def trace_form(call: str, *, options: tuple[str, ...] = ()):
     the public `func(trace, *, **options)`, the model taken from the trace's cache. The old form
     `func(model, trace, ...)` (and the `options` that used to be positional after the trace, in
     that order) keeps working for one release, with a `MechvisDeprecationWarning` naming `call`."""
-    import functools
-    import inspect
 
     def decorate(func):
         @functools.wraps(func)

@@ -15,7 +15,7 @@ from transformers.models.llava_onevision.modeling_llava_onevision import get_any
 
 from mechvis._validation import check_bool
 from mechvis.errors import InvalidArgumentError
-from mechvis.text import _check_prompt, _merge_spans, _token_kinds, _validate_messages, chat_content_spans, decode_tokens
+from mechvis.text import chat_content_spans, check_prompt, decode_tokens, merge_spans, token_kinds, validate_messages
 from mechvis.types import Encoded, ImageGrid, Prompt, Segments
 
 if TYPE_CHECKING:
@@ -100,7 +100,7 @@ def encode_with_image(model: "TransformerBridge", prompt: Prompt, image: object,
     model's device."""
 
     chat = check_bool(chat, "chat")
-    _check_prompt(prompt, chat)
+    check_prompt(prompt, chat)
     if not getattr(model.cfg, "is_multimodal", False):
         raise InvalidArgumentError(f"{model.cfg.model_name} is a text-only model; it takes no image. Drop image=.")
     processor = getattr(model, "processor", None)
@@ -109,7 +109,7 @@ def encode_with_image(model: "TransformerBridge", prompt: Prompt, image: object,
     picture = load_image(image)
     placeholder = processor.image_token
     if chat:
-        messages = _validate_messages([{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt))
+        messages = validate_messages([{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt))
         first_user = next(i for i, m in enumerate(messages) if m["role"] == "user")
 
         def render(contents: list[str]) -> str:
@@ -149,7 +149,7 @@ def encode_with_image(model: "TransformerBridge", prompt: Prompt, image: object,
     if token_ids and token_ids[0] == model.hf_tokenizer.bos_token_id:
         kinds[0] = "bos"
     grid = _image_grid(model, image_positions, extra)
-    segments = Segments(_merge_spans(kinds), (0,), grid)
+    segments = Segments(merge_spans(kinds), (0,), grid)
     decoded = decode_tokens(model.hf_tokenizer, token_ids)
     return Encoded(decoded.text, token_ids, decoded.offsets, segments, decoded.str_tokens), extra
 
@@ -172,7 +172,7 @@ def _image_text_kinds(
     ):
         return [default] * len(token_ids)
     expanded = offsets[:at] + [offsets[at]] * n_image + offsets[at + 1 :]
-    return _token_kinds(expanded, labelled, default)
+    return token_kinds(expanded, labelled, default)
 
 
 def with_text_appended(extra: dict, n_tokens: int) -> dict:

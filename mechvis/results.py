@@ -7,7 +7,8 @@ app and sweeps serialise every result through the same code:
 
 - `labels()`: the coordinate labels of each named dimension (the `layers` field for "layer", the
   `positions` field for "pos", ...), so that a view never reconstructs which row is which layer;
-- `to_dict()`: JSON-ready values (tensors as nested lists of floats, NaN kept as NaN);
+- `to_dict()`: plain Python values for JSON (tensors as nested lists of floats; NaN kept as NaN
+  unless `strict=True`, which writes None);
 - `to_frame()`: a long-format pandas DataFrame, one row per tensor element (pandas is optional).
 
     >>> import torch
@@ -55,8 +56,8 @@ LABEL_FIELDS: dict[str, tuple[str, ...]] = {
     "feature": ("names", "features"),
     "cell": ("cells",),
     "k": (),
-    "component": ("labels", "component_labels"),
-    "point": ("labels",),
+    "component": ("component_labels",),
+    "point": ("point_labels",),
     "prompt": ("prompts",),
     "percentile": ("percentile_levels",),
 }
@@ -217,6 +218,25 @@ class Result:
             raise InvalidArgumentError(f"{unknown} are not attributes of {type(self).__name__}.")
         return {key: jsonable(getattr(self, name), decimals=decimals, strict=strict) for key, name in chosen.items()}
 
+    def _element_frame(self, name: str, value: object, dims: tuple[str, ...], labels: Mapping[str, list]):
+        """One row per element of one tensor, with labelled coordinates (see `to_frame`)."""
+        import pandas as pd  # optional: only to_frame needs it
+
+        array = np.asarray(value.detach().cpu().float() if isinstance(value, torch.Tensor) and value.is_floating_point()
+                           else (value.detach().cpu() if isinstance(value, torch.Tensor) else value))
+        names = dims if len(dims) == array.ndim else tuple(f"dim_{i}" for i in range(array.ndim))
+        names = tuple(f"dim_{i}" if dim.isdigit() else dim for i, dim in enumerate(names))  # a fixed size names no axis
+        index = np.indices(array.shape).reshape(array.ndim, -1) if array.ndim else np.zeros((0, 1), dtype=int)
+        columns: dict[str, object] = {"field": name}
+        for axis, dim in enumerate(names):
+            coords = labels.get(dim)
+            positions = index[axis]
+            columns[dim] = np.asarray(coords, dtype=object)[positions] if coords is not None and len(coords) == array.shape[axis] \
+                else positions
+        columns["value"] = array.reshape(-1)
+        columns["unit"] = self.units.get(name)
+        return pd.DataFrame(columns)
+
     def to_frame(self, fields: list[str] | None = None):
         """A long-format pandas DataFrame: one row per element of each tensor field (or of
         `fields`), with columns "field", one per dimension (labelled where `labels()` knows the
@@ -229,7 +249,7 @@ class Result:
         import pandas as pd  # optional: only to_frame needs it
 
         dims = self.dimensions()
-        chosen = list(dims) if fields is None else list(fields)
+        chosen = list(dims) if fields is None else [fields] if isinstance(fields, str) else list(fields)
         unknown = [name for name in chosen if name not in dims]
         if unknown:
             raise InvalidArgumentError(f"{unknown} are not tensor fields of {type(self).__name__}; choose from {sorted(dims)}.")
@@ -239,19 +259,13 @@ class Result:
             value = getattr(self, name)
             if value is None:
                 continue
-            array = np.asarray(value.detach().cpu().float() if isinstance(value, torch.Tensor) and value.is_floating_point()
-                               else (value.detach().cpu() if isinstance(value, torch.Tensor) else value))
-            names = dims[name] if len(dims[name]) == array.ndim else tuple(f"dim_{i}" for i in range(array.ndim))
-            index = np.indices(array.shape).reshape(array.ndim, -1) if array.ndim else np.zeros((0, 1), dtype=int)
-            columns: dict[str, object] = {"field": name}
-            for axis, dim in enumerate(names):
-                coords = labels.get(dim)
-                positions = index[axis]
-                columns[dim] = np.asarray(coords, dtype=object)[positions] if coords is not None and len(coords) == array.shape[axis] \
-                    else positions
-            columns["value"] = array.reshape(-1)
-            columns["unit"] = self.units.get(name)
-            frames.append(pd.DataFrame(columns))
+            # a mapping of tensors (one per keyword, region, ...): its keys become a "key" column
+            items = value.items() if isinstance(value, Mapping) else [(None, value)]
+            for key, item in items:
+                frame = self._element_frame(name, item, dims[name], labels)
+                if key is not None:
+                    frame.insert(1, "key", key)
+                frames.append(frame)
         if not frames:
             return pd.DataFrame(columns=["field", "value", "unit"])
         frame = pd.concat(frames, ignore_index=True)
@@ -260,7 +274,3 @@ class Result:
                 frame[column] = frame[column].infer_objects()
         return frame
 
-
-def finite_or_none(value: float) -> float | None:
-    """`value`, or None for NaN and infinities (strict JSON has neither)."""
-    return value if math.isfinite(value) else None

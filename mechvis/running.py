@@ -11,10 +11,10 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from mechvis._deprecation import moved_names
-from mechvis._validation import check_bool, check_names_filter
+from mechvis._validation import check_bool, check_model, check_names_filter
 from mechvis.errors import InvalidArgumentError
 from mechvis.images import encode_with_image
-from mechvis.text import _check_prompt, encode, text_preview
+from mechvis.text import check_prompt, encode, text_preview
 from mechvis.types import Prompt, Segments
 
 if TYPE_CHECKING:
@@ -78,8 +78,9 @@ def run(
             Attention patterns cost layers × heads × pos² floats: filter for long prompts.
     """
 
+    model = check_model(model)
     chat = check_bool(chat, "chat")
-    _check_prompt(prompt, chat)
+    check_prompt(prompt, chat)
     names_filter = check_names_filter(model, names_filter)
     extra: dict = {}
     if image is not None:

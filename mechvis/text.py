@@ -27,7 +27,7 @@ def text_preview(text: str, limit: int = 60) -> str:
     return repr(shown)
 
 
-def _token_kinds(
+def token_kinds(
     offsets: Sequence[tuple[int, int]], labelled: Sequence[tuple[str, int, int]], default: str
 ) -> list[str]:
     """The kind of each token: the labelled character range it overlaps, else `default`."""
@@ -39,7 +39,7 @@ def _token_kinds(
     return kinds
 
 
-def _merge_spans(kinds: Sequence[str]) -> tuple[Span, ...]:
+def merge_spans(kinds: Sequence[str]) -> tuple[Span, ...]:
     """Consecutive positions of the same kind as one span."""
     spans: list[Span] = []
     for index, kind in enumerate(kinds):
@@ -50,7 +50,7 @@ def _merge_spans(kinds: Sequence[str]) -> tuple[Span, ...]:
     return tuple(spans)
 
 
-def _validate_messages(messages: Sequence[Message]) -> list[Message]:
+def validate_messages(messages: Sequence[Message]) -> list[Message]:
     if not messages:
         raise InvalidArgumentError("The chat has no messages; pass at least one user message.")
     checked = []
@@ -158,7 +158,7 @@ def _check_text(text: str, what: str) -> None:
         raise InvalidArgumentError(f"{what} {problem}.")
 
 
-def _check_prompt(prompt: object, chat: bool) -> None:
+def check_prompt(prompt: object, chat: bool) -> None:
     """A prompt is a string or (chat mode) a list of messages; anything else is named."""
     if isinstance(prompt, str):
         _check_text(prompt, "The prompt")
@@ -190,7 +190,7 @@ def encode(
     chat = check_bool(chat, "chat")
     if prepend_bos is not None:
         prepend_bos = check_bool(prepend_bos, "prepend_bos")
-    _check_prompt(prompt, chat)
+    check_prompt(prompt, chat)
     tokenizer = model.hf_tokenizer
     if chat:
         if prepend_bos is not None:
@@ -199,7 +199,7 @@ def encode(
             raise InvalidArgumentError(
                 "This model's tokenizer has no chat template; use chat=False (completion mode)."
             )
-        messages = _validate_messages([{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt)
+        messages = validate_messages([{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt)
 
         def render(contents: list[str]) -> str:
             chat_messages = [{"role": m["role"], "content": c} for m, c in zip(messages, contents)]
@@ -226,7 +226,7 @@ def encode(
             token_ids, offsets = [bos_id, *token_ids], [(0, 0), *offsets]
         elif not prepend_bos and has_bos:
             token_ids, offsets = token_ids[1:], offsets[1:]
-    kinds = _token_kinds(offsets, labelled, default_kind)
+    kinds = token_kinds(offsets, labelled, default_kind)
     if token_ids and token_ids[0] == bos_id:
         kinds[0] = "bos"
     n_ctx = model.cfg.n_ctx
@@ -235,7 +235,7 @@ def encode(
             f"The prompt is {len(token_ids)} tokens long; this model's context holds {n_ctx}. Shorten it."
         )
     decoded = decode_tokens(tokenizer, token_ids)
-    return Encoded(decoded.text, token_ids, decoded.offsets, Segments(_merge_spans(kinds), (0,)), decoded.str_tokens)
+    return Encoded(decoded.text, token_ids, decoded.offsets, Segments(merge_spans(kinds), (0,)), decoded.str_tokens)
 
 
 _PREFIX_BATCH = 256  # prefixes decoded per call by the exact path (bounds memory)

@@ -13,9 +13,9 @@ import mechvis
 from mechvis.errors import InvalidArgumentError
 from mechvis.generation.decoding import decoding_stats
 from mechvis.generation.decoding.cache import preallocated_cache
-from mechvis.generation.decoding.decoder import _decoder, _unwrapped
+from mechvis.generation.decoding.decoder import decoding_model, _unwrapped
 from mechvis.generation.decoding.grouped import _GROUPED_ATTENTION
-from mechvis.generation.decoding.halves import _SingleRowLinear
+from mechvis.generation.decoding.halves import SingleRowLinear
 from mechvis.generation.decoding.memo import VERIFIED
 
 
@@ -87,7 +87,7 @@ def test_settings_take_values_of_their_type(value):
 def _fast_paths(decoder: torch.nn.Module) -> dict[str, bool]:
     modules = list(decoder.modules())
     return {
-        "halves": any(type(module) is _SingleRowLinear for module in modules),
+        "halves": any(type(module) is SingleRowLinear for module in modules),
         "grouped": any(getattr(getattr(module, "config", None), "_attn_implementation", None) == _GROUPED_ATTENTION
                        for module in modules if hasattr(module, "num_key_value_groups")),
         "lean": any("_mechvis_lean_plan" in module.__dict__ for module in modules),
@@ -95,27 +95,27 @@ def _fast_paths(decoder: torch.nn.Module) -> dict[str, bool]:
 
 
 def test_fast_decoding_off_decodes_through_hfs_plain_modules_with_the_same_tokens(tiny):
-    """Off: no `_SingleRowLinear`, no grouped attention, no lean step, no preallocated cache, the
+    """Off: no `SingleRowLinear`, no grouped attention, no lean step, no preallocated cache, the
     bridge's wrappers still skipped; the tokens and step logits those of the fast path (≤ 1e-5, as
     with and without lean steps) and of HF's own greedy decoding."""
     model, reference = tiny("llama", seed=21)  # 4 query and 2 key/value heads: grouped attention applies
     shapes = Counter(tuple(linear.weight.shape) for linear in _unwrapped(model.original_model, halves=False, grouped=False).modules()
-                     if type(linear) is torch.nn.Linear and _SingleRowLinear.suits(linear))
+                     if type(linear) is torch.nn.Linear and SingleRowLinear.suits(linear))
     with VERIFIED.isolated():
         VERIFIED.remember("halves", (tuple(sorted(shapes.items())), torch.get_num_threads()), True)  # as if this machine measured the halves product faster
-        assert _fast_paths(_decoder(model)) == {"halves": True, "grouped": True, "lean": True}
+        assert _fast_paths(decoding_model(model)) == {"halves": True, "grouped": True, "lean": True}
         before = _lean_steps()
         fast = mechvis.generate(model, "Once upon a time", max_new_tokens=10, analysis_pass=False)
         assert _lean_steps() - before >= len(fast.generated_ids) - 1
         with mechvis.config_context(fast_decoding=False):
-            decoder = _decoder(model)
+            decoder = decoding_model(model)
             assert _fast_paths(decoder) == {"halves": False, "grouped": False, "lean": False}
             assert not any("_original_component" in module._modules for module in decoder.modules())  # still unwrapped
             assert preallocated_cache(decoder, 16) is None
             before = _lean_steps()
             plain = mechvis.generate(model, "Once upon a time", max_new_tokens=10, analysis_pass=False)
             assert _lean_steps() == before
-        assert _fast_paths(_decoder(model)) == {"halves": True, "grouped": True, "lean": True}  # restored
+        assert _fast_paths(decoding_model(model)) == {"halves": True, "grouped": True, "lean": True}  # restored
     assert plain.generated_ids == fast.generated_ids
     assert (plain.step_logits - fast.step_logits).abs().max() <= 1e-5
     prompt_ids = plain.run.tokens[: plain.prompt_length].tolist()
@@ -142,7 +142,7 @@ def test_prepare_decoding_checks_nothing_while_off(tiny, monkeypatch):
 
     model, _ = tiny("llama", seed=23)
     called = []
-    monkeypatch.setattr(decoder, "_halves_win", lambda root: called.append(root) or False)
+    monkeypatch.setattr(decoder, "halves_win", lambda root: called.append(root) or False)
     with mechvis.config_context(fast_decoding=False):
         mechvis.generation.prepare_decoding(model)
     assert called == []

@@ -39,12 +39,12 @@ def test_greedy_reproduces_hf_and_teacher_forcing_reproduces_the_step_logits(tin
 def test_decoding_skips_the_bridge_wrappers_only_while_no_hook_is_active(tiny):
     """Without hooks, HF's generate runs the wrapped HF modules (shared parameters, identical
     logits, the bridge left intact); with any hook, the bridge itself, so the hook applies."""
-    from mechvis.generation.decoding.decoder import _decoder
+    from mechvis.generation.decoding.decoder import decoding_model
 
     model, _ = tiny("llama")
     mechvis.generate(model, "Once", max_new_tokens=2)  # transformers leaves its output-capturing hooks on HF modules
     assert any(module._forward_hooks or module._forward_pre_hooks for module in model.original_model.modules())
-    plain = _decoder(model)
+    plain = decoding_model(model)
     assert not any("_original_component" in module._modules for module in plain.modules())
     assert {p.data_ptr() for p in plain.parameters()} <= {p.data_ptr() for p in model.parameters()}
     ids = torch.tensor([[1, 504, 282, 4649, 314]])
@@ -57,7 +57,7 @@ def test_decoding_skips_the_bridge_wrappers_only_while_no_hook_is_active(tiny):
     assert "_original_component" in model.original_model.model.layers[0]._modules  # the bridge is untouched
     seen = []
     with model.hooks(fwd_hooks=[("blocks.0.hook_resid_post", lambda tensor, hook: seen.append(1))]):
-        assert _decoder(model) is model.original_model
+        assert decoding_model(model) is model.original_model
         mechvis.generate(model, "Once upon a time", max_new_tokens=3)
     assert len(seen) >= 3  # every decoding step went through the hooked bridge (+ the analysis pass)
 
@@ -68,12 +68,12 @@ def test_single_row_linear_matches_a_float64_product(shape, bias):
     """The decoding Linear computes W·x + b for one row (checked in float64) on the same
     parameters; several rows take nn.Linear's own path, bit for bit."""
     from mechvis.generation.decoding.decoder import _unwrapped
-    from mechvis.generation.decoding.halves import _SingleRowLinear
+    from mechvis.generation.decoding.halves import SingleRowLinear
 
     torch.manual_seed(0)
     linear = torch.nn.Linear(96, 200, bias=bias)
     decoding = _unwrapped(torch.nn.Sequential(linear), halves=True, grouped=False)[0]  # whatever this machine measures
-    assert type(decoding) is _SingleRowLinear and decoding.weight is linear.weight
+    assert type(decoding) is SingleRowLinear and decoding.weight is linear.weight
     assert type(linear) is torch.nn.Linear  # the model's own module is untouched
     x = torch.randn(shape)
     expected = x.double() @ linear.weight.double().T + (linear.bias.double() if bias else 0)
@@ -89,24 +89,24 @@ def test_single_row_linear_matches_a_float64_product(shape, bias):
 def test_the_batched_kernel_is_kept_only_where_it_is_equal_and_faster(monkeypatch):
     import mechvis.generation.decoding.halves
     from mechvis.generation.decoding.decoder import _unwrapped
-    from mechvis.generation.decoding.halves import _halves_win, _SingleRowLinear
+    from mechvis.generation.decoding.halves import halves_win, SingleRowLinear
     from mechvis.generation.decoding.memo import VERIFIED
 
     model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.Linear(128, 64))
     with VERIFIED.isolated():
         monkeypatch.setattr(mechvis.generation.decoding.halves, "_halves_product", lambda weight, x, bias: torch.nn.functional.linear(x, weight) + 1.0)
-        assert not _halves_win(model)  # not equal: never chosen, however fast
+        assert not halves_win(model)  # not equal: never chosen, however fast
         assert all(type(layer) is torch.nn.Linear for layer in _unwrapped(model))
     key = (((64, 128), 1), ((128, 64), 1)), torch.get_num_threads()
     with VERIFIED.isolated():
         VERIFIED.remember("halves", key, True)
-        assert all(type(layer) is _SingleRowLinear for layer in _unwrapped(model))  # measured once per model's shapes, remembered
+        assert all(type(layer) is SingleRowLinear for layer in _unwrapped(model))  # measured once per model's shapes, remembered
         with mechvis.config_context(fast_decoding=False):
             assert all(type(layer) is torch.nn.Linear for layer in _unwrapped(model))  # the switch overrides what was measured
     slow = []
     with VERIFIED.isolated():
         monkeypatch.setattr(mechvis.generation.decoding.halves, "_halves_product", lambda weight, x, bias: slow.append(1) or torch.nn.functional.linear(x, weight))
-        assert not _halves_win(model)  # equal but never faster (it does the same product and more)
+        assert not halves_win(model)  # equal but never faster (it does the same product and more)
         assert len(slow) >= 2 * 3  # every weight, in every timed pass
 
 
@@ -491,11 +491,11 @@ def test_grouped_query_decoding_is_used_where_checked_equal(tiny, architecture, 
     greedy tokens and step logits equal to HF's own generate on the untouched model; an attention
     that does not reproduce HF's logits at the first-use check is never used."""
     import mechvis.generation.decoding.grouped
-    from mechvis.generation.decoding.decoder import _decoder
+    from mechvis.generation.decoding.decoder import decoding_model
     from mechvis.generation.decoding.grouped import _GROUPED_ATTENTION
 
     model, reference = tiny(architecture)
-    attentions = [module for module in _decoder(model).modules() if hasattr(module, "num_key_value_groups")]
+    attentions = [module for module in decoding_model(model).modules() if hasattr(module, "num_key_value_groups")]
     assert attentions and all(module.config._attn_implementation == _GROUPED_ATTENTION for module in attentions)
     assert model.original_model.config._attn_implementation == "eager"  # the model itself is unchanged
     trace = mechvis.generate(model, "Once upon a time", max_new_tokens=12, analysis_pass=False)
@@ -513,7 +513,7 @@ def test_grouped_query_decoding_is_used_where_checked_equal(tiny, architecture, 
     from transformers import AttentionInterface
 
     monkeypatch.setitem(AttentionInterface._global_mapping, _GROUPED_ATTENTION, mechvis.generation.decoding.grouped._grouped_eager_attention)
-    attentions = [module for module in _decoder(model).modules() if hasattr(module, "num_key_value_groups")]
+    attentions = [module for module in decoding_model(model).modules() if hasattr(module, "num_key_value_groups")]
     assert all(module.config._attn_implementation == "eager" for module in attentions)
 
 
@@ -661,9 +661,9 @@ def test_a_user_recorder_sees_every_step(tiny, where):
     model, _ = tiny("llama")
     recorder = _Everything(where)
     decoders = []
-    original = decoder._decoder
+    original = decoder.decoding_model
     with pytest.MonkeyPatch.context() as patch:  # which model the decode runs
-        patch.setattr("mechvis.generation.streaming._decoder", lambda *a, **k: decoders.append(original(*a, **k)) or decoders[-1])
+        patch.setattr("mechvis.generation.streaming.decoding_model", lambda *a, **k: decoders.append(original(*a, **k)) or decoders[-1])
         items = list(mechvis.stream_generate(model, "Once upon a time", max_new_tokens=5, recorders=[recorder],
                                              sampling=SamplingSettings(temperature=1.0, seed=0)))
     prompt, events, trace = items[0], items[1:-1], items[-1]

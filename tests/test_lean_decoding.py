@@ -111,14 +111,14 @@ IDS = [1, 504, 282, 4649, 314, 260, 2328, 28, 216, 9030, 9863, 30, 657, 3600, 35
 
 
 @pytest.mark.parametrize("capacity", [None, 9])  # 9: the storage grows (doubles) mid-decoding
-@pytest.mark.parametrize("halves", [False, True])  # F.linear, or the layers as `_SingleRowLinear`s
+@pytest.mark.parametrize("halves", [False, True])  # F.linear, or the layers as `SingleRowLinear`s
 def test_a_lean_step_gives_a_full_forwards_logits_on_a_plain_hf_model(capacity, halves):
-    from mechvis.generation.decoding.halves import _SingleRowLinear
+    from mechvis.generation.decoding.halves import SingleRowLinear
     from mechvis.generation.decoding.decoder import _unwrapped
 
     hf_model = tiny_hf_model("llama", seed=5)
     decoder = _unwrapped(hf_model, halves=halves, grouped=False)
-    assert any(type(module) is _SingleRowLinear for module in decoder.modules()) == halves
+    assert any(type(module) is SingleRowLinear for module in decoder.modules()) == halves
     lean = with_lean_steps(decoder)
     assert lean is not None and lean.model is not hf_model.model and hf_model.model.forward.__func__ is type(hf_model.model).forward
     assert lean.model.__dict__["_mechvis_lean_plan"].halves == halves
@@ -168,14 +168,14 @@ def test_architectures_the_lean_step_does_not_reproduce_keep_hfs_forward(case):
 
 
 def test_a_lean_step_that_differs_from_hf_is_refused(tokenizer, monkeypatch):
-    from mechvis.generation.decoding.decoder import _decoder, _unwrapped
+    from mechvis.generation.decoding.decoder import decoding_model, _unwrapped
 
     model = mechvis.load_model(tiny_hf_model("qwen2", seed=9), tokenizer=tokenizer, device="cpu")
     wrong = lean_decoding._Plan.step
     monkeypatch.setattr(lean_decoding._Plan, "step", lambda self, ids, cache: wrong(self, ids, cache) * 1.01)
     plain = _unwrapped(model.original_model)
     assert not lean_decoding_equal(model.original_model, plain, with_lean_steps(plain))
-    decoder = _decoder(model)
+    decoder = decoding_model(model)
     assert "_mechvis_lean_plan" not in decoder.model.__dict__  # HF's forward decodes this model
     trace = mechvis.generate(model, "Once upon a time", max_new_tokens=6)
     full = _teacher_forced(model.original_model, trace.run.tokens.tolist())[trace.prompt_length - 1 : -1]
@@ -205,9 +205,9 @@ def test_the_preallocated_cache_holds_what_concatenation_holds(chunks, capacity,
 @pytest.mark.integration
 def test_the_embedded_model_decodes_lean(embedded, embedded_reference):
     """The embedded SmolLM2 (a Llama): lean steps and the logits of HF's full forward."""
-    from mechvis.generation.decoding.decoder import _decoder
+    from mechvis.generation.decoding.decoder import decoding_model
 
-    assert "_mechvis_lean_plan" in _decoder(embedded).model.__dict__
+    assert "_mechvis_lean_plan" in decoding_model(embedded).model.__dict__
     before = _lean_steps()
     trace = mechvis.generate(embedded, "The capital of France is", max_new_tokens=8)
     assert _lean_steps() - before >= 7

@@ -25,12 +25,12 @@ def image_trace(bridge, prompt: str, picture, continuation: str = " a bright squ
     """A Trace with an image whose "generated" tokens are a fixed continuation, teacher-forced (one
     pass; mechvis.generate with an image is broken on main with transformers 5.24 — lead's fix)."""
     from mechvis.generation import SamplingSettings
-    from mechvis.generation.trace import _analysed_trace
+    from mechvis.generation.trace import analysed_trace
     from mechvis.images import encode_with_image
 
     encoded, extra = encode_with_image(bridge, prompt, picture)
     ids = bridge.hf_tokenizer.encode(continuation, add_special_tokens=False)
-    return _analysed_trace(bridge, encoded, ids, None, None, None, SamplingSettings(temperature=1.0), None, extra)
+    return analysed_trace(bridge, encoded, ids, None, None, None, SamplingSettings(temperature=1.0), None, extra)
 
 
 def test_cross_modal_matches_hf_hidden_states(tiny_llava):  # noqa: F811

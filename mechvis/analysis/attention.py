@@ -13,7 +13,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from mechvis._deprecation import moved_names
-from mechvis._numerics import _LN2, _log2_, row_entropy
+from mechvis._numerics import LN2, log2_inplace, row_entropy
 from mechvis._validation import (
     activation,
     analysis_form,
@@ -122,7 +122,7 @@ def _visible_row_entropy(
         # clamp adds < 1e-34 per entry) and checked once per layer: no wait on every tile
         clamped = torch.clamp(visible, min=tiny, out=scratch.view(-1)[: visible.numel()].view(visible.shape))
         masses.append(clamped.sum(-1).amin())
-        parts.append(_log2_(clamped).mul_(visible).sum(-1).mul_(-_LN2))
+        parts.append(log2_inplace(clamped).mul_(visible).sum(-1).mul_(-LN2))
     if float(torch.stack(masses).amin()) < 1.0 - 1e-3:
         return row_entropy(pattern, scratch=scratch)
     return torch.cat(parts, dim=-1)

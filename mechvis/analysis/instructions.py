@@ -2,11 +2,13 @@
 
 import importlib
 
-from mechvis._deprecation import deprecated
+from mechvis._deprecation import deprecated, moved_module
+
+_moved = moved_module(__name__, "mechvis.studies.instructions", "the instruction check runs the model: mechvis.analysis.instructions moved to mechvis.studies.instructions (semantic_token_spans to mechvis.analysis.spans)")
 
 
 def __getattr__(name: str) -> object:
-    deprecated("the instruction check runs the model: mechvis.analysis.instructions moved to mechvis.studies.instructions (semantic_token_spans to mechvis.analysis.spans); import from there.")
-    if name in ("semantic_token_spans", "SemanticMatch"):
+    if name in ("semantic_token_spans", "SemanticMatch"):  # pure: these went to mechvis.analysis.spans
+        deprecated(f"mechvis.analysis.instructions.{name} moved to mechvis.analysis.spans; import from there.")
         return getattr(importlib.import_module("mechvis.analysis.spans"), name)
-    return getattr(importlib.import_module("mechvis.studies.instructions"), name)
+    return _moved(name)

@@ -27,6 +27,7 @@ class Projection(Result):
     Each component's sign is fixed so that its largest-magnitude loading is positive.
     """
 
+    label_fields = {"point": ("labels",)}  # the points' names; components are numbered
     units = {'coordinates': 'residual-stream units (along each component)', 'explained_variance_ratio': 'fraction', 'components': 'unit vector', 'mean': 'residual-stream units'}
 
     coordinates: Float[Tensor, "point component"]

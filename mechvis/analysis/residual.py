@@ -61,6 +61,7 @@ class ResidualDecomposition(Result):
     n_layers): they sum to it exactly (in float32, whatever the model's dtype). Labels: "embed", "pos_embed", "L{i}.attn" (or per head
     "L{i}H{h}" plus "L{i}.attn_bias"), "L{i}.mlp"."""
 
+    label_fields = {"component": ("labels",)}  # embeddings, attention/MLP outputs of each layer, biases
     units = {'components': 'residual-stream units (float32)'}
 
     labels: list[str]
@@ -109,6 +110,7 @@ class LogitAttribution(Result):
     `contributions` plus `unembed_bias` sum to `model_value` (before any logit soft-cap).
     """
 
+    label_fields = {"component": ("labels",)}
     units = {'contributions': "logit (the model's own) difference, or centred logit: see value_kind", 'unembed_bias': 'logit', 'model_value': "logit (the model's own) difference, or centred logit: see value_kind"}
 
     labels: list[str]

@@ -37,8 +37,8 @@ from torch import Tensor
 from mechvis._validation import shown
 from mechvis.errors import InvalidArgumentError
 from mechvis.generation.monitor import InductionHeads, RepetitionMonitor, StreamingFeatures, find_induction_heads
-from mechvis.generation.sampling import _CheckedProcessor, _processor_name
-from mechvis.generation.schedules import MonitorTemperature, _ScheduledTemperature
+from mechvis.generation.sampling import CheckedProcessor, processor_name
+from mechvis.generation.schedules import MonitorTemperature, ScheduledTemperature
 
 if TYPE_CHECKING:
     from transformer_lens.model_bridge import TransformerBridge
@@ -108,10 +108,10 @@ class ProcessLogits(Recorder):
                 f"logits processor {index} is not callable: {shown(processor)}; a processor is f(input_ids, scores) → scores."
             )
         self.processor = processor
-        self.logits_step = _CheckedProcessor(processor, index)
+        self.logits_step = CheckedProcessor(processor, index)
 
     def __repr__(self) -> str:
-        return f"ProcessLogits({_processor_name(self.processor)})"
+        return f"ProcessLogits({processor_name(self.processor)})"
 
 
 class MonitorRecorder(Recorder):
@@ -170,14 +170,14 @@ class MonitorRecorder(Recorder):
         return torch.tensor(self.probabilities)
 
 
-class _MonitorTemperatureRecorder(MonitorRecorder):
+class MonitorTemperatureRecorder(MonitorRecorder):
     """`MonitorTemperature`'s machinery: the monitor, whose logits step divides the scores by
     T = low + (high − low) · P (`scheduled` records each T)."""
 
     def __init__(self, schedule: MonitorTemperature) -> None:
         super().__init__(schedule.monitor, schedule.induction)
         low, high = schedule.low, schedule.high
-        self.scheduled = _ScheduledTemperature(
+        self.scheduled = ScheduledTemperature(
             lambda input_ids, scores: (low + (high - low) * self.probability(input_ids)).to(scores.device)
         )
 
@@ -185,7 +185,7 @@ class _MonitorTemperatureRecorder(MonitorRecorder):
         return self.scheduled(input_ids, scores)
 
 
-def _checked_recorders(recorders: object) -> list[Recorder]:
+def checked_recorders(recorders: object) -> list[Recorder]:
     """`recorders` as a list.
 
     Raises:
@@ -204,7 +204,7 @@ def _checked_recorders(recorders: object) -> list[Recorder]:
     return list(recorders)
 
 
-def _decode_hooks(model: "TransformerBridge", recorders: Sequence[Recorder], bridge: bool) -> tuple[bool, HookPointHooks, ModuleHooks]:
+def decode_hooks(model: "TransformerBridge", recorders: Sequence[Recorder], bridge: bool) -> tuple[bool, HookPointHooks, ModuleHooks]:
     """Where the decode runs and the recorders' hooks for it: on the HF modules (`bridge`
     False) unless one recorder needs the bridge; then every recorder's hook points and its
     module hooks for a bridged decode. Returns (bridge, hook-point hooks, module hooks)."""

@@ -78,14 +78,14 @@ class SamplingSettings:
         return self.temperature == 0.0
 
 
-def _step_distributions(scores: Sequence[Tensor], settings: SamplingSettings) -> Tensor:
+def sampled_distributions(scores: Sequence[Tensor], settings: SamplingSettings) -> Tensor:
     processed = torch.stack([step[0] for step in scores]).float()
     if settings.greedy:  # greedy picks the argmax: a one-hot distribution
         return torch.nn.functional.one_hot(processed.argmax(-1), processed.shape[-1]).float()
     return processed.softmax(-1)
 
 
-class _Recorder:
+class ScoresRecorder:
     """A logits processor that records the scores it is given (and changes nothing)."""
 
     def __init__(self) -> None:
@@ -96,7 +96,7 @@ class _Recorder:
         return scores
 
 
-def _sampling_processors(settings: SamplingSettings) -> list:
+def sampling_processors(settings: SamplingSettings) -> list:
     """The truncation and temperature warpers for `settings`, HF's own classes in the order HF's
     `generate` applies them (temperature, top-k, top-p, min-p). mechvis applies them itself so
     that nothing else (a model's shipped generation_config, HF's default top-k of 50) joins in."""
@@ -116,7 +116,7 @@ def _sampling_processors(settings: SamplingSettings) -> list:
 
 
 @contextlib.contextmanager
-def _neutral_generation_config(decoder: "torch.nn.Module") -> Iterator["object"]:
+def neutral_generation_config(decoder: "torch.nn.Module") -> Iterator["object"]:
     """While active, `decoder.generation_config` is HF's neutral default, keeping only the
     model's end-of-sequence, padding and BOS ids: HF's `generate` fills every setting a call
     leaves unset from the model's generation_config (repetition penalty, beams, banned words,
@@ -133,7 +133,7 @@ def _neutral_generation_config(decoder: "torch.nn.Module") -> Iterator["object"]
         decoder.generation_config = shipped
 
 
-class _CheckedProcessor:
+class CheckedProcessor:
     """A user's logits processor whose every result is checked: the scores, as a tensor of the
     shape it was given (a processor that returns None or another shape is named in the error)."""
 
@@ -145,24 +145,29 @@ class _CheckedProcessor:
         if not isinstance(result, Tensor) or result.shape != scores.shape:
             got = f"a tensor of shape {tuple(result.shape)}" if isinstance(result, Tensor) else shown(result, 40)
             raise InvalidArgumentError(
-                f"logits processor {self.index} ({_processor_name(self.processor)}) returned {got}; a processor "
+                f"logits processor {self.index} ({processor_name(self.processor)}) returned {got}; a processor "
                 f"f(input_ids, scores) must return the scores, a tensor of shape {tuple(scores.shape)}."
+            )
+        if result.isnan().any():  # −inf masks a token; NaN would be sampled as garbage, silently
+            raise InvalidArgumentError(
+                f"logits processor {self.index} ({processor_name(self.processor)}) returned NaN scores; "
+                "mask a token with -inf instead."
             )
         return result
 
 
-def _processor_name(processor: object) -> str:
+def processor_name(processor: object) -> str:
     return getattr(processor, "__qualname__", None) or type(processor).__name__
 
 
-def _checked_processors(processors: object) -> list[_CheckedProcessor]:
+def checked_processors(processors: object) -> list[CheckedProcessor]:
     """`logits_processors` as a list of result-checking wrappers.
 
     Raises:
         InvalidArgumentError: not a list/tuple of callables (one processor must be in a list)."""
     if callable(processors) and not isinstance(processors, (list, tuple)):
         raise InvalidArgumentError(
-            f"logits_processors must be a list of processors; got one ({_processor_name(processors)}): pass [processor]."
+            f"logits_processors must be a list of processors; got one ({processor_name(processors)}): pass [processor]."
         )
     if isinstance(processors, (str, bytes)) or not isinstance(processors, Iterable):
         raise InvalidArgumentError(
@@ -174,4 +179,4 @@ def _checked_processors(processors: object) -> list[_CheckedProcessor]:
             raise InvalidArgumentError(
                 f"logits processor {index} is not callable: {shown(processor)}; a processor is f(input_ids, scores) → scores."
             )
-    return [_CheckedProcessor(processor, index) for index, processor in enumerate(processors)]
+    return [CheckedProcessor(processor, index) for index, processor in enumerate(processors)]

@@ -90,7 +90,7 @@ class MonitorTemperature:
 TemperatureSchedule = Union[EntropyTemperature, RepetitionTemperature, MonitorTemperature]
 
 
-class _ScheduledTemperature:
+class ScheduledTemperature:
     """HF logits processor that divides each step's logits by the temperature `temperature_of`
     (input_ids, scores) gives it, and records that temperature."""
 
@@ -104,6 +104,6 @@ class _ScheduledTemperature:
         return scores / temperature[:, None].to(scores.dtype)
 
 
-def _entropy(scores: Tensor) -> Tensor:
+def scores_entropy(scores: Tensor) -> Tensor:
     log_probs = scores.float().log_softmax(-1)
     return -(log_probs.exp() * log_probs).sum(-1)

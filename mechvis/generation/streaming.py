@@ -17,28 +17,46 @@ from transformers import LogitsProcessorList
 from transformers.generation.streamers import BaseStreamer
 
 from mechvis._deprecation import deprecated
-from mechvis._validation import check_bool, check_names_filter, integer, shown
+from mechvis._validation import (
+    check_bool,
+    check_model,
+    check_names_filter,
+    integer,
+    shown,
+)
 from mechvis.errors import InvalidArgumentError
 from mechvis.generation.decoding.cache import preallocated_cache
-from mechvis.generation.decoding.decoder import _decoder
+from mechvis.generation.decoding.decoder import decoding_model
 from mechvis.generation.recorders import (
     MonitorRecorder,
+    MonitorTemperatureRecorder,
     ProcessLogits,
     Recorder,
-    _checked_recorders,
-    _decode_hooks,
-    _MonitorTemperatureRecorder,
+    checked_recorders,
+    decode_hooks,
 )
 from mechvis.generation.sampling import (
+    CheckedProcessor,
     SamplingSettings,
-    _checked_processors,
-    _neutral_generation_config,
-    _Recorder,
-    _sampling_processors,
-    _step_distributions,
+    ScoresRecorder,
+    checked_processors,
+    neutral_generation_config,
+    sampled_distributions,
+    sampling_processors,
 )
-from mechvis.generation.schedules import MonitorTemperature, _entropy, _ScheduledTemperature
-from mechvis.generation.trace import PromptEvent, TokenEvent, Trace, _analysed_trace, _eos_ids, _TextDeltas
+from mechvis.generation.schedules import (
+    MonitorTemperature,
+    ScheduledTemperature,
+    scores_entropy,
+)
+from mechvis.generation.trace import (
+    PromptEvent,
+    TextDeltas,
+    TokenEvent,
+    Trace,
+    analysed_trace,
+    eos_ids,
+)
 from mechvis.images import encode_with_image
 from mechvis.text import encode, str_tokens_of
 from mechvis.types import Prompt
@@ -76,12 +94,12 @@ def _from_deprecated(function: str, sampling: object, recorders: object, legacy:
                    f"next release).", stacklevel=4)
         sampling = SamplingSettings(**{_SAMPLING_KEYWORDS[name]: value for name, value in old.items()})
     if "logits_processors" in legacy:
-        processors = _checked_processors(legacy["logits_processors"])
+        processors = checked_processors(legacy["logits_processors"])
         deprecated(f"{function}(logits_processors=[...]) is deprecated: pass recorders=[ProcessLogits(processor), ...] "
                    f"(mechvis.generation.ProcessLogits; a KeywordBoost is a recorder itself: recorders=[boost]; the old "
                    f"keyword goes in the next release).", stacklevel=4)
         recorders = [ProcessLogits(checked.processor, index=checked.index) for checked in processors] + list(
-            _checked_recorders(recorders)
+            checked_recorders(recorders)
         )
     return sampling, recorders
 
@@ -102,9 +120,9 @@ def _checked_sampling(sampling: object, recorders: object) -> tuple[SamplingSett
     else:
         sampling = dataclasses.replace(sampling)  # validate() normalises a copy, not the caller's value
     sampling.validate()
-    plugged = _checked_recorders(recorders)
+    plugged = checked_recorders(recorders)
     if isinstance(sampling.schedule, MonitorTemperature):
-        plugged.append(_MonitorTemperatureRecorder(sampling.schedule))
+        plugged.append(MonitorTemperatureRecorder(sampling.schedule))
     return sampling, plugged
 
 
@@ -142,6 +160,7 @@ def stream_generate(
         InvalidArgumentError: bad settings, a prompt too long for the context (before decoding).
     """
     settings, recorders = _checked_sampling(*_from_deprecated("stream_generate", sampling, recorders, deprecated_keywords))
+    model = check_model(model)
     chat = check_bool(chat, "chat")
     analysis_pass = check_bool(analysis_pass, "analysis_pass")
     fit_context = check_bool(fit_context, "fit_context")
@@ -181,14 +200,14 @@ def stream_generate(
     tokenizer = model.hf_tokenizer
     events: "queue.Queue[tuple[str, object]]" = queue.Queue()
     cancelled = threading.Event()
-    raw, processed = _Recorder(), _Recorder()
-    text = _TextDeltas(tokenizer)  # also holds the ids decoded so far
+    raw, processed = ScoresRecorder(), ScoresRecorder()
+    text = TextDeltas(tokenizer)  # also holds the ids decoded so far
     monitor = next((recorder for recorder in reversed(recorders) if isinstance(recorder, MonitorRecorder)), None)
-    if isinstance(monitor, _MonitorTemperatureRecorder):
+    if isinstance(monitor, MonitorTemperatureRecorder):
         scheduled = monitor.scheduled
     elif settings.schedule is not None:
         schedule = settings.schedule
-        scheduled = _ScheduledTemperature(lambda ids, scores: schedule.temperature(_entropy(scores), ids[:, prompt_length:]))
+        scheduled = ScheduledTemperature(lambda ids, scores: schedule.temperature(scores_entropy(scores), ids[:, prompt_length:]))
     else:
         scheduled = None
 
@@ -252,19 +271,20 @@ def stream_generate(
                     contextlib.ExitStack() as stack:
                 for recorder in recorders:
                     recorder.start(model, prompt_event)
-                decoder = _decoder(model, with_image=bool(extra))
-                bridge, points, module_hooks = _decode_hooks(model, recorders, bridge=decoder is model.original_model)
+                decoder = decoding_model(model, with_image=bool(extra))
+                bridge, points, module_hooks = decode_hooks(model, recorders, bridge=decoder is model.original_model)
                 if bridge:  # a hook-point hook, an image, or a recorder that needs the bridge
                     decoder = model.original_model
                 for module, hook in module_hooks:
                     stack.callback(module.register_forward_hook(hook).remove)
                 if points:
                     stack.enter_context(model.hooks(fwd_hooks=points))
-                stack.enter_context(_neutral_generation_config(decoder))
-                steps = [recorder.logits_step for recorder in recorders if recorder.logits_step is not None]
-                if scheduled is not None and not isinstance(monitor, _MonitorTemperatureRecorder):
+                stack.enter_context(neutral_generation_config(decoder))
+                steps = [step if isinstance(step, CheckedProcessor) else CheckedProcessor(step, index)  # every result checked
+                         for index, step in enumerate(recorder.logits_step for recorder in recorders if recorder.logits_step is not None)]
+                if scheduled is not None and not isinstance(monitor, MonitorTemperatureRecorder):
                     steps.append(scheduled)
-                processors = [raw, *steps, *_sampling_processors(settings), processed]
+                processors = [raw, *steps, *sampling_processors(settings), processed]
                 options["logits_processor"] = LogitsProcessorList(processors)
                 preallocated = preallocated_cache(decoder, prompt_length + max_new_tokens)
                 if preallocated is not None:
@@ -303,13 +323,13 @@ def stream_generate(
         worker.join()
     output = payload
     generated_ids = output.sequences[0, prompt_length:].tolist()
-    eos = _eos_ids(model)
-    trace = _analysed_trace(
+    eos = eos_ids(model)
+    trace = analysed_trace(
         model,
         encoded,
         generated_ids,
         step_logits=torch.stack([step[0] for step in output.logits]).float(),
-        step_distributions=_step_distributions(output.scores, settings),
+        step_distributions=sampled_distributions(output.scores, settings),
         step_temperatures=torch.tensor(scheduled.temperatures) if scheduled else torch.full((len(generated_ids),), settings.temperature),
         settings=settings,
         names_filter=names_filter,

@@ -83,8 +83,8 @@ class TokenEvent:
     """One decoded token, as `stream_generate` yields it, before the next step runs.
 
     Generated token `step` sits at `position` (= prompt length + step). Values describe the
-    distribution that produced it: `logprob`, `rank` (0 = argmax), `entropy`, `varentropy` and
-    `margin` (top-1 − top-2 probability) are of the raw temperature-1 logits, in nats;
+    distribution that produced it: `logprob`, `rank` (0 = argmax), `entropy`, `varentropy` (nats) and
+    `margin` (top-1 − top-2 probability) are of the raw temperature-1 logits;
     `probability` is the token's probability under the distribution it was sampled from (after
     temperature, truncation and logits processors; 1.0 when greedy); `top_ids` / `top_probs` the
     raw distribution's top-N. `text` is what the token adds to the decoded whole generated text
@@ -109,7 +109,7 @@ class TokenEvent:
     monitor_probability: float | None = None
 
 
-class _TextDeltas:
+class TextDeltas:
     """What each token adds to the decoded whole text: the whole sequence so far is decoded
     (byte-level tokens may end inside a multi-byte character), trailing replacement characters
     are held back until a later token completes them."""
@@ -126,11 +126,11 @@ class _TextDeltas:
 
 
 def _text_deltas(tokenizer, ids: Sequence[int]) -> list[str]:
-    deltas = _TextDeltas(tokenizer)
+    deltas = TextDeltas(tokenizer)
     return [deltas.add(token_id) for token_id in ids]
 
 
-def _eos_ids(model: "TransformerBridge") -> set[int]:
+def eos_ids(model: "TransformerBridge") -> set[int]:
     eos = getattr(getattr(model.original_model, "generation_config", None), "eos_token_id", None)
     if eos is None:
         eos = model.hf_tokenizer.eos_token_id
@@ -165,10 +165,10 @@ def teacher_force(
             f"Prompt and continuation are {len(encoded.token_ids) + len(continuation_ids)} tokens; "
             f"this model's context holds {model.cfg.n_ctx}."
         )
-    return _analysed_trace(model, encoded, continuation_ids, None, None, None, SamplingSettings(temperature=1.0), names_filter)
+    return analysed_trace(model, encoded, continuation_ids, None, None, None, SamplingSettings(temperature=1.0), names_filter)
 
 
-def _analysed_trace(
+def analysed_trace(
     model: "TransformerBridge",
     encoded: Encoded,
     generated: list[int],

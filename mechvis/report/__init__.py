@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 __all__ = ["SCHEMA", "ReportData", "build_report_data", "render_report", "report_json", "write_json", "write_report"]
 
 
-def _check_writable(path: Path, overwrite: bool) -> None:
+def check_writable(path: Path, overwrite: bool) -> None:
     if path.exists() and not overwrite:
         raise InvalidArgumentError(f"{path} already exists; choose another path or pass overwrite=True (--force).")
     if path.exists() and path.is_dir():
@@ -53,9 +53,9 @@ def write_report(
     The rollout is kept as rows for `rollout_queries` (see `build_report_data`); `full_rollout`
     adds the N × N matrix to the JSON. Existing files are not replaced unless `overwrite`."""
     html_path = Path(path)
-    _check_writable(html_path, overwrite)
+    check_writable(html_path, overwrite)
     if json_path is not None:
-        _check_writable(Path(json_path), overwrite)
+        check_writable(Path(json_path), overwrite)
     data = build_report_data(model, prompt, chat=chat, max_new_tokens=max_new_tokens, layers=layers,
                              temperature=temperature, seed=seed, ablation=ablation, image=image,
                              rollout_queries=rollout_queries, full_rollout=full_rollout, trace=trace)

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from mechvis.interventions import AblationSweep, Method, ablation_sweep, reference_runs, reference_tokens, target_probability
-from mechvis.report import _check_writable
+from mechvis.report import check_writable
 from mechvis.report.html import STYLE, ablation_section
 from mechvis.running import run
 
@@ -28,7 +28,7 @@ def write_ablation_report(
     """Sweep every head's ablation on P(target) at the prompt's last position; write the page."""
 
     output = Path(path)
-    _check_writable(output, overwrite)
+    check_writable(output, overwrite)
     result = run(model, prompt, chat=chat, names_filter=[])
     metric = target_probability(model, target)
     reference = None

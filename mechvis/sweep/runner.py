@@ -28,7 +28,7 @@ from mechvis.models import embedded_model_dir
 from mechvis.sweep.analyses import ANALYSES, resolve
 from mechvis.sweep.dataset import check_targets, read_dataset
 from mechvis.sweep.ray_backend import run_ray
-from mechvis.sweep.shards import FINGERPRINT, ShardWorker, SweepSpec, _written_fingerprint, atomic_write_bytes
+from mechvis.sweep.shards import FINGERPRINT, ShardWorker, SweepSpec, atomic_write_bytes, written_fingerprint
 from mechvis.sweep.summary import write_summary
 
 if TYPE_CHECKING:
@@ -47,7 +47,7 @@ class SweepResult:
 
 
 def _our_files(out_dir: Path) -> list[Path]:
-    found = [out_dir / FINGERPRINT] if _written_fingerprint(out_dir / FINGERPRINT) is not None else []
+    found = [out_dir / FINGERPRINT] if written_fingerprint(out_dir / FINGERPRINT) is not None else []
     for name in ANALYSES:
         folder = out_dir / name
         if folder.is_dir():
@@ -77,7 +77,7 @@ def prepare_output(spec: SweepSpec, *, overwrite: bool) -> dict:
     existing = out_dir / FINGERPRINT
     holds_results = any(path.name != FINGERPRINT for path in _our_files(out_dir))
     if existing.exists():
-        old = _written_fingerprint(existing)
+        old = written_fingerprint(existing)
         if old is None:
             raise SweepMismatchError(
                 f"{existing} is not a fingerprint mechvis wrote (not a JSON object with its keys); mechvis will not "

@@ -191,7 +191,7 @@ class ShardWorker:
         return {"shard": np.array(shards), "rows": np.array(rows), "pid": np.full(len(shards), os.getpid())}
 
 
-def _written_fingerprint(path: Path) -> dict | None:
+def written_fingerprint(path: Path) -> dict | None:
     """The fingerprint at `path` if mechvis wrote it (a JSON object with its keys), else None: a
     file of the user's that happens to have the name is not ours to read, replace or delete."""
     try:

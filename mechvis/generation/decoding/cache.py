@@ -25,10 +25,10 @@ def preallocated_cache(decoder: torch.nn.Module, capacity: int) -> tuple[str, ob
     `capacity` positions; None where the cache is not built that way (the transformers version,
     or a model that makes its own), so that generate makes its default one; None too while
     `mechvis.config(fast_decoding=False)`."""
-    return _new_cache(decoder, capacity) if setting("fast_decoding") else None
+    return new_preallocated_cache(decoder, capacity) if setting("fast_decoding") else None
 
 
-def _new_cache(decoder: torch.nn.Module, capacity: int) -> tuple[str, object] | None:
+def new_preallocated_cache(decoder: torch.nn.Module, capacity: int) -> tuple[str, object] | None:
     """`preallocated_cache` whatever the switch says (the lean check compares steps on it)."""
     try:
         cache = DynamicCache(config=decoder.config.get_text_config(decoder=True))
@@ -90,6 +90,6 @@ def _preallocated_layer(capacity: int) -> _PreallocatedLayer:
     return _PreallocatedLayer(capacity)
 
 
-def _all_preallocated(cache: object) -> bool:
+def all_preallocated(cache: object) -> bool:
     layers = getattr(cache, "layers", None)
     return bool(layers) and all(type(layer) is _PreallocatedLayer for layer in layers)

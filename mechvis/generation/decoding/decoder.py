@@ -11,8 +11,8 @@ import torch
 from transformer_lens.hook_points import HookPoint
 
 from mechvis.config import get as setting
-from mechvis.generation.decoding.grouped import _grouped_config, _groups_queries
-from mechvis.generation.decoding.halves import _halves_win, _SingleRowLinear
+from mechvis.generation.decoding.grouped import grouped_config, groups_queries
+from mechvis.generation.decoding.halves import SingleRowLinear, halves_win
 from mechvis.generation.decoding.lean import acting_hooks, lean_decoding_equal, with_lean_steps
 from mechvis.generation.decoding.memo import VERIFIED
 
@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from transformer_lens.model_bridge import TransformerBridge
 
 
-def _decoder(model: "TransformerBridge", with_image: bool = False) -> torch.nn.Module:
+def decoding_model(model: "TransformerBridge", with_image: bool = False) -> torch.nn.Module:
     """The model HF's KV-cached generate runs. With no hook on any of the bridge's hook points
     (no intervention active) and no image, the HF modules the bridge wraps, rebuilt around its
     components and sharing every parameter (hooks on HF modules stay) — with the fast paths
@@ -48,43 +48,43 @@ def _leaner(root: torch.nn.Module, decoder: torch.nn.Module) -> torch.nn.Module:
 
 
 def prepare_decoding(model: "TransformerBridge") -> None:
-    """Make the one-time checks of fast decoding now (`_halves_win` ~0.3 s for the embedded model
+    """Make the one-time checks of fast decoding now (`halves_win` ~0.3 s for the embedded model
     on a 2-core machine; the grouped-attention and lean checks) rather than in the first
     `generate` call: `mechvis serve` calls it after loading, so the first request's time to first
     token does not pay them. Nothing while `mechvis.config(fast_decoding=False)`."""
     original = getattr(model, "original_model", None)
     if isinstance(original, torch.nn.Module) and setting("fast_decoding"):
-        _halves_win(original)
+        halves_win(original)
         _grouped_attention_equal(original)
         _leaner(original, _unwrapped(original))
 
 
 def _unwrapped(module: torch.nn.Module, halves: bool | None = None, grouped: bool | None = None) -> torch.nn.Module:
     """`module` with every bridge component replaced by the HF module it wraps; where `halves`
-    (default: the halves product was measured faster for this model, `_halves_win`), every
-    suitable `nn.Linear` by a `_SingleRowLinear`; where `grouped` (default: checked equal for this
+    (default: the halves product was measured faster for this model, `halves_win`), every
+    suitable `nn.Linear` by a `SingleRowLinear`; where `grouped` (default: checked equal for this
     model, `_grouped_attention_equal`), eager attention modules run `_grouped_eager_attention`.
     Both default to False while `mechvis.config(fast_decoding=False)`. Shallow copies where
     something changes; parameters and buffers are shared, nothing is modified."""
     if halves is None:
-        halves = setting("fast_decoding") and _halves_win(module)
+        halves = setting("fast_decoding") and halves_win(module)
     if grouped is None:
         grouped = setting("fast_decoding") and _grouped_attention_equal(module)
     original = module._modules.get("_original_component")
     if original is not None:
         return _unwrapped(original, halves, grouped)
-    if halves and type(module) is torch.nn.Linear and _SingleRowLinear.suits(module):
+    if halves and type(module) is torch.nn.Linear and SingleRowLinear.suits(module):
         clone = copy.copy(module)  # shares the parameters and any hooks
-        clone.__class__ = _SingleRowLinear
+        clone.__class__ = SingleRowLinear
         return clone
     children = {name: None if child is None else _unwrapped(child, halves, grouped) for name, child in module._modules.items()}
-    regroup = grouped and _groups_queries(module)
+    regroup = grouped and groups_queries(module)
     if not regroup and all(children[name] is child for name, child in module._modules.items()):
         return module
     clone = copy.copy(module)
     object.__setattr__(clone, "_modules", children)
     if regroup:
-        object.__setattr__(clone, "config", _grouped_config(module.config))
+        object.__setattr__(clone, "config", grouped_config(module.config))
     return clone
 
 
@@ -101,7 +101,7 @@ def _grouped_attention_equal(root: torch.nn.Module) -> bool:
 def _grouped_logits_equal(root: torch.nn.Module) -> bool | None:
     if acting_hooks(list(_unwrapped(root, halves=False, grouped=False).modules())):
         return None  # the check would feed a user's hooks random tokens: not now, and not remembered
-    if not any(_groups_queries(module) for module in root.modules()):
+    if not any(groups_queries(module) for module in root.modules()):
         return False
     config = getattr(root, "config", None)
     vocab = getattr(config, "vocab_size", None) or getattr(getattr(config, "text_config", None), "vocab_size", None)

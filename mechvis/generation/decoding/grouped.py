@@ -18,7 +18,7 @@ from transformers import AttentionInterface
 _GROUPED_ATTENTION = "mechvis_grouped_eager"
 
 
-def _groups_queries(module: torch.nn.Module) -> bool:
+def groups_queries(module: torch.nn.Module) -> bool:
     """An HF attention module with grouped-query attention (more query than key/value heads)
     that runs transformers' eager attention."""
     config = getattr(module, "config", None)
@@ -26,7 +26,7 @@ def _groups_queries(module: torch.nn.Module) -> bool:
             and config._attn_implementation == "eager")
 
 
-def _grouped_config(config):
+def grouped_config(config):
     """A shallow copy of an attention module's config selecting `_grouped_eager_attention` (on the
     copy only: the model and its other modules keep "eager", and so eager's masks). The function
     is registered with transformers' `AttentionInterface` here, at first use, not at import."""

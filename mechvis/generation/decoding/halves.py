@@ -5,7 +5,7 @@ Why: decoding is bound by reading the weights, and on some CPUs MKL's matrix–v
 row-major float32 weights on one thread (~10 GB/s on the 2-core machine this was written on) where
 its batched product over two halves reads with both (~19 GB/s; a plain `sum` over the same weights
 ~20 GB/s): 23 against 40 ms per pass over the embedded model's weights. On other CPUs, torch/MKL
-builds or thread settings it does not win, so it is measured at first use (`_halves_win`).
+builds or thread settings it does not win, so it is measured at first use (`halves_win`).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from torch import Tensor
 from mechvis.generation.decoding.memo import VERIFIED
 
 
-def _column(x: Tensor) -> Tensor:
+def as_column(x: Tensor) -> Tensor:
     """The one-row input `x` as the halves product reads it: a column with stride in_features, the
     layout that takes MKL's fast batched kernel (lean steps lay it out once per shared input)."""
     width = x.shape[-1]
@@ -31,13 +31,13 @@ def _halves_product(weight: Tensor, x: Tensor, bias: Tensor | None) -> Tensor:
     halves (2, out/2, in). Must match `torch.nn.functional.linear(x, weight, bias)`."""
     out_features, in_features = weight.shape
     halves = weight.view(2, out_features // 2, in_features)
-    y = torch.bmm(halves, _column(x)).reshape(*x.shape[:-1], out_features)
+    y = torch.bmm(halves, as_column(x)).reshape(*x.shape[:-1], out_features)
     return y if bias is None else y + bias
 
 
-class _SingleRowLinear(torch.nn.Linear):
+class SingleRowLinear(torch.nn.Linear):
     """`nn.Linear` whose one-row float32 products run `_halves_product` (same weights, no copy);
-    other inputs take `nn.Linear`'s path. Made by `decoder._unwrapped` where `_halves_win`."""
+    other inputs take `nn.Linear`'s path. Made by `decoder._unwrapped` where `halves_win`."""
 
     one_row_halves = True  # what `lean._product` reproduces for one-row inputs
 
@@ -52,7 +52,7 @@ class _SingleRowLinear(torch.nn.Linear):
         return _halves_product(self.weight, x, self.bias)
 
 
-def _halves_win(root: torch.nn.Module, repeats: int = 3) -> bool:
+def halves_win(root: torch.nn.Module, repeats: int = 3) -> bool:
     """Whether the halves product gives `F.linear`'s one-row products (≤ 1e-5 of the output's scale,
     every weight shape) and a pass over every suitable weight of `root` in module order — what one
     decoding step reads — is ≥ 10% faster (median of `repeats` interleaved passes). The model's own
@@ -60,7 +60,7 @@ def _halves_win(root: torch.nn.Module, repeats: int = 3) -> bool:
     matrix–vector kernel looks fast (2 of the embedded model's 5 shapes chose halves that way; all 5
     win when streamed). Remembered per set of weight shapes and thread count (`VERIFIED`, "halves")."""
     weights = [module.weight.detach() for module in root.modules()
-               if type(module) is torch.nn.Linear and _SingleRowLinear.suits(module)]
+               if type(module) is torch.nn.Linear and SingleRowLinear.suits(module)]
     if not weights:
         return False
     key = (tuple(sorted(Counter(tuple(weight.shape) for weight in weights).items())), torch.get_num_threads())

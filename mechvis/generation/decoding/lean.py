@@ -43,8 +43,8 @@ from torch.nn.modules import module as module_module
 from transformers.modeling_outputs import BaseModelOutputWithPast
 from transformers.utils.output_capturing import _active_collector
 
-from mechvis.generation.decoding.cache import _all_preallocated, _new_cache
-from mechvis.generation.decoding.halves import _column
+from mechvis.generation.decoding.cache import all_preallocated, new_preallocated_cache
+from mechvis.generation.decoding.halves import as_column
 from mechvis.generation.decoding.memo import VERIFIED
 
 LEAN_MODELS = frozenset({"LlamaModel", "Qwen2Model", "MistralModel"})
@@ -78,9 +78,9 @@ class _Layer:
 
 def _product(linear: torch.nn.Linear) -> Callable[[Tensor | None, Tensor], Tensor]:
     """`linear`'s one-row product as a function of (column, x): where mechvis chose the halves
-    product for this model (`_SingleRowLinear`, marked `one_row_halves`), the same batched product
+    product for this model (`SingleRowLinear`, marked `one_row_halves`), the same batched product
     over the weight's two halves as `_halves_product`, with `column` the input laid out as it lays
-    it out (`_column`, made once for the projections that share an input); else `F.linear(x)`."""
+    it out (`as_column`, made once for the projections that share an input); else `F.linear(x)`."""
     weight, bias = linear.weight, linear.bias
     if getattr(linear, "one_row_halves", False):
         out_features = linear.out_features
@@ -122,7 +122,7 @@ class _Plan:
             return None
         ids = kwargs.get("input_ids")
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
-        if not isinstance(ids, Tensor) or ids.shape != (1, 1) or not _all_preallocated(cache):
+        if not isinstance(ids, Tensor) or ids.shape != (1, 1) or not all_preallocated(cache):
             return None
         length = cache.get_seq_length()
         if length < 1 or any(layer.get_seq_length() != length for layer in cache.layers):
@@ -146,7 +146,7 @@ class _Plan:
         length = cache.get_seq_length()
         h = inner.embed_tokens(ids)
         cos, sin = inner.rotary_emb(h, torch.tensor([[length]], device=ids.device))
-        column = _column if self.halves else lambda x: None
+        column = as_column if self.halves else lambda x: None
         for layer in self.layers:
             heads, kv_heads, head_dim = layer.heads, layer.kv_heads, layer.head_dim
             x = rms_norm(h, width, layer.norm1, layer.eps1)
@@ -260,7 +260,7 @@ _ATTENTION_IMPLEMENTATIONS = {"eager", "sdpa", "mechvis_grouped_eager"}  # what 
 def _unchanged(modules: list, family: str) -> bool:
     """Whether every module is of a class the lean step reproduces, with no forward replaced on
     the instance: the family's own classes (layers, attention, MLP, norms, rotary embedding),
-    `nn.Linear` (or mechvis's `_SingleRowLinear`), `nn.Embedding` and transformers' or torch's
+    `nn.Linear` (or mechvis's `SingleRowLinear`), `nn.Embedding` and transformers' or torch's
     activations; and whether attention runs an implementation computing eager attention. A
     subclass, a patched instance or another attention function runs HF's forward."""
     for module in modules:
@@ -354,7 +354,7 @@ def _steps_equal(plan: "_Plan", decoder: torch.nn.Module, lean: torch.nn.Module)
         ids = torch.randint(0, vocab, (1, 12), generator=torch.Generator().manual_seed(0))
         ids = ids.to(next(decoder.parameters()).device)
         with torch.inference_mode():
-            (name, plain_cache), (_, lean_cache) = _new_cache(decoder, 12), _new_cache(decoder, 12)
+            (name, plain_cache), (_, lean_cache) = new_preallocated_cache(decoder, 12), new_preallocated_cache(decoder, 12)
             ones = torch.ones_like(ids)
             decoder(input_ids=ids[:, :8], attention_mask=ones[:, :8], use_cache=True, **{name: plain_cache})
             lean(input_ids=ids[:, :8], attention_mask=ones[:, :8], use_cache=True, **{name: lean_cache})

@@ -5,7 +5,7 @@ Each fast path is used only where a check at first use found it gives what the c
 gives (and, for the halves product, that it is faster on this machine). The checks and what
 their results are remembered for:
 
-- "halves" (`halves._halves_win`): equal to `F.linear` and ≥ 10% faster over the model's weights;
+- "halves" (`halves.halves_win`): equal to `F.linear` and ≥ 10% faster over the model's weights;
   per set of weight shapes and torch thread count, for the whole process (not per model: the
   result depends on the shapes and the machine, not on the weights' values).
 - "grouped" (`decoder._grouped_attention_equal`): a model's logits with the grouped-query eager

@@ -12,12 +12,12 @@ from fastapi import APIRouter, Depends, HTTPException, Query
 from fastapi.responses import HTMLResponse, JSONResponse
 
 from mechvis.generation import SamplingSettings
-from mechvis.generation.trace import _analysed_trace
+from mechvis.generation.trace import analysed_trace
 from mechvis.images import encode_with_image
 from mechvis.report import write_report
 from mechvis.report.build import default_attention_layers
 from mechvis.serve.routers.generate import GenerateRequest, request_prompt
-from mechvis.serve.routers.runs import RunId, _run, get_run
+from mechvis.serve.routers.runs import RunId, get_run, stored_run
 from mechvis.serve.runs import ablated
 from mechvis.serve.state import ServerState, get_state
 from mechvis.text import encode
@@ -54,7 +54,7 @@ def export_html(
     prompt and the generated tokens as shown (nothing is sampled again). `layer`: the selected
     layer, added to the report's attention layers. A self-contained file that opens from file://."""
 
-    stored = _run(run_id, state)
+    stored = stored_run(run_id, state)
     model = state.model
     if layer is not None and layer >= model.cfg.n_layers:
         raise HTTPException(422, f"layer must be < {model.cfg.n_layers}.")
@@ -74,7 +74,7 @@ def export_html(
         with contextlib.ExitStack() as contexts, tempfile.TemporaryDirectory() as directory:
             if request.ablate:
                 contexts.enter_context(ablated(state, request.ablate, request.ablate_method))
-            full = _analysed_trace(model, encoded, list(trace.generated_ids), None, None, None,
+            full = analysed_trace(model, encoded, list(trace.generated_ids), None, None, None,
                                    SamplingSettings(temperature=1.0), None, extra)
             path = Path(directory) / "report.html"
             write_report(model, prompt, path, chat=chat, layers=layers, image=image, trace=full)

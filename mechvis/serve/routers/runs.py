@@ -42,7 +42,7 @@ router = APIRouter(prefix="/api/runs", tags=["runs"])
 RunId = Path(pattern=r"^[0-9a-f]{12}$")
 
 
-def _run(run_id: str, state: ServerState) -> StoredRun:
+def stored_run(run_id: str, state: ServerState) -> StoredRun:
     stored = state.store.get(run_id)
     if stored is None:
         raise HTTPException(404, "No such run (it may have been evicted from the store); generate again.")
@@ -63,7 +63,7 @@ def _memo(stored: StoredRun, key, compute):
 @router.get("/{run_id}")
 def get_run(run_id: str = RunId, state: ServerState = Depends(get_state)) -> dict:
     """Tokens with their segments and signals (each position's next-token distribution)."""
-    stored = _run(run_id, state)
+    stored = stored_run(run_id, state)
     trace, model = stored.trace, state.model
     run = trace.run
     special = set(model.hf_tokenizer.all_special_ids)
@@ -101,7 +101,7 @@ def get_run(run_id: str = RunId, state: ServerState = Depends(get_state)) -> dic
 def attention_layer(run_id: str = RunId, layer: int = Path(ge=0, le=1023), state: ServerState = Depends(get_state)) -> Response:
     """Every head's pattern at `layer` as uint8 (value · 255, rounded), heads × query × key, row-major;
     the shape is in the X-Shape header."""
-    stored = _run(run_id, state)
+    stored = stored_run(run_id, state)
 
     if layer >= state.model.cfg.n_layers:
         raise HTTPException(422, f"layer must be < {state.model.cfg.n_layers}.")
@@ -115,7 +115,7 @@ def attention_layer(run_id: str = RunId, layer: int = Path(ge=0, le=1023), state
 def heads(run_id: str = RunId, state: ServerState = Depends(get_state)) -> dict:
     """Head entropy (layer × head mean normalised entropy), sink mass and each head's class."""
 
-    stored = _run(run_id, state)
+    stored = stored_run(run_id, state)
     result = _memo(stored, "heads", lambda: head_entropy(
         stored.trace.run, sink_positions=stored.trace.run.segments.sink_positions or (0,)))
     return {
@@ -129,7 +129,7 @@ def heads(run_id: str = RunId, state: ServerState = Depends(get_state)) -> dict:
 
 @router.get("/{run_id}/similarity")
 def similarity(run_id: str = RunId, state: ServerState = Depends(get_state)) -> dict:
-    stored = _run(run_id, state)
+    stored = stored_run(run_id, state)
     result = _memo(stored, "similarity", lambda: layer_similarity(stored.trace.run))
     return result.to_dict({"labels": "layer_labels", "cosine": "cosine"}, strict=True)
 
@@ -141,7 +141,7 @@ def lens(run_id: str = RunId, position: int | None = Query(None, ge=0, le=1_000_
     cheaper than the whole run's): top-1 token and its probability per layer, the top-3, KL from
     the final layer (nats); arrays are layer × position (× 3)."""
 
-    stored = _run(run_id, state)
+    stored = stored_run(run_id, state)
     cache = stored.trace.run.cache
     if position is not None:
         if position >= len(stored.trace.run.tokens):
@@ -171,7 +171,7 @@ def dla(run_id: str = RunId, position: int = Query(ge=1, le=1_000_000), per: Lit
         state: ServerState = Depends(get_state)) -> dict:
     """Direct logit attribution of the token at `position` (predicted at position − 1)."""
 
-    stored = _run(run_id, state)
+    stored = stored_run(run_id, state)
     tokens = stored.trace.run.tokens
     if position >= len(tokens):
         raise HTTPException(422, f"position must be < {len(tokens)}.")
@@ -184,7 +184,7 @@ def dla(run_id: str = RunId, position: int = Query(ge=1, le=1_000_000), per: Lit
 def distribution(run_id: str = RunId, step: int = Path(ge=0, le=100_000), state: ServerState = Depends(get_state)) -> dict:
     """The top of generated step `step`'s distribution before (raw, temperature 1) and after
     temperature and truncation (what the token was sampled from)."""
-    stored = _run(run_id, state)
+    stored = stored_run(run_id, state)
     top = stored.step_top
     if not top or step >= len(top["raw_ids"]):
         raise HTTPException(422, "step is not a generated step of this run.")
@@ -203,7 +203,7 @@ def projection(run_id: str = RunId, layer: int = Query(-1, ge=-1, le=1023), dims
                state: ServerState = Depends(get_state)) -> dict:
     """PCA of the hidden states after `layer` (−1: the token embeddings) at every position."""
 
-    stored = _run(run_id, state)
+    stored = stored_run(run_id, state)
     if layer >= state.model.cfg.n_layers:
         raise HTTPException(422, f"layer must be < {state.model.cfg.n_layers}.")
     run = stored.trace.run
@@ -216,7 +216,7 @@ def projection(run_id: str = RunId, layer: int = Query(-1, ge=-1, le=1023), dims
 def activations(run_id: str = RunId, state: ServerState = Depends(get_state)) -> dict:
     """Per layer: distribution statistics of MLP and attention outputs, residual norms."""
 
-    stored = _run(run_id, state)
+    stored = stored_run(run_id, state)
     cache, model = stored.trace.run.cache, state.model
 
     def compute():
@@ -236,7 +236,7 @@ def rollout_row(run_id: str = RunId, position: int = Query(ge=0, le=1_000_000), 
     """Attention rollout (Abnar & Zuidema 2020): the row of the query at `position`
     (`rollout_rows`: k·N² per layer, not the whole matrix's N³)."""
 
-    stored = _run(run_id, state)
+    stored = stored_run(run_id, state)
     n = len(stored.trace.run.tokens)
     if position >= n:
         raise HTTPException(422, f"position must be < {n}.")
@@ -254,7 +254,7 @@ class AttributionRequest(BaseModel):
 def attribution(body: AttributionRequest, run_id: str = RunId, state: ServerState = Depends(get_state)) -> dict:
     """Input attribution toward the token at `position` (its logit at position − 1), on demand."""
 
-    stored = _run(run_id, state)
+    stored = stored_run(run_id, state)
     tokens = stored.trace.run.tokens
     if body.position >= len(tokens):
         raise HTTPException(422, f"position must be < {len(tokens)}.")
@@ -279,7 +279,7 @@ def ablation(body: AblationRequest, run_id: str = RunId, state: ServerState = De
     """Ablate the heads on the run's whole sequence; Δp of each token (p under the ablation − p
     of the original run, from the model's next-token distributions)."""
 
-    stored = _run(run_id, state)
+    stored = stored_run(run_id, state)
     model, tokens = state.model, stored.trace.run.tokens
     reference = None
     if body.method == "mean":
@@ -305,7 +305,7 @@ def ablation(body: AblationRequest, run_id: str = RunId, state: ServerState = De
 def run_image(run_id: str = RunId, state: ServerState = Depends(get_state)) -> Response:
     """The run's image (re-encoded as PNG)."""
 
-    stored = _run(run_id, state)
+    stored = stored_run(run_id, state)
     image = stored.extras.get("image")
     if image is None:
         raise HTTPException(404, "This run has no image.")
@@ -321,7 +321,7 @@ def vision(run_id: str = RunId, position: int = Query(ge=0, le=1_000_000), layer
     map renormalised over the image, the image mass, region metrics) and the hotspots of the
     head-mean map."""
 
-    stored = _run(run_id, state)
+    stored = stored_run(run_id, state)
     run = stored.trace.run
     grid = run.segments.image_grid
     if grid is None:
@@ -350,7 +350,7 @@ def vision_rollout_row(run_id: str = RunId, position: int = Query(ge=0, le=1_000
     image patches (`map`, row-major over `patch_rows` × `patch_cols`, sums to 1), and the share of
     its rollout on the image block (`image_mass`). Computed once per run for every position."""
 
-    stored = _run(run_id, state)
+    stored = stored_run(run_id, state)
     run = stored.trace.run
     grid = run.segments.image_grid
     if grid is None:
@@ -375,7 +375,7 @@ def circuitsvis_view(run_id: str = RunId, name: Literal["attention-heads", "topk
     wheel): "attention-heads", every head of `layer` (AttentionHeads; at most 256 tokens), or
     "topk-tokens", each position's top-10 next tokens and the actual token's rank (TokenLogProbs)."""
 
-    stored = _run(run_id, state)
+    stored = stored_run(run_id, state)
     run = stored.trace.run
     if name == "topk-tokens":
         view = stored.extras["topk-view"]
@@ -409,7 +409,7 @@ async def sweep(body: SweepRequest, run_id: str = RunId, state: ServerState = De
     Holds the model's lock; a client that goes away stops the sweep at the next batch."""
 
 
-    stored = _run(run_id, state)
+    stored = stored_run(run_id, state)
     model, tokens = state.model, stored.trace.run.tokens
     if body.position >= len(tokens):
         raise HTTPException(422, f"position must be < {len(tokens)}.")
