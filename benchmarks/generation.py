@@ -4,7 +4,7 @@ with attentions and hidden states) and against recomputing the whole prefix with
 output_attentions=True at every step (the per-step approach). Both baselines run a plain HF model
 loaded separately from the same weights (eager attention, as attention outputs need) through HF's
 own modules; mechvis decodes through the HF modules the bridge wraps (see
-`mechvis.generation._decoder`). Each measurement is repeated (interleaved) and quoted as a range.
+`mechvis.generation.decoding.decoder.decoding_model`). Each measurement is repeated (interleaved) and quoted as a range.
 Also: consuming `stream_generate` to the end against `generate` (the same implementation)."""
 
 from __future__ import annotations
