@@ -383,16 +383,21 @@ def analysis_form(call: str, *, options: tuple[str, ...] = ()):
             cache, model = cache_and_model(source, model, call=call, warn=not warned)
             return func(cache, model, **kwargs)
 
-        parameters = list(inspect.signature(func).parameters.values())[2:]
-        wrapper.__signature__ = inspect.Signature(
-            [inspect.Parameter("run_or_cache", inspect.Parameter.POSITIONAL_ONLY)]
-            + [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in parameters],
-            return_annotation=inspect.signature(func).return_annotation,
-        )
+        wrapper.__signature__ = _public_signature(func, "run_or_cache")
         wrapper.new_form = call
         return wrapper
 
     return decorate
+
+
+def _public_signature(func, first: str) -> inspect.Signature:
+    """The signature an analysis shows: `first` positional, then every option of `func` after its
+    old (source, model) pair as keyword-only."""
+    signature = inspect.signature(func)
+    options = list(signature.parameters.values())[2:]
+    return inspect.Signature([inspect.Parameter(first, inspect.Parameter.POSITIONAL_ONLY)]
+                             + [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in options],
+                             return_annotation=signature.return_annotation)
 
 
 def trace_form(call: str, *, options: tuple[str, ...] = ()):
@@ -426,12 +431,7 @@ def trace_form(call: str, *, options: tuple[str, ...] = ()):
                 _, model = cache_and_model(trace, call=call)
             return func(check_model(model), trace, **kwargs)
 
-        parameters = list(inspect.signature(func).parameters.values())[2:]
-        wrapper.__signature__ = inspect.Signature(
-            [inspect.Parameter("trace", inspect.Parameter.POSITIONAL_ONLY)]
-            + [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in parameters],
-            return_annotation=inspect.signature(func).return_annotation,
-        )
+        wrapper.__signature__ = _public_signature(func, "trace")
         wrapper.new_form = call
         return wrapper
 
